@@ -1,0 +1,120 @@
+"""From an HF model directory to a ready nn.Module: config, strict tensor matching, FP8, dtype."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from quant.fp8 import dequantize_fp8_blocks
+
+from .config import ConfigError, read_json
+from .models import get_architecture
+from .weights import Checkpoint, CheckpointError
+
+log = logging.getLogger("tandem")
+
+# kept in float32 whatever the compute dtype (as the reference does)
+FP32_TENSORS = ("e_score_correction_bias",)
+
+
+def read_config(model_dir: Path):
+    """The architecture module and its Config for an HF directory."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{model_dir} has no config.json; pass an HF model directory (or a .gguf file)")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    arch = get_architecture(raw.get("model_type"))
+    return arch, arch.Config.from_dict(raw, source=str(path)), raw
+
+
+def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype most of the weights are stored in (FP8 checkpoints compute in bf16)."""
+    counts: dict[str, int] = {}
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        counts[info.dtype] = counts.get(info.dtype, 0) + int(np.prod(info.shape))
+    main = max(counts, key=counts.get)
+    return {"F32": torch.float32, "F16": torch.float16, "F64": torch.float32}.get(main, torch.bfloat16)
+
+
+def fp8_block_size(raw_config: dict) -> tuple[int, int] | None:
+    q = raw_config.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8":
+        return None
+    block = q.get("weight_block_size") or [128, 128]
+    if len(block) != 2:
+        raise ConfigError(f"quantization_config.weight_block_size {block} is not [rows, cols]")
+    return int(block[0]), int(block[1])
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint, mapping: dict[str, str], dtype: torch.dtype,
+                 device: torch.device, fp8_block: tuple[int, int] | None, derived: set[str] = frozenset()) -> None:
+    """Check every tensor against the module (names and shapes, both ways), then assign them.
+
+    `derived` names module tensors that are not in the checkpoint but filled in afterwards (tied lm_head).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in derived}
+    scales = {n for n in mapping if n.endswith(".weight_scale_inv")}
+    provided = {mapping[n]: n for n in mapping if n not in scales}
+    missing = sorted(set(expected) - set(provided))
+    unexpected = sorted(set(provided) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(provided[u] for u in unexpected[:8])}"
+                         + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"{ckpt.dir} does not match its config.json ({'; '.join(parts)}); "
+                              "the checkpoint is incomplete or config.json belongs to another model")
+    for module_name, ckpt_name in provided.items():
+        shape = ckpt.info(ckpt_name).shape
+        if shape != expected[module_name]:
+            raise CheckpointError(f"tensor {ckpt_name} has shape {list(shape)}, but config.json implies "
+                                  f"{list(expected[module_name])}; the checkpoint and config.json disagree")
+    for sname in scales:
+        if sname.removesuffix("_scale_inv") not in mapping:
+            raise CheckpointError(f"{sname} has no weight beside it in {ckpt.dir}")
+
+    state = {}
+    for module_name, ckpt_name in provided.items():
+        t = ckpt.get(ckpt_name)
+        if t.dtype == torch.float8_e4m3fn:
+            scale_name = ckpt_name + "_scale_inv"
+            if fp8_block is None or scale_name not in mapping:
+                raise CheckpointError(f"{ckpt_name} is float8_e4m3fn but has no {scale_name} block scales "
+                                      "(or config.json lacks quantization_config); cannot dequantize it")
+            t = torch.from_numpy(dequantize_fp8_blocks(t.view(torch.uint8).numpy(),
+                                                       ckpt.get(scale_name).float().numpy(), fp8_block))
+        want = torch.float32 if module_name.rsplit(".", 1)[-1] in FP32_TENSORS else dtype
+        if t.dtype != want:
+            t = t.to(want)
+        state[module_name] = t.to(device)
+    model.load_state_dict(state, strict=not derived, assign=True)
+    model.requires_grad_(False)
+
+
+def load_hf(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """(config, model) for an HF directory; weights stay memory-mapped where the dtype allows."""
+    model_dir = Path(model_dir)
+    arch, cfg, raw = read_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    mapping = arch.remap(ckpt.names(), cfg)
+    with torch.device("meta"):
+        model = arch.build(cfg, list(mapping.values()))
+    tied = cfg.tie_word_embeddings and "lm_head.weight" not in mapping.values()
+    load_weights(model, ckpt, mapping, dtype or checkpoint_dtype(ckpt), torch.device(device),
+                 fp8_block_size(raw), derived={"lm_head.weight"} if tied else set())
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if getattr(cfg, "num_nextn_predict_layers", 0) and not hasattr(model, "mtp"):
+        log.info("config.json announces %d MTP layer(s) but the checkpoint has no MTP weights; "
+                 "running without them", cfg.num_nextn_predict_layers)
+    model.checkpoint = ckpt  # keeps the memory maps alive as long as the model
+    return cfg, model

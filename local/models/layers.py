@@ -1,0 +1,112 @@
+"""Pieces every architecture shares: RMSNorm, the SwiGLU MLP, RoPE (default / linear / YaRN)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RopeSpec, yarn_get_mscale
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"hidden_act '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}") from None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, scale applied in the input dtype (as the HF reference does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)); also one routed or shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(spec: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the cos/sin magnitude factor, as HF's rope init functions compute them."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    pos_freqs = spec.theta ** exponents
+    if spec.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    if spec.rope_type == "linear":
+        return 1.0 / pos_freqs / spec.factor, 1.0
+    # YaRN: keep high frequencies, interpolate low ones, linear ramp between
+    factor = spec.factor
+    attention_factor = spec.attention_factor
+    if attention_factor is None:
+        if spec.mscale and spec.mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, spec.mscale) / yarn_get_mscale(factor, spec.mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(spec.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(spec.theta))
+
+    low, high = correction_dim(spec.beta_fast), correction_dim(spec.beta_slow)
+    if spec.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class Rope:
+    """Rotary embedding over the last dim of q/k.
+
+    interleaved=True rotates adjacent pairs (x0,x1),(x2,x3)… (DeepSeek, llama.cpp's NORM mode);
+    False rotates the two halves (x_i, x_{i+d/2}) (Qwen, NEOX mode).
+    """
+
+    def __init__(self, spec: RopeSpec, dim: int, interleaved: bool):
+        self.inv_freq, self.attention_scaling = rope_inv_freq(spec, dim)
+        self.interleaved = interleaved
+        self.dim = dim
+
+    def cos_sin(self, positions: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, dim/2] in fp32 for integer positions [T]."""
+        inv = self.inv_freq.to(device or positions.device)
+        freqs = positions.to(inv.device).float()[:, None] * inv[None, :]
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, ..., dim] rotated; cos/sin [T, dim/2] broadcast over the middle dims."""
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+        cos, sin = cos.view(shape), sin.view(shape)
+        xf = x.float()
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            half = self.dim // 2
+            x1, x2 = xf[..., :half], xf[..., half:]
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,104 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over a latent KV cache.
+
+Legend: T new tokens, S cached positions (incl. the new ones), H heads, D hidden,
+R kv_lora_rank, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
+The cache keeps only c_kv [S, R] (normed latent) and k_pe [S, Dr] (rotated) per layer.
+Prefill decompresses the latent through kv_b_proj (plain MHA with head dim Dn+Dr / Dv);
+decode absorbs W_UK into the query and W_UV into the output, attending in latent space.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kv_cache import KVCache
+from .layers import RMSNorm, Rope
+
+# Up to this many new tokens, attend in latent space (absorbed); above it, decompress.
+ABSORB_MAX_TOKENS = 1
+
+
+def attention_mask(T: int, S: int, device) -> torch.Tensor:
+    """Additive causal mask [T, S] for T new tokens that end at position S-1."""
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = H = cfg.num_attention_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        # the latent norms use eps 1e-6 whatever rms_norm_eps says, as DeepSeek's reference does
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=bias)
+
+    @staticmethod
+    def cache_streams(cfg) -> dict[str, tuple[int, ...]]:
+        return {"c_kv": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)}
+
+    def forward(self, x: torch.Tensor, rope: Rope, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
+        T = x.shape[0]
+        H, Dn, Dr, R = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, H, Dn + Dr)  # [T, H, Dn+Dr]
+        q_nope, q_pe = q[..., :Dn], q[..., Dn:]
+        kv = self.kv_a_proj_with_mqa(x)  # [T, R+Dr]
+        c_kv, k_pe = self.kv_a_layernorm(kv[:, :R]), kv[:, R:]
+        cos, sin = cos_sin
+        q_pe, k_pe = rope.apply(q_pe, cos, sin), rope.apply(k_pe, cos, sin)
+        past = cache.update(self.layer_idx, start, c_kv=c_kv, k_pe=k_pe)
+        c_kv, k_pe = past["c_kv"], past["k_pe"]  # [S, R], [S, Dr]
+        S = c_kv.shape[0]
+        mask = attention_mask(T, S, x.device) if T > 1 else None
+        if T <= ABSORB_MAX_TOKENS:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            out = self._decompressed(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.reshape(T, H * self.v_head_dim))
+
+    def _softmax(self, scores: torch.Tensor, mask, dtype) -> torch.Tensor:
+        scores = scores * self.softmax_scale
+        if mask is not None:
+            scores = scores + mask
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+    def _decompressed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Prefill: expand the latent to per-head K/V. Returns [T, H, Dv]."""
+        H, Dn, Dv = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        kv = self.kv_b_proj(c_kv).view(-1, H, Dn + Dv)  # [S, H, Dn+Dv]
+        k_nope, v = kv[..., :Dn], kv[..., Dn:]
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, Dn+Dr]
+        k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, H, -1)), dim=-1).transpose(0, 1)  # [H, S, Dn+Dr]
+        p = self._softmax(q @ k.transpose(1, 2), mask, q.dtype)  # [H, T, S]
+        return (p @ v.transpose(0, 1)).transpose(0, 1)  # [T, H, Dv]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Decode: score and mix in latent space. Returns [T, H, Dv]."""
+        H, Dn, Dv, R = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, Dn + Dv, R)
+        w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
+        q_lat = torch.einsum("thd,hdr->htr", q_nope, w_uk)  # [H, T, R]
+        scores = q_lat @ c_kv.T + q_pe.transpose(0, 1) @ k_pe.T  # [H, T, S]
+        p = self._softmax(scores, mask, q_lat.dtype)
+        o_lat = p @ c_kv  # [H, T, R]
+        return torch.einsum("htr,hvr->thv", o_lat, w_uv)  # [T, H, Dv]

@@ -1,0 +1,90 @@
+"""Routed experts: the router (scores, group-limited top-k, bias correction) and the expert mix.
+
+Legend: T tokens, E routed experts, A active experts per token (top-k), D hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import MLP
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+class Router(nn.Module):
+    """Picks A of E experts per token and their mixing weights.
+
+    scoring: softmax (V2, Qwen3) or sigmoid (V3). topk_method: greedy; group_limited_greedy
+    (V2: keep the topk_group groups with the best single expert); noaux_tc (V3: rank groups by
+    the sum of their top-2 *biased* scores; the bias picks experts, the weights stay unbiased).
+    """
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, *, scoring: str = "softmax",
+                 topk_method: str = "greedy", n_group: int = 1, topk_group: int = 1,
+                 norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0,
+                 logits_in_fp32: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, hidden))
+        if topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(n_experts))
+        self.n_experts, self.top_k = n_experts, top_k
+        self.scoring, self.topk_method = scoring, topk_method
+        self.n_group, self.topk_group = n_group or 1, topk_group or 1
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+        self.logits_in_fp32 = logits_in_fp32
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, A] float32, ids [T, A] int64)."""
+        if self.logits_in_fp32:
+            logits = x.float() @ self.weight.float().T  # [T, E]
+        else:
+            logits = (x @ self.weight.T).float()
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        if self.topk_method == "greedy":
+            weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        else:
+            T, G = scores.shape[0], self.n_group
+            if self.topk_method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias.float()
+                group_scores = choice.view(T, G, -1).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+            else:
+                choice = scores
+                group_scores = choice.view(T, G, -1).max(dim=-1).values
+            group_idx = torch.topk(group_scores, self.topk_group, dim=-1)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+            keep = group_mask[:, :, None].expand(T, G, self.n_experts // G).reshape(T, -1).bool()
+            fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
+            ids = torch.topk(choice.masked_fill(~keep, fill), self.top_k, dim=-1)[1]
+            weights = scores.gather(1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, ids
+
+
+class MoE(nn.Module):
+    """out = sum_a w[t,a] * expert_{id[t,a]}(x[t]) + shared_experts(x)."""
+
+    def __init__(self, router: Router, hidden: int, intermediate: int, n_experts: int,
+                 shared_intermediate: int = 0, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate = router
+        self.experts = nn.ModuleList(MLP(hidden, intermediate, act, bias) for _ in range(n_experts))
+        if shared_intermediate:
+            self.shared_experts = MLP(hidden, shared_intermediate, act, bias)
+        self.expert_counts: torch.Tensor | None = None  # [E] int64 when routing stats are recorded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)  # [T, A], [T, A]
+        if self.expert_counts is not None:
+            self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():  # ascending, as the reference sums them
+            tok, slot = torch.where(ids == e)
+            y = self.experts[e](x[tok]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out

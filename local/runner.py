@@ -1,0 +1,161 @@
+"""The public entry point: `load(path)` gives a Runner with logits / generate / chat."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+import torch
+
+from .config import read_json
+from .generate import Event, Stats, TextStream, generate_tokens, starts_in_reasoning
+from .loader import load_hf
+from .sampling import SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{device}' asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got '{device}'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """None = the checkpoint's own dtype on the CPU (FP8 -> bf16), bf16 on a GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else None
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}") from None
+
+
+def eos_token_ids(model_dir: Path, config, tokenizer: Tokenizer) -> set[int]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, together."""
+    ids: set[int] = set()
+    gen = model_dir / "generation_config.json"
+    for value in ((read_json(gen).get("eos_token_id") if gen.exists() else None),
+                  getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Runner:
+    """A loaded model with its tokenizer; one conversation's cache at a time."""
+
+    def __init__(self, path: Path, config, model, tokenizer: Tokenizer, device: torch.device, threads: int):
+        self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
+        self.device, self.threads = device, threads
+        self.eos_ids = eos_token_ids(path, config, tokenizer)
+        self.max_context = config.max_position_embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache memory one token of context costs (MLA: only the latent and the rope key)."""
+        return self.model.new_cache(capacity=1).bytes_per_token
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), vocab] for a fresh sequence: no cache reuse, no sampling."""
+        ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.int64)
+        self._check_ids(ids.tolist())
+        cache = self.model.new_cache(capacity=len(ids))
+        return self.model(ids.to(self.device), cache).float().cpu()
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:
+        """Stream events for a prompt (text, encoded with the tokenizer's BOS handling, or ids)."""
+        t0 = time.perf_counter()
+        if isinstance(prompt, str):
+            ids, in_reasoning = self.tokenizer.encode(prompt), starts_in_reasoning(prompt)
+        else:
+            ids, in_reasoning = list(prompt), False
+        return self._stream(ids, params or SamplingParams(), in_reasoning, t0)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> Iterator[Event]:
+        """Stream the assistant's reply to `messages` ([{'role': ..., 'content': ...}]) via the chat template."""
+        t0 = time.perf_counter()
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._stream(ids, params or SamplingParams(), starts_in_reasoning(text), t0)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: nothing to run")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if len(ids) >= self.max_context:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_context}")
+
+    def _stream(self, ids: list[int], params: SamplingParams, in_reasoning: bool, t0: float) -> Iterator[Event]:
+        self._check_ids(ids)
+        cache = self.model.new_cache(capacity=min(len(ids) + params.max_tokens + 1, self.max_context))
+        decoder = StreamDecoder(self.tokenizer)
+        text = TextStream(params.stop, in_reasoning)
+        n, stats, finish = 0, Stats(prompt_tokens=len(ids)), "length"
+        for step in generate_tokens(self.model, cache, ids, params, self.eos_ids, self.max_context):
+            n += 1
+            ttft = stats.ttft_seconds or (time.perf_counter() - t0)
+            stats = Stats(len(ids), n, step.prompt_seconds, step.decode_seconds, ttft)
+            if step.token_id in self.eos_ids and not params.ignore_eos:
+                finish = "eos"
+                break
+            pieces = text.push(decoder.push(step.token_id))
+            if not pieces:
+                yield Event("token", token_id=step.token_id, reasoning=text.reasoning, stats=stats)
+            for k, (delta, reasoning) in enumerate(pieces):
+                yield Event("token", delta, step.token_id if k == 0 else None, reasoning, stats=stats)
+            if text.stopped:
+                finish = "stop"
+                break
+        else:
+            if cache.length >= self.max_context and n < params.max_tokens:
+                finish = "context"
+        if not text.stopped:
+            for delta, reasoning in text.push(decoder.flush()) + text.flush():
+                yield Event("token", delta, None, reasoning, stats=stats)
+        yield Event("done", finish_reason=finish, stats=stats)
+
+
+def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
+         dtype: str | torch.dtype | None = "auto") -> Runner:
+    """Load a model: an HF directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model."""
+    if path is None:
+        from .demo import demo_model_path
+        path = demo_model_path()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        raise NotImplementedError(f"{path} is a GGUF file; this build loads HF safetensors directories only "
+                                  "(GGUF loading is the quant/ issue)")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a model directory (config.json + *.safetensors + tokenizer files)")
+    threads = threads or physical_cores()
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    config, model = load_hf(path, resolve_dtype(dtype, dev), dev)
+    return Runner(path, config, model, Tokenizer.from_pretrained(path), dev, threads)

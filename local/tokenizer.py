@@ -1,0 +1,461 @@
+"""Text side of the runner: ids <-> text, chat templates and streaming detokenization.
+
+Reproduces what `transformers.AutoTokenizer` (v5) builds from an HF directory, using only
+`tokenizers` and `jinja2`: `tokenizer.json` as saved, a `LlamaTokenizer` rebuilt on Metaspace,
+or a sentencepiece `tokenizer.model` converted to an equivalent `tokenizers` pipeline.
+"""
+
+import json
+import struct
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Named tokens a transformers tokenizer class fills in when the config leaves them out.
+CLASS_DEFAULT_TOKENS = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "Qwen2Tokenizer": {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+}
+CLEANUP_PATTERNS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template failed to compile or raised while rendering."""
+
+
+class Tokenizer:
+    """Encoder/decoder and chat template of one HF model directory (see `from_pretrained`)."""
+
+    def __init__(self, backend: Backend, config: dict, named: dict, chat_template, source: str):
+        self.backend = backend
+        self.source = source
+        self.chat_template = chat_template  # str, or dict of name -> template
+        self.named_tokens = {k: str(v) for k, v in named.items()}
+        self.bos_token = self.named_tokens.get("bos_token")
+        self.eos_token = self.named_tokens.get("eos_token")
+        self.bos_token_id = self.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self.token_to_id(self.eos_token) if self.eos_token else None
+        self.special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # transformers only applies `clean_up_tokenization_spaces` to non-BPE models
+        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces")) and (
+            type(backend.model).__name__ != "BPE"
+            or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Tokenizer":
+        """Load the tokenizer of an HF model or tokenizer directory, as `AutoTokenizer` would."""
+        root = Path(path)
+        config = _read_json(root / "tokenizer_config.json") or {}
+        model_config = _read_json(root / "config.json") or {}
+        class_name = (config.get("tokenizer_class") or model_config.get("tokenizer_class") or "").removesuffix("Fast")
+        json_file, spm_file = root / "tokenizer.json", root / "tokenizer.model"
+        if json_file.is_file():
+            text = json_file.read_text(encoding="utf-8")
+            try:
+                backend = Backend.from_str(text)
+            except Exception as e:
+                raise ValueError(f"{json_file} is not a valid `tokenizers` file ({e}); re-download or re-save it") from e
+            # transformers ignores add_bos_token/add_eos_token when tokenizer.json carries the post-processor
+            config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
+            if class_name == "LlamaTokenizer" and '"ByteLevel"' not in text:
+                backend = _llama_backend(json.loads(text)["model"], config, backend.post_processor)
+            else:
+                class_name = "TokenizersBackend"  # tokenizer.json is used as saved
+            spm_extras = None
+        elif spm_file.is_file():
+            proto = _read_spm_proto(spm_file)
+            backend, spm_extras, spm_named = _spm_backend(proto, config, class_name)
+            config = {**spm_named, **config}
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer in {root}: looked for tokenizer.json (HF `tokenizers`) and tokenizer.model (sentencepiece)")
+        named, extras = _special_tokens(root, config, class_name, json_file, spm_extras)
+        _add_tokens_like_transformers(backend, config, json_file, named, extras)
+        if backend.post_processor is None:
+            backend.post_processor = _bos_eos_processor(backend, config, named)
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        return cls(backend, config, named, _load_chat_template(root, config), str(root))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds the BOS/EOS the model's post-processor defines."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; `skip_special_tokens` drops special added tokens (BOS, EOS, role markers...)."""
+        return self._clean(self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+    def _clean(self, text: str) -> str:
+        if self.clean_up_spaces:
+            for old, new in CLEANUP_PATTERNS:
+                text = text.replace(old, new)
+        return text
+
+    def token_to_id(self, s) -> int | None:
+        """Id of token string `s`, or None when it is not in the vocabulary."""
+        return self.backend.token_to_id(s)
+
+    def id_to_token(self, i) -> str | None:
+        """Token string of id `i`, or None when out of range."""
+        return self.backend.id_to_token(int(i))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            **template_kwargs) -> str | list[int]:
+        """Render `messages` with the model's chat template (as transformers does); ids when `tokenize`.
+
+        `template_kwargs` reach the template (`tools`, `documents`, `enable_thinking`, ...) and override the
+        special-token variables; `chat_template=` picks a named template or passes a template string.
+        """
+        template = self._select_template(template_kwargs.pop("chat_template", None), template_kwargs.get("tools"))
+        compiled = _compile_template(template)
+        chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
+        variables = {**self.named_tokens, "tools": None, "documents": None, **template_kwargs}
+        try:
+            text = compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template of {self.source} failed: {e}") from e
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _select_template(self, name_or_template, tools):
+        templates = self.chat_template
+        if isinstance(templates, dict):
+            if name_or_template in templates:
+                return templates[name_or_template]
+            if name_or_template is None:
+                key = "tool_use" if tools is not None and "tool_use" in templates else "default"
+                if key not in templates:
+                    raise ChatTemplateError(f"{self.source} has chat templates {sorted(templates)} but no 'default'; "
+                                            "pass chat_template=NAME")
+                return templates[key]
+        if name_or_template is not None:
+            return name_or_template
+        if templates is None:
+            raise ChatTemplateError(f"{self.source} has no chat template: looked for chat_template.jinja, "
+                                    "'chat_template' in tokenizer_config.json and chat_template.json")
+        return templates
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push` one id at a time and get the new text; `flush` at the end.
+
+    The concatenated deltas equal `tokenizer.decode(all_ids, skip_special_tokens)`. Text that ends in an
+    incomplete UTF-8 sequence is held back until its bytes complete; each step decodes a short window.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []  # window; text of _ids[:_read] was already emitted
+        self._read = 0
+        # cleanup mode only: raw text since start and how much of its cleaned form went out
+        self._raw, self._sent = "", 0
+
+    def push(self, token_id) -> str:
+        """Add one token id; return the text it completes (possibly empty)."""
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for its remaining bytes
+            return ""
+        return self._emit(text, final=False)
+
+    def flush(self) -> str:
+        """Return whatever is still held back (an invalid byte tail decodes to U+FFFD here)."""
+        return self._emit(self._decode(self._ids), final=True) if self._ids or self._raw else ""
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _emit(self, text: str, final: bool) -> str:
+        delta = text[len(self._decode(self._ids[:self._read])):]
+        emitted = self._ids[self._read:]
+        skip = self.tokenizer.special_ids if self.skip_special_tokens else ()
+        # Keep one decoder-visible token before the new ones, so decoders that strip the first token's
+        # leading space (Metaspace, Strip) treat the window like the full sequence.
+        if any(i not in skip for i in emitted):
+            del self._ids[:self._read]
+        self._read = len(self._ids)
+        if not self.tokenizer.clean_up_spaces:
+            return delta
+        self._raw += delta
+        cleaned = self.tokenizer._clean(self._raw)
+        end = len(cleaned) if final else max(self._sent, len(cleaned) - 5)  # a pattern may still complete
+        out, self._sent = cleaned[self._sent:end], end
+        return out
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _as_added_token(value, special=None) -> AddedToken | str:
+    """A config token value (string, or dict with "content") as transformers' AddedToken/str."""
+    if isinstance(value, dict):
+        fields = {k: v for k, v in value.items() if k in ("content", "single_word", "lstrip", "rstrip", "normalized",
+                                                           "special")}
+        if special is not None:
+            fields["special"] = special
+        return AddedToken(**fields)
+    return value
+
+
+def _token_key(t: AddedToken) -> tuple:
+    return t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, t.special
+
+
+def _special_tokens(root: Path, config: dict, class_name: str, json_file: Path, spm_extras):
+    """Named special tokens (bos_token, ..., plus model-specific *_token) and extra special tokens."""
+    named = dict(CLASS_DEFAULT_TOKENS.get(class_name, {}))
+    for key, value in config.items():
+        if key in NAMED_TOKENS or (key.endswith("_token") and isinstance(value, str)):
+            named[key] = _as_added_token(value)
+    extras = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    if "added_tokens_decoder" not in config:  # legacy special_tokens_map.json
+        for key, value in (_read_json(root / "special_tokens_map.json") or {}).items():
+            if key == "additional_special_tokens" or key == "extra_special_tokens":
+                extras = [_as_added_token(v, special=True) for v in value] if isinstance(value, list) else value
+            elif key in NAMED_TOKENS or key.endswith("_token"):
+                named[key] = _as_added_token(value, special=True)
+    if "extra_special_tokens" not in config and "additional_special_tokens" not in config and spm_extras:
+        extras = spm_extras
+    if isinstance(extras, dict):  # named extra tokens
+        named.update(extras)
+        extras = []
+    by_content = {t.content: t for t in _added_tokens_decoder(config, json_file).values()}
+    order = {k: i for i, k in enumerate(NAMED_TOKENS)}
+    named = {k: by_content.get(str(v), v) if k in order else v
+             for k, v in sorted(named.items(), key=lambda kv: order.get(kv[0], len(order))) if v is not None}
+    return named, [_as_added_token(e) for e in (extras or [])]
+
+
+def _added_tokens_decoder(config: dict, json_file: Path) -> dict[int, AddedToken]:
+    if "added_tokens_decoder" in config:
+        return {int(i): _as_added_token(t) for i, t in config["added_tokens_decoder"].items()}
+    if json_file.is_file():
+        return {t["id"]: _as_added_token(t) for t in json.loads(json_file.read_text("utf-8"))["added_tokens"]}
+    return {}
+
+
+def _add_tokens_like_transformers(backend: Backend, config: dict, json_file: Path, named: dict, extras: list):
+    """Register added/special tokens in the order and with the flags transformers' TokenizersBackend uses."""
+    present = {_token_key(t) for t in backend.get_added_tokens_decoder().values()}
+    decoder = _added_tokens_decoder(config, json_file)
+    to_add = [t for _, t in sorted(decoder.items()) if _token_key(t) not in present]
+    contents = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in to_add}
+    named_strs = {str(v) for v in named.values()}
+    for token in [*named.values(), *extras]:
+        if str(token) in contents or token in to_add:
+            continue
+        if isinstance(token, str):
+            token = AddedToken(token, special=True)
+        elif not token.special and token.content in named_strs:
+            token = AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
+                               rstrip=token.rstrip, normalized=token.normalized, special=True)
+        to_add.append(token)
+        contents.add(token.content)
+    if to_add:
+        backend.add_tokens(to_add)
+    # then `_post_init` re-adds every named and extra token as special
+    final = [t if isinstance(t, AddedToken) else AddedToken(t, special=True, normalized=False)
+             for t in [*named.values(), *extras]]
+    if final:
+        backend.add_special_tokens(final)
+
+
+def _bos_eos_processor(backend: Backend, config: dict, named: dict):
+    """transformers' `update_post_processor`: BOS/EOS around the text per add_bos_token/add_eos_token."""
+    bos, eos = named.get("bos_token"), named.get("eos_token")
+    add_bos = bool(config.get("add_bos_token")) and bos is not None
+    add_eos = bool(config.get("add_eos_token")) and eos is not None
+    bos, eos = str(bos), str(eos)
+    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+    specials = [(bos, backend.token_to_id(bos))] if add_bos else []
+    specials += [(eos, backend.token_to_id(eos))] if add_eos else []
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+def _llama_backend(model: dict, config: dict, post_processor) -> Backend:
+    """transformers' LlamaTokenizer: byte-fallback BPE on Metaspace, ignoring tokenizer.json's normalizer."""
+    vocab = model["vocab"]
+    if isinstance(vocab, list):
+        vocab = {piece[0] if isinstance(piece, list) else piece: i for i, piece in enumerate(vocab)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else add_prefix_space
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
+    if post_processor is not None:
+        backend.post_processor = post_processor
+    return backend
+
+
+def _spm_backend(proto: dict, config: dict, class_name: str):
+    """Convert a sentencepiece model like transformers 5 does; returns (backend, extra tokens, named defaults)."""
+    pieces = proto["pieces"]
+    # control (3) and user-defined (4) pieces become added tokens; only control ones are special
+    extras = [AddedToken(p, normalized=False, special=t == 3) for p, _, t in pieces if t in (3, 4)]
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    if class_name == "LlamaTokenizer":
+        model = {"vocab": vocab, "merges": _generate_merges(vocab)}
+        return _llama_backend(model, config, None), extras, {}
+    spec = proto["trainer"]
+    named = {k: spec[k.split("_")[0] + "_piece"] for k in ("bos_token", "eos_token", "unk_token")
+             if spec[k.split("_")[0] + "_id"] >= 0}
+    if spec["model_type"] == 1:  # unigram
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec["unk_id"], byte_fallback=spec["byte_fallback"])
+    else:
+        merges = _generate_merges(vocab)
+        for i, token in config.get("added_tokens_decoder", {}).items():  # placeholder pieces renamed by config
+            old, new = pieces[int(i)][0] if int(i) < len(pieces) else None, str(_as_added_token(token))
+            if old and old != new and new not in vocab:
+                vocab[new] = vocab.pop(old)
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=spec["unk_piece"], fuse_unk=True,
+                           byte_fallback=spec["byte_fallback"], dropout=None)
+    backend = Backend(model)
+    steps = [normalizers.Replace(" ", "▁")]
+    if proto["charsmap"]:
+        steps.insert(0, normalizers.Precompiled(proto["charsmap"]))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " ")] + (
+        [decoders.ByteFallback(), decoders.Fuse()] if spec["byte_fallback"] else []))
+    return backend, extras, named
+
+
+def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocab, ordered by the merged piece's id (transformers' order)."""
+    merges = []
+    for piece, piece_id in vocab.items():
+        local = [(piece[:k], piece[k:], piece_id) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    return [(left, right) for left, right, _ in merges]
+
+
+def _read_spm_proto(path: Path) -> dict:
+    """The parts of a sentencepiece ModelProto we need, read from the protobuf wire format."""
+    try:
+        fields = _proto_fields(path.read_bytes())
+        pieces, trainer, normalizer = [], {}, {}
+        for number, value in fields:
+            if number == 1:
+                piece = dict(_proto_fields(value))
+                score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
+                pieces.append((piece.get(1, b"").decode("utf-8"), score, piece.get(3, 1)))
+            elif number == 2:
+                trainer = dict(_proto_fields(value))
+            elif number == 3:
+                normalizer = dict(_proto_fields(value))
+        if not pieces:
+            raise ValueError("no pieces")
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid sentencepiece model ({e})") from e
+
+    def signed(v):
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    def text(v, default):
+        return v.decode("utf-8") if v is not None else default
+
+    spec = {"model_type": trainer.get(3, 1), "byte_fallback": bool(trainer.get(35, 0)),
+            "unk_id": signed(trainer.get(40, 0)), "bos_id": signed(trainer.get(41, 1)),
+            "eos_id": signed(trainer.get(42, 2)), "unk_piece": text(trainer.get(45), "<unk>"),
+            "bos_piece": text(trainer.get(46), "<s>"), "eos_piece": text(trainer.get(47), "</s>")}
+    return {"pieces": pieces, "trainer": spec, "charsmap": normalizer.get(2, b"")}
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, object]]:
+    """(field number, value) pairs of one protobuf message: ints for varints, bytes otherwise."""
+    out, pos = [], 0
+
+    def varint():
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while pos < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 2:
+            size = varint()
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        out.append((number, value))
+    return out
+
+
+def _load_chat_template(root: Path, config: dict):
+    """chat_template.jinja (+ additional_chat_templates/) > tokenizer_config > chat_template.json."""
+    templates = {}
+    if (root / "chat_template.jinja").is_file():
+        templates["default"] = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    for extra in sorted((root / "additional_chat_templates").glob("*.jinja")):
+        templates[extra.stem] = extra.read_text(encoding="utf-8")
+    if templates:
+        return templates["default"] if list(templates) == ["default"] else templates
+    found = config.get("chat_template")
+    if found is None:
+        found = (_read_json(root / "chat_template.json") or {}).get("chat_template")
+    if isinstance(found, list):
+        found = {t["name"]: t["template"] for t in found}
+    return found
+
+
+def _alias_reasoning(message: dict) -> dict:
+    """Expose a message's reasoning as both `reasoning_content` and `thinking`, like transformers."""
+    reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' filter: no HTML escaping, json.dumps options exposed
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from e

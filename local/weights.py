@@ -1,0 +1,147 @@
+"""Safetensors checkpoints, memory-mapped: a tensor is a view of the file's pages, never a second copy.
+
+We parse the (tiny) JSON header ourselves so that every bad file gets an error naming the
+file and the tensor: truncated data, a damaged header, offsets that disagree with shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import read_json
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory that cannot be read as it claims to be."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and validated, data memory-mapped on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path} is {size} bytes, too short for a safetensors header; "
+                                      "the file is truncated - download or convert it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{self.path}: header claims {n} bytes but the file has {size}; "
+                                      "the file is truncated or not a safetensors file")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: the safetensors header is not valid JSON ({e}); "
+                                  "the file is damaged") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, t in header.items():
+            try:
+                dtype, shape, (b, e) = t["dtype"], tuple(int(s) for s in t["shape"]), t["data_offsets"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{self.path}: tensor {name} has a malformed header entry {t!r}") from err
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which Tandem cannot read; "
+                                      f"readable: {', '.join(DTYPES)}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+            if not (0 <= b <= e) or e - b != nbytes:
+                raise CheckpointError(f"{self.path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes "
+                                      f"but its offsets [{b}, {e}] span {e - b}; the header is corrupt")
+            if data_start + e > size:
+                raise CheckpointError(f"{self.path}: tensor {name} ends at byte {data_start + e} but the file has "
+                                      f"only {size} bytes; the file is truncated - download or convert it again")
+            self.tensors[name] = TensorInfo(self.path, dtype, shape, data_start + b, data_start + e)
+        self._map: mmap.mmap | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the mapped file (copy-on-write: pages stay shared until written)."""
+        info = self.tensors[name]
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = DTYPES[info.dtype]
+        count = (info.end - info.begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        esize = torch.empty((), dtype=dtype).element_size()
+        if info.begin % esize:  # unaligned data: copy rather than hand torch a misaligned pointer
+            buf = bytearray(self._map[info.begin:info.end])
+            return torch.frombuffer(buf, dtype=dtype).view(info.shape)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=info.begin).view(info.shape)
+
+
+class Checkpoint:
+    """An HF model directory's weights: one safetensors file, or shards listed in an index."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map'; the index is damaged")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            pickles = [p.name for p in self.dir.glob("*.bin")] + [p.name for p in self.dir.glob("*.pt")]
+            hint = (f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to "
+                    "safetensors first)") if pickles else ""
+            raise CheckpointError(f"no *.safetensors weights in {self.dir}{hint}")
+        self.files: dict[str, SafetensorsFile] = {}
+        for name in files:
+            path = self.dir / name
+            if not path.exists():
+                raise CheckpointError(f"{index.name} lists {name}, which is missing from {self.dir}")
+            self.files[name] = SafetensorsFile(path)
+        self.index: dict[str, SafetensorsFile] = {}
+        for f in self.files.values():
+            for t in f.tensors:
+                if t in self.index:
+                    raise CheckpointError(f"tensor {t} appears in both {self.index[t].path.name} and {f.path.name}")
+                self.index[t] = f
+        if weight_map is not None:
+            for t, fname in weight_map.items():
+                if t not in self.index:
+                    raise CheckpointError(f"{index.name} places {t} in {fname}, but that file does not hold it")
+
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.index[name].tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.index[name].get(name)
