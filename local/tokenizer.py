@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -25,6 +25,8 @@ CLASS_DEFAULT_TOKENS = {
 }
 CLEANUP_PATTERNS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
@@ -67,8 +69,11 @@ class Tokenizer:
                 raise ValueError(f"{json_file} is not a valid `tokenizers` file ({e}); re-download or re-save it") from e
             # transformers ignores add_bos_token/add_eos_token when tokenizer.json carries the post-processor
             config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
-            if class_name == "LlamaTokenizer" and '"ByteLevel"' not in text:
-                backend = _llama_backend(json.loads(text)["model"], config, backend.post_processor)
+            # transformers' Llama/Qwen2 classes rebuild the pipeline around tokenizer.json's vocab and merges;
+            # AutoTokenizer loads a ByteLevel tokenizer.json declared as Llama as saved
+            rebuild = {"LlamaTokenizer": _llama_backend, "Qwen2Tokenizer": _qwen2_backend}.get(class_name)
+            if rebuild and not (class_name == "LlamaTokenizer" and '"ByteLevel"' in text):
+                backend = rebuild(json.loads(text)["model"], config, backend.post_processor)
             else:
                 class_name = "TokenizersBackend"  # tokenizer.json is used as saved
             spm_extras = None
@@ -180,7 +185,7 @@ class StreamDecoder:
         skip = self.tokenizer.special_ids if self.skip_special_tokens else ()
         # Keep one decoder-visible token before the new ones, so decoders that strip the first token's
         # leading space (Metaspace, Strip) treat the window like the full sequence.
-        if any(i not in skip for i in emitted):
+        if True:
             del self._ids[:self._read]
         self._read = len(self._ids)
         if not self.tokenizer.clean_up_spaces:
@@ -268,11 +273,6 @@ def _add_tokens_like_transformers(backend: Backend, config: dict, json_file: Pat
         contents.add(token.content)
     if to_add:
         backend.add_tokens(to_add)
-    # then `_post_init` re-adds every named and extra token as special
-    final = [t if isinstance(t, AddedToken) else AddedToken(t, special=True, normalized=False)
-             for t in [*named.values(), *extras]]
-    if final:
-        backend.add_special_tokens(final)
 
 
 def _bos_eos_processor(backend: Backend, config: dict, named: dict):
@@ -288,12 +288,30 @@ def _bos_eos_processor(backend: Backend, config: dict, named: dict):
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
-def _llama_backend(model: dict, config: dict, post_processor) -> Backend:
-    """transformers' LlamaTokenizer: byte-fallback BPE on Metaspace, ignoring tokenizer.json's normalizer."""
+def _vocab_and_merges(model: dict):
     vocab = model["vocab"]
     if isinstance(vocab, list):
         vocab = {piece[0] if isinstance(piece, list) else piece: i for i, piece in enumerate(vocab)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return vocab, [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+
+
+def _qwen2_backend(model: dict, config: dict, post_processor) -> Backend:
+    """transformers' Qwen2Tokenizer: NFC, Qwen's split regex, byte-level BPE."""
+    vocab, merges = _vocab_and_merges(model)
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                                 end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space")), use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = post_processor
+    return backend
+
+
+def _llama_backend(model: dict, config: dict, post_processor) -> Backend:
+    """transformers' LlamaTokenizer: byte-fallback BPE on Metaspace, ignoring tokenizer.json's normalizer."""
+    vocab, merges = _vocab_and_merges(model)
     backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     add_prefix_space = config.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else add_prefix_space

@@ -1,0 +1,127 @@
+"""DeepSeek FP8 checkpoints (e4m3 weights, 128x128 block scales) and MTP layers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import local
+from quant.fp8 import E4M3FN, dequantize_fp8_blocks, quantize_fp8_blocks
+
+from .conftest import VOCAB
+
+FP8_PROJ = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_e4m3fn_table_matches_torch():
+    want = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    assert np.array_equal(np.isnan(want), np.isnan(E4M3FN))
+    assert np.array_equal(want[~np.isnan(want)], E4M3FN[~np.isnan(E4M3FN)])
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (200, 300), (5, 129), (1, 1)])
+def test_fp8_block_roundtrip(shape):
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3
+    bits, scale_inv = quantize_fp8_blocks(w)
+    assert scale_inv.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    d = dequantize_fp8_blocks(bits, scale_inv)
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of the block max
+    assert np.abs(d - w).max() <= np.abs(w).max() / 16 + 1e-7
+    # bit pattern equals torch's own cast of the scaled weight
+    scale = np.repeat(np.repeat(scale_inv, 128, 0)[: shape[0]], 128, 1)[:, : shape[1]]
+    ref = torch.from_numpy(w / scale).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    assert np.array_equal(ref, bits)
+    with pytest.raises(ValueError, match="weight_scale_inv has shape"):
+        dequantize_fp8_blocks(bits, np.ones((9, 9), np.float32))
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory, tokenizer_dir):
+    """The same tiny V3 twice: FP8 block-scaled, and those FP8 weights dequantized to fp32."""
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=160, intermediate_size=320, moe_intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, q_lora_rank=144, kv_lora_rank=136, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+        first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    torch.manual_seed(0)
+    fp32_dir, fp8_dir = tmp_path_factory.mktemp("v3_fp32"), tmp_path_factory.mktemp("v3_fp8")
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(fp32_dir)
+    state = load_file(fp32_dir / "model.safetensors")
+    fp8, deq = {}, {}
+    for name, t in state.items():
+        if name.endswith(".weight") and name.split(".")[-2] in FP8_PROJ:
+            bits, scale_inv = quantize_fp8_blocks(t.numpy())
+            fp8[name] = torch.from_numpy(bits).view(torch.float8_e4m3fn)
+            fp8[name + "_scale_inv"] = torch.from_numpy(scale_inv)
+            deq[name] = torch.from_numpy(dequantize_fp8_blocks(bits, scale_inv))
+        else:
+            fp8[name] = deq[name] = t
+    save_file(fp8, fp8_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(deq, fp32_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((fp32_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    for d in (fp32_dir, fp8_dir):
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, d / f.name)
+    changed = (deq["model.layers.1.mlp.experts.0.up_proj.weight"] != state["model.layers.1.mlp.experts.0.up_proj.weight"])
+    assert changed.any()  # FP8 really rounded the weights
+    return fp8_dir, fp32_dir
+
+
+def test_fp8_checkpoint_matches_dequantized(fp8_pair):
+    fp8_dir, deq_dir = fp8_pair
+    ids = torch.randint(2, VOCAB, (24,), generator=torch.Generator().manual_seed(0))
+    got = local.load(fp8_dir, device="cpu", dtype="float32").logits(ids)
+    want = local.load(deq_dir, device="cpu", dtype="float32").logits(ids)
+    assert (got - want).abs().max().item() <= 1e-5
+    ref = transformers.AutoModelForCausalLM.from_pretrained(deq_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (got - ref(ids[None]).logits[0]).abs().max().item() <= 1e-4
+
+
+def test_fp8_checkpoint_defaults_to_bf16(fp8_pair):
+    runner = local.load(fp8_pair[0], device="cpu")
+    assert runner.dtype == torch.bfloat16
+
+
+def test_fp8_without_scales_is_refused(fp8_pair, tmp_path):
+    d = shutil.copytree(fp8_pair[0], tmp_path / "m")
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(ValueError, match="o_proj.weight.*weight_scale_inv"):
+        local.load(d, device="cpu")
+
+
+def test_mtp_layers_kept_aside(tiny_v3_dir, tmp_path):
+    """V3's MTP layer (model.layers.N.*) loads into model.mtp and does not change the logits."""
+    d = shutil.copytree(tiny_v3_dir, tmp_path / "m")
+    state = load_file(d / "model.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    last = {k: v for k, v in state.items() if k.startswith(f"model.layers.{n - 1}.")}
+    for k, v in last.items():
+        state[k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = v.clone()
+    D = cfg["hidden_size"]
+    for extra, shape in [("enorm.weight", (D,)), ("hnorm.weight", (D,)), ("eh_proj.weight", (D, 2 * D)),
+                         ("shared_head.norm.weight", (D,)), ("shared_head.head.weight", (VOCAB, D)),
+                         ("embed_tokens.weight", (VOCAB, D))]:
+        state[f"model.layers.{n}.{extra}"] = torch.randn(shape)
+    save_file(state, d / "model.safetensors")
+    cfg["num_nextn_predict_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with_mtp = local.load(d, device="cpu", dtype="float32")
+    assert len(with_mtp.model.model.layers) == n and len(with_mtp.model.mtp) == 1
+    assert with_mtp.model.mtp[0].eh_proj.weight.shape == (D, 2 * D)
+    ids = torch.arange(2, 30)
+    plain = local.load(tiny_v3_dir, device="cpu", dtype="float32")
+    assert torch.equal(with_mtp.logits(ids), plain.logits(ids))

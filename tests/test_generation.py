@@ -1,0 +1,157 @@
+"""Samplers, the text stream (reasoning split, stop strings), events and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import local
+from local import SamplingParams
+from local.generate import TextStream, starts_in_reasoning
+from local.sampling import apply_repetition_penalty, min_p_filter, sample_next, top_k_filter, top_p_filter
+
+NEG = float("-inf")
+
+
+def test_top_k():
+    out = top_k_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), 2)
+    assert out.tolist() == [NEG, 4.0, 3.0, NEG]
+    assert top_k_filter(torch.tensor([1.0, 2.0]), 0).tolist() == [1.0, 2.0]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [True, True, False, False]
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [True, True, True, False]
+    assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [True, False, False, False]
+
+
+def test_min_p():
+    logits = torch.log(torch.tensor([0.6, 0.27, 0.08, 0.05]))
+    assert torch.isfinite(min_p_filter(logits, 0.1)).tolist() == [True, True, True, False]
+
+
+def test_repetition_penalty_is_ctrl_style():
+    out = apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), torch.tensor([0, 1, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_sampling_with_seed_is_reproducible_and_respects_filters():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=1.0, top_k=5, seed=3)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = [sample_next(logits, p, torch.tensor([]), g1) for _ in range(50)]
+    b = [sample_next(logits, p, torch.tensor([]), g2) for _ in range(50)]
+    assert a == b
+    assert set(a) <= set(torch.topk(logits, 5).indices.tolist()) and len(set(a)) > 1
+    assert sample_next(logits, SamplingParams(temperature=0), torch.tensor([])) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"min_p": 1.5}, "min_p"),
+    ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"), ({"max_tokens": -1}, "max_tokens"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def collect(stream: TextStream, deltas):
+    out = []
+    for d in deltas:
+        out += stream.push(d)
+    return out + stream.flush()
+
+
+def test_reasoning_split_across_token_boundaries():
+    out = collect(TextStream(), ["<th", "ink>let me", " think</", "think>", "The answer", " is 4."])
+    reasoning = "".join(t for t, r in out if r)
+    answer = "".join(t for t, r in out if not r)
+    assert reasoning == "let me think" and answer == "The answer is 4."
+
+
+def test_reasoning_opened_by_the_prompt():
+    assert starts_in_reasoning("<｜User｜>hi<｜Assistant｜><think>\n")
+    assert not starts_in_reasoning("<｜User｜>hi<｜Assistant｜>")
+    out = collect(TextStream(in_reasoning=True), ["hmm\n", "</think>\n\nHello"])
+    assert [(t, r) for t, r in out] == [("hmm\n", True), ("\n\nHello", False)]
+
+
+def test_stop_strings_cut_and_hold_back():
+    s = TextStream(stop=("\nUser:",))
+    out = s.push("Hi there")
+    out += s.push("\nUs")  # could be the start of the stop string: held back
+    assert "".join(t for t, _ in out) == "Hi there"
+    out += s.push("er: more")
+    assert s.stopped and "".join(t for t, _ in out) == "Hi there"
+    s2 = TextStream(stop=("\nUser:",))
+    assert "".join(t for t, _ in collect(s2, ["a\nUs", "ually"])) == "a\nUsually"
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_v3_dir):
+    return local.load(tiny_v3_dir, device="cpu")
+
+
+def test_generate_events_and_stats(runner):
+    events = list(runner.generate("def main():", SamplingParams(max_tokens=12, temperature=0.8, seed=7,
+                                                                 ignore_eos=True)))
+    tokens = [e for e in events if e.token_id is not None]
+    assert len(tokens) == 12 and events[-1].kind == "done" and events[-1].finish_reason == "length"
+    st = events[-1].stats
+    assert st.prompt_tokens == len(runner.tokenizer.encode("def main():"))
+    assert st.prompt_tps > 0 and st.decode_tps > 0 and 0 < st.ttft_seconds < 60
+    text = "".join(e.text for e in events)
+    assert text == runner.tokenizer.decode([e.token_id for e in tokens])
+    again = list(runner.generate("def main():", SamplingParams(max_tokens=12, temperature=0.8, seed=7,
+                                                                ignore_eos=True)))
+    assert [e.token_id for e in again] == [e.token_id for e in events]
+
+
+def test_generate_stops_at_eos(runner):
+    # make the EOS id the only one the model can pick: the generation ends after one token
+    runner.eos_ids = set(range(runner.config.vocab_size))
+    try:
+        events = list(runner.generate("hello", SamplingParams(max_tokens=10, temperature=0)))
+    finally:
+        runner.eos_ids = {1}
+    assert events[-1].finish_reason == "eos" and events[-1].stats.generated_tokens == 1
+    assert all(e.text == "" for e in events)
+
+
+def test_generate_stop_string(runner):
+    full = "".join(e.text for e in runner.generate("The", SamplingParams(max_tokens=20, temperature=0,
+                                                                         ignore_eos=True)))
+    stop = full[5:8]
+    events = list(runner.generate("The", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                        stop=(stop,))))
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == full[: full.index(stop)]
+
+
+def test_chat_uses_template(runner):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.endswith("<|Assistant|>") and "Be brief." in text
+    ids = runner.tokenizer.encode(text, add_special_tokens=False)
+    want = [e.token_id for e in runner.generate(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))]
+    got = [e.token_id for e in runner.chat(messages, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))]
+    assert got == want
+
+
+def test_cli_run_streams_and_summarises(tiny_v3_dir):
+    out = subprocess.run([sys.executable, "-m", "local.cli", "run", str(tiny_v3_dir), "-p", "Hello", "-n", "8",
+                          "--temp", "0", "--ignore-eos"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Hello") and len(out.stdout.strip()) > len("Hello")
+    summary = out.stderr.strip().splitlines()[-1]
+    assert "prompt" in summary and "decode 8 tok" in summary and "tok/s" in summary and "ttft" in summary
+
+
+def test_cli_reports_bad_model_cleanly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "local.cli", "run", str(tmp_path / "nope"), "-p", "x"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "tandem: error: no model at" in out.stderr and "Traceback" not in out.stderr
