@@ -185,7 +185,7 @@ class StreamDecoder:
         skip = self.tokenizer.special_ids if self.skip_special_tokens else ()
         # Keep one decoder-visible token before the new ones, so decoders that strip the first token's
         # leading space (Metaspace, Strip) treat the window like the full sequence.
-        if True:
+        if any(i not in skip for i in emitted):
             del self._ids[:self._read]
         self._read = len(self._ids)
         if not self.tokenizer.clean_up_spaces:

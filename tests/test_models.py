@@ -126,3 +126,36 @@ def test_weights_are_memory_mapped(loaded):
 
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
     assert base <= w.data_ptr() < base + len(mapped)
+
+
+@pytest.mark.parametrize("name", ["v3", "qwen3_norm"])
+def test_chunked_prefill_equals_one_shot(name, loaded):
+    """Prefill in chunks (decompressed MLA over a cache with history) = all at once."""
+    runner = loaded[name]
+    ids = prompt_ids(seed=4)
+    whole = runner.logits(ids)
+    cache = runner.model.new_cache(capacity=4)  # also grows the cache on the way
+    with torch.inference_mode():
+        parts = [runner.model(ids[i:i + 10], cache) for i in range(0, len(ids), 10)]
+    assert cache.length == len(ids) and cache.capacity >= len(ids)
+    assert (torch.cat(parts) - whole).abs().max().item() <= 1e-4
+
+
+def test_legacy_rope_scaling_config(reference_models, tmp_path):
+    """DeepSeek's own config.json style: `rope_scaling` with "type", `rope_theta` at the top level."""
+    import json
+    import shutil
+
+    src, ref = reference_models["v3"]
+    d = shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    cfg["rope_scaling"] = rope
+    cfg.update(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, ep_size=1, torch_dtype="float32")
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = prompt_ids()
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    assert (local.load(d, device="cpu", dtype="float32").logits(ids) - want).abs().max().item() <= 1e-4
