@@ -1,0 +1,1 @@
+"""tui: the Textual chat app (`tandem chat`), a client of local's public API."""
