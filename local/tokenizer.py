@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
@@ -60,32 +61,12 @@ class Tokenizer:
         config = _read_json(root / "tokenizer_config.json") or {}
         model_config = _read_json(root / "config.json") or {}
         class_name = (config.get("tokenizer_class") or model_config.get("tokenizer_class") or "").removesuffix("Fast")
-        json_file, spm_file = root / "tokenizer.json", root / "tokenizer.model"
-        if json_file.is_file():
-            text = json_file.read_text(encoding="utf-8")
-            try:
-                backend = Backend.from_str(text)
-            except Exception as e:
-                raise ValueError(f"{json_file} is not a valid `tokenizers` file ({e}); re-download or re-save it") from e
-            # transformers ignores add_bos_token/add_eos_token when tokenizer.json carries the post-processor
-            config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
-            # transformers' Llama/Qwen2 classes rebuild the pipeline around tokenizer.json's vocab and merges;
-            # AutoTokenizer loads a ByteLevel tokenizer.json declared as Llama as saved
-            rebuild = {"LlamaTokenizer": _llama_backend, "Qwen2Tokenizer": _qwen2_backend}.get(class_name)
-            if rebuild and not (class_name == "LlamaTokenizer" and '"ByteLevel"' in text):
-                backend = rebuild(json.loads(text)["model"], config, backend.post_processor)
-            else:
-                class_name = "TokenizersBackend"  # tokenizer.json is used as saved
-            spm_extras = None
-        elif spm_file.is_file():
-            proto = _read_spm_proto(spm_file)
-            backend, spm_extras, spm_named = _spm_backend(proto, config, class_name)
-            config = {**spm_named, **config}
-        else:
-            raise FileNotFoundError(
-                f"no tokenizer in {root}: looked for tokenizer.json (HF `tokenizers`) and tokenizer.model (sentencepiece)")
-        named, extras = _special_tokens(root, config, class_name, json_file, spm_extras)
-        _add_tokens_like_transformers(backend, config, json_file, named, extras)
+        backend, config, class_name, json_added, spm_extras = _load_backend(root, config, class_name)
+        # tokens the config lists by id, else (legacy) those saved in tokenizer.json
+        added = ({int(i): _as_added_token(t) for i, t in config["added_tokens_decoder"].items()}
+                 if "added_tokens_decoder" in config else json_added)
+        named, extras = _special_tokens(root, config, class_name, added, spm_extras)
+        _add_tokens_like_transformers(backend, added, named, extras)
         if backend.post_processor is None:
             backend.post_processor = _bos_eos_processor(backend, config, named)
         backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
@@ -97,7 +78,8 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; `skip_special_tokens` drops special added tokens (BOS, EOS, role markers...)."""
-        return self._clean(self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        return self._clean(self.backend.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def _clean(self, text: str) -> str:
         if self.clean_up_spaces:
@@ -152,8 +134,12 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental detokenizer: `push` one id at a time and get the new text; `flush` at the end.
 
-    The concatenated deltas equal `tokenizer.decode(all_ids, skip_special_tokens)`. Text that ends in an
-    incomplete UTF-8 sequence is held back until its bytes complete; each step decodes a short window.
+    The concatenated deltas equal `tokenizer.decode(all_ids, skip_special_tokens)` whenever the ids spell
+    valid UTF-8. Text that ends in an incomplete UTF-8 sequence is held back until its bytes complete; each
+    step decodes a short window. (Byte-fallback decoding turns a whole run of byte tokens into U+FFFD when
+    the run is invalid; characters already emitted from such a run cannot be taken back.)
+    With `clean_up_tokenization_spaces` (non-BPE models only) the last few characters are held back and
+    the clean-up reruns on the text so far.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -192,9 +178,37 @@ class StreamDecoder:
             return delta
         self._raw += delta
         cleaned = self.tokenizer._clean(self._raw)
-        end = len(cleaned) if final else max(self._sent, len(cleaned) - 5)  # a pattern may still complete
+        # a clean-up pattern (at most 4 characters) may still complete across the next token
+        end = len(cleaned) if final else max(self._sent, len(cleaned) - 5)
         out, self._sent = cleaned[self._sent:end], end
         return out
+
+
+def _load_backend(root: Path, config: dict, class_name: str):
+    """The `tokenizers` pipeline transformers builds; returns it with the config and class name it applies."""
+    json_file, spm_file = root / "tokenizer.json", root / "tokenizer.model"
+    if json_file.is_file():
+        text = json_file.read_text(encoding="utf-8")
+        try:
+            backend = Backend.from_str(text)
+        except Exception as e:
+            raise ValueError(f"{json_file} is not a valid `tokenizers` file ({e}); re-download or re-save it") from e
+        json_added = backend.get_added_tokens_decoder()
+        # transformers ignores add_bos_token/add_eos_token when tokenizer.json exists
+        config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
+        # its Llama/Qwen2 classes rebuild the pipeline around tokenizer.json's vocab and merges,
+        # but AutoTokenizer loads a ByteLevel tokenizer.json declared as Llama as saved
+        rebuild = {"LlamaTokenizer": _llama_backend, "Qwen2Tokenizer": _qwen2_backend}.get(class_name)
+        if rebuild and not (class_name == "LlamaTokenizer" and '"ByteLevel"' in text):
+            backend = rebuild(json.loads(text)["model"], config, backend.post_processor)
+        else:
+            class_name = "TokenizersBackend"
+        return backend, config, class_name, json_added, None
+    if spm_file.is_file():
+        backend, spm_extras, spm_named = _spm_backend(_read_spm_proto(spm_file), config, class_name)
+        return backend, {**spm_named, **config}, class_name, {}, spm_extras
+    raise FileNotFoundError(
+        f"no tokenizer in {root}: looked for tokenizer.json (HF `tokenizers`) and tokenizer.model (sentencepiece)")
 
 
 def _read_json(path: Path):
@@ -209,19 +223,15 @@ def _read_json(path: Path):
 def _as_added_token(value, special=None) -> AddedToken | str:
     """A config token value (string, or dict with "content") as transformers' AddedToken/str."""
     if isinstance(value, dict):
-        fields = {k: v for k, v in value.items() if k in ("content", "single_word", "lstrip", "rstrip", "normalized",
-                                                           "special")}
+        keys = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+        fields = {k: v for k, v in value.items() if k in keys}
         if special is not None:
             fields["special"] = special
         return AddedToken(**fields)
     return value
 
 
-def _token_key(t: AddedToken) -> tuple:
-    return t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, t.special
-
-
-def _special_tokens(root: Path, config: dict, class_name: str, json_file: Path, spm_extras):
+def _special_tokens(root: Path, config: dict, class_name: str, added: dict, spm_extras):
     """Named special tokens (bos_token, ..., plus model-specific *_token) and extra special tokens."""
     named = dict(CLASS_DEFAULT_TOKENS.get(class_name, {}))
     for key, value in config.items():
@@ -239,30 +249,21 @@ def _special_tokens(root: Path, config: dict, class_name: str, json_file: Path, 
     if isinstance(extras, dict):  # named extra tokens
         named.update(extras)
         extras = []
-    by_content = {t.content: t for t in _added_tokens_decoder(config, json_file).values()}
+    by_content = {t.content: t for t in added.values()}
     order = {k: i for i, k in enumerate(NAMED_TOKENS)}
     named = {k: by_content.get(str(v), v) if k in order else v
              for k, v in sorted(named.items(), key=lambda kv: order.get(kv[0], len(order))) if v is not None}
     return named, [_as_added_token(e) for e in (extras or [])]
 
 
-def _added_tokens_decoder(config: dict, json_file: Path) -> dict[int, AddedToken]:
-    if "added_tokens_decoder" in config:
-        return {int(i): _as_added_token(t) for i, t in config["added_tokens_decoder"].items()}
-    if json_file.is_file():
-        return {t["id"]: _as_added_token(t) for t in json.loads(json_file.read_text("utf-8"))["added_tokens"]}
-    return {}
-
-
-def _add_tokens_like_transformers(backend: Backend, config: dict, json_file: Path, named: dict, extras: list):
+def _add_tokens_like_transformers(backend: Backend, added: dict, named: dict, extras: list):
     """Register added/special tokens in the order and with the flags transformers' TokenizersBackend uses."""
-    present = {_token_key(t) for t in backend.get_added_tokens_decoder().values()}
-    decoder = _added_tokens_decoder(config, json_file)
-    to_add = [t for _, t in sorted(decoder.items()) if _token_key(t) not in present]
+    # re-adding an identical token changes nothing; a changed one takes the config's flags
+    to_add = [t for _, t in sorted(added.items())]
     contents = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in to_add}
     named_strs = {str(v) for v in named.values()}
     for token in [*named.values(), *extras]:
-        if str(token) in contents or token in to_add:
+        if str(token) in contents:
             continue
         if isinstance(token, str):
             token = AddedToken(token, special=True)
@@ -337,7 +338,8 @@ def _spm_backend(proto: dict, config: dict, class_name: str):
     named = {k: spec[k.split("_")[0] + "_piece"] for k in ("bos_token", "eos_token", "unk_token")
              if spec[k.split("_")[0] + "_id"] >= 0}
     if spec["model_type"] == 1:  # unigram
-        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec["unk_id"], byte_fallback=spec["byte_fallback"])
+        model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec["unk_id"],
+                               byte_fallback=spec["byte_fallback"])
     else:
         merges = _generate_merges(vocab)
         for i, token in config.get("added_tokens_decoder", {}).items():  # placeholder pieces renamed by config
@@ -383,7 +385,7 @@ def _read_spm_proto(path: Path) -> dict:
                 normalizer = dict(_proto_fields(value))
         if not pieces:
             raise ValueError("no pieces")
-    except (ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid sentencepiece model ({e})") from e
 
     def signed(v):
@@ -467,9 +469,24 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker) renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
 @lru_cache(maxsize=16)
 def _compile_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

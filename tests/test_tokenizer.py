@@ -2,6 +2,7 @@
 
 import io
 import json
+import random
 import shutil
 
 import pytest
@@ -41,7 +42,8 @@ DEEPSEEK_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('Unknown role: ' + message['role']) }}{%- endif %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% if 'name' in message %}[{{ message['name'] }}]{% endif %}{%- endif %}"
     "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
     "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
     "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
@@ -167,18 +169,18 @@ def deepseek_dir(tmp_path_factory, corpus, transformers):
     _patch_config(directory, tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=True,
                   legacy=True, bos_token={"__type": "AddedToken", "content": bos, "lstrip": False,
                                           "normalized": True, "rstrip": False, "single_word": False})
+    (directory / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     return directory
 
 
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory, corpus, transformers):
     """Qwen-like: NFC + Split regex + ByteLevel, ChatML template, Qwen2Tokenizer class defaults."""
-    from tokenizers import Regex, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
     pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend = _train_byte_level(corpus, QWEN_SPECIALS, pre, normalizers.NFC())
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend = _train_byte_level(corpus, QWEN_SPECIALS, pre, normalizers.NFC())  # no post-processor
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
                                                pad_token="<|endoftext|>")
     directory = tmp_path_factory.mktemp("qwen")
@@ -186,9 +188,13 @@ def qwen_dir(tmp_path_factory, corpus, transformers):
     decoder = {str(backend.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                              "single_word": False, "special": t not in ("<think>", "</think>")}
                for t in QWEN_SPECIALS}
-    _patch_config(directory, tokenizer_class="Qwen2Tokenizer", bos_token=None, unk_token=None,
+    # add_eos_token is ignored: transformers drops it whenever tokenizer.json exists
+    _patch_config(directory, tokenizer_class="Qwen2Tokenizer", bos_token=None, unk_token=None, add_eos_token=True,
                   added_tokens_decoder=decoder, chat_template=QWEN_TEMPLATE, errors="replace")
     (directory / "chat_template.jinja").unlink(missing_ok=True)
+    saved = json.loads((directory / "tokenizer.json").read_text())
+    (directory / "tokenizer.json").write_text(json.dumps({**saved, "post_processor": None}))
+    (directory / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     return directory
 
 
@@ -295,10 +301,14 @@ def test_special_token_attributes_match(pairs):
 
 
 def test_behaviour_that_differs_between_fixtures(pairs):
+    # the fixtures reach the transformers code paths they are meant to cover
+    classes = {name: type(ref).__name__ for name, (_, ref) in pairs.items()}
+    assert classes["deepseek"] == classes["unigram"] == "TokenizersBackend" and classes["qwen"] == "Qwen2Tokenizer"
+    assert {classes[n] for n in LLAMA_CONFIGS} | {classes["llama_json"]} == {"LlamaTokenizer"}
     # guards against a loader that ignores the config: these facts come from transformers itself
     deepseek, qwen = pairs["deepseek"][0], pairs["qwen"][0]
     assert deepseek.encode("hi")[0] == deepseek.bos_token_id and deepseek.encode("hi")[-1] != deepseek.eos_token_id
-    assert qwen.bos_token is None and qwen.eos_token == "<|im_end|>"
+    assert qwen.bos_token is None and qwen.eos_token == "<|im_end|>" and qwen.encode("hi")[-1] != qwen.eos_token_id
     assert pairs["llama_minimal"][0].encode("hi")[0] != 1  # no add_bos_token: no BOS
     assert pairs["llama_legacy_eos"][0].encode("hi")[-1] == 2
     assert pairs["llama"][0].encode("<think>x") != pairs["llama"][0].encode("<think>x", add_special_tokens=False)
@@ -326,6 +336,9 @@ def test_chat_template_kwargs_and_tools(pairs):
         assert ours.apply_chat_template(CHATS[1], **kwargs) == expected
     assert "<think>\n\n</think>" in ours.apply_chat_template(CHATS[0], enable_thinking=False)
     assert '"Wetter in München & <Zürich>"' in ours.apply_chat_template(CHATS[0], tools=tools)
+    marked = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}|{% endfor %}"
+    assert ours.apply_chat_template(CHATS[2], chat_template=marked) == ref.apply_chat_template(
+        CHATS[2], chat_template=marked, tokenize=False)
     named = pairs["llama_no_prefix_space"][0]
     assert named.apply_chat_template(CHATS[0], chat_template="other") == CHATS[0][0]["content"]
 
@@ -349,6 +362,27 @@ def test_stream_decoder_on_chat_with_specials(pairs):
             stream = StreamDecoder(ours, skip_special_tokens=skip)
             text = "".join(stream.push(i) for i in ids) + stream.flush()
             assert text == ref.decode(ids, skip_special_tokens=skip), (name, skip)
+
+
+def test_stream_decoder_on_random_slices(pairs):
+    # slices may start inside a character (stray leading bytes); special tokens go in between characters
+    # (a cut character is invalid UTF-8, which byte-fallback decoding turns into U+FFFD for the whole byte run)
+    rng = random.Random(0)
+    for name, (ours, ref) in pairs.items():
+        ids = ref.encode(" ".join(TEXTS[1:10]), add_special_tokens=False)
+        specials = sorted(ours.special_ids)
+        for _ in range(30):
+            start = rng.randrange(len(ids))
+            window = ids[start:start + rng.randrange(1, 40)]
+            while window and ref.decode(window).endswith("\ufffd"):
+                window.pop()
+            between = [p for p in range(len(window) + 1) if not ref.decode(window[:p]).endswith("\ufffd")]
+            for p in sorted(rng.sample(between, min(len(between), rng.randrange(3))), reverse=True):
+                window.insert(p, rng.choice(specials))
+            for skip in (False, True):
+                stream = StreamDecoder(ours, skip_special_tokens=skip)
+                text = "".join(stream.push(i) for i in window) + stream.flush()
+                assert text == ref.decode(window, skip_special_tokens=skip), (name, window, skip)
 
 
 @pytest.mark.parametrize("name", ["deepseek", "llama"])
