@@ -10,15 +10,35 @@ import torch
 from torch import nn
 
 from quant.fp8 import dequantize_fp8_blocks
+from quant.safetensors_file import Checkpoint, CheckpointError
 
 from .config import ConfigError, read_json
 from .models import get_architecture
-from .weights import Checkpoint, CheckpointError
 
 log = logging.getLogger("tandem")
 
 # kept in float32 whatever the compute dtype (as the reference does)
 FP32_TENSORS = ("e_score_correction_bias",)
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def tensor_from_checkpoint(ckpt, name: str, mapping: dict[str, str], fp8_block) -> torch.Tensor:
+    """A checkpoint tensor as torch, zero-copy where the stored dtype allows; FP8 dequantized to float32."""
+    info, data = ckpt.info(name), ckpt.get(name)
+    if info.dtype == "F8_E4M3":
+        scale_name = name + "_scale_inv"
+        if fp8_block is None or scale_name not in mapping:
+            raise CheckpointError(f"{name} is float8_e4m3fn but has no {scale_name} block scales "
+                                  "(or config.json lacks quantization_config); cannot dequantize it")
+        scale = ckpt.get(scale_name)
+        scale = torch.from_numpy(scale).view(torch.bfloat16).float().numpy() if ckpt.info(scale_name).dtype == "BF16" \
+            else scale.astype(np.float32)
+        return torch.from_numpy(dequantize_fp8_blocks(data, scale, fp8_block))
+    if info.dtype not in TORCH_DTYPES:
+        raise CheckpointError(f"{name} is stored as {info.dtype}, which Tandem cannot compute with")
+    return torch.from_numpy(data).view(TORCH_DTYPES[info.dtype])
 
 
 def read_config(model_dir: Path):
@@ -71,7 +91,7 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, mapping: dict[str, str], dt
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(provided[u] for u in unexpected[:8])}"
                          + (" ..." if len(unexpected) > 8 else ""))
-        raise CheckpointError(f"{ckpt.dir} does not match its config.json ({'; '.join(parts)}); "
+        raise CheckpointError(f"{ckpt} does not match its config.json ({'; '.join(parts)}); "
                               "the checkpoint is incomplete or config.json belongs to another model")
     for module_name, ckpt_name in provided.items():
         shape = ckpt.info(ckpt_name).shape
@@ -80,18 +100,11 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, mapping: dict[str, str], dt
                                   f"{list(expected[module_name])}; the checkpoint and config.json disagree")
     for sname in scales:
         if sname.removesuffix("_scale_inv") not in mapping:
-            raise CheckpointError(f"{sname} has no weight beside it in {ckpt.dir}")
+            raise CheckpointError(f"{sname} has no weight beside it in {ckpt}")
 
     state = {}
     for module_name, ckpt_name in provided.items():
-        t = ckpt.get(ckpt_name)
-        if t.dtype == torch.float8_e4m3fn:
-            scale_name = ckpt_name + "_scale_inv"
-            if fp8_block is None or scale_name not in mapping:
-                raise CheckpointError(f"{ckpt_name} is float8_e4m3fn but has no {scale_name} block scales "
-                                      "(or config.json lacks quantization_config); cannot dequantize it")
-            t = torch.from_numpy(dequantize_fp8_blocks(t.view(torch.uint8).numpy(),
-                                                       ckpt.get(scale_name).float().numpy(), fp8_block))
+        t = tensor_from_checkpoint(ckpt, ckpt_name, mapping, fp8_block)
         want = torch.float32 if module_name.rsplit(".", 1)[-1] in FP32_TENSORS else dtype
         if t.dtype != want:
             t = t.to(want)

@@ -112,7 +112,7 @@ def quantize_bf16_blocks(blocks: np.ndarray) -> np.ndarray:
     `ggml_compute_fp32_to_bf16` and gguf-py."""
     n = np.ascontiguousarray(blocks, dtype=F32).view(np.uint32)
     n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), n)
-    n = (n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16
+    n = (n + (0x7FFF + ((n >> 16) & 1))) >> 16     # no uint32 overflow: NaNs were made 0x?FFF0000 at most
     return n.astype(np.uint16).view(np.uint8)
 
 
@@ -211,6 +211,21 @@ def dequantize_q5_0_blocks(blocks: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- dispatch
 
+_CHUNK_VALUES = 1 << 18
+"""quantize/dequantize work through this many values at a time, so that the temporaries stay in cache
+(results do not depend on it: blocks are independent)."""
+
+
+def _by_chunks(fn, blocks: np.ndarray, out_width: int, out_dtype, per_block: int) -> np.ndarray:
+    step = max(1, _CHUNK_VALUES // per_block)
+    if blocks.shape[0] <= step:
+        return fn(blocks)
+    out = np.empty((blocks.shape[0], out_width), dtype=out_dtype)
+    for s in range(0, blocks.shape[0], step):
+        out[s:s + step] = fn(blocks[s:s + step])
+    return out
+
+
 _QUANTIZE = {
     QT.Q8_0: quantize_q8_0_blocks, QT.Q4_0: quantize_q4_0_blocks, QT.Q5_0: quantize_q5_0_blocks,
     QT.Q4_K: quantize_q4_k_blocks, QT.Q5_K: quantize_q5_k_blocks, QT.Q6_K: quantize_q6_k_blocks,
@@ -242,7 +257,7 @@ def quantize(data: np.ndarray, qtype) -> np.ndarray:
     if t == QT.BF16:
         return quantize_bf16_blocks(x).reshape(*data.shape[:-1], 2 * n)
     bs, ts = GGML_QUANT_SIZES[t]
-    out = _QUANTIZE[t](x.reshape(-1, bs))
+    out = _by_chunks(_QUANTIZE[t], x.reshape(-1, bs), ts, np.uint8, bs)
     return out.reshape(*data.shape[:-1], n // bs * ts)
 
 
@@ -274,5 +289,5 @@ def dequantize(data: np.ndarray, qtype) -> np.ndarray:
         return data.view(np.float16).astype(F32)
     if t == QT.BF16:
         return dequantize_bf16_blocks(data)
-    out = _DEQUANTIZE[t](data.reshape(-1, ts))
+    out = _by_chunks(_DEQUANTIZE[t], data.reshape(-1, ts), bs, F32, bs)
     return out.reshape(*data.shape[:-1], nbytes // ts * bs)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import local
 from local.config import ConfigError
 from local.models import UnknownArchitecture
-from local.weights import CheckpointError
+from quant.safetensors_file import CheckpointError
 
 
 @pytest.fixture

@@ -122,10 +122,8 @@ def test_weights_are_memory_mapped(loaded):
     w = runner.model.model.layers[0].self_attn.kv_b_proj.weight
     ckpt = runner.model.checkpoint
     mapped = next(iter(ckpt.files.values()))._map
-    import ctypes
-
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
-    assert base <= w.data_ptr() < base + len(mapped)
+    base = mapped.ctypes.data
+    assert base <= w.data_ptr() < base + mapped.nbytes
 
 
 @pytest.mark.parametrize("name", ["v3", "qwen3_norm"])

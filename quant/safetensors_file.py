@@ -2,29 +2,35 @@
 
 We parse the (tiny) JSON header ourselves so that every bad file gets an error naming the
 file and the tensor: truncated data, a damaged header, offsets that disagree with shapes.
+Tensors come out as numpy views; dtypes numpy lacks (BF16, FP8) come out as their raw bits
+(uint16 / uint8) with `TensorInfo.dtype` saying what they are.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .config import read_json
-
+# safetensors dtype -> numpy dtype that holds its bits
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U8": np.uint8, "BOOL": np.bool_,
 }
 MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is damaged or truncated") from e
 
 
 class CheckpointError(ValueError):
@@ -74,7 +80,7 @@ class SafetensorsFile:
             if dtype not in DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name} has dtype {dtype}, which Tandem cannot read; "
                                       f"readable: {', '.join(DTYPES)}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
             if not (0 <= b <= e) or e - b != nbytes:
                 raise CheckpointError(f"{self.path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes "
                                       f"but its offsets [{b}, {e}] span {e - b}; the header is corrupt")
@@ -82,23 +88,18 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor {name} ends at byte {data_start + e} but the file has "
                                       f"only {size} bytes; the file is truncated - download or convert it again")
             self.tensors[name] = TensorInfo(self.path, dtype, shape, data_start + b, data_start + e)
-        self._map: mmap.mmap | None = None
+        self._map: np.memmap | None = None
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         """The tensor as a view of the mapped file (copy-on-write: pages stay shared until written)."""
         info = self.tensors[name]
         if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        dtype = DTYPES[info.dtype]
-        count = (info.end - info.begin) // torch.empty((), dtype=dtype).element_size()
-        if count == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        esize = torch.empty((), dtype=dtype).element_size()
-        if info.begin % esize:  # unaligned data: copy rather than hand torch a misaligned pointer
-            buf = bytearray(self._map[info.begin:info.end])
-            return torch.frombuffer(buf, dtype=dtype).view(info.shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=info.begin).view(info.shape)
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        dtype = np.dtype(DTYPES[info.dtype])
+        data = self._map[info.begin:info.end]
+        if info.begin % dtype.itemsize:  # unaligned: copy rather than hand out a misaligned view
+            data = data.copy()
+        return data.view(dtype).reshape(info.shape)
 
 
 class Checkpoint:
@@ -143,5 +144,8 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.index[name].tensors[name]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         return self.index[name].get(name)
+
+    def __str__(self) -> str:
+        return str(self.dir)
