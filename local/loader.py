@@ -24,21 +24,28 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "BOOL": torch.bool}
 
 
-def tensor_from_checkpoint(ckpt, name: str, mapping: dict[str, str], fp8_block) -> torch.Tensor:
-    """A checkpoint tensor as torch, zero-copy where the stored dtype allows; FP8 dequantized to float32."""
-    info, data = ckpt.info(name), ckpt.get(name)
-    if info.dtype == "F8_E4M3":
-        scale_name = name + "_scale_inv"
-        if fp8_block is None or scale_name not in mapping:
-            raise CheckpointError(f"{name} is float8_e4m3fn but has no {scale_name} block scales "
-                                  "(or config.json lacks quantization_config); cannot dequantize it")
-        scale = ckpt.get(scale_name)
-        scale = torch.from_numpy(scale).view(torch.bfloat16).float().numpy() if ckpt.info(scale_name).dtype == "BF16" \
-            else scale.astype(np.float32)
-        return torch.from_numpy(dequantize_fp8_blocks(data, scale, fp8_block))
-    if info.dtype not in TORCH_DTYPES:
-        raise CheckpointError(f"{name} is stored as {info.dtype}, which Tandem cannot compute with")
-    return torch.from_numpy(data).view(TORCH_DTYPES[info.dtype])
+class HFTensors:
+    """A safetensors checkpoint as torch tensors: zero-copy where the stored dtype allows, FP8 dequantized."""
+
+    def __init__(self, ckpt: Checkpoint, fp8_block: tuple[int, int] | None):
+        self.ckpt, self.fp8_block = ckpt, fp8_block
+        self.names, self.info = ckpt.names, ckpt.info
+
+    def get(self, name: str) -> torch.Tensor:
+        info, data = self.ckpt.info(name), self.ckpt.get(name)
+        if info.dtype == "F8_E4M3":
+            scale_name = name + "_scale_inv"
+            if self.fp8_block is None or scale_name not in self.ckpt.index:
+                raise CheckpointError(f"{name} is float8_e4m3fn but has no {scale_name} block scales "
+                                      "(or config.json lacks quantization_config); cannot dequantize it")
+            scale = self.get(scale_name).float().numpy()
+            return torch.from_numpy(dequantize_fp8_blocks(data, scale, self.fp8_block))
+        if info.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{name} is stored as {info.dtype}, which Tandem cannot compute with")
+        return torch.from_numpy(data).view(TORCH_DTYPES[info.dtype])
+
+    def __str__(self) -> str:
+        return str(self.ckpt)
 
 
 def read_config(model_dir: Path):
@@ -73,9 +80,10 @@ def fp8_block_size(raw_config: dict) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-def load_weights(model: nn.Module, ckpt: Checkpoint, mapping: dict[str, str], dtype: torch.dtype,
-                 device: torch.device, fp8_block: tuple[int, int] | None, derived: set[str] = frozenset()) -> None:
-    """Check every tensor against the module (names and shapes, both ways), then assign them.
+def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.dtype,
+                 device: torch.device, derived: set[str] = frozenset()) -> None:
+    """Check every tensor of `ckpt` (HFTensors / GGUFTensors) against the module (names and shapes, both
+    ways), then assign them.
 
     `derived` names module tensors that are not in the checkpoint but filled in afterwards (tied lm_head).
     """
@@ -91,20 +99,20 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, mapping: dict[str, str], dt
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(provided[u] for u in unexpected[:8])}"
                          + (" ..." if len(unexpected) > 8 else ""))
-        raise CheckpointError(f"{ckpt} does not match its config.json ({'; '.join(parts)}); "
-                              "the checkpoint is incomplete or config.json belongs to another model")
+        raise CheckpointError(f"{ckpt} does not match its model config ({'; '.join(parts)}); "
+                              "the checkpoint is incomplete or its config belongs to another model")
     for module_name, ckpt_name in provided.items():
         shape = ckpt.info(ckpt_name).shape
         if shape != expected[module_name]:
-            raise CheckpointError(f"tensor {ckpt_name} has shape {list(shape)}, but config.json implies "
-                                  f"{list(expected[module_name])}; the checkpoint and config.json disagree")
+            raise CheckpointError(f"tensor {ckpt_name} has shape {list(shape)}, but the model config implies "
+                                  f"{list(expected[module_name])}; the weights and the config disagree")
     for sname in scales:
         if sname.removesuffix("_scale_inv") not in mapping:
             raise CheckpointError(f"{sname} has no weight beside it in {ckpt}")
 
     state = {}
     for module_name, ckpt_name in provided.items():
-        t = tensor_from_checkpoint(ckpt, ckpt_name, mapping, fp8_block)
+        t = ckpt.get(ckpt_name)
         want = torch.float32 if module_name.rsplit(".", 1)[-1] in FP32_TENSORS else dtype
         if t.dtype != want:
             t = t.to(want)
@@ -122,8 +130,8 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype | None = None, device: str
     with torch.device("meta"):
         model = arch.build(cfg, list(mapping.values()))
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in mapping.values()
-    load_weights(model, ckpt, mapping, dtype or checkpoint_dtype(ckpt), torch.device(device),
-                 fp8_block_size(raw), derived={"lm_head.weight"} if tied else set())
+    load_weights(model, HFTensors(ckpt, fp8_block_size(raw)), mapping, dtype or checkpoint_dtype(ckpt),
+                 torch.device(device), derived={"lm_head.weight"} if tied else set())
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if getattr(cfg, "num_nextn_predict_layers", 0) and not hasattr(model, "mtp"):

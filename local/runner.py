@@ -46,12 +46,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}") from None
 
 
-def eos_token_ids(model_dir: Path, config, tokenizer: Tokenizer) -> set[int]:
-    """EOS ids from generation_config.json, config.json and the tokenizer, together."""
+def eos_token_ids(path: Path, config, tokenizer: Tokenizer, extra=()) -> set[int]:
+    """EOS ids from generation_config.json, the config, the tokenizer (and GGUF's EOT/EOM), together."""
     ids: set[int] = set()
-    gen = model_dir / "generation_config.json"
-    for value in ((read_json(gen).get("eos_token_id") if gen.exists() else None),
-                  getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+    gen = path / "generation_config.json"
+    for value in ((read_json(gen).get("eos_token_id") if path.is_dir() and gen.exists() else None),
+                  getattr(config, "eos_token_id", None), tokenizer.eos_token_id, *extra):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -62,10 +62,11 @@ def eos_token_ids(model_dir: Path, config, tokenizer: Tokenizer) -> set[int]:
 class Runner:
     """A loaded model with its tokenizer; one conversation's cache at a time."""
 
-    def __init__(self, path: Path, config, model, tokenizer: Tokenizer, device: torch.device, threads: int):
+    def __init__(self, path: Path, config, model, tokenizer: Tokenizer, device: torch.device, threads: int,
+                 eos_ids: set[int]):
         self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
         self.device, self.threads = device, threads
-        self.eos_ids = eos_token_ids(path, config, tokenizer)
+        self.eos_ids = eos_ids
         self.max_context = config.max_position_embeddings
 
     @property
@@ -142,20 +143,28 @@ class Runner:
 
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
          dtype: str | torch.dtype | None = "auto") -> Runner:
-    """Load a model: an HF directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model."""
+    """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
+    directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model."""
     if path is None:
         from .demo import demo_model_path
         path = demo_model_path()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
-    if path.is_file() and path.suffix == ".gguf":
-        raise NotImplementedError(f"{path} is a GGUF file; this build loads HF safetensors directories only "
-                                  "(GGUF loading is the quant/ issue)")
-    if not path.is_dir():
-        raise ValueError(f"{path} is not a model directory (config.json + *.safetensors + tokenizer files)")
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_loader import load_gguf
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev)
+        tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
+        extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra))
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a .gguf file nor a model directory "
+                         "(config.json + *.safetensors + tokenizer files)")
     config, model = load_hf(path, resolve_dtype(dtype, dev), dev)
-    return Runner(path, config, model, Tokenizer.from_pretrained(path), dev, threads)
+    tokenizer = Tokenizer.from_pretrained(path)
+    return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer))

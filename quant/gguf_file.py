@@ -137,9 +137,15 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: header claims {n_tensors} tensors and {n_kv} key-values, more than "
                             f"a {size}-byte file can hold; the file is corrupt")
         self.kv: dict[str, object] = {}
+        self.kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}  # (type, array element type)
         for i in range(n_kv):
             key = c.string(f"key #{i}")
-            self.kv[key] = c.value(c.scalar("<I", f"the type of {key}"), f"the value of {key}")
+            vtype = c.scalar("<I", f"the type of {key}")
+            if vtype == GGUFValueType.ARRAY:
+                c.need(4, f"the value of {key}")
+                (etype,) = struct.unpack_from("<I", self._map, c.pos)
+            self.kv[key] = c.value(vtype, f"the value of {key}")
+            self.kv_types[key] = (GGUFValueType(vtype), GGUFValueType(etype) if vtype == GGUFValueType.ARRAY else None)
         align = self.kv.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise GGUFError(f"{self.path}: general.alignment {align!r} is not a power of two")
@@ -209,6 +215,7 @@ class GGUFModel:
             paths = [path]
         self.files = [GGUFFile(p) for p in paths]
         self.kv = dict(self.files[0].kv)
+        self.kv_types = dict(self.files[0].kv_types)
         self.tensors: dict[str, GGUFTensor] = {}
         self._owner: dict[str, GGUFFile] = {}
         for f in self.files:

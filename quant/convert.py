@@ -1,0 +1,292 @@
+"""`tandem convert`: an HF checkpoint (BF16/FP16/FP32/FP8) or a GGUF file -> a llama.cpp-compatible GGUF.
+
+Streams tensor by tensor: each output tensor is produced (experts stacked, `kv_b_proj` split),
+quantized and written before the next is read, so peak memory stays near one tensor. The output is
+written to a temporary file beside OUT and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType, GGUFWriter
+
+from .formats import dequantize, quantize, row_bytes
+from .fp8 import dequantize_fp8_blocks
+from .gguf_arch import EXPERT_NAMES, config_to_kv, gguf_arch, gguf_tensor_name, split_kv_b
+from .gguf_file import GGUFModel
+from .safetensors_file import Checkpoint, CheckpointError
+
+log = logging.getLogger("tandem")
+
+# keys the writer sets itself or that describe the old file's encoding
+SKIP_KEYS = ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version",
+             "split.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class ConvertError(ValueError):
+    pass
+
+
+@dataclass
+class OutTensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy shape (ne reversed)
+    produce: Callable[[], np.ndarray]  # -> float32 data of `shape`
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class HFSource:
+    """An HF directory: config.json + safetensors, read as float32 one tensor at a time."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.exists():
+            raise ConvertError(f"{self.dir} has no config.json; convert takes an HF model directory or a .gguf file")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{cfg_path} is not valid JSON ({e})") from e
+        self.arch = gguf_arch(self.config.get("model_type"))
+        self.ckpt = Checkpoint(self.dir)
+        q = self.config.get("quantization_config") or {}
+        self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
+
+    def read(self, name: str) -> np.ndarray:
+        info, data = self.ckpt.info(name), self.ckpt.get(name)
+        if info.dtype == "F8_E4M3":
+            scale_name = name + "_scale_inv"
+            if self.fp8_block is None or scale_name not in self.ckpt.index:
+                raise ConvertError(f"{name} is FP8 but {scale_name} (or quantization_config) is missing")
+            scale = self.read(scale_name)
+            return dequantize_fp8_blocks(data, scale, self.fp8_block)
+        if info.dtype == "BF16":
+            return _bf16_to_f32(data)
+        if info.dtype in ("F32", "F16", "F64"):
+            return np.asarray(data, dtype=np.float32)
+        raise ConvertError(f"{name} is stored as {info.dtype}, which has no GGUF float encoding")
+
+    def tensors(self) -> list[OutTensor]:
+        cfg = self.config
+        n_layer = cfg["num_hidden_layers"]
+        names = [n for n in self.ckpt.names() if not n.endswith(".weight_scale_inv")]
+        out: list[OutTensor] = []
+        experts: dict[tuple[int, str], dict[int, str]] = {}
+        skipped_mtp = 0
+        for name in names:
+            m = _LAYER.match(name)
+            if m and int(m[1]) >= n_layer:
+                skipped_mtp += 1  # MTP layers: llama.cpp's converter skips them too
+                continue
+            if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                continue
+            e = _EXPERT.match(m[2]) if m else None
+            if e:
+                experts.setdefault((int(m[1]), e[2]), {})[int(e[1])] = name
+                continue
+            shape = self.ckpt.info(name).shape
+            if m and m[2] == "self_attn.kv_b_proj.weight" and self.arch == "deepseek2":
+                out += self._split_kv_b(int(m[1]), name, shape)
+                continue
+            gname = gguf_tensor_name(name)
+            if gname is None:
+                raise ConvertError(f"tensor {name} has no llama.cpp GGUF name; is the checkpoint a "
+                                   f"{cfg.get('model_type')} model?")
+            out.append(OutTensor(gname, shape, lambda n=name: self.read(n)))
+        n_expert = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+        gguf_of = dict(EXPERT_NAMES)
+        for (layer, proj), by_id in sorted(experts.items()):
+            if sorted(by_id) != list(range(n_expert)):
+                missing = sorted(set(range(n_expert)) - set(by_id))
+                raise ConvertError(f"layer {layer} {proj}: experts {missing[:8]} are missing from the checkpoint")
+            ids = [by_id[i] for i in range(n_expert)]
+            shape = (n_expert,) + self.ckpt.info(ids[0]).shape
+            out.append(OutTensor(f"blk.{layer}.{gguf_of[proj]}", shape,
+                                 lambda ids=ids: np.stack([self.read(n) for n in ids])))
+        if skipped_mtp:
+            log.info("skipping %d MTP tensors (llama.cpp does not run MTP layers)", skipped_mtp)
+        return sorted(out, key=_tensor_order)
+
+    def _split_kv_b(self, layer: int, name: str, shape) -> list[OutTensor]:
+        c = self.config
+        H, Dn, Dv, R = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+        if shape != (H * (Dn + Dv), R):
+            raise ConvertError(f"{name} has shape {list(shape)}, expected [{H * (Dn + Dv)}, {R}] from config.json")
+
+        def part(i):
+            return lambda: split_kv_b(self.read(name), H, Dn, Dv)[i]
+        return [OutTensor(f"blk.{layer}.attn_k_b.weight", (H, R, Dn), part(0)),
+                OutTensor(f"blk.{layer}.attn_v_b.weight", (H, Dv, R), part(1))]
+
+    def key_values(self) -> dict[str, tuple[object, GGUFValueType, GGUFValueType | None]]:
+        kv = {k: (v, t, None) for k, (v, t) in config_to_kv(self.config).items()}
+        from .gguf_vocab import vocab_key_values
+
+        for k, (v, t) in vocab_key_values(self.dir).items():
+            kv[k] = (v, t, _array_type(v) if t == GGUFValueType.ARRAY else None)
+        name = self.config.get("_name_or_path") or self.dir.name
+        kv["general.name"] = (str(name), GGUFValueType.STRING, None)
+        return kv
+
+    def hparams(self) -> dict:
+        c = self.config
+        return {"n_layer": c["num_hidden_layers"], "n_head": c["num_attention_heads"],
+                "n_head_kv": 1 if self.arch == "deepseek2" else c.get("num_key_value_heads"),
+                "n_expert": c.get("n_routed_experts") or c.get("num_experts") or c.get("num_local_experts") or 0,
+                "tied_embeddings": bool(c.get("tie_word_embeddings"))}
+
+
+class GGUFSource:
+    """An existing GGUF file (re-quantizing): tensors dequantized to float32 one at a time."""
+
+    def __init__(self, path: Path):
+        self.model = GGUFModel(path)
+        self.arch = self.model.architecture
+        if self.arch not in ("deepseek2", "qwen3moe"):
+            raise ConvertError(f"GGUF architecture '{self.arch}' is not supported; Tandem converts deepseek2 and qwen3moe")
+
+    def tensors(self) -> list[OutTensor]:
+        return [OutTensor(t.name, t.shape, lambda t=t: dequantize(self.model.raw(t.name), t.qtype).reshape(t.shape))
+                for t in sorted(self.model.tensors.values(), key=lambda t: _tensor_order(OutTensor(t.name, (), None)))]
+
+    def key_values(self):
+        return {k: (v, *self.model.kv_types[k]) for k, v in self.model.kv.items() if not k.startswith(SKIP_KEYS)}
+
+    def hparams(self) -> dict:
+        get = self.model.get
+        return {"n_layer": get("{arch}.block_count"), "n_head": get("{arch}.attention.head_count"),
+                "n_head_kv": get("{arch}.attention.head_count_kv"), "n_expert": get("{arch}.expert_count", 0),
+                "tied_embeddings": "output.weight" not in self.model.tensors}
+
+
+def _array_type(values) -> GGUFValueType:
+    if isinstance(values, np.ndarray):
+        return {np.dtype(np.float32): GGUFValueType.FLOAT32, np.dtype(np.int32): GGUFValueType.INT32,
+                np.dtype(np.uint32): GGUFValueType.UINT32}[values.dtype]
+    first = values[0]
+    if isinstance(first, str):
+        return GGUFValueType.STRING
+    if isinstance(first, bool):
+        return GGUFValueType.BOOL
+    if isinstance(first, int):
+        return GGUFValueType.INT32
+    return GGUFValueType.FLOAT32
+
+
+def _tensor_order(t: OutTensor):
+    """token_embd first, then layers in order, then output_norm/output (llama.cpp's converter order)."""
+    m = re.match(r"^blk\.(\d+)\.", t.name)
+    if m:
+        return (1, int(m[1]), t.name)
+    return (0 if t.name.startswith("token_embd") else 2, 0, t.name)
+
+
+# ---- the conversion ---------------------------------------------------------------------------
+
+
+def open_source(src: str | Path):
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"no model at {src}")
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise ConvertError(f"{src} is a file but not .gguf; pass an HF model directory or a GGUF file")
+        return GGUFSource(src)
+    return HFSource(src)
+
+
+def plan(source, recipe: str) -> list[tuple[OutTensor, QT]]:
+    from .recipes import plan_types
+
+    tensors = source.tensors()
+    types = plan_types([(t.name, t.ne) for t in tensors], recipe, source.arch, source.hparams())
+    return [(t, types[t.name]) for t in tensors]
+
+
+def encode(data: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 data -> what the GGUF writer stores (typed for F32/F16, bytes for block types)."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == QT.F32:
+        return data
+    return quantize(data, qtype)
+
+
+def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool = False,
+            progress: bool = True) -> Path:
+    """Write `src` (HF dir or GGUF) as a GGUF quantized with `recipe` to `out`; returns the path."""
+    from .recipes import file_type
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    source = open_source(src)
+    jobs = plan(source, recipe)
+    kv = source.key_values()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = GGUFWriter(tmp, source.arch)
+        for key, (value, vtype, sub) in kv.items():
+            writer.add_key_value(key, value, vtype, sub)
+        writer.add_quantization_version(2)
+        writer.add_file_type(file_type(recipe))
+        for t, qtype in jobs:
+            nbytes = (int(np.prod(t.shape[:-1], dtype=np.int64)) * row_bytes(t.shape[-1], qtype))
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, qtype in _progress(jobs, progress):
+            data = t.produce()
+            if data.shape != t.shape:
+                raise ConvertError(f"{t.name}: produced shape {data.shape}, planned {t.shape}")
+            writer.write_tensor_data(encode(data, qtype))
+            del data
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _progress(jobs, enabled: bool) -> Iterator:
+    total = sum(int(np.prod(t.shape)) for t, _ in jobs)
+    done = 0
+    for i, (t, qtype) in enumerate(jobs):
+        if enabled:
+            pct = 100 * done / max(total, 1)
+            sys.stderr.write(f"\r[{i + 1:4d}/{len(jobs)}] {pct:5.1f}%  {t.name:<36} -> {qtype.name:<5}")
+            sys.stderr.flush()
+        yield t, qtype
+        done += int(np.prod(t.shape))
+    if enabled:
+        sys.stderr.write(f"\r[{len(jobs):4d}/{len(jobs)}] 100.0%  done{' ' * 40}\n")
+
+
+__all__ = ["convert", "open_source", "plan", "ConvertError", "CheckpointError"]
