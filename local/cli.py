@@ -42,6 +42,44 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from quant.convert import convert
+    from quant.recipes import RECIPES
+
+    if args.quant not in RECIPES:
+        raise ValueError(f"--quant {args.quant} is not one of {', '.join(RECIPES)}")
+    out = convert(args.src, args.output, args.quant, force=args.force, progress=not args.quiet)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_model import render, summarize
+
+    print(render(summarize(args.model), show_tensors=args.tensors))
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from . import load
+    from .perplexity import perplexity
+
+    text = Path(args.file).read_text(encoding="utf-8")
+    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype)
+    base = load(args.kld_base, device=args.device, threads=args.threads, dtype=args.dtype) if args.kld_base else None
+
+    def progress(done, total):
+        sys.stderr.write(f"\rchunk {done}/{total}")
+        sys.stderr.flush()
+
+    result = perplexity(runner, text, ctx=args.ctx, base=base, progress=progress)
+    sys.stderr.write("\n")
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="Run DeepSeek-style MoE models across GPU and CPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("convert", help="convert an HF checkpoint or GGUF to a (quantized) GGUF")
+    c.add_argument("src", help="HF model directory (BF16/FP16/FP32/FP8 safetensors) or a .gguf file")
+    c.add_argument("-o", "--output", required=True, help="output .gguf path")
+    c.add_argument("--quant", default="q8_0",
+                   help="f32, f16, bf16, q8_0, q4_0, q5_0, q4_k_m, q5_k_m or q6_k (default q8_0)")
+    c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="architecture, parameters, tensor types and KV cache size of a model")
+    i.add_argument("model", help="GGUF file or HF model directory")
+    i.add_argument("--tensors", action="store_true", help="also list every tensor")
+    i.set_defaults(func=cmd_inspect)
+
+    q = sub.add_parser("perplexity", help="perplexity over a text, and KL divergence against a base model")
+    q.add_argument("model", help="GGUF file or HF model directory")
+    q.add_argument("-f", "--file", required=True, help="UTF-8 text file to score")
+    q.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    q.add_argument("--kld-base", default=None, help="base model (same tokenizer) for KL divergence")
+    q.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    q.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    q.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    q.set_defaults(func=cmd_perplexity)
     return p
 
 
@@ -74,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError, OSError,
+            MemoryError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 1
 

@@ -9,7 +9,7 @@ as `gguf.quants` does. One function pair per block type (`quantize_q4_0_blocks` 
 
 Exactness (tests/test_formats.py):
 - every dequantizer is bit-exact with `gguf.quants.dequantize` (same float32 operations, same order);
-- the F16, BF16, Q8_0, Q4_0 and Q5_0 quantizers are bit-exact with `gguf.quants.quantize`, which is itself
+- the F16, BF16, Q8_0, Q4_0, Q5_0, Q4_1 and Q5_1 quantizers are bit-exact with `gguf.quants.quantize`, which is itself
   bit-exact with llama.cpp's `quantize_row_*_ref`;
 - the Q4_K, Q5_K, Q6_K and Q8_K quantizers (in `quant.kquants`) are bit-exact with llama.cpp's
   `quantize_row_q{4,5,6,8}_K_ref`.
@@ -35,7 +35,7 @@ from .kquants import (
 
 F32 = np.float32
 
-SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+SUPPORTED = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 """Types a weight tensor may be stored in."""
 ACTIVATION_TYPES = (QT.Q8_K,)
 """Types used only for activations (the K-quant dot product's other operand); never stored in files."""
@@ -209,6 +209,45 @@ def dequantize_q5_0_blocks(blocks: np.ndarray) -> np.ndarray:
     return _f16(b[:, :2]) * q.astype(F32)
 
 
+def _min_max_scale(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """d = (max - min)/levels, m = min; q = min(levels, trunc((x - m)/d + 0.5)) (`quantize_row_q{4,5}_1_ref`)."""
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / F32(levels)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(d == 0, F32(0), F32(1) / d)
+        q = np.trunc((x - lo) * inv + F32(0.5)).astype(np.uint8).clip(0, levels)
+    return d, lo, q
+
+
+def quantize_q4_1_blocks(blocks: np.ndarray) -> np.ndarray:
+    """float32 [nb, 32] -> uint8 [nb, 20]: d f16, m f16, qs[16]; x = d*q + m, q in 0..15."""
+    d, m, q = _min_max_scale(_check_blocks(blocks, 32, F32), 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), q[:, :16] | (q[:, 16:] << np.uint8(4))], axis=1)
+
+
+def dequantize_q4_1_blocks(blocks: np.ndarray) -> np.ndarray:
+    b = _check_blocks(blocks, 20, np.uint8)
+    qs = b[:, 4:]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(F32)
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def quantize_q5_1_blocks(blocks: np.ndarray) -> np.ndarray:
+    """float32 [nb, 32] -> uint8 [nb, 24]: d f16, m f16, qh[4], qs[16]; x = d*q + m, q in 0..31."""
+    d, m, q = _min_max_scale(_check_blocks(blocks, 32, F32), 31)
+    qs = (q[:, :16] & 0xF) | (q[:, 16:] << np.uint8(4))
+    qh = np.packbits(q >> 4, axis=1, bitorder="little")
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), qh, qs], axis=1)
+
+
+def dequantize_q5_1_blocks(blocks: np.ndarray) -> np.ndarray:
+    b = _check_blocks(blocks, 24, np.uint8)
+    qh = np.unpackbits(b[:, 4:8], axis=1, bitorder="little")
+    qs = b[:, 8:]
+    q = (np.concatenate([qs & 0xF, qs >> 4], axis=1) | (qh << 4)).astype(F32)
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
 # ----------------------------------------------------------------------------------------------- dispatch
 
 _CHUNK_VALUES = 1 << 18
@@ -228,12 +267,12 @@ def _by_chunks(fn, blocks: np.ndarray, out_width: int, out_dtype, per_block: int
 
 _QUANTIZE = {
     QT.Q8_0: quantize_q8_0_blocks, QT.Q4_0: quantize_q4_0_blocks, QT.Q5_0: quantize_q5_0_blocks,
-    QT.Q4_K: quantize_q4_k_blocks, QT.Q5_K: quantize_q5_k_blocks, QT.Q6_K: quantize_q6_k_blocks,
+    QT.Q4_1: quantize_q4_1_blocks, QT.Q5_1: quantize_q5_1_blocks, QT.Q4_K: quantize_q4_k_blocks, QT.Q5_K: quantize_q5_k_blocks, QT.Q6_K: quantize_q6_k_blocks,
     QT.Q8_K: quantize_q8_k_blocks,
 }
 _DEQUANTIZE = {
     QT.Q8_0: dequantize_q8_0_blocks, QT.Q4_0: dequantize_q4_0_blocks, QT.Q5_0: dequantize_q5_0_blocks,
-    QT.Q4_K: dequantize_q4_k_blocks, QT.Q5_K: dequantize_q5_k_blocks, QT.Q6_K: dequantize_q6_k_blocks,
+    QT.Q4_1: dequantize_q4_1_blocks, QT.Q5_1: dequantize_q5_1_blocks, QT.Q4_K: dequantize_q4_k_blocks, QT.Q5_K: dequantize_q5_k_blocks, QT.Q6_K: dequantize_q6_k_blocks,
     QT.Q8_K: dequantize_q8_k_blocks,
 }
 

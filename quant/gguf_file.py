@@ -135,7 +135,7 @@ class GGUFFile:
         # every key-value takes >= 12 bytes and every tensor info >= 28: counts beyond that are lies
         if n_kv * 12 > size or n_tensors * 28 > size:
             raise GGUFError(f"{self.path}: header claims {n_tensors} tensors and {n_kv} key-values, more than "
-                            f"a {size}-byte file can hold; the file is corrupt")
+                            f"a {size}-byte file can hold; the file is truncated or corrupt")
         self.kv: dict[str, object] = {}
         self.kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}  # (type, array element type)
         for i in range(n_kv):

@@ -277,12 +277,12 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], recipe: str, arch: st
     bad = {name: t for name, t in types.items() if t not in SUPPORTED}
     if bad:
         shapes = dict(tensors)
-        lines = ", ".join(f"{n} (ne[0] = {shapes[n][0]}) -> {t.name}" for n, t in list(bad.items())[:4])
-        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-        alternatives = ", ".join(r for r in RECIPES if r != recipe)
+        lines = ", ".join(f"{n} (ne[0] = {shapes[n][0]}) -> {t.name}" for n, t in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        writable = [r for r in RECIPES if r != recipe
+                    and all(t in SUPPORTED for t in llama_cpp_types(tensors, r, arch, hparams).values())]
         raise ValueError(
             f"llama.cpp's {recipe} recipe puts {lines}{more} in a type Tandem cannot write "
-            f"(it writes {', '.join(t.name for t in SUPPORTED)}); K-quant rows must be a multiple of 256 values, "
-            f"otherwise llama.cpp falls back to a 32-wide type. Convert with another --quant "
-            f"(one of: {alternatives}; q4_k_m and q6_k fall back to Q5_0 / Q8_0)")
+            f"(it writes {', '.join(t.name for t in SUPPORTED)}): a 256-wide K-quant that does not fit a row "
+            f"falls back to a 32-wide type. Convert this model with --quant {' / '.join(writable)} instead")
     return types

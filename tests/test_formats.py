@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from quant import formats as F
 from quant import kquants as K
 
-BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_K)
 f32 = np.float32
 
@@ -79,7 +79,7 @@ def random_bytes(rng, qtype: QT, nblocks: int) -> np.ndarray:
     """Random raw blocks whose float scales (d, dmin) are finite."""
     bs, ts = F.GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (nblocks, ts), dtype=np.uint8)
-    halves = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q5_0: [0], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+    halves = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q5_0: [0], QT.Q4_1: [0, 2], QT.Q5_1: [0, 2], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
     for off in halves.get(qtype, []):
         h = rng.standard_normal(nblocks).astype(np.float16) * np.float16(rng.choice([1e-3, 1, 100]))
         b[:, off:off + 2] = h.view(np.uint8).reshape(nblocks, 2)
@@ -91,10 +91,11 @@ def random_bytes(rng, qtype: QT, nblocks: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- API
 
 def test_api_sizes_and_types():
-    assert F.SUPPORTED == (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+    assert F.SUPPORTED == (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K,
+                           QT.Q6_K)
     assert F.ACTIVATION_TYPES == (QT.Q8_K,)
     want = {QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2), QT.Q8_0: (32, 34), QT.Q4_0: (32, 18),
-            QT.Q5_0: (32, 22), QT.Q4_K: (256, 144), QT.Q5_K: (256, 176), QT.Q6_K: (256, 210), QT.Q8_K: (256, 292)}
+            QT.Q5_0: (32, 22), QT.Q4_1: (32, 20), QT.Q5_1: (32, 24), QT.Q4_K: (256, 144), QT.Q5_K: (256, 176), QT.Q6_K: (256, 210), QT.Q8_K: (256, 292)}
     for t, (bs, ts) in want.items():
         assert (F.block_size(t), F.type_size(t)) == (bs, ts) == tuple(F.GGML_QUANT_SIZES[t])
         assert F.row_bytes(1024, t) == 1024 // bs * ts
@@ -142,7 +143,8 @@ def test_errors_name_the_problem():
 
 # ----------------------------------------------------------------------------------------------- vs gguf-py
 
-@pytest.mark.parametrize("qtype", (QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q5_0), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1),
+                         ids=lambda t: t.name)
 def test_quantize_matches_gguf(qtype):
     rng = np.random.default_rng(2)
     x = np.concatenate([realistic(rng, 64, 512), awkward(rng, 512)])
@@ -194,16 +196,16 @@ def test_zero_and_constant_blocks(qtype):
         d = F.dequantize(F.quantize(x, qtype), qtype)
         assert np.allclose(d, x, rtol=2e-3, atol=0), (c, d[0, :4])
     # a single nonzero value is kept almost exactly; zeros stay exactly zero, except next to it in
-    # Q4_K/Q5_K, whose sub-block min may not sit on the grid (error up to half a step)
+    # Q4_K/Q5_K/Q4_1/Q5_1, whose (sub-)block min may not sit on the grid (error up to half a step)
     x = np.zeros((1, n), f32)
     i = rng.integers(n)
     x[0, i] = -2.5
     d = F.dequantize(F.quantize(x, qtype), qtype)[0]
     assert abs(d[i] + 2.5) < 2.5e-3
     rest = np.delete(d, i)
-    if qtype in (QT.Q4_K, QT.Q5_K):
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q4_1, QT.Q5_1):
         sub = np.arange(n) // 32 == i // 32
-        step = 2.5 / {QT.Q4_K: 15, QT.Q5_K: 31}[qtype]
+        step = 2.5 / {QT.Q4_K: 15, QT.Q5_K: 31, QT.Q4_1: 15, QT.Q5_1: 31}[qtype]
         assert np.all(np.abs(np.delete(d, i)[np.delete(sub, i)]) <= step / 2 * 1.01)
         rest = d[~sub]
     assert not rest.any()
@@ -213,7 +215,7 @@ def test_zero_and_constant_blocks(qtype):
 def test_roundtrip_error_and_extreme_scales(qtype):
     """Relative RMSE on gaussian data is what the format's bits allow, at any magnitude F16 scales can
     represent; and huge/tiny rows never give NaN."""
-    bound = {QT.Q8_0: 0.006, QT.Q4_0: 0.1, QT.Q5_0: 0.05, QT.Q4_K: 0.08, QT.Q5_K: 0.04, QT.Q6_K: 0.02,
+    bound = {QT.Q8_0: 0.006, QT.Q4_0: 0.1, QT.Q5_0: 0.05, QT.Q4_1: 0.1, QT.Q5_1: 0.05, QT.Q4_K: 0.08, QT.Q5_K: 0.04, QT.Q6_K: 0.02,
              QT.Q8_K: 0.008}[qtype]
     rng = np.random.default_rng(5)
     g = rng.standard_normal((16, 1024)).astype(f32)
@@ -545,7 +547,7 @@ def test_q8_k_bit_exact_with_cpu_backend_from_float(ggml):
     assert np.array_equal(F.quantize(x, QT.Q8_K), want)
 
 
-@pytest.mark.parametrize("qtype", (QT.Q8_0, QT.Q4_0, QT.Q5_0), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1), ids=lambda t: t.name)
 def test_legacy_quantize_bit_exact_with_llama_cpp(ggml, qtype):
     """gguf-py (and so quant.formats) equals quantize_row_q*_0_ref except for one thing: a block of zeros
     that starts with -0.0 gets d = +0.0 instead of C's -0.0 (the decoded values are the same zeros)."""

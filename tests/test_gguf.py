@@ -1,0 +1,213 @@
+"""GGUF end to end: `tandem convert` output loads in llama.cpp and in Tandem, and both agree."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import local
+from quant.convert import convert
+from quant.gguf_file import GGUFModel
+
+from .conftest import VOCAB, build_reference
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+N_TOKENS = 64
+
+
+def llama_logits(path, ids: list[int], threads: int = 2) -> torch.Tensor:
+    """llama.cpp's (CPU) logits [len(ids), vocab] for one sequence, through llama-cpp-python."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads,
+                          logits_all=True, verbose=False, n_gpu_layers=0)
+    llm.eval(ids)
+    out = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    llm.close()
+    return out
+
+
+def kl_top1(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    p = torch.log_softmax(ref.double(), -1)
+    q = torch.log_softmax(ours.double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    return kl, (ours.argmax(-1) == ref.argmax(-1)).double().mean().item()
+
+
+def seq(seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [0] + torch.randint(2, VOCAB, (N_TOKENS - 1,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def converted(reference_models, tmp_path_factory):
+    """name -> {recipe: gguf path} for the V3 and V2-Lite style models."""
+    out = {}
+    for name in ("v3", "v2_lite"):
+        d = tmp_path_factory.mktemp(f"gguf_{name}")
+        out[name] = {r: convert(reference_models[name][0], d / f"{name}-{r}.gguf", r, progress=False)
+                     for r in ("f32", "q8_0")}
+    return out
+
+
+@pytest.mark.parametrize("name", ["v3", "v2_lite"])
+def test_llama_cpp_agrees_on_q8_0(name, converted):
+    path = converted[name]["q8_0"]
+    ids = seq()
+    ours = local.load(path, device="cpu").logits(ids)
+    ref = llama_logits(path, ids)
+    kl, top1 = kl_top1(ours, ref)
+    assert top1 >= 0.99 and kl <= 1e-3, (kl, top1)
+
+
+@pytest.mark.parametrize("name", ["v3", "v2_lite"])
+def test_gguf_f32_equals_hf(name, converted, reference_models):
+    ids = seq(1)
+    from_gguf = local.load(converted[name]["f32"], device="cpu").logits(ids)
+    from_hf = local.load(reference_models[name][0], device="cpu", dtype="float32").logits(ids)
+    assert (from_gguf - from_hf).abs().max().item() <= 1e-4
+
+
+def test_converted_file_layout(converted):
+    g = GGUFModel(converted["v3"]["q8_0"])
+    assert g.architecture == "deepseek2"
+    assert g.kv["deepseek2.attention.head_count_kv"] == 1
+    assert g.kv["deepseek2.expert_gating_func"] == 2 and g.kv["deepseek2.expert_group_count"] == 4
+    t = g.tensors
+    assert t["blk.2.ffn_up_exps.weight"].ne == (64, 32, 16) and t["blk.2.ffn_up_exps.weight"].qtype.name == "Q8_0"
+    assert t["blk.0.attn_k_b.weight"].ne == (16, 32, 4) and t["blk.0.attn_v_b.weight"].ne == (32, 16, 4)
+    assert t["blk.2.exp_probs_b.bias"].qtype.name == "F32" and t["blk.2.ffn_gate_inp.weight"].qtype.name == "F32"
+    assert "blk.0.attn_kv_b.weight" not in t and "tokenizer.chat_template" in g.kv
+
+
+def test_q4_k_m_kl_no_worse_than_llama_cpp(reference_models, converted, tmp_path):
+    """Our q4_k_m against llama.cpp's own quantization of the same f32 file, both judged by KL to f32."""
+    f32 = converted["v3"]["f32"]
+    ours_path = convert(f32, tmp_path / "ours-q4_k_m.gguf", "q4_k_m", progress=False)
+    theirs_path = tmp_path / "llama-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs_path).encode(), ctypes.byref(params)) == 0
+    ids = seq(2)
+    base = local.load(f32, device="cpu").logits(ids)
+    kl_ours, _ = kl_top1(local.load(ours_path, device="cpu").logits(ids), base)
+    kl_theirs, _ = kl_top1(local.load(theirs_path, device="cpu").logits(ids), base)
+    assert kl_ours > 0
+    assert kl_ours <= 1.05 * kl_theirs, (kl_ours, kl_theirs)
+    ours_types = {n: t.qtype for n, t in GGUFModel(ours_path).tensors.items()}
+    theirs_types = {n: t.qtype for n, t in GGUFModel(theirs_path).tensors.items()}
+    assert ours_types == theirs_types
+
+
+def test_requantize_from_gguf(converted, tmp_path):
+    out = convert(converted["v3"]["f32"], tmp_path / "re.gguf", "q8_0", progress=False)
+    a = GGUFModel(out)
+    b = GGUFModel(converted["v3"]["q8_0"])
+    assert set(a.tensors) == set(b.tensors)
+    for name in a.tensors:
+        assert np.array_equal(np.asarray(a.raw(name)), np.asarray(b.raw(name))), name
+
+
+def test_convert_refuses_overwrite_and_leaves_no_partial_file(reference_models, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert(reference_models["v3"][0], out, "q8_0", progress=False)
+    assert out.read_bytes() == b"keep me"
+    broken = shutil.copytree(reference_models["v3"][0], tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        convert(broken, tmp_path / "x.gguf", "q8_0", progress=False)
+    assert list(tmp_path.glob("*.part")) == [] and not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_convert_inspect_perplexity(reference_models, tmp_path):
+    src = reference_models["v3"][0]
+    out = tmp_path / "cli.gguf"
+    run = [sys.executable, "-m", "local.cli"]
+    r = subprocess.run(run + ["convert", str(src), "-o", str(out), "--quant", "q8_0"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "100.0%" in r.stderr
+    r = subprocess.run(run + ["convert", str(src), "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "--force" in r.stderr
+    r = subprocess.run(run + ["inspect", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "deepseek_v3" in r.stdout and "Q8_0" in r.stdout and "active per token" in r.stdout
+    assert "KV cache     320 bytes per token" in r.stdout  # (kv_lora_rank 32 + rope 8) * 4 layers * 2 bytes
+    text = tmp_path / "t.txt"
+    from pydoc_data.topics import topics
+
+    text.write_text(" ".join(list(topics.values())[:3]))
+    r = subprocess.run(run + ["perplexity", str(out), "-f", str(text), "-c", "64", "--kld-base", str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "PPL = " in r.stdout and "mean KLD = " in r.stdout and "same top token" in r.stdout
+
+
+def rewrite_gguf(src, dst, edit_tensors=None, split_max_tensors: int = 0, keys=None):
+    """Copy a GGUF through gguf.GGUFWriter, optionally replacing tensors, overriding key-values
+    (`keys`: name -> new value, None drops it) or splitting it into parts."""
+    from gguf import GGUFWriter
+
+    g = GGUFModel(src)
+    w = GGUFWriter(dst, g.architecture, split_max_tensors=split_max_tensors)
+    for k, v in g.kv.items():
+        if k.startswith(("general.architecture", "general.alignment", "split.")):
+            continue
+        v = (keys or {}).get(k, v)
+        if v is not None:
+            w.add_key_value(k, v, *g.kv_types[k])
+    tensors = {n: (np.asarray(g.raw(n)), t.qtype) for n, t in g.tensors.items()}
+    if edit_tensors:
+        tensors = edit_tensors(tensors)
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_split_gguf_loads_as_one(converted, tmp_path):
+    rewrite_gguf(converted["v3"]["f32"], tmp_path / "m.gguf", split_max_tensors=20)
+    parts = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    assert len(parts) > 2
+    ids = seq(3)
+    whole = local.load(converted["v3"]["f32"], device="cpu").logits(ids)
+    assert torch.equal(local.load(parts[0], device="cpu").logits(ids), whole)
+
+
+def test_legacy_attn_kv_b_layout(converted, tmp_path):
+    """Older deepseek2 files carry one attn_kv_b per layer and no *_mla key lengths."""
+    from quant.gguf_arch import join_kv_b
+
+    def to_legacy(tensors):
+        out = {}
+        for name, (data, qtype) in tensors.items():
+            if name.endswith("attn_v_b.weight"):
+                continue
+            if name.endswith("attn_k_b.weight"):
+                v = tensors[name.replace("attn_k_b", "attn_v_b")][0]
+                out[name.replace("attn_k_b", "attn_kv_b")] = (join_kv_b(data, v), qtype)
+            else:
+                out[name] = (data, qtype)
+        return out
+
+    legacy = tmp_path / "legacy.gguf"
+    # legacy files state the MHA head sizes (Dn+Dr = 24, Dv = 16) and no *_mla lengths
+    rewrite_gguf(converted["v3"]["f32"], legacy, edit_tensors=to_legacy,
+                 keys={"deepseek2.attention.key_length_mla": None, "deepseek2.attention.value_length_mla": None,
+                       "deepseek2.attention.key_length": 24, "deepseek2.attention.value_length": 16})
+    assert "blk.0.attn_kv_b.weight" in GGUFModel(legacy).tensors
+    ids = seq(4)
+    want = local.load(converted["v3"]["f32"], device="cpu").logits(ids)
+    got = local.load(legacy, device="cpu").logits(ids)
+    assert (got - want).abs().max().item() <= 1e-5
