@@ -27,6 +27,8 @@ def tokenizer_from_gguf(kv: dict, source: str) -> Tokenizer:
     kind = kv.get(Keys.Tokenizer.MODEL)
     if kind not in MODELS:
         raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported (supported: {', '.join(MODELS)})")
+    if Keys.Tokenizer.LIST not in kv:
+        raise ValueError(f"{source}: tokenizer.ggml.model is {kind!r} but there is no tokenizer.ggml.tokens")
     tokens = [str(t) for t in kv[Keys.Tokenizer.LIST]]
     types = [int(t) for t in kv.get(Keys.Tokenizer.TOKEN_TYPE, [TokenType.NORMAL] * len(tokens))]
     vocab = {}
@@ -41,7 +43,7 @@ def tokenizer_from_gguf(kv: dict, source: str) -> Tokenizer:
             raise ValueError(f"{source}: a llama (sentencepiece) vocabulary needs tokenizer.ggml.scores")
         # merges ordered by the merged token's score, as llama.cpp's SPM tokenizer picks them
         order = sorted(range(len(tokens)), key=lambda i: (-float(scores[i]), i))
-        rank = {tokens[i]: r for r, i in enumerate(order) if tokens[i] in vocab and vocab[tokens[i]] == i}
+        rank = {tokens[i]: r for r, i in enumerate(order) if vocab[tokens[i]] == i}
         merges = _generate_merges(rank)
         prefix = bool(kv.get(Keys.Tokenizer.ADD_PREFIX, True))
         # llama.cpp puts the space prefix before the text after every special token, like legacy Llama

@@ -35,8 +35,9 @@ DEEPSEEK_LLM_LETTERS = (
     "\U000118a0-\U000118df\U0001e900-\U0001e943]+")
 PRE_REGEXES = {
     "gpt-2": (GPT2_REGEX,),
-    "deepseek-llm": (r"[\r\n]", DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
-                     r"\s+$", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}+"),
+    "deepseek-llm": (r"[\r\n]", DEEPSEEK_LLM_LETTERS,
+                     "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$",
+                     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}+"),
     "deepseek-v3": (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
                     r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
                     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
@@ -71,43 +72,21 @@ def vocab_key_values(model_dir: Path) -> dict[str, tuple[object, T]]:
     config = _read_json(root / "tokenizer_config.json") or {}
     model_config = _read_json(root / "config.json") or {}
     class_name = (config.get("tokenizer_class") or model_config.get("tokenizer_class") or "").removesuffix("Fast")
-    kv: dict[str, tuple[object, T]] = {}
     if (root / "tokenizer.json").is_file():
-        tok = _read_json(root / "tokenizer.json")
-        added = _added_tokens(tok, config)
-        if _is_byte_level(tok, class_name):
-            pre = _pre_type(tok, config, class_name)
-            tokens, types = _bpe_tokens(tok, added, model_config)
-            kv[Keys.Tokenizer.MODEL] = ("gpt2", T.STRING)
-            kv[Keys.Tokenizer.PRE] = (pre, T.STRING)
-        else:
-            tokens, types, scores, prefix = _llama_json_tokens(tok, added, config, class_name, model_config)
-            kv[Keys.Tokenizer.MODEL] = ("llama", T.STRING)
-            kv[Keys.Tokenizer.PRE] = ("default", T.STRING)
-        named = _named_tokens(root, config, class_name)
-        add_bos, add_eos, named = _post_processor_flags(tok.get("post_processor"), named)
+        kv, named, add_bos, add_eos = _from_tokenizer_json(root, config, model_config, class_name)
     elif (root / "tokenizer.model").is_file():
         if class_name != "LlamaTokenizer":
             raise ValueError(f"{root}/tokenizer.model: only Llama-style sentencepiece tokenizers are supported "
                              f"(tokenizer_class is {class_name or 'not set'}); save it with transformers to get "
                              "a tokenizer.json")
         tokens, types, scores, prefix = _spm_tokens(root / "tokenizer.model", config, model_config)
-        kv[Keys.Tokenizer.MODEL] = ("llama", T.STRING)
-        kv[Keys.Tokenizer.PRE] = ("default", T.STRING)
+        kv = _llama_kv(tokens, types, scores, prefix)
         named = _named_tokens(root, config, class_name)
         add_bos = bool(config.get("add_bos_token")) and "bos_token" in named
         add_eos = bool(config.get("add_eos_token")) and "eos_token" in named
     else:
         raise FileNotFoundError(f"no tokenizer in {root}: looked for tokenizer.json and tokenizer.model")
-
-    kv[Keys.Tokenizer.LIST] = (tokens, T.ARRAY)
-    kv[Keys.Tokenizer.TOKEN_TYPE] = ([int(t) for t in types], T.ARRAY)
-    if kv[Keys.Tokenizer.MODEL][0] == "gpt2":
-        kv[Keys.Tokenizer.MERGES] = (_merges(tok), T.ARRAY)
-    else:
-        kv[Keys.Tokenizer.SCORES] = ([float(s) for s in scores], T.ARRAY)
-        kv[Keys.Tokenizer.ADD_PREFIX] = (prefix, T.BOOL)
-    ids = _special_ids(root, named, tokens, model_config)
+    ids = _special_ids(root, named, kv[Keys.Tokenizer.LIST][0], model_config)
     for typ, key in ID_KEYS.items():
         if typ in ids:
             kv[key] = (ids[typ], T.UINT32)
@@ -119,6 +98,32 @@ def vocab_key_values(model_dir: Path) -> dict[str, tuple[object, T]]:
     kv[Keys.Tokenizer.ADD_EOS] = (add_eos, T.BOOL)
     kv.update(_chat_template_kv(root, config))
     return kv
+
+
+def _from_tokenizer_json(root: Path, config: dict, model_config: dict, class_name: str):
+    """(vocabulary keys, named tokens, add_bos, add_eos) of a tokenizer.json, as transformers would load it."""
+    tok = _read_json(root / "tokenizer.json")
+    added = _added_tokens(tok, config)
+    byte_level = _is_byte_level(tok, class_name)
+    # transformers rebuilds the Qwen2 / Llama classes' pipelines; other tokenizer.json files load as saved
+    rebuilt = class_name if class_name == ("Qwen2Tokenizer" if byte_level else "LlamaTokenizer") else ""
+    named = _named_tokens(root, config, rebuilt)
+    if byte_level:
+        pre = _pre_type(tok, config, class_name)
+        tokens, types = _bpe_tokens(tok, added, model_config)
+        kv = {Keys.Tokenizer.MODEL: ("gpt2", T.STRING), Keys.Tokenizer.PRE: (pre, T.STRING),
+              Keys.Tokenizer.LIST: (tokens, T.ARRAY), Keys.Tokenizer.TOKEN_TYPE: ([int(t) for t in types], T.ARRAY),
+              Keys.Tokenizer.MERGES: (_merges(tok), T.ARRAY)}
+    else:
+        kv = _llama_kv(*_llama_json_tokens(tok, added, config, rebuilt, model_config, named.get("unk_token")))
+    add_bos, add_eos, named = _post_processor_flags(tok.get("post_processor"), named)
+    return kv, named, add_bos, add_eos
+
+
+def _llama_kv(tokens: list[str], types: list, scores: list[float], prefix: bool) -> dict:
+    return {Keys.Tokenizer.MODEL: ("llama", T.STRING), Keys.Tokenizer.PRE: ("default", T.STRING),
+            Keys.Tokenizer.LIST: (tokens, T.ARRAY), Keys.Tokenizer.TOKEN_TYPE: ([int(t) for t in types], T.ARRAY),
+            Keys.Tokenizer.SCORES: ([float(s) for s in scores], T.ARRAY), Keys.Tokenizer.ADD_PREFIX: (prefix, T.BOOL)}
 
 
 def _read_json(path: Path):
@@ -167,7 +172,7 @@ def _describe(step: dict) -> str:
     if step.get("type") == "Split":
         pattern = step.get("pattern", {})
         kind, value = next(iter(pattern.items())) if pattern else ("?", "?")
-        return f"Split({kind}={_canonical(str(value))!r}, {step.get('behavior')}, invert={step.get('invert')})"
+        return f"Split({kind} '{_canonical(str(value))}', {step.get('behavior')}, invert={step.get('invert')})"
     return f"{step.get('type')}({', '.join(f'{k}={v}' for k, v in step.items() if k != 'type')})"
 
 
@@ -248,7 +253,7 @@ def _merges(tok: dict) -> list[str]:
     return out
 
 
-def _llama_json_tokens(tok: dict, added: dict, config: dict, class_name: str, model_config: dict):
+def _llama_json_tokens(tok: dict, added: dict, config: dict, class_name: str, model_config: dict, unk: str | None):
     """A byte-fallback BPE on Metaspace (Llama/Mistral style tokenizer.json) as an SPM vocab for llama.cpp.
 
     llama.cpp's SPM tokenizer merges the adjacent pair whose joined token scores highest, so a token's score
@@ -272,7 +277,7 @@ def _llama_json_tokens(tok: dict, added: dict, config: dict, class_name: str, mo
     by_id = {int(i): t for t, i in vocab.items()}
     by_id.update({i: t["content"] for i, t in added.items()})
     n = _vocab_size(model_config, max(by_id) + 1, "tokenizer.json")
-    unk = model.get("unk_token")
+    unk = model.get("unk_token") or unk
     tokens, types, scores = [], [], []
     for i in range(n):
         text = by_id.get(i)
@@ -420,8 +425,9 @@ def _post_processor_flags(node, named: dict) -> tuple[bool, bool, dict]:
                 continue
             ids = [t for item in items for t in specials.get(item["SpecialToken"]["id"], {}).get("tokens", [])]
             if len(ids) != 1:
-                raise ValueError(f"tokenizer.json's TemplateProcessing adds {ids} {'before' if key == 'bos_token' else 'after'} "
-                                 "the text; llama.cpp can only add a single BOS/EOS token there")
+                where = "before" if key == "bos_token" else "after"
+                raise ValueError(f"tokenizer.json's TemplateProcessing adds {ids} {where} the text; llama.cpp can "
+                                 "only add a single BOS/EOS token there")
             if named.get(key, ids[0]) != ids[0]:
                 raise ValueError(f"tokenizer.json's post-processor adds {ids[0]!r} where the config's {key} is "
                                  f"{named[key]!r}; llama.cpp can only add the {key} itself")
