@@ -128,5 +128,29 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu"):
     load_weights(model, tensors, mapping, dtype, torch.device(device), derived={"lm_head.weight"} if tied else set())
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    set_llama_numerics(model, tensors)
     model.checkpoint = gmodel
     return cfg, model, gmodel
+
+
+def set_llama_numerics(model: torch.nn.Module, tensors: GGUFTensors) -> None:
+    """Round activations as llama.cpp's CPU backend does for each weight's stored type, so logits of a
+    quantized GGUF compare with llama.cpp's (see layers.quantize_activation)."""
+    from .models.layers import ACTIVATION_FORMAT, Linear
+    from .models.mla import MLAttention
+
+    def fmt(gguf_name: str):
+        return ACTIVATION_FORMAT.get(tensors.model.tensors[gguf_name].qtype.name)
+
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if isinstance(module, Linear) and key in tensors.sources:
+            kind, gguf_name, *_ = tensors.sources[key]
+            module.act_format = fmt(gguf_name)
+        if isinstance(module, MLAttention):
+            src = tensors.sources.get(f"{name}.kv_b_proj.weight")
+            module.absorb_always = True
+            if src and src[0] == "kv_b":
+                module.act_format_uk, module.act_format_uv = fmt(src[1]), fmt(src[2])
+            elif src:
+                module.absorb_always = False  # legacy attn_kv_b files run as plain MHA in llama.cpp

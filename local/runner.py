@@ -63,10 +63,11 @@ class Runner:
     """A loaded model with its tokenizer; one conversation's cache at a time."""
 
     def __init__(self, path: Path, config, model, tokenizer: Tokenizer, device: torch.device, threads: int,
-                 eos_ids: set[int]):
+                 eos_ids: set[int], kv_cache_dtype: torch.dtype | None = None):
         self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
         self.device, self.threads = device, threads
         self.eos_ids = eos_ids
+        self.kv_cache_dtype = kv_cache_dtype  # None = the compute dtype
         self.max_context = config.max_position_embeddings
 
     @property
@@ -76,14 +77,17 @@ class Runner:
     @property
     def kv_bytes_per_token(self) -> int:
         """Cache memory one token of context costs (MLA: only the latent and the rope key)."""
-        return self.model.new_cache(capacity=1).bytes_per_token
+        return self.new_cache(1).bytes_per_token
+
+    def new_cache(self, capacity: int):
+        return self.model.new_cache(capacity=capacity, dtype=self.kv_cache_dtype)
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), vocab] for a fresh sequence: no cache reuse, no sampling."""
         ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.int64)
         self._check_ids(ids.tolist())
-        cache = self.model.new_cache(capacity=len(ids))
+        cache = self.new_cache(len(ids))
         return self.model(ids.to(self.device), cache).float().cpu()
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:
@@ -113,7 +117,7 @@ class Runner:
 
     def _stream(self, ids: list[int], params: SamplingParams, in_reasoning: bool, t0: float) -> Iterator[Event]:
         self._check_ids(ids)
-        cache = self.model.new_cache(capacity=min(len(ids) + params.max_tokens + 1, self.max_context))
+        cache = self.new_cache(min(len(ids) + params.max_tokens + 1, self.max_context))
         decoder = StreamDecoder(self.tokenizer)
         text = TextStream(params.stop, in_reasoning)
         n, stats, finish = 0, Stats(prompt_tokens=len(ids)), "length"
@@ -142,9 +146,12 @@ class Runner:
 
 
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-         dtype: str | torch.dtype | None = "auto") -> Runner:
+         dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None) -> Runner:
     """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
-    directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model."""
+    directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model.
+
+    dtype: compute dtype ('auto' = the checkpoint's, float32 for GGUF). kv_cache_dtype: the attention
+    cache's dtype (None = the compute dtype; 'float16' halves it, and is llama.cpp's default)."""
     if path is None:
         from .demo import demo_model_path
         path = demo_model_path()
@@ -154,6 +161,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
+    cache_dtype = None if kv_cache_dtype in (None, "auto") else resolve_dtype(kv_cache_dtype, dev)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf_loader import load_gguf
         from .gguf_tokenizer import tokenizer_from_gguf
@@ -161,10 +169,11 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
         config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev)
         tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
         extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-        return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra))
+        return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra),
+                      cache_dtype)
     if not path.is_dir():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory "
                          "(config.json + *.safetensors + tokenizer files)")
     config, model = load_hf(path, resolve_dtype(dtype, dev), dev)
     tokenizer = Tokenizer.from_pretrained(path)
-    return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer))
+    return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer), cache_dtype)

@@ -173,7 +173,8 @@ class GGUFSource:
                 for t in sorted(self.model.tensors.values(), key=lambda t: _tensor_order(OutTensor(t.name, (), None)))]
 
     def key_values(self):
-        return {k: (v, *self.model.kv_types[k]) for k, v in self.model.kv.items() if not k.startswith(SKIP_KEYS)}
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v, *self.model.kv_types[k])
+                for k, v in self.model.kv.items() if not k.startswith(SKIP_KEYS)}
 
     def hparams(self) -> dict:
         get = self.model.get

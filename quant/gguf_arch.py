@@ -119,6 +119,8 @@ def config_to_kv(cfg: dict) -> dict[str, tuple[object, GGUFValueType]]:
 def kv_to_config(kv: dict, n_vocab: int, tensor_names: set[str]) -> dict:
     """An HF-style config dict from GGUF key-values (what `Config.from_dict` reads)."""
     arch = kv.get("general.architecture")
+    if arch not in ("deepseek2", "qwen3moe"):
+        raise ArchitectureError(f"GGUF architecture '{arch}' is not supported; Tandem runs deepseek2 and qwen3moe")
 
     def get(key, default=None):
         v = kv.get(f"{arch}.{key}", default)
@@ -171,10 +173,11 @@ def kv_to_config(kv: dict, n_vocab: int, tensor_names: set[str]) -> dict:
             routed_scaling_factor=float(get("expert_weights_scale", 1.0)) or 1.0,
             norm_topk_prob=bool(get("expert_weights_norm", False)),
             scoring_func="sigmoid" if sigmoid else "softmax",
-            topk_method="noaux_tc" if (sigmoid and has_bias) else "greedy",
+            topk_method="noaux_tc" if sigmoid else "greedy",
             n_group=n_group, topk_group=get("expert_group_used_count", 1) or 1,
         )
-        if sigmoid and not has_bias:
+        has_moe = (get("leading_dense_block_count", 0) or 0) < cfg["num_hidden_layers"]
+        if sigmoid and has_moe and not has_bias:
             raise ArchitectureError("sigmoid gating without exp_probs_b.bias tensors is not supported")
         if n_group > 1 and not sigmoid:
             raise ArchitectureError("expert groups with softmax gating are not supported")

@@ -116,7 +116,7 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file untouched
         except (ValueError, OSError) as e:  # e.g. an empty file cannot be mapped
             raise GGUFError(f"{self.path}: cannot map the file ({e}); it is empty or unreadable") from e
         size = len(self._map)
@@ -188,7 +188,7 @@ class GGUFFile:
             self.tensors[name] = GGUFTensor(name, qt, ne, start, nbytes, self.path)
 
     def raw(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes as a read-only view: typed [*shape] for F32/F16/ints, uint8 [*shape[:-1], row_bytes]
+        """The tensor's bytes as a (copy-on-write) view: typed [*shape] for F32/F16/ints, uint8 [*shape[:-1], row_bytes]
         for block types (BF16 too, as gguf.quants expects)."""
         data = self._map[t.offset:t.offset + t.nbytes]
         if t.qtype in _TYPED:

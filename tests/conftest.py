@@ -57,11 +57,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return d
 
 
-def build_reference(name: str, directory: Path, tokenizer_dir: Path, seed: int = 0, **save_kwargs):
-    """Build a random `transformers` model for a variant, save it with a tokenizer; return the HF model."""
+def build_reference(name: str, directory: Path, tokenizer_dir: Path, seed: int = 0, overrides: dict | None = None,
+                    **save_kwargs):
+    """Build a random `transformers` model for a variant (config `overrides` applied), save it with a
+    tokenizer; return the HF model."""
     import transformers
 
     cls_name, kwargs = VARIANTS[name]
+    kwargs = {**kwargs, **(overrides or {})}
     cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, **kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

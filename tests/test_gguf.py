@@ -44,32 +44,64 @@ def seq(seed: int = 0) -> list[int]:
     return [0] + torch.randint(2, VOCAB, (N_TOKENS - 1,), generator=g).tolist()
 
 
+# Weights drawn with std 0.05 (HF's default is 0.02; the transformers tests use 0.1, whose MoE routing
+# is so chaotic that any rounding difference between two correct engines flips experts).
+GGUF_INIT = {"initializer_range": 0.05}
+
+
 @pytest.fixture(scope="module")
-def converted(reference_models, tmp_path_factory):
-    """name -> {recipe: gguf path} for the V3 and V2-Lite style models."""
+def hf_models(tmp_path_factory, tokenizer_dir):
+    """name -> HF directory of the V3 and V2-Lite style models used for the GGUF tests."""
     out = {}
     for name in ("v3", "v2_lite"):
-        d = tmp_path_factory.mktemp(f"gguf_{name}")
-        out[name] = {r: convert(reference_models[name][0], d / f"{name}-{r}.gguf", r, progress=False)
-                     for r in ("f32", "q8_0")}
+        d = tmp_path_factory.mktemp(f"hf_{name}")
+        build_reference(name, d, tokenizer_dir, seed=3, overrides=GGUF_INIT)
+        out[name] = d
     return out
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models, tmp_path_factory):
+    """name -> {recipe: gguf path} for the V3 and V2-Lite style models."""
+    out = {}
+    for name, src in hf_models.items():
+        d = tmp_path_factory.mktemp(f"gguf_{name}")
+        out[name] = {r: convert(src, d / f"{name}-{r}.gguf", r, progress=False) for r in ("f32", "q8_0")}
+    return out
+
+
+# A top-2 margin below this (logits) is a near-tie that float summation order decides.
+NEAR_TIE = 0.01
 
 
 @pytest.mark.parametrize("name", ["v3", "v2_lite"])
 def test_llama_cpp_agrees_on_q8_0(name, converted):
+    """Six 64-token sequences: mean KL <= 1e-3 on each, top-1 agreement >= 99% over all positions that
+    are not near-ties. These random-weight models have a median top-2 margin of only ~0.07 logits, and
+    any rounding difference (a Q8 activation landing on the other side of a rounding boundary) flips
+    margins of ~0.001-0.006, so those positions say nothing about the engine; they must stay rare."""
     path = converted[name]["q8_0"]
-    ids = seq()
-    ours = local.load(path, device="cpu").logits(ids)
-    ref = llama_logits(path, ids)
-    kl, top1 = kl_top1(ours, ref)
-    assert top1 >= 0.99 and kl <= 1e-3, (kl, top1)
+    runner = local.load(path, device="cpu", kv_cache_dtype="float16")  # llama.cpp's default cache type
+    agree, ties = [], 0
+    for s in range(6):
+        ids = seq(s)
+        ours, ref = runner.logits(ids), llama_logits(path, ids)
+        kl, _ = kl_top1(ours, ref)
+        assert kl <= 1e-3, (s, kl)
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) >= NEAR_TIE
+        ties += int((~clear).sum())
+        agree += (ours.argmax(-1) == ref.argmax(-1))[clear].tolist()
+    assert np.mean(agree) >= 0.99, (np.mean(agree), len(agree))
+    assert ties <= 0.15 * 6 * N_TOKENS
 
 
 @pytest.mark.parametrize("name", ["v3", "v2_lite"])
-def test_gguf_f32_equals_hf(name, converted, reference_models):
+def test_gguf_f32_equals_hf(name, converted, hf_models):
+    """Same weights through the GGUF path and the HF path."""
     ids = seq(1)
     from_gguf = local.load(converted[name]["f32"], device="cpu").logits(ids)
-    from_hf = local.load(reference_models[name][0], device="cpu", dtype="float32").logits(ids)
+    from_hf = local.load(hf_models[name], device="cpu", dtype="float32").logits(ids)
     assert (from_gguf - from_hf).abs().max().item() <= 1e-4
 
 
@@ -85,7 +117,7 @@ def test_converted_file_layout(converted):
     assert "blk.0.attn_kv_b.weight" not in t and "tokenizer.chat_template" in g.kv
 
 
-def test_q4_k_m_kl_no_worse_than_llama_cpp(reference_models, converted, tmp_path):
+def test_q4_k_m_kl_no_worse_than_llama_cpp(converted, tmp_path):
     """Our q4_k_m against llama.cpp's own quantization of the same f32 file, both judged by KL to f32."""
     f32 = converted["v3"]["f32"]
     ours_path = convert(f32, tmp_path / "ours-q4_k_m.gguf", "q4_k_m", progress=False)
@@ -114,13 +146,13 @@ def test_requantize_from_gguf(converted, tmp_path):
         assert np.array_equal(np.asarray(a.raw(name)), np.asarray(b.raw(name))), name
 
 
-def test_convert_refuses_overwrite_and_leaves_no_partial_file(reference_models, tmp_path):
+def test_convert_refuses_overwrite_and_leaves_no_partial_file(hf_models, tmp_path):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="--force"):
-        convert(reference_models["v3"][0], out, "q8_0", progress=False)
+        convert(hf_models["v3"], out, "q8_0", progress=False)
     assert out.read_bytes() == b"keep me"
-    broken = shutil.copytree(reference_models["v3"][0], tmp_path / "broken")
+    broken = shutil.copytree(hf_models["v3"], tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
@@ -128,8 +160,8 @@ def test_convert_refuses_overwrite_and_leaves_no_partial_file(reference_models, 
     assert list(tmp_path.glob("*.part")) == [] and not (tmp_path / "x.gguf").exists()
 
 
-def test_cli_convert_inspect_perplexity(reference_models, tmp_path):
-    src = reference_models["v3"][0]
+def test_cli_convert_inspect_perplexity(hf_models, tmp_path):
+    src = hf_models["v3"]
     out = tmp_path / "cli.gguf"
     run = [sys.executable, "-m", "local.cli"]
     r = subprocess.run(run + ["convert", str(src), "-o", str(out), "--quant", "q8_0"], capture_output=True,
@@ -163,6 +195,8 @@ def rewrite_gguf(src, dst, edit_tensors=None, split_max_tensors: int = 0, keys=N
         if k.startswith(("general.architecture", "general.alignment", "split.")):
             continue
         v = (keys or {}).get(k, v)
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
         if v is not None:
             w.add_key_value(k, v, *g.kv_types[k])
     tensors = {n: (np.asarray(g.raw(n)), t.qtype) for n, t in g.tensors.items()}

@@ -157,3 +157,18 @@ def test_legacy_rope_scaling_config(reference_models, tmp_path):
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
     assert (local.load(d, device="cpu", dtype="float32").logits(ids) - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["v3", "qwen3_norm"])
+def test_f16_kv_cache(name, reference_models):
+    """An f16 cache halves its bytes and stays close to the fp32 result."""
+    d, _ = reference_models[name]
+    full = local.load(d, device="cpu", dtype="float32")
+    half = local.load(d, device="cpu", dtype="float32", kv_cache_dtype="float16")
+    assert half.kv_bytes_per_token * 2 == full.kv_bytes_per_token
+    ids = prompt_ids()
+    a, b = full.logits(ids), half.logits(ids)
+    assert 0 < (a - b).abs().max().item() <= 2e-2
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    assert kl <= 1e-4

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import BaseConfig, ConfigError, RopeSpec, mla_softmax_scale, rope_spec
 from ..kv_cache import KVCache
-from .layers import MLP, RMSNorm, Rope
+from .layers import Linear, MLP, RMSNorm, Rope
 from .mla import MLAttention
 from .moe import SCORING_FUNCS, TOPK_METHODS, MoE, Router
 
@@ -155,7 +155,7 @@ class DeepseekV2ForCausalLM(CausalLM):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, DecoderLayer, self.router_factory())
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.rope, cfg.qk_rope_head_dim, interleaved=cfg.rope_interleave)
 
     def router_factory(self):

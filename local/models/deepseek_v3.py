@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .deepseek_v2 import Backbone, DecoderLayer, DeepseekV2Config, DeepseekV2ForCausalLM, make_router, remap
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class SharedHead(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 class MTPLayer(DecoderLayer):
@@ -41,7 +41,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, i, make_router)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         if has_embed:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if has_head:

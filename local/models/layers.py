@@ -20,6 +20,50 @@ def activation(name: str):
         raise ValueError(f"hidden_act '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}") from None
 
 
+# What llama.cpp's CPU backend turns a matmul's activations into, by the weight's GGUF type
+# (its `vec_dot_type`): the numerics we reproduce so that GGUF logits compare with llama.cpp's.
+ACTIVATION_FORMAT = {"Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_1": "q8_0", "Q5_1": "q8_0",
+                     "Q4_K": "q8_k", "Q5_K": "q8_k", "Q6_K": "q8_k", "F16": "f16", "BF16": "bf16"}
+
+
+def quantize_activation(x: torch.Tensor, fmt: str | None) -> torch.Tensor:
+    """x [..., K] rounded as llama.cpp quantizes activations before a quantized dot product, returned
+    dequantized: q8_0 (blocks of 32, d = amax/127 kept as f16, round half to even), q8_k (blocks of 256,
+    scale from the signed max, d in f32), or an f16/bf16 cast. Rows that do not split into blocks pass."""
+    if fmt is None:
+        return x
+    if fmt == "f16":
+        return x.half().to(x.dtype)
+    if fmt == "bf16":
+        return x.bfloat16().to(x.dtype)
+    block = 32 if fmt == "q8_0" else 256
+    if x.shape[-1] % block:
+        return x
+    b = x.float().reshape(*x.shape[:-1], -1, block)
+    if fmt == "q8_0":
+        amax = b.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        q = torch.round(b * inv)
+        d = (amax / 127.0).half().float()
+    else:
+        idx = b.abs().argmax(-1, keepdim=True)
+        vmax = b.gather(-1, idx)
+        iscale = torch.where(vmax != 0, -127.0 / vmax, torch.zeros_like(vmax))
+        q = torch.round(b * iscale).clamp(max=127)
+        d = torch.where(iscale != 0, 1.0 / iscale, torch.zeros_like(iscale))
+    return (q * d).reshape(x.shape).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose input may first be rounded like llama.cpp's activations (`act_format`, set by
+    the GGUF loader from the weight's stored type; None for HF checkpoints)."""
+
+    act_format: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(quantize_activation(x, self.act_format))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -38,9 +82,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,17 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache
-from .layers import RMSNorm, Rope
+from .layers import Linear, RMSNorm, Rope, quantize_activation
 
 # Up to this many new tokens, attend in latent space (absorbed); above it, decompress.
 ABSORB_MAX_TOKENS = 1
+
+
+def cache_precision(cache_dtype: torch.dtype, compute_dtype: torch.dtype) -> str | None:
+    """The rounding ('f16'/'bf16') a lower-precision cache imposes on what is dotted with it, else None."""
+    if cache_dtype == compute_dtype:
+        return None
+    return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(cache_dtype)
 
 
 def attention_mask(T: int, S: int, device) -> torch.Tensor:
@@ -26,6 +33,12 @@ def attention_mask(T: int, S: int, device) -> torch.Tensor:
 
 
 class MLAttention(nn.Module):
+    # llama.cpp's numerics for GGUF weights (set by the GGUF loader): attend in latent space at every
+    # length and round the inputs of W_UK / W_UV like its activations
+    absorb_always = False
+    act_format_uk: str | None = None
+    act_format_uv: str | None = None
+
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -39,15 +52,15 @@ class MLAttention(nn.Module):
         D, bias = cfg.hidden_size, cfg.attention_bias
         # the latent norms use eps 1e-6 whatever rms_norm_eps says, as DeepSeek's reference does
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(D, H * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, bias=bias)
 
     @staticmethod
     def cache_streams(cfg) -> dict[str, tuple[int, ...]]:
@@ -67,10 +80,10 @@ class MLAttention(nn.Module):
         cos, sin = cos_sin
         q_pe, k_pe = rope.apply(q_pe, cos, sin), rope.apply(k_pe, cos, sin)
         past = cache.update(self.layer_idx, start, c_kv=c_kv, k_pe=k_pe)
-        c_kv, k_pe = past["c_kv"], past["k_pe"]  # [S, R], [S, Dr]
+        c_kv, k_pe = past["c_kv"], past["k_pe"]  # [S, R], [S, Dr], in the cache's dtype
         S = c_kv.shape[0]
         mask = attention_mask(T, S, x.device) if T > 1 else None
-        if T <= ABSORB_MAX_TOKENS:
+        if T <= ABSORB_MAX_TOKENS or self.absorb_always:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             out = self._decompressed(q_nope, q_pe, c_kv, k_pe, mask)
@@ -85,6 +98,7 @@ class MLAttention(nn.Module):
     def _decompressed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Prefill: expand the latent to per-head K/V. Returns [T, H, Dv]."""
         H, Dn, Dv = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        c_kv, k_pe = c_kv.to(q_nope.dtype), k_pe.to(q_nope.dtype)
         kv = self.kv_b_proj(c_kv).view(-1, H, Dn + Dv)  # [S, H, Dn+Dv]
         k_nope, v = kv[..., :Dn], kv[..., Dn:]
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, T, Dn+Dr]
@@ -97,8 +111,14 @@ class MLAttention(nn.Module):
         H, Dn, Dv, R = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, Dn + Dv, R)
         w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
-        q_lat = torch.einsum("thd,hdr->htr", q_nope, w_uk)  # [H, T, R]
-        scores = q_lat @ c_kv.T + q_pe.transpose(0, 1) @ k_pe.T  # [H, T, S]
-        p = self._softmax(scores, mask, q_lat.dtype)
+        q_lat = torch.einsum("thd,hdr->htr", quantize_activation(q_nope, self.act_format_uk), w_uk)  # [H, T, R]
+        q_pe = q_pe.transpose(0, 1)  # [H, T, Dr]
+        # a cache kept in lower precision (f16, as llama.cpp's default) is dotted with queries and
+        # weights rounded to that precision, as llama.cpp does
+        low = cache_precision(c_kv.dtype, q_lat.dtype)
+        q_lat, q_pe = quantize_activation(q_lat, low), quantize_activation(q_pe, low)
+        c_kv, k_pe = c_kv.to(q_lat.dtype), k_pe.to(q_lat.dtype)
+        scores = q_lat @ c_kv.T + q_pe @ k_pe.T  # [H, T, S]
+        p = quantize_activation(self._softmax(scores, mask, q_lat.dtype), low)
         o_lat = p @ c_kv  # [H, T, R]
-        return torch.einsum("htr,hvr->thv", o_lat, w_uv)  # [T, H, Dv]
+        return torch.einsum("htr,hvr->thv", quantize_activation(o_lat, self.act_format_uv), w_uv)  # [T, H, Dv]

@@ -13,8 +13,9 @@ from torch import nn
 
 from ..config import BaseConfig, ConfigError, RopeSpec, rope_spec
 from .deepseek_v2 import Backbone, CausalLM
-from .layers import MLP, RMSNorm, Rope
-from .mla import attention_mask
+from .layers import Linear, MLP, RMSNorm, Rope
+from .layers import quantize_activation
+from .mla import attention_mask, cache_precision
 from .moe import MoE, Router
 
 
@@ -78,10 +79,10 @@ class GQAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         D, Dh, bias = cfg.hidden_size, self.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(D, self.n_heads * Dh, bias=bias)
-        self.k_proj = nn.Linear(D, self.n_kv * Dh, bias=bias)
-        self.v_proj = nn.Linear(D, self.n_kv * Dh, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=bias)
+        self.q_proj = Linear(D, self.n_heads * Dh, bias=bias)
+        self.k_proj = Linear(D, self.n_kv * Dh, bias=bias)
+        self.v_proj = Linear(D, self.n_kv * Dh, bias=bias)
+        self.o_proj = Linear(self.n_heads * Dh, D, bias=bias)
         self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
         self.scale = Dh ** -0.5
@@ -93,12 +94,13 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(T, K, Dh)
         q, k = rope.apply(q, *cos_sin), rope.apply(k, *cos_sin)
         past = cache.update(self.layer_idx, start, k=k, v=v)
-        k, v = past["k"].transpose(0, 1), past["v"].transpose(0, 1)  # [K, S, Dh]
-        q = q.transpose(0, 1).reshape(K, H // K * T, Dh)  # query heads grouped by KV head
+        low = cache_precision(past["k"].dtype, q.dtype)  # an f16 cache rounds what it is dotted with
+        k, v = (past[n].to(q.dtype).transpose(0, 1) for n in ("k", "v"))  # [K, S, Dh]
+        q = quantize_activation(q, low).transpose(0, 1).reshape(K, H // K * T, Dh)  # heads grouped by KV head
         scores = (q @ k.transpose(1, 2)) * self.scale  # [K, H/K*T, S]
         if T > 1:
             scores = scores + attention_mask(T, k.shape[1], x.device).repeat(H // K, 1)
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        p = quantize_activation(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), low)
         out = (p @ v).view(H, T, Dh).transpose(0, 1)  # [T, H, Dh]
         return self.o_proj(out.reshape(T, H * Dh))
 
@@ -130,7 +132,7 @@ class Qwen3MoeForCausalLM(CausalLM):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg, DecoderLayer, make_router)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.rope, cfg.head_size, interleaved=False)
 
     def cache_streams(self):
