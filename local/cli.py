@@ -12,7 +12,8 @@ DIM, RESET = "\033[2m", "\033[0m"
 def cmd_run(args) -> int:
     from . import SamplingParams, load
 
-    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype)
+    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
+                  kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
@@ -48,7 +49,10 @@ def cmd_convert(args) -> int:
 
     if args.quant not in RECIPES:
         raise ValueError(f"--quant {args.quant} is not one of {', '.join(RECIPES)}")
-    out = convert(args.src, args.output, args.quant, force=args.force, progress=not args.quiet)
+    import offload
+
+    quantizer = getattr(offload, "quantize", None)  # the C++ engine's, bit-exact with quant's numpy ones
+    out = convert(args.src, args.output, args.quant, force=args.force, progress=not args.quiet, quantizer=quantizer)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
 
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--system", default=None, help="system prompt (with --chat)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     r.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    r.add_argument("--kv-cache-dtype", default=None, help="attention cache dtype: float16 halves it (default: --dtype)")
     r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     r.set_defaults(func=cmd_run)
 

@@ -227,17 +227,27 @@ def plan(source, recipe: str) -> list[tuple[OutTensor, QT]]:
     return [(t, types[t.name]) for t in tensors]
 
 
-def encode(data: np.ndarray, qtype: QT) -> np.ndarray:
+# Block types a faster quantizer (the C++ engine's, passed in by the caller) may take over;
+# F16/BF16/F32 are conversions numpy does at memory speed anyway.
+BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+
+
+def encode(data: np.ndarray, qtype: QT, quantizer: Callable | None = None) -> np.ndarray:
     """float32 data -> what the GGUF writer stores (typed for F32/F16, bytes for block types)."""
     data = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == QT.F32:
         return data
+    if quantizer is not None and qtype in BLOCK_TYPES:
+        return quantizer(data, int(qtype))
     return quantize(data, qtype)
 
 
 def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool = False,
-            progress: bool = True) -> Path:
-    """Write `src` (HF dir or GGUF) as a GGUF quantized with `recipe` to `out`; returns the path."""
+            progress: bool = True, quantizer: Callable | None = None) -> Path:
+    """Write `src` (HF dir or GGUF) as a GGUF quantized with `recipe` to `out`; returns the path.
+
+    `quantizer(data, qtype_id) -> bytes` replaces the numpy block quantizers (it must give the same
+    bytes; the CLI passes the C++ engine's `offload.quantize`)."""
     from .recipes import file_type
 
     out = Path(out)
@@ -266,7 +276,7 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
             data = t.produce()
             if data.shape != t.shape:
                 raise ConvertError(f"{t.name}: produced shape {data.shape}, planned {t.shape}")
-            writer.write_tensor_data(encode(data, qtype))
+            writer.write_tensor_data(encode(data, qtype, quantizer))
             del data
         writer.close()
         os.replace(tmp, out)

@@ -125,3 +125,27 @@ def test_mtp_layers_kept_aside(tiny_v3_dir, tmp_path):
     ids = torch.arange(2, 30)
     plain = local.load(tiny_v3_dir, device="cpu", dtype="float32")
     assert torch.equal(with_mtp.logits(ids), plain.logits(ids))
+
+
+def test_convert_fp8_checkpoint(fp8_pair, tmp_path):
+    """`tandem convert` dequantizes FP8 block-scaled weights: the GGUF equals the dequantized model."""
+    from quant.convert import convert
+
+    out = convert(fp8_pair[0], tmp_path / "fp8.gguf", "f32", progress=False)
+    ids = torch.randint(2, VOCAB, (24,), generator=torch.Generator().manual_seed(1))
+    got = local.load(out, device="cpu").logits(ids)
+    want = local.load(fp8_pair[1], device="cpu", dtype="float32").logits(ids)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_convert_leaves_mtp_out(tiny_v3_dir, tmp_path):
+    from quant.convert import convert
+    from quant.gguf_file import GGUFModel
+
+    d = shutil.copytree(tiny_v3_dir, tmp_path / "m")
+    state = load_file(d / "model.safetensors")
+    n = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    state[f"model.layers.{n}.eh_proj.weight"] = torch.randn(64, 128)
+    save_file(state, d / "model.safetensors")
+    g = GGUFModel(convert(d, tmp_path / "m.gguf", "q8_0", progress=False))
+    assert not any(t.startswith(f"blk.{n}.") for t in g.tensors) and g.kv["deepseek2.block_count"] == n

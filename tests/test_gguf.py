@@ -53,9 +53,11 @@ GGUF_INIT = {"initializer_range": 0.05}
 def hf_models(tmp_path_factory, tokenizer_dir):
     """name -> HF directory of the V3 and V2-Lite style models used for the GGUF tests."""
     out = {}
-    for name in ("v3", "v2_lite"):
+    for name, overrides in (("v3", {}), ("v2_lite", {}),
+                            # qwen3moe GGUF files are MoE in every layer, with renormalised top-k weights
+                            ("qwen3_norm", {"mlp_only_layers": [], "num_experts": 16})):
         d = tmp_path_factory.mktemp(f"hf_{name}")
-        build_reference(name, d, tokenizer_dir, seed=3, overrides=GGUF_INIT)
+        build_reference(name, d, tokenizer_dir, seed=3, overrides={**GGUF_INIT, **overrides})
         out[name] = d
     return out
 
@@ -74,7 +76,7 @@ def converted(hf_models, tmp_path_factory):
 NEAR_TIE = 0.01
 
 
-@pytest.mark.parametrize("name", ["v3", "v2_lite"])
+@pytest.mark.parametrize("name", ["v3", "v2_lite", "qwen3_norm"])
 def test_llama_cpp_agrees_on_q8_0(name, converted):
     """Six 64-token sequences: mean KL <= 1e-3 on each, top-1 agreement >= 99% over all positions that
     are not near-ties. These random-weight models have a median top-2 margin of only ~0.07 logits, and
@@ -96,7 +98,7 @@ def test_llama_cpp_agrees_on_q8_0(name, converted):
     assert ties <= 0.15 * 6 * N_TOKENS
 
 
-@pytest.mark.parametrize("name", ["v3", "v2_lite"])
+@pytest.mark.parametrize("name", ["v3", "v2_lite", "qwen3_norm"])
 def test_gguf_f32_equals_hf(name, converted, hf_models):
     """Same weights through the GGUF path and the HF path."""
     ids = seq(1)
