@@ -16,18 +16,18 @@ def cpu_features() -> dict[str, bool]:
     return dict(_C.cpu_features())
 
 
+ISAS = ("scalar", "avx2", "avx512", "avx512_vnni")
+
+
 def best_isa() -> str:
-    """The widest SIMD level the engine may use here: 'avx512_bf16', 'avx512_vnni', 'avx512', 'avx2' or 'scalar'."""
-    f = cpu_features()
-    if f["avx512f"] and f["avx512bw"] and f["avx512vl"]:
-        if f["avx512_bf16"] and f["avx512_vnni"]:
-            return "avx512_bf16"
-        if f["avx512_vnni"]:
-            return "avx512_vnni"
-        return "avx512"
-    if f["avx2"] and f["fma"]:
-        return "avx2"
-    return "scalar"
+    """The SIMD level the kernels run at here: 'scalar', 'avx2', 'avx512' or 'avx512_vnni'
+    (the highest this CPU has, capped by the TANDEM_ISA environment variable)."""
+    return _C.isa()
 
 
-__all__ = ["cpu_features", "best_isa"]
+def supported_isas() -> list[str]:
+    """Every SIMD level this CPU can run, lowest first (tests run each)."""
+    return [isa for isa in ISAS if _C.isa_supported(isa)]
+
+
+__all__ = ["cpu_features", "best_isa", "supported_isas", "ISAS"]

@@ -28,8 +28,20 @@ def test_cpu_features_agree_with_the_kernel():
 def test_best_isa_is_supported():
     isa = offload.best_isa()
     f = offload.cpu_features()
-    assert isa in ("avx512_bf16", "avx512_vnni", "avx512", "avx2", "scalar")
+    assert isa in offload.ISAS and isa in offload.supported_isas() and "scalar" in offload.supported_isas()
     if isa.startswith("avx512"):
         assert f["avx512f"] and f["avx512bw"]
     if isa == "avx2":
         assert f["avx2"] and f["fma"]
+    assert ("avx512_vnni" in offload.supported_isas()) == (f["avx512_vnni"] and f["avx512bw"] and f["avx512vl"])
+
+
+def test_tandem_isa_caps_the_level():
+    import subprocess
+    import sys
+
+    code = "import offload; print(offload.best_isa())"
+    for isa in offload.supported_isas():
+        out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "TANDEM_ISA": isa},
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == isa, out.stderr

@@ -1,5 +1,10 @@
 #include "cpu_features.h"
 
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>
 #define TANDEM_X86 1
@@ -66,6 +71,57 @@ CpuFeatures detect() {
 const CpuFeatures& cpu_features() {
     static const CpuFeatures features = detect();
     return features;
+}
+
+bool isa_supported(Isa isa) {
+    const CpuFeatures& f = cpu_features();
+    switch (isa) {
+        case Isa::Scalar: return true;
+        case Isa::Avx2: return f.avx2 && f.fma && f.f16c;
+        case Isa::Avx512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+        case Isa::Avx512Vnni: return isa_supported(Isa::Avx512) && f.avx512_vnni;
+    }
+    return false;
+}
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::Scalar: return "scalar";
+        case Isa::Avx2: return "avx2";
+        case Isa::Avx512: return "avx512";
+        case Isa::Avx512Vnni: return "avx512_vnni";
+    }
+    return "?";
+}
+
+static Isa named_isa(const char* name) {
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni})
+        if (std::strcmp(name, isa_name(isa)) == 0) return isa;
+    throw std::invalid_argument(std::string("unknown ISA '") + name +
+                                "'; use auto, scalar, avx2, avx512 or avx512_vnni");
+}
+
+Isa best_isa() {
+    static const Isa best = [] {
+        Isa top = Isa::Scalar;
+        for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni})
+            if (isa_supported(isa)) top = isa;
+        const char* env = std::getenv("TANDEM_ISA");
+        if (env && *env && std::strcmp(env, "auto") != 0) {
+            Isa cap = named_isa(env);
+            if (static_cast<int>(cap) < static_cast<int>(top)) top = cap;
+        }
+        return top;
+    }();
+    return best;
+}
+
+Isa parse_isa(const char* name) {
+    if (name == nullptr || std::strcmp(name, "auto") == 0) return best_isa();
+    Isa isa = named_isa(name);
+    if (!isa_supported(isa))
+        throw std::invalid_argument(std::string("this CPU cannot run the ") + name + " kernels");
+    return isa;
 }
 
 }  // namespace tandem

@@ -28,4 +28,18 @@ NB_MODULE(_C, m) {
             };
         },
         "CPU features this machine can execute (CPUID and OS register-state checks).");
+    m.def(
+        "isa", []() { return std::string(tandem::isa_name(tandem::best_isa())); },
+        "The SIMD level the kernels use here (scalar, avx2, avx512, avx512_vnni), capped by TANDEM_ISA.");
+    m.def(
+        "isa_supported",
+        [](const std::string& name) {
+            try {
+                tandem::parse_isa(name.c_str());
+                return true;
+            } catch (const std::invalid_argument&) {
+                return false;
+            }
+        },
+        "Whether this CPU can run the kernels of the named SIMD level.");
 }
