@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only on a broken install
@@ -30,4 +32,22 @@ def supported_isas() -> list[str]:
     return [isa for isa in ISAS if _C.isa_supported(isa)]
 
 
-__all__ = ["cpu_features", "best_isa", "supported_isas", "ISAS"]
+def quantize(data, qtype, threads: int | None = None, *, isa: str = "auto"):
+    """float32 C-contiguous [..., n] -> uint8 [..., row_bytes]: the engine's quantizer, the same shape and
+    bytes as `quant.formats.quantize` (llama.cpp's block layouts). qtype: a name ("Q4_K", "q8_0"), a ggml
+    type id or a gguf.GGMLQuantizationType, one of Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K (Q8_K for
+    activations). threads: threads to split the blocks over (None: every hardware thread). isa: cap the
+    SIMD variant ("scalar", "avx2", "avx512"; "auto" = best_isa()). The GIL is released meanwhile."""
+    if isinstance(qtype, str):
+        ids = _C.quant_types()
+        if qtype.upper() not in ids:
+            raise ValueError(f"unknown quantization type {qtype!r}: the engine quantizes to {', '.join(sorted(ids))}")
+        qtype = ids[qtype.upper()]
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be a positive int or None (every hardware thread), got {threads!r}")
+    if not hasattr(data, "__dlpack__"):   # lists, numpy scalars: numpy's dtype rules, then the checks below
+        data = np.asarray(data)
+    return _C.quantize(data, int(qtype), 0 if threads is None else int(threads), isa)
+
+
+__all__ = ["cpu_features", "best_isa", "supported_isas", "quantize", "ISAS"]

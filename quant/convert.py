@@ -287,17 +287,22 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
 
 
 def _progress(jobs, enabled: bool) -> Iterator:
+    """A progress line on stderr: redrawn in place on a terminal, one line per 10% otherwise."""
     total = sum(int(np.prod(t.shape)) for t, _ in jobs)
-    done = 0
+    tty = sys.stderr.isatty()
+    done, shown = 0, -10.0
     for i, (t, qtype) in enumerate(jobs):
-        if enabled:
-            pct = 100 * done / max(total, 1)
-            sys.stderr.write(f"\r[{i + 1:4d}/{len(jobs)}] {pct:5.1f}%  {t.name:<36} -> {qtype.name:<5}")
+        pct = 100 * done / max(total, 1)
+        if enabled and (tty or pct - shown >= 10):
+            line = f"[{i + 1:4d}/{len(jobs)}] {pct:5.1f}%  {t.name:<36} -> {qtype.name:<5}"
+            sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
             sys.stderr.flush()
+            shown = pct
         yield t, qtype
         done += int(np.prod(t.shape))
     if enabled:
-        sys.stderr.write(f"\r[{len(jobs):4d}/{len(jobs)}] 100.0%  done{' ' * 40}\n")
+        start = "\r" if tty else ""
+        sys.stderr.write(f"{start}[{len(jobs):4d}/{len(jobs)}] 100.0%  done{' ' * 40}\n")
 
 
 __all__ = ["convert", "open_source", "plan", "ConvertError", "CheckpointError"]

@@ -1,0 +1,442 @@
+// Type table, activation quantizers, the scalar reference dot kernels, dispatch and matmul_rows.
+// The SIMD kernels are in dot_simd.h (compiled per ISA by dot_avx2.cpp, dot_avx512.cpp,
+// dot_avx512_vnni.cpp); this file is compiled for baseline x86-64 and runs anywhere.
+#include "dot.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "dot_kernels.h"
+
+namespace tandem {
+
+using qk::QK8_0;
+using qk::QK_K;
+
+// ---------------------------------------------------------------------------------------- types
+
+namespace {
+
+const TypeInfo kF32{"F32", 1, 4, true, GgmlType::F32};
+const TypeInfo kF16{"F16", 1, 2, true, GgmlType::F16};
+const TypeInfo kBF16{"BF16", 1, 2, true, GgmlType::BF16};
+const TypeInfo kQ4_0{"Q4_0", 32, 18, true, GgmlType::Q8_0};
+const TypeInfo kQ4_1{"Q4_1", 32, 20, true, GgmlType::Q8_1};
+const TypeInfo kQ5_0{"Q5_0", 32, 22, true, GgmlType::Q8_0};
+const TypeInfo kQ5_1{"Q5_1", 32, 24, true, GgmlType::Q8_1};
+const TypeInfo kQ8_0{"Q8_0", 32, 34, true, GgmlType::Q8_0};
+const TypeInfo kQ8_1{"Q8_1", 32, 36, false, GgmlType::Q8_1};
+const TypeInfo kQ4_K{"Q4_K", 256, 144, true, GgmlType::Q8_K};
+const TypeInfo kQ5_K{"Q5_K", 256, 176, true, GgmlType::Q8_K};
+const TypeInfo kQ6_K{"Q6_K", 256, 210, true, GgmlType::Q8_K};
+const TypeInfo kQ8_K{"Q8_K", 256, 292, false, GgmlType::Q8_K};
+
+uint32_t bits_of(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+float float_of(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+}  // namespace
+
+const TypeInfo* type_info(int32_t type_id) {
+    switch (static_cast<GgmlType>(type_id)) {
+        case GgmlType::F32: return &kF32;
+        case GgmlType::F16: return &kF16;
+        case GgmlType::BF16: return &kBF16;
+        case GgmlType::Q4_0: return &kQ4_0;
+        case GgmlType::Q4_1: return &kQ4_1;
+        case GgmlType::Q5_0: return &kQ5_0;
+        case GgmlType::Q5_1: return &kQ5_1;
+        case GgmlType::Q8_0: return &kQ8_0;
+        case GgmlType::Q8_1: return &kQ8_1;
+        case GgmlType::Q4_K: return &kQ4_K;
+        case GgmlType::Q5_K: return &kQ5_K;
+        case GgmlType::Q6_K: return &kQ6_K;
+        case GgmlType::Q8_K: return &kQ8_K;
+    }
+    return nullptr;
+}
+
+size_t row_size(GgmlType type, int64_t n) {
+    const TypeInfo* t = type_info(static_cast<int32_t>(type));
+    return t ? static_cast<size_t>(n / t->block_size) * t->type_size : 0;
+}
+
+// ---------------------------------------------------------------------------------------- conversions
+
+float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    if (exp == 0x1F) return float_of(sign | 0x7F800000u | (man << 13));  // inf, NaN
+    if (exp == 0) {
+        if (man == 0) return float_of(sign);
+        exp = 113;  // subnormal: normalize (value = man * 2^-24)
+        while (!(man & 0x400u)) man <<= 1, --exp;
+        return float_of(sign | (exp << 23) | ((man & 0x3FFu) << 13));
+    }
+    return float_of(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+uint16_t float_to_half(float f) {
+    const uint32_t x = bits_of(f);
+    const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+    const uint32_t a = x & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u | static_cast<uint16_t>((a >> 13) & 0x3FFu);  // NaN, quiet
+    if (a >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf
+    if (a < 0x38800000u) {                        // below 2^-14: a subnormal half (or zero)
+        const uint32_t shift = 126 - (a >> 23);   // value = man * 2^(e-150) = (man >> shift) units of 2^-24
+        if (shift > 24) return sign;
+        const uint32_t man = (a & 0x7FFFFFu) | 0x800000u;
+        uint32_t q = man >> shift;
+        const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) ++q;
+        return sign | static_cast<uint16_t>(q);
+    }
+    const uint32_t r = a - 0x38000000u;  // rebias the exponent 127 -> 15
+    return sign | static_cast<uint16_t>((r + 0xFFFu + ((r >> 13) & 1)) >> 13);
+}
+
+uint16_t float_to_bf16(float f) {
+    uint32_t x = bits_of(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // NaN, quiet
+    return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1)) >> 16);
+}
+
+// ---------------------------------------------------------------------------------------- activation quantizers
+
+namespace {
+
+// Round half to even for |v| < 2^22 (the 1.5*2^23 trick); anything else (NaN, huge) gives what
+// _mm256_cvtps_epi32 gives, INT_MIN, which the x86 quantizer's saturating packs turn into -128.
+int round_even_i8(float v) {
+    if (!(std::fabs(v) < 4194304.0f)) return -128;
+    const float t = v + 12582912.0f;
+    const int i = static_cast<int>(bits_of(t) & 0x007FFFFFu) - 0x00400000;
+    return std::clamp(i, -128, 127);
+}
+
+// llama.cpp's nearest_int (no range check, as its release build).
+int nearest_int(float v) {
+    const float t = v + 12582912.0f;
+    return static_cast<int>(bits_of(t) & 0x007FFFFFu) - 0x00400000;
+}
+
+// Q8_0 / Q8_1 block: returns d (f32) and the sum of the quants.
+float q8_block(const float* x, int8_t* qs, int& sum) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    sum = 0;
+    for (int j = 0; j < QK8_0; ++j) {
+        const int q = round_even_i8(x[j] * id);
+        qs[j] = static_cast<int8_t>(q);
+        sum += q;
+    }
+    return d;
+}
+
+void quantize_q8_k(const float* x, block_q8_K& y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK_K; ++j) {
+        const float ax = std::fabs(x[j]);
+        if (ax > amax) amax = ax, max = x[j];
+    }
+    if (amax == 0.0f) {
+        std::memset(&y, 0, sizeof(y));
+        return;
+    }
+    const float iscale = -127.0f / max;
+    for (int j = 0; j < QK_K; ++j) y.qs[j] = static_cast<int8_t>(std::min(127, nearest_int(iscale * x[j])));
+    for (int g = 0; g < QK_K / 16; ++g) {
+        int sum = 0;
+        for (int l = 0; l < 16; ++l) sum += y.qs[16 * g + l];
+        y.bsums[g] = static_cast<int16_t>(sum);
+    }
+    y.d = 1.0f / iscale;
+}
+
+}  // namespace
+
+void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n) {
+    switch (fmt) {
+        case GgmlType::Q8_0: {
+            auto* y = static_cast<block_q8_0*>(dst);
+            for (int64_t i = 0; i < n / QK8_0; ++i) {
+                int sum;
+                y[i].d = float_to_half(q8_block(x + i * QK8_0, y[i].qs, sum));
+            }
+            return;
+        }
+        case GgmlType::Q8_1: {
+            auto* y = static_cast<block_q8_1*>(dst);
+            for (int64_t i = 0; i < n / QK8_0; ++i) {
+                int sum;
+                const float d = q8_block(x + i * QK8_0, y[i].qs, sum);
+                y[i].d = float_to_half(d);
+                y[i].s = float_to_half(d * static_cast<float>(sum));
+            }
+            return;
+        }
+        case GgmlType::Q8_K: {
+            auto* y = static_cast<block_q8_K*>(dst);
+            for (int64_t i = 0; i < n / QK_K; ++i) quantize_q8_k(x + i * QK_K, y[i]);
+            return;
+        }
+        case GgmlType::F16: {
+            auto* y = static_cast<uint16_t*>(dst);
+            for (int64_t i = 0; i < n; ++i) y[i] = float_to_half(x[i]);
+            return;
+        }
+        case GgmlType::BF16: {
+            auto* y = static_cast<uint16_t*>(dst);
+            for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
+            return;
+        }
+        case GgmlType::F32: std::memcpy(dst, x, static_cast<size_t>(n) * sizeof(float)); return;
+        default: throw std::invalid_argument("quantize_activation_row: not an activation format");
+    }
+}
+
+// ---------------------------------------------------------------------------------------- scalar reference
+
+namespace detail::scalar {
+namespace {
+
+// One weight row against one activation row; by_rows runs it for each activation row.
+template <float (*RowDot)(int64_t, const void*, const void*)>
+void by_rows(int64_t n, const void* w, const void* a, size_t as, int n_act, float* out) {
+    for (int r = 0; r < n_act; ++r) out[r] = RowDot(n, w, static_cast<const char*>(a) + r * as);
+}
+
+float h(uint16_t v) { return half_to_float(v); }
+
+uint32_t qh32(const uint8_t* qh) {
+    uint32_t v;
+    std::memcpy(&v, qh, 4);
+    return v;
+}
+
+float q4_0(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const block_q4_0*>(vw);
+    const auto* y = static_cast<const block_q8_0*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        int s = 0;
+        for (int j = 0; j < 16; ++j)
+            s += ((x[i].qs[j] & 0xF) - 8) * y[i].qs[j] + ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + 16];
+        sum += h(x[i].d) * h(y[i].d) * static_cast<float>(s);
+    }
+    return sum;
+}
+
+float q5_0(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const block_q5_0*>(vw);
+    const auto* y = static_cast<const block_q8_0*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        const uint32_t qh = qh32(x[i].qh);
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            const int lo = ((x[i].qs[j] & 0xF) | ((qh >> j) & 1) << 4) - 16;
+            const int hi = ((x[i].qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16;
+            s += lo * y[i].qs[j] + hi * y[i].qs[j + 16];
+        }
+        sum += h(x[i].d) * h(y[i].d) * static_cast<float>(s);
+    }
+    return sum;
+}
+
+float q8_0(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const block_q8_0*>(vw);
+    const auto* y = static_cast<const block_q8_0*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        int s = 0;
+        for (int j = 0; j < QK8_0; ++j) s += x[i].qs[j] * y[i].qs[j];
+        sum += h(x[i].d) * h(y[i].d) * static_cast<float>(s);
+    }
+    return sum;
+}
+
+float q4_1(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const block_q4_1*>(vw);
+    const auto* y = static_cast<const block_q8_1*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        int s = 0;
+        for (int j = 0; j < 16; ++j) s += (x[i].qs[j] & 0xF) * y[i].qs[j] + (x[i].qs[j] >> 4) * y[i].qs[j + 16];
+        sum += h(x[i].d) * h(y[i].d) * static_cast<float>(s) + h(x[i].m) * h(y[i].s);
+    }
+    return sum;
+}
+
+float q5_1(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const block_q5_1*>(vw);
+    const auto* y = static_cast<const block_q8_1*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; ++i) {
+        const uint32_t qh = qh32(x[i].qh);
+        int s = 0;
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (x[i].qs[j] & 0xF) | ((qh >> j) & 1) << 4;
+            const int hi = (x[i].qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+            s += lo * y[i].qs[j] + hi * y[i].qs[j + 16];
+        }
+        sum += h(x[i].d) * h(y[i].d) * static_cast<float>(s) + h(x[i].m) * h(y[i].s);
+    }
+    return sum;
+}
+
+// Q4_K / Q5_K sub-block k: 6-bit scale and min (get_scale_min_k4).
+void scale_min(const uint8_t* s, int k, int& sc, int& m) {
+    if (k < 4) {
+        sc = s[k] & 63, m = s[k + 4] & 63;
+    } else {
+        sc = (s[k + 4] & 0xF) | ((s[k - 4] >> 6) << 4);
+        m = (s[k + 4] >> 4) | ((s[k] >> 6) << 4);
+    }
+}
+
+// d_a (d sum_k sc_k sum_l q y - dmin sum_k m_k (bsums[2k] + bsums[2k+1])), q from qs (and qh for Q5_K).
+template <class W, bool kFifthBit>
+float qx_k(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const W*>(vw);
+    const auto* y = static_cast<const block_q8_K*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        int sumi = 0, summ = 0;
+        for (int k = 0; k < 8; ++k) {
+            int sc, m;
+            scale_min(x[i].scales, k, sc, m);
+            int s = 0;
+            for (int l = 0; l < 32; ++l) {
+                int q = (x[i].qs[32 * (k / 2) + l] >> (4 * (k & 1))) & 0xF;
+                if constexpr (kFifthBit) q |= ((x[i].qh[l] >> k) & 1) << 4;
+                s += q * y[i].qs[32 * k + l];
+            }
+            sumi += sc * s;
+            summ += m * (y[i].bsums[2 * k] + y[i].bsums[2 * k + 1]);
+        }
+        sum += y[i].d * (h(x[i].d) * static_cast<float>(sumi) - h(x[i].dmin) * static_cast<float>(summ));
+    }
+    return sum;
+}
+
+float q6_k(int64_t n, const void* vw, const void* va) {
+    const auto* x = static_cast<const block_q6_K*>(vw);
+    const auto* y = static_cast<const block_q8_K*>(va);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; ++i) {
+        int sumi = 0;
+        for (int g = 0; g < 16; ++g) {
+            int s = 0;
+            for (int e = 16 * g; e < 16 * g + 16; ++e) {
+                const int half = e / 128, quarter = (e % 128) / 32, l = e % 32;
+                const uint8_t lo = x[i].ql[64 * half + 32 * (quarter & 1) + l];
+                const int q = ((quarter < 2 ? lo : lo >> 4) & 0xF) | ((x[i].qh[32 * half + l] >> (2 * quarter)) & 3) << 4;
+                s += (q - 32) * y[i].qs[e];
+            }
+            sumi += x[i].scales[g] * s;
+        }
+        sum += h(x[i].d) * y[i].d * static_cast<float>(sumi);
+    }
+    return sum;
+}
+
+template <class T, float (*Cvt)(T)>
+float floats(int64_t n, const void* vw, const void* va) {
+    const T* w = static_cast<const T*>(vw);
+    const T* a = static_cast<const T*>(va);
+    double sum = 0.0;  // the reference: exact products, double accumulation
+    for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(Cvt(w[j])) * Cvt(a[j]);
+    return static_cast<float>(sum);
+}
+
+float same(float v) { return v; }
+
+}  // namespace
+
+DotKernel kernel(GgmlType wtype) {
+    switch (wtype) {
+        case GgmlType::F32: return &by_rows<floats<float, same>>;
+        case GgmlType::F16: return &by_rows<floats<uint16_t, half_to_float>>;
+        case GgmlType::BF16: return &by_rows<floats<uint16_t, bf16_to_float>>;
+        case GgmlType::Q4_0: return &by_rows<q4_0>;
+        case GgmlType::Q4_1: return &by_rows<q4_1>;
+        case GgmlType::Q5_0: return &by_rows<q5_0>;
+        case GgmlType::Q5_1: return &by_rows<q5_1>;
+        case GgmlType::Q8_0: return &by_rows<q8_0>;
+        case GgmlType::Q4_K: return &by_rows<qx_k<block_q4_K, false>>;
+        case GgmlType::Q5_K: return &by_rows<qx_k<block_q5_K, true>>;
+        case GgmlType::Q6_K: return &by_rows<q6_k>;
+        default: return nullptr;
+    }
+}
+
+}  // namespace detail::scalar
+
+// ---------------------------------------------------------------------------------------- dispatch
+
+DotKernel dot_kernel(GgmlType wtype, Isa isa) {
+    if (!isa_supported(isa))
+        throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " dot kernels");
+    switch (isa) {
+        case Isa::Scalar: return detail::scalar::kernel(wtype);
+        case Isa::Avx2: return detail::avx2::kernel(wtype);
+        case Isa::Avx512: return detail::avx512::kernel(wtype);
+        case Isa::Avx512Vnni:
+            if (wtype == GgmlType::BF16 && cpu_features().avx512_bf16) return detail::avx512_vnni::bf16_dpbf16_kernel();
+            return detail::avx512_vnni::kernel(wtype);
+    }
+    return nullptr;
+}
+
+namespace {
+
+DotKernel checked_kernel(GgmlType wtype, Isa isa) {
+    DotKernel k = dot_kernel(wtype, isa);
+    if (!k) throw std::invalid_argument("no dot kernel for ggml type " + std::to_string(static_cast<int>(wtype)));
+    return k;
+}
+
+}  // namespace
+
+void dot(GgmlType wtype, int64_t n, const void* w_row, const void* act_rows, size_t act_row_stride, int n_act,
+         float* out, Isa isa) {
+    if (n_act < 1 || n_act > kMaxActRows) throw std::invalid_argument("dot: n_act must be 1..8");
+    checked_kernel(wtype, isa)(n, w_row, act_rows, act_row_stride, n_act, out);
+}
+
+void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, int64_t row_begin, int64_t row_end,
+                 const void* A, size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
+    const DotKernel kernel = checked_kernel(wtype, isa);
+    // Rows in chunks of ~256 KiB of weights (L2): each chunk is reused by every token tile, and each
+    // tile (<= 8 activation rows) by every row of the chunk.
+    const int64_t chunk = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<size_t>(1, row_size(wtype, n)));
+    const auto* w = static_cast<const char*>(W);
+    const auto* a = static_cast<const char*>(A);
+    float out[kMaxActRows];
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += chunk) {
+        const int64_t r1 = std::min(row_end, r0 + chunk);
+        for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
+            const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
+            for (int64_t r = r0; r < r1; ++r) {
+                kernel(n, w + r * w_row_stride, a + t0 * a_stride, a_stride, nt, out);
+                for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];
+            }
+        }
+    }
+}
+
+}  // namespace tandem

@@ -1,0 +1,181 @@
+// Python binding of the dot kernels: _C.matmul and _C.quantize_activation. Thin: every check on the
+// arrays happens here, with a ValueError that says what to pass instead; the kernels trust it.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dot.h"
+
+namespace nb = nanobind;
+using tandem::GgmlType;
+
+namespace {
+
+using Array = nb::ndarray<nb::ro, nb::device::cpu>;
+using OutF32 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
+using OutU8 = nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>;
+
+[[noreturn]] void fail(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+
+bool is_dtype(const Array& a, nb::dlpack::dtype_code code, int bits) {
+    const nb::dlpack::dtype d = a.dtype();
+    return d.code == static_cast<uint8_t>(code) && d.bits == bits && d.lanes == 1;
+}
+
+std::string dtype_name(const Array& a) {
+    const nb::dlpack::dtype d = a.dtype();
+    const char* kind = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float)  ? "float"
+                       : d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int)  ? "int"
+                       : d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) ? "uint"
+                       : d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) ? "bfloat"
+                                                                                         : "?";
+    return kind + std::to_string(d.bits);
+}
+
+// A 2-D, row-major (C-contiguous) array on the CPU.
+void check_matrix(const Array& a, const char* what) {
+    if (a.ndim() != 2) fail(std::string(what) + " must be 2-D, got " + std::to_string(a.ndim()) + " dimensions");
+    const bool contiguous = (a.shape(1) <= 1 || a.stride(1) == 1) &&
+                            (a.shape(0) <= 1 || a.stride(0) == static_cast<int64_t>(a.shape(1)));
+    if (!contiguous)
+        fail(std::string(what) + " is not C-contiguous: pass np.ascontiguousarray(" + what + ")");
+}
+
+std::string upper(std::string s) {
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+    return s;
+}
+
+const char* kWeightTypes = "F32 (0), F16 (1), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), "
+                           "Q5_K (13), Q6_K (14), BF16 (30)";
+
+const tandem::TypeInfo& weight_type(int wtype) {
+    const tandem::TypeInfo* t = tandem::type_info(wtype);
+    if (!t || !t->is_weight)
+        fail("ggml type " + std::to_string(wtype) + (t ? std::string(" (") + t->name + ")" : std::string()) +
+             " is not a weight type the dot kernels run; supported: " + kWeightTypes);
+    return *t;
+}
+
+tandem::Isa isa_from(const std::string& name) {
+    try {
+        return tandem::parse_isa(name.c_str());
+    } catch (const std::invalid_argument& e) {
+        fail(e.what());
+    }
+}
+
+GgmlType activation_format(const std::string& fmt) {
+    const std::string f = upper(fmt);
+    for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32})
+        if (f == tandem::type_info(static_cast<int>(t))->name) return t;
+    fail("unknown activation format '" + fmt + "': use q8_0, q8_1, q8_K, f16, bf16 or f32");
+}
+
+template <class T, class Out>
+Out owned(T* data, size_t rows, size_t cols) {
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+    return Out(data, {rows, cols}, owner);
+}
+
+// x float32 [T, K] -> the activation rows, quantized to fmt (GIL released by the caller).
+void quantize_rows(GgmlType fmt, const float* x, size_t T, size_t K, uint8_t* dst) {
+    const size_t rb = tandem::row_size(fmt, static_cast<int64_t>(K));
+    for (size_t t = 0; t < T; ++t) tandem::quantize_activation_row(fmt, x + t * K, dst + t * rb, static_cast<int64_t>(K));
+}
+
+const float* float_rows(const Array& x, const char* what) {
+    check_matrix(x, what);
+    if (!is_dtype(x, nb::dlpack::dtype_code::Float, 32))
+        fail(std::string(what) + " must be float32, got " + dtype_name(x) + ": pass " + what + ".astype(np.float32)");
+    return static_cast<const float*>(x.data());
+}
+
+OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string& isa_name) {
+    const tandem::TypeInfo& t = weight_type(wtype);
+    const GgmlType wt = static_cast<GgmlType>(wtype);
+    const tandem::Isa isa = isa_from(isa_name);
+    const float* xp = float_rows(x, "x");
+    const size_t T = x.shape(0), K = x.shape(1);
+    if (K % t.block_size)
+        fail(std::string(t.name) + " works in blocks of " + std::to_string(t.block_size) + " values, but x has rows of " +
+             std::to_string(K) + ": K must be a multiple of " + std::to_string(t.block_size));
+    check_matrix(weight, "weight");
+    const size_t N = weight.shape(0), rb = tandem::row_size(wt, static_cast<int64_t>(K));
+    // uint8 raw blocks [N, row_bytes]; or the natural dtype [N, K] for F32 / F16 / BF16 (uint16 bits)
+    size_t row_bytes;
+    if (is_dtype(weight, nb::dlpack::dtype_code::UInt, 8)) {
+        row_bytes = weight.shape(1);
+    } else if ((wt == GgmlType::F32 && is_dtype(weight, nb::dlpack::dtype_code::Float, 32)) ||
+               (wt == GgmlType::F16 && is_dtype(weight, nb::dlpack::dtype_code::Float, 16)) ||
+               (wt == GgmlType::BF16 && (is_dtype(weight, nb::dlpack::dtype_code::UInt, 16) ||
+                                         is_dtype(weight, nb::dlpack::dtype_code::Int, 16) ||
+                                         is_dtype(weight, nb::dlpack::dtype_code::Bfloat, 16)))) {
+        row_bytes = weight.shape(1) * t.type_size;
+    } else {
+        const char* natural = wt == GgmlType::F32 ? " or float32 [N, K]"
+                              : wt == GgmlType::F16 ? " or float16 [N, K]"
+                              : wt == GgmlType::BF16 ? " or uint16 bfloat16 bits [N, K]" : "";
+        fail(std::string("weight of type ") + t.name + " must be uint8 raw blocks [N, row_bytes]" + natural + ", got " +
+             dtype_name(weight));
+    }
+    if (row_bytes != rb)
+        fail(std::string("weight rows hold ") + std::to_string(row_bytes) + " bytes, but " + t.name + " rows of K = " +
+             std::to_string(K) + " values take " + std::to_string(rb) + " bytes (" + std::to_string(K / t.block_size) +
+             " blocks of " + std::to_string(t.type_size) + ")");
+
+    const size_t ab = tandem::row_size(t.act_type, static_cast<int64_t>(K));
+    std::vector<uint8_t> act(T * ab);
+    auto* y = new float[std::max<size_t>(1, T * N)];
+    {
+        nb::gil_scoped_release release;
+        quantize_rows(t.act_type, xp, T, K, act.data());
+        tandem::matmul_rows(wt, static_cast<int64_t>(K), weight.data(), rb, 0, static_cast<int64_t>(N), act.data(), ab,
+                            static_cast<int64_t>(T), y, N, isa);
+    }
+    return owned<float, OutF32>(y, T, N);
+}
+
+OutU8 quantize_activation(const std::string& fmt, const Array& x) {
+    const GgmlType f = activation_format(fmt);
+    const tandem::TypeInfo& t = *tandem::type_info(static_cast<int>(f));
+    const float* xp = float_rows(x, "x");
+    const size_t T = x.shape(0), K = x.shape(1);
+    if (K % t.block_size)
+        fail(std::string(t.name) + " works in blocks of " + std::to_string(t.block_size) + " values, but x has rows of " +
+             std::to_string(K) + ": K must be a multiple of " + std::to_string(t.block_size));
+    const size_t rb = tandem::row_size(f, static_cast<int64_t>(K));
+    auto* out = new uint8_t[std::max<size_t>(1, T * rb)];
+    {
+        nb::gil_scoped_release release;
+        quantize_rows(f, xp, T, K, out);
+    }
+    return owned<uint8_t, OutU8>(out, T, rb);
+}
+
+}  // namespace
+
+void register_dot(nb::module_& m) {
+    m.def("matmul", &matmul, nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("isa") = "auto",
+          "Y = x @ W.T with the quantized dot kernels: wtype a ggml type id, weight uint8 raw blocks [N, row_bytes]\n"
+          "(or float32 / float16 / uint16-bf16 [N, K] for F32 / F16 / BF16), x float32 [T, K], quantized internally\n"
+          "to the type's activation format. isa: 'auto' (best, capped by TANDEM_ISA), 'scalar', 'avx2', 'avx512'\n"
+          "or 'avx512_vnni'. Returns float32 [T, N]. Single-threaded.");
+    m.def("quantize_activation", &quantize_activation, nb::arg("fmt"), nb::arg("x"),
+          "x float32 [T, K] -> uint8 [T, row_bytes]: activation rows as the dot kernels take them\n"
+          "(fmt q8_0, q8_1, q8_K, f16, bf16 or f32; Q8_0/Q8_1 round half to even as llama.cpp's x86 path).");
+    m.def(
+        "activation_type",
+        [](int wtype) -> std::string {
+            const tandem::TypeInfo& t = weight_type(wtype);
+            return tandem::type_info(static_cast<int>(t.act_type))->name;
+        },
+        nb::arg("wtype"), "The activation format a weight type is multiplied by ('Q8_K' for Q4_K, ...).");
+}

@@ -1,0 +1,504 @@
+// SIMD dot kernels, one source for three ISAs. Included (once each) by dot_avx2.cpp, dot_avx512.cpp and
+// dot_avx512_vnni.cpp after their target pragma, with
+//   TANDEM_DOT_LEVEL  2 = AVX2+FMA+F16C, 3 = AVX-512 F/BW/VL/DQ, 4 = AVX-512 + VNNI
+//   TANDEM_DOT_NS     the namespace the kernel table goes into.
+// Everything is in an anonymous namespace (internal linkage), so no SIMD code can be merged with
+// another translation unit's copy.
+//
+// Shape of every kernel (ik_llama.cpp's nrc_y): for each weight block, unpack it once into registers
+// (quants as int8 vectors, scales as int16 vectors), then multiply it against the same block of each
+// of the NA activation rows. Integer sums are exact; floats enter once per block (32-value types) or
+// super-block (K-quants).
+//   32-value blocks: one block per 256-bit vector; signed x signed via |w| x sign(a, w), then
+//     maddubs + madd (AVX2, AVX-512) or dpbusd (VNNI).
+//   K-quants: AVX2 one 32-value sub-block per vector; AVX-512 64 values (two sub-blocks) per vector,
+//     maddubs then madd (BW) or dpwssd (VNNI) with the int16 sub-block scales. Q4_K/Q5_K mins and the
+//     Q6_K -32 offset come from the Q8_K bsums and never touch the weight quants.
+//   F32 / F16 / BF16: FMA on f32 (F16 via F16C vcvtph2ps, BF16 by shifting into the high half).
+
+#if !defined(TANDEM_DOT_LEVEL) || !defined(TANDEM_DOT_NS)
+#error "dot_simd.h is included by the dot_<isa>.cpp files only"
+#endif
+
+#define TANDEM_INLINE inline __attribute__((always_inline))
+
+namespace tandem::detail::TANDEM_DOT_NS {
+namespace {
+
+using qk::QK8_0;
+using qk::QK_K;
+
+// ---------------------------------------------------------------------------------------- helpers
+
+template <class Block>
+TANDEM_INLINE const Block* act_row(const void* a, size_t stride, int r) {
+    return reinterpret_cast<const Block*>(static_cast<const char*>(a) + static_cast<size_t>(r) * stride);
+}
+
+TANDEM_INLINE float f16(uint16_t h) { return _cvtsh_ss(h); }
+
+TANDEM_INLINE __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+TANDEM_INLINE __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+TANDEM_INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// 8 int32 partial sums of u (unsigned bytes) x s (signed bytes) over 32 bytes.
+TANDEM_INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+#if TANDEM_DOT_LEVEL >= 4
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// Byte j = 0xFF where bit j of the 32-bit word at p is set.
+TANDEM_INLINE __m256i bits_to_bytes(const uint8_t* p) {
+    uint32_t bits;
+    std::memcpy(&bits, p, 4);
+#if TANDEM_DOT_LEVEL >= 3
+    return _mm256_movm_epi8(bits);
+#else
+    const __m256i spread = _mm256_shuffle_epi8(  // byte j <- byte j/8 of the word
+        _mm256_set1_epi32(static_cast<int>(bits)),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));  // byte j -> bit j%8
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+#endif
+}
+
+// Low nibbles of 16 bytes in the low 128 bits, high nibbles in the high 128 bits (values 0..15).
+TANDEM_INLINE __m256i nibbles32(const uint8_t* qs) {
+    const __m128i raw = load128(qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+// n_act at run time -> the kernel instantiated for that many activation rows.
+template <class K>
+void by_rows(int64_t n, const void* w, const void* a, size_t as, int n_act, float* out) {
+    switch (n_act) {
+        case 1: K::template run<1>(n, w, a, as, out); break;
+        case 2: K::template run<2>(n, w, a, as, out); break;
+        case 3: K::template run<3>(n, w, a, as, out); break;
+        case 4: K::template run<4>(n, w, a, as, out); break;
+        case 5: K::template run<5>(n, w, a, as, out); break;
+        case 6: K::template run<6>(n, w, a, as, out); break;
+        case 7: K::template run<7>(n, w, a, as, out); break;
+        case 8: K::template run<8>(n, w, a, as, out); break;
+        default: break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------- 32-value blocks
+// Each unpacker gives the block's 32 quants in element order: signed values for the symmetric types
+// (kSigned), unsigned 0..31 for the _1 types, whose min m enters as m_w * s_a.
+
+struct UnpackQ4_0 {
+    using W = block_q4_0; using A = block_q8_0;
+    static constexpr bool kSigned = true, kMin = false;
+    TANDEM_INLINE static __m256i quants(const W& b) { return _mm256_sub_epi8(nibbles32(b.qs), _mm256_set1_epi8(8)); }
+};
+
+struct UnpackQ5_0 {
+    using W = block_q5_0; using A = block_q8_0;
+    static constexpr bool kSigned = true, kMin = false;
+    // nibble | 0xF0 where the fifth bit is clear: as int8 that is q - 16.
+    TANDEM_INLINE static __m256i quants(const W& b) {
+        return _mm256_or_si256(nibbles32(b.qs), _mm256_andnot_si256(bits_to_bytes(b.qh), _mm256_set1_epi8(-16)));
+    }
+};
+
+struct UnpackQ8_0 {
+    using W = block_q8_0; using A = block_q8_0;
+    static constexpr bool kSigned = true, kMin = false;
+    TANDEM_INLINE static __m256i quants(const W& b) { return load256(b.qs); }
+};
+
+struct UnpackQ4_1 {
+    using W = block_q4_1; using A = block_q8_1;
+    static constexpr bool kSigned = false, kMin = true;
+    TANDEM_INLINE static __m256i quants(const W& b) { return nibbles32(b.qs); }
+};
+
+struct UnpackQ5_1 {
+    using W = block_q5_1; using A = block_q8_1;
+    static constexpr bool kSigned = false, kMin = true;
+    TANDEM_INLINE static __m256i quants(const W& b) {
+        return _mm256_or_si256(nibbles32(b.qs), _mm256_and_si256(bits_to_bytes(b.qh), _mm256_set1_epi8(16)));
+    }
+};
+
+template <class U>
+struct Blocks32 {
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        using A = typename U::A;
+        const auto* w = static_cast<const typename U::W*>(vw);
+        const int64_t nb = n / QK8_0;
+        __m256 acc[NA];
+        float accm[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm256_setzero_ps(), accm[r] = 0.0f;
+        for (int64_t i = 0; i < nb; ++i) {
+            const __m256i q = U::quants(w[i]);
+            const __m256i u = U::kSigned ? _mm256_sign_epi8(q, q) : q;  // |w| for the signed types
+            const __m256 dw = _mm256_set1_ps(f16(w[i].d));
+            for (int r = 0; r < NA; ++r) {
+                const A& y = act_row<A>(va, as, r)[i];
+                __m256i yq = load256(y.qs);
+                if (U::kSigned) yq = _mm256_sign_epi8(yq, q);  // a * sign(w): |w| * that = w * a
+                const __m256i p = dot_u8s8(u, yq);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(f16(y.d))), acc[r]);
+                if constexpr (U::kMin) accm[r] += f16(w[i].m) * f16(y.s);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = hsum(acc[r]) + accm[r];
+    }
+};
+
+// ---------------------------------------------------------------------------------------- K-quants
+
+// Q4_K/Q5_K 6-bit scales and mins: 12 packed bytes -> 16 bytes sc[0..7], m[0..7].
+TANDEM_INLINE __m128i unpack_scales_mins(const uint8_t* packed) {
+    uint32_t u[3], s[4];
+    std::memcpy(u, packed, 12);
+    s[0] = u[0] & 0x3F3F3F3Fu;                                                 // sc 0..3
+    s[1] = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);       // sc 4..7
+    s[2] = u[1] & 0x3F3F3F3Fu;                                                 // m 0..3
+    s[3] = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4); // m 4..7
+    return load128(s);
+}
+
+// Each min twice as int16, to pair with bsums[2k], bsums[2k+1] (sub-block k = 2 bsums groups).
+TANDEM_INLINE __m256i mins_for_bsums(__m128i scales_mins) {
+    return _mm256_cvtepu8_epi16(
+        _mm_shuffle_epi8(scales_mins, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)));
+}
+
+#if TANDEM_DOT_LEVEL >= 3
+// ---- AVX-512: 64 values (two 32-value sub-blocks, or four 16-value Q6_K groups) per vector.
+
+// Sum of int16 pair products of p (maddubs output) with the scales, accumulated into int32.
+TANDEM_INLINE __m512i add_scaled(__m512i acc, __m512i p, __m512i scales) {
+#if TANDEM_DOT_LEVEL >= 4
+    return _mm512_dpwssd_epi32(acc, p, scales);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, scales));
+#endif
+}
+
+// int16 lanes: 16 x word 2j of the source, then 16 x word 2j+1 (a pair of sub-block scales).
+TANDEM_INLINE __m512i pair_index(int j) {
+    return _mm512_mask_mov_epi16(_mm512_set1_epi16(static_cast<short>(2 * j)), 0xFFFF0000u,
+                                 _mm512_set1_epi16(static_cast<short>(2 * j + 1)));
+}
+
+// Chunk j of Q4_K/Q5_K quants: the 32 bytes' low nibbles (sub-block 2j), then their high nibbles.
+TANDEM_INLINE __m512i nibbles64(const uint8_t* qs) {
+    const __m512i raw = _mm512_broadcast_i64x4(load256(qs));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(raw, 0xFFFF0000u, raw, 4), _mm512_set1_epi8(0x0F));
+}
+
+template <bool kFifthBit>
+struct QxK {  // Q4_K (kFifthBit false) and Q5_K
+    using W = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        const auto* w = static_cast<const W*>(vw);
+        const int64_t nb = n / QK_K;
+        __m512 acc[NA];
+        __m256 accm[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; ++i) {
+            const W& x = w[i];
+            const __m128i sm = unpack_scales_mins(x.scales);
+            const __m512i sm16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(sm));
+            const __m256i mins = mins_for_bsums(sm);
+            __m512i q[4], sc[4];
+            for (int j = 0; j < 4; ++j) {
+                q[j] = nibbles64(x.qs + 32 * j);
+                sc[j] = _mm512_permutexvar_epi16(pair_index(j), sm16);
+            }
+            if constexpr (kFifthBit) {
+                const __m512i qh = _mm512_broadcast_i64x4(load256(x.qh));
+                const __m512i bit = _mm512_mask_mov_epi8(_mm512_set1_epi8(1), 0xFFFFFFFF00000000ull, _mm512_set1_epi8(2));
+                for (int j = 0; j < 4; ++j) {  // sub-block 2j uses bit 2j of qh, 2j+1 bit 2j+1
+                    const __mmask64 hi = _mm512_test_epi8_mask(qh, _mm512_slli_epi16(bit, 2 * j));
+                    q[j] = _mm512_mask_add_epi8(q[j], hi, q[j], _mm512_set1_epi8(16));
+                }
+            }
+            const __m512 d = _mm512_set1_ps(f16(x.d));
+            const __m256 mdmin = _mm256_set1_ps(-f16(x.dmin));
+            for (int r = 0; r < NA; ++r) {
+                const block_q8_K& y = act_row<block_q8_K>(va, as, r)[i];
+                __m512i sumi = _mm512_setzero_si512();
+                for (int j = 0; j < 4; ++j)
+                    sumi = add_scaled(sumi, _mm512_maddubs_epi16(q[j], _mm512_loadu_si512(y.qs + 64 * j)), sc[j]);
+                const __m256i summ = _mm256_madd_epi16(load256(y.bsums), mins);
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(y.d)), _mm512_cvtepi32_ps(sumi), acc[r]);
+                accm[r] = _mm256_fmadd_ps(_mm256_mul_ps(mdmin, _mm256_set1_ps(y.d)), _mm256_cvtepi32_ps(summ), accm[r]);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(accm[r]);
+    }
+};
+
+struct Q6K {
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        const auto* w = static_cast<const block_q6_K*>(vw);
+        const int64_t nb = n / QK_K;
+        const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(3);
+        // qh bits for the low / high 32 bytes: 0-1 / 2-3 (values 0..63 of a half), 4-5 / 6-7 (64..127)
+        const __m512i shift_a = _mm512_mask_mov_epi16(_mm512_setzero_si512(), 0xFFFF0000u, _mm512_set1_epi16(2));
+        const __m512i shift_b = _mm512_mask_mov_epi16(_mm512_set1_epi16(4), 0xFFFF0000u, _mm512_set1_epi16(6));
+        __m512 acc[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < nb; ++i) {
+            const block_q6_K& x = w[i];
+            const __m256i s16 = _mm256_cvtepi8_epi16(load128(x.scales));  // group scales, int16
+            const __m512i s512 = _mm512_zextsi256_si512(s16);
+            __m512i q[4], sc[4];
+            for (int h = 0; h < 2; ++h) {
+                const __m512i l = _mm512_loadu_si512(x.ql + 64 * h);
+                const __m512i qh = _mm512_broadcast_i64x4(load256(x.qh + 32 * h));
+                const __m512i ha = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_a), m3), 4);
+                const __m512i hb = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_b), m3), 4);
+                q[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), ha);
+                q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hb);
+            }
+            for (int j = 0; j < 4; ++j) {  // vector j covers groups 4j..4j+3, 8 int16 lanes each
+                const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<short>(4 * j)),
+                                                     _mm512_srli_epi16(_mm512_set_epi16(
+                                                         31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                         15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3));
+                sc[j] = _mm512_permutexvar_epi16(idx, s512);
+            }
+            const __m512 d = _mm512_set1_ps(f16(x.d));
+            for (int r = 0; r < NA; ++r) {
+                const block_q8_K& y = act_row<block_q8_K>(va, as, r)[i];
+                __m512i sumi = _mm512_setzero_si512();
+                for (int j = 0; j < 4; ++j)
+                    sumi = add_scaled(sumi, _mm512_maddubs_epi16(q[j], _mm512_loadu_si512(y.qs + 64 * j)), sc[j]);
+                // sum_g sc_g * 32 * bsum_g: the -32 offset of every quant
+                const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(load256(y.bsums), s16), 5);
+                sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(off));
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(y.d)), _mm512_cvtepi32_ps(sumi), acc[r]);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+};
+
+#else
+// ---- AVX2: one 32-value sub-block per vector.
+
+template <bool kFifthBit>
+struct QxK {  // Q4_K (kFifthBit false) and Q5_K
+    using W = std::conditional_t<kFifthBit, block_q5_K, block_q4_K>;
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        const auto* w = static_cast<const W*>(vw);
+        const int64_t nb = n / QK_K;
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        __m256 acc[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; ++i) {
+            const W& x = w[i];
+            const __m128i sm = unpack_scales_mins(x.scales);
+            const __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  // sc 0..7 in each lane
+            const __m256i mins = mins_for_bsums(sm);
+            __m256i q[8], sc[8];
+            for (int k = 0; k < 8; ++k)
+                sc[k] = _mm256_shuffle_epi8(s16, _mm256_set1_epi16(static_cast<short>(0x0100 + 0x0202 * k)));
+            for (int j = 0; j < 4; ++j) {
+                const __m256i raw = load256(x.qs + 32 * j);
+                q[2 * j] = _mm256_and_si256(raw, m4);
+                q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            }
+            if constexpr (kFifthBit) {
+                const __m256i qh = load256(x.qh);
+                for (int k = 0; k < 8; ++k) {  // bit k of qh[l] -> bit 4 of value l of sub-block k
+                    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(qh, k), _mm256_set1_epi8(1));
+                    q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(hb, 4));
+                }
+            }
+            const float d = f16(x.d), mdmin = -f16(x.dmin);
+            for (int r = 0; r < NA; ++r) {
+                const block_q8_K& y = act_row<block_q8_K>(va, as, r)[i];
+                __m256i sumi = _mm256_setzero_si256();
+                for (int k = 0; k < 8; ++k)
+                    sumi = _mm256_add_epi32(
+                        sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[k], load256(y.qs + 32 * k)), sc[k]));
+                const __m256i summ = _mm256_madd_epi16(load256(y.bsums), mins);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(mdmin * y.d), _mm256_cvtepi32_ps(summ), acc[r]);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = hsum(acc[r]);
+    }
+};
+
+struct Q6K {
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        const auto* w = static_cast<const block_q6_K*>(vw);
+        const int64_t nb = n / QK_K;
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+        __m256 acc[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; ++i) {
+            const block_q6_K& x = w[i];
+            const __m256i s16 = _mm256_cvtepi8_epi16(load128(x.scales));  // group scales, int16
+            __m256i q[8], sc[8];
+            for (int h = 0; h < 2; ++h) {
+                const __m256i l0 = load256(x.ql + 64 * h), l1 = load256(x.ql + 64 * h + 32);
+                const __m256i qh = load256(x.qh + 32 * h);
+                auto high = [&](int shift) {
+                    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, shift), m3), 4);
+                };
+                q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), high(0));
+                q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), high(2));
+                q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), high(4));
+                q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), high(6));
+                // chunk c = 4h + cc holds groups 2c, 2c+1: words 2cc, 2cc+1 of 128-bit half h
+                const __m256i half = _mm256_permute2x128_si256(s16, s16, h ? 0x11 : 0x00);
+                for (int cc = 0; cc < 4; ++cc) {
+                    const short lo = static_cast<short>(0x0100 + 0x0202 * (2 * cc));
+                    const short hi = static_cast<short>(0x0100 + 0x0202 * (2 * cc + 1));
+                    sc[4 * h + cc] = _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)));
+                }
+            }
+            const float d = f16(x.d);
+            for (int r = 0; r < NA; ++r) {
+                const block_q8_K& y = act_row<block_q8_K>(va, as, r)[i];
+                __m256i sumi = _mm256_setzero_si256();
+                for (int c = 0; c < 8; ++c)
+                    sumi = _mm256_add_epi32(
+                        sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], load256(y.qs + 32 * c)), sc[c]));
+                // sum_g sc_g * 32 * bsum_g: the -32 offset of every quant
+                sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(_mm256_madd_epi16(load256(y.bsums), s16), 5));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[r]);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = hsum(acc[r]);
+    }
+};
+#endif
+
+// ---------------------------------------------------------------------------------------- F32 / F16 / BF16
+// Cvt: 8 (AVX2) or 16 (AVX-512) values of the stored type -> f32, optionally masked for the tail.
+
+#if TANDEM_DOT_LEVEL >= 3
+using VecF = __m512;
+constexpr int kLanes = 16;
+TANDEM_INLINE VecF fzero() { return _mm512_setzero_ps(); }
+TANDEM_INLINE VecF fmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+TANDEM_INLINE VecF fadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+TANDEM_INLINE float fsum(VecF v) { return _mm512_reduce_add_ps(v); }
+struct CvtF32 {
+    using T = float;
+    TANDEM_INLINE static VecF load(const float* p) { return _mm512_loadu_ps(p); }
+    TANDEM_INLINE static VecF load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct CvtF16 {
+    using T = uint16_t;
+    TANDEM_INLINE static VecF load(const uint16_t* p) { return _mm512_cvtph_ps(load256(p)); }
+    TANDEM_INLINE static VecF load(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct CvtBF16 {
+    using T = uint16_t;
+    TANDEM_INLINE static VecF widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+    TANDEM_INLINE static VecF load(const uint16_t* p) { return widen(load256(p)); }
+    TANDEM_INLINE static VecF load(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+};
+#else
+using VecF = __m256;
+constexpr int kLanes = 8;
+TANDEM_INLINE VecF fzero() { return _mm256_setzero_ps(); }
+TANDEM_INLINE VecF fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+TANDEM_INLINE VecF fadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+TANDEM_INLINE float fsum(VecF v) { return hsum(v); }
+struct CvtF32 {
+    using T = float;
+    TANDEM_INLINE static VecF load(const float* p) { return _mm256_loadu_ps(p); }
+    TANDEM_INLINE static float scalar(float v) { return v; }
+};
+struct CvtF16 {
+    using T = uint16_t;
+    TANDEM_INLINE static VecF load(const uint16_t* p) { return _mm256_cvtph_ps(load128(p)); }
+    TANDEM_INLINE static float scalar(uint16_t v) { return f16(v); }
+};
+struct CvtBF16 {
+    using T = uint16_t;
+    TANDEM_INLINE static VecF load(const uint16_t* p) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(p)), 16));
+    }
+    TANDEM_INLINE static float scalar(uint16_t v) { return bf16_to_float(v); }
+};
+#endif
+
+template <class C>
+struct Floats {
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        using T = typename C::T;
+        constexpr int U = NA == 1 ? 4 : NA == 2 ? 2 : 1;  // independent accumulators per row
+        const T* w = static_cast<const T*>(vw);
+        VecF acc[NA][U];
+        for (int r = 0; r < NA; ++r)
+            for (int u = 0; u < U; ++u) acc[r][u] = fzero();
+        int64_t i = 0;
+        for (; i + U * kLanes <= n; i += U * kLanes)
+            for (int u = 0; u < U; ++u) {
+                const VecF wv = C::load(w + i + u * kLanes);
+                for (int r = 0; r < NA; ++r)
+                    acc[r][u] = fmadd(wv, C::load(act_row<T>(va, as, r) + i + u * kLanes), acc[r][u]);
+            }
+        for (; i + kLanes <= n; i += kLanes) {
+            const VecF wv = C::load(w + i);
+            for (int r = 0; r < NA; ++r) acc[r][0] = fmadd(wv, C::load(act_row<T>(va, as, r) + i), acc[r][0]);
+        }
+#if TANDEM_DOT_LEVEL >= 3
+        if (i < n) {
+            const auto m = static_cast<__mmask16>((1u << (n - i)) - 1);  // n - i < 16
+            const VecF wv = C::load(w + i, m);
+            for (int r = 0; r < NA; ++r) acc[r][0] = fmadd(wv, C::load(act_row<T>(va, as, r) + i, m), acc[r][0]);
+        }
+#endif
+        for (int r = 0; r < NA; ++r) {
+            VecF s = acc[r][0];
+            for (int u = 1; u < U; ++u) s = fadd(s, acc[r][u]);
+            float total = fsum(s);
+#if TANDEM_DOT_LEVEL < 3
+            const T* a = act_row<T>(va, as, r);
+            for (int64_t j = i; j < n; ++j) total += C::scalar(w[j]) * C::scalar(a[j]);
+#endif
+            out[r] = total;
+        }
+    }
+};
+
+}  // namespace
+
+DotKernel kernel(GgmlType wtype) {
+    switch (wtype) {
+        case GgmlType::F32: return &by_rows<Floats<CvtF32>>;
+        case GgmlType::F16: return &by_rows<Floats<CvtF16>>;
+        case GgmlType::BF16: return &by_rows<Floats<CvtBF16>>;
+        case GgmlType::Q4_0: return &by_rows<Blocks32<UnpackQ4_0>>;
+        case GgmlType::Q4_1: return &by_rows<Blocks32<UnpackQ4_1>>;
+        case GgmlType::Q5_0: return &by_rows<Blocks32<UnpackQ5_0>>;
+        case GgmlType::Q5_1: return &by_rows<Blocks32<UnpackQ5_1>>;
+        case GgmlType::Q8_0: return &by_rows<Blocks32<UnpackQ8_0>>;
+        case GgmlType::Q4_K: return &by_rows<QxK<false>>;
+        case GgmlType::Q5_K: return &by_rows<QxK<true>>;
+        case GgmlType::Q6_K: return &by_rows<Q6K>;
+        default: return nullptr;
+    }
+}
+
+}  // namespace tandem::detail::TANDEM_DOT_NS

@@ -1,0 +1,156 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace tandem {
+namespace {
+
+// Rows of a weight matrix one task computes: small enough that 2+ threads balance on a decode
+// GEMV, large enough to amortize the task hand-out (a 64-row Q4_K slab of a 7168-wide matrix is 258 KB).
+constexpr int64_t kRowsPerTask = 64;
+
+size_t act_row_bytes(const Weight& w) {
+    return row_size(type_info(static_cast<int32_t>(w.type))->act_type, w.cols);
+}
+
+GgmlType act_type(const Weight& w) { return type_info(static_cast<int32_t>(w.type))->act_type; }
+
+// Quantize T rows of X [T, K] to fmt into dst (row stride `stride` bytes), rows spread over the pool.
+void quantize_rows(ThreadPool& pool, GgmlType fmt, const float* X, int64_t T, int64_t K, uint8_t* dst,
+                   size_t stride) {
+    pool.parallel_for(T, [&](int64_t t, int) { quantize_activation_row(fmt, X + t * K, dst + t * stride, K); });
+}
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+}  // namespace
+
+void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float* Y, Isa isa) {
+    const size_t a_stride = act_row_bytes(w);
+    std::vector<uint8_t> A(static_cast<size_t>(T) * a_stride);
+    quantize_rows(pool, act_type(w), X, T, w.cols, A.data(), a_stride);
+    const int64_t n_tasks = (w.rows + kRowsPerTask - 1) / kRowsPerTask;
+    pool.parallel_for(n_tasks, [&](int64_t task, int) {
+        const int64_t r0 = task * kRowsPerTask, r1 = std::min(w.rows, r0 + kRowsPerTask);
+        matmul_rows(w.type, w.cols, w.data, w.row_stride, r0, r1, A.data(), a_stride, T, Y, w.rows, isa);
+    });
+}
+
+void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,
+         int A, const Expert* experts, int64_t E, const Expert* shared, int n_shared, const uint8_t* skip,
+         float* out, Isa isa) {
+    // 1. who goes where: per expert (routed, then shared) the tokens and their weights
+    struct Job {
+        const Expert* expert;
+        std::vector<int64_t> tokens;
+        std::vector<float> weight;
+        std::vector<uint8_t> x_q;   // gathered quantized inputs [n, act bytes of gate/up]
+        std::vector<float> h;       // silu(gate) * up [n, I]
+        std::vector<uint8_t> h_q;   // h quantized for down
+    };
+    std::vector<Job> jobs;
+    std::vector<int64_t> slot_of(E, -1);
+    for (int64_t t = 0; t < T; ++t) {
+        for (int a = 0; a < A; ++a) {
+            const int64_t e = ids[t * A + a];
+            if (e < 0 || (skip && skip[e])) continue;
+            if (slot_of[e] < 0) {
+                slot_of[e] = static_cast<int64_t>(jobs.size());
+                jobs.push_back(Job{&experts[e], {}, {}, {}, {}, {}});
+            }
+            Job& j = jobs[slot_of[e]];
+            j.tokens.push_back(t);
+            j.weight.push_back(weights[t * A + a]);
+        }
+    }
+    // routed experts in ascending id order (the order the reference sums them in), shared last
+    std::sort(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) { return a.expert < b.expert; });
+    for (int s = 0; s < n_shared; ++s) {
+        Job j{&shared[s], {}, {}, {}, {}, {}};
+        for (int64_t t = 0; t < T; ++t) {
+            j.tokens.push_back(t);
+            j.weight.push_back(1.0f);
+        }
+        jobs.push_back(std::move(j));
+    }
+    std::memset(out, 0, sizeof(float) * static_cast<size_t>(T * H));
+    if (jobs.empty()) return;
+
+    // 2. the inputs, quantized once per activation format, gathered per expert
+    std::vector<std::pair<GgmlType, std::vector<uint8_t>>> quantized;
+    auto quantized_for = [&](const Weight& w) -> const std::vector<uint8_t>& {
+        for (auto& q : quantized)
+            if (q.first == act_type(w)) return q.second;
+        quantized.emplace_back(act_type(w), std::vector<uint8_t>(static_cast<size_t>(T) * act_row_bytes(w)));
+        quantize_rows(pool, act_type(w), X, T, H, quantized.back().second.data(), act_row_bytes(w));
+        return quantized.back().second;
+    };
+    for (Job& j : jobs) {
+        const Weight& g = j.expert->gate;
+        const size_t rb = act_row_bytes(g);
+        const std::vector<uint8_t>& q = quantized_for(g);
+        if (act_type(j.expert->up) != act_type(g)) throw std::invalid_argument("gate and up of an expert must share an activation format");
+        j.x_q.resize(j.tokens.size() * rb);
+        for (size_t i = 0; i < j.tokens.size(); ++i) std::memcpy(&j.x_q[i * rb], &q[j.tokens[i] * rb], rb);
+        j.h.resize(j.tokens.size() * g.rows);
+    }
+
+    // 3. gate and up, in slabs of rows per (expert, slab) task; silu(gate) * up in place
+    std::vector<std::pair<int, int64_t>> tasks;  // (job, first row)
+    for (size_t ji = 0; ji < jobs.size(); ++ji)
+        for (int64_t r = 0; r < jobs[ji].expert->gate.rows; r += kRowsPerTask) tasks.emplace_back(static_cast<int>(ji), r);
+    const int64_t max_n = std::max_element(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) {
+                              return a.tokens.size() < b.tokens.size();
+                          })->tokens.size();
+    std::vector<std::vector<float>> scratch(pool.threads(), std::vector<float>(static_cast<size_t>(max_n) * kRowsPerTask * 2));
+    pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti, int thread) {
+        Job& j = jobs[tasks[ti].first];
+        const Weight &g = j.expert->gate, &u = j.expert->up;
+        const int64_t n = static_cast<int64_t>(j.tokens.size()), I = g.rows;
+        const int64_t r0 = tasks[ti].second, r1 = std::min(I, r0 + kRowsPerTask), rows = r1 - r0;
+        float* gy = scratch[thread].data();
+        float* uy = gy + n * rows;
+        const size_t rb = act_row_bytes(g);
+        // matmul_rows writes Y[t * stride + r]; offset the output so row r0 lands in column 0
+        matmul_rows(g.type, g.cols, g.data, g.row_stride, r0, r1, j.x_q.data(), rb, n, gy - r0, rows, isa);
+        matmul_rows(u.type, u.cols, u.data, u.row_stride, r0, r1, j.x_q.data(), rb, n, uy - r0, rows, isa);
+        for (int64_t t = 0; t < n; ++t)
+            for (int64_t r = 0; r < rows; ++r) j.h[t * I + r0 + r] = silu(gy[t * rows + r]) * uy[t * rows + r];
+    });
+
+    // 4. quantize each expert's hidden rows for its down projection
+    std::vector<std::pair<int, int64_t>> rows_q;  // (job, token index)
+    for (size_t ji = 0; ji < jobs.size(); ++ji) {
+        Job& j = jobs[ji];
+        j.h_q.resize(j.tokens.size() * act_row_bytes(j.expert->down));
+        for (size_t i = 0; i < j.tokens.size(); ++i) rows_q.emplace_back(static_cast<int>(ji), static_cast<int64_t>(i));
+    }
+    pool.parallel_for(static_cast<int64_t>(rows_q.size()), [&](int64_t k, int) {
+        Job& j = jobs[rows_q[k].first];
+        const int64_t i = rows_q[k].second, I = j.expert->gate.rows;
+        const size_t rb = act_row_bytes(j.expert->down);
+        quantize_activation_row(act_type(j.expert->down), &j.h[i * I], &j.h_q[i * rb], I);
+    });
+
+    // 5. down projections by slabs of output rows: every task owns its slab of `out`, and sums the
+    //    experts in job order, so the result does not depend on the thread count
+    const int64_t n_slabs = (H + kRowsPerTask - 1) / kRowsPerTask;
+    pool.parallel_for(n_slabs, [&](int64_t slab, int thread) {
+        const int64_t r0 = slab * kRowsPerTask, r1 = std::min(H, r0 + kRowsPerTask), rows = r1 - r0;
+        float* y = scratch[thread].data();
+        for (Job& j : jobs) {
+            const Weight& d = j.expert->down;
+            const int64_t n = static_cast<int64_t>(j.tokens.size());
+            matmul_rows(d.type, d.cols, d.data, d.row_stride, r0, r1, j.h_q.data(), act_row_bytes(d), n, y - r0, rows, isa);
+            for (int64_t i = 0; i < n; ++i) {
+                float* o = out + j.tokens[i] * H + r0;
+                const float w = j.weight[i];
+                for (int64_t r = 0; r < rows; ++r) o[r] += w * y[i * rows + r];
+            }
+        }
+    });
+}
+
+}  // namespace tandem

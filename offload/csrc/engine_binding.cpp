@@ -1,0 +1,201 @@
+// Python binding of the engine: _C.Engine(threads) with linear / moe / moe_submit / wait.
+// Thin: shapes, dtypes and ids are checked here (ValueError naming the argument and the fix);
+// arrays cross as raw pointers (numpy, or torch through DLPack - no torch linkage).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "engine.h"
+
+namespace nb = nanobind;
+using namespace tandem;
+
+namespace {
+
+using Any = nb::ndarray<nb::ro, nb::device::cpu>;
+using F32 = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
+using CF32 = nb::ndarray<nb::ro, float, nb::device::cpu, nb::c_contig>;
+using I64 = nb::ndarray<nb::ro, int64_t, nb::device::cpu, nb::c_contig>;
+using U8 = nb::ndarray<nb::ro, uint8_t, nb::device::cpu, nb::c_contig>;
+
+[[noreturn]] void fail(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+
+bool c_contiguous(const Any& a) {
+    int64_t expect = 1;
+    for (int i = static_cast<int>(a.ndim()) - 1; i >= 0; --i) {
+        if (a.shape(i) > 1 && a.stride(i) != expect) return false;
+        expect *= static_cast<int64_t>(a.shape(i));
+    }
+    return true;
+}
+
+const TypeInfo& weight_type(int id, const char* what) {
+    const TypeInfo* t = type_info(id);
+    if (!t || !t->is_weight)
+        fail(std::string(what) + ": ggml type id " + std::to_string(id) + " is not a weight type the engine runs; "
+             "re-quantize with `tandem convert --quant q4_k_m` (or q8_0)");
+    return *t;
+}
+
+// A stack of `count` matrices [count, rows, row bytes] (count = 1: a 2-D matrix) in `type`, cols values per row.
+std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char* what) {
+    const TypeInfo& t = weight_type(type_id, what);
+    if (!c_contiguous(a)) fail(std::string(what) + " is not C-contiguous");
+    if (a.ndim() != 2 && a.ndim() != 3) fail(std::string(what) + " must be 2-D or 3-D");
+    if (cols % t.block_size) fail(std::string(what) + ": rows of " + std::to_string(cols) + " values do not split into " +
+                                  t.name + " blocks of " + std::to_string(t.block_size));
+    const int64_t count = a.ndim() == 3 ? a.shape(0) : 1, rows = a.shape(a.ndim() - 2);
+    const size_t rb = row_size(static_cast<GgmlType>(type_id), cols);
+    if (a.nbytes() != static_cast<size_t>(count * rows) * rb)
+        fail(std::string(what) + ": " + std::to_string(a.nbytes()) + " bytes do not hold " + std::to_string(count * rows) +
+             " rows of " + std::to_string(cols) + " " + t.name + " values (" + std::to_string(rb) + " bytes each)");
+    std::vector<Weight> out;
+    for (int64_t i = 0; i < count; ++i)
+        out.push_back(Weight{static_cast<GgmlType>(type_id), static_cast<const uint8_t*>(a.data()) + i * rows * rb,
+                             rows, cols, rb});
+    return out;
+}
+
+void check_2d(const Any& a, int64_t r, int64_t c, const char* what) {
+    if (a.ndim() != 2 || static_cast<int64_t>(a.shape(0)) != r || static_cast<int64_t>(a.shape(1)) != c)
+        fail(std::string(what) + " must have shape [" + std::to_string(r) + ", " + std::to_string(c) + "]");
+}
+
+struct EngineHandle {
+    explicit EngineHandle(int threads) : pool(threads) {}
+    ThreadPool pool;
+    std::vector<nb::object> keep_alive;  // inputs of the running async call
+};
+
+using SharedSpec = std::tuple<Any, int, Any, int, Any, int>;  // gate, type, up, type, down, type
+
+struct MoeCall {
+    std::vector<Expert> experts, shared;
+    std::vector<uint8_t> skip;
+    const float* x;
+    const int64_t* ids;
+    const float* w;
+    float* out;
+    int64_t T, H, E;
+    int A;
+    Isa isa;
+};
+
+MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type, const Any& up,
+                    int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
+                    const std::optional<U8>& skip, const F32& out, const std::string& isa) {
+    MoeCall c{};
+    if (x.ndim() != 2) fail("x must be [tokens, hidden] float32");
+    c.T = x.shape(0);
+    c.H = x.shape(1);
+    if (ids.ndim() != 2 || static_cast<int64_t>(ids.shape(0)) != c.T) fail("ids must be [tokens, top_k] int64");
+    c.A = static_cast<int>(ids.shape(1));
+    check_2d(Any(weights), c.T, c.A, "weights");
+    check_2d(Any(out), c.T, c.H, "out");
+    if (gate.ndim() != 3) fail("gate must be the 3-D expert stack [experts, intermediate, row bytes]");
+    c.E = gate.shape(0);
+    const int64_t I = gate.shape(1);
+    auto g = matrices(gate, gate_type, c.H, "gate"), u = matrices(up, up_type, c.H, "up"), d = matrices(down, down_type, I, "down");
+    if (static_cast<int64_t>(u.size()) != c.E || static_cast<int64_t>(d.size()) != c.E || u[0].rows != I || d[0].rows != c.H)
+        fail("up must be [experts, intermediate, ...] and down [experts, hidden, ...] like gate");
+    for (int64_t e = 0; e < c.E; ++e) c.experts.push_back(Expert{g[e], u[e], d[e]});
+    for (size_t s = 0; s < shared.size(); ++s) {
+        const auto& [sg, sgt, su, sut, sd, sdt] = shared[s];
+        auto a = matrices(sg, sgt, c.H, "shared gate"), b = matrices(su, sut, c.H, "shared up");
+        if (a.size() != 1 || b.size() != 1 || a[0].rows != b[0].rows) fail("shared gate/up must be 2-D [intermediate, ...]");
+        auto dd = matrices(sd, sdt, a[0].rows, "shared down");
+        if (dd.size() != 1 || dd[0].rows != c.H) fail("shared down must be 2-D [hidden, ...]");
+        c.shared.push_back(Expert{a[0], b[0], dd[0]});
+    }
+    const int64_t* id = ids.data();
+    for (int64_t i = 0; i < c.T * c.A; ++i)
+        if (id[i] < -1 || id[i] >= c.E)
+            fail("ids holds " + std::to_string(id[i]) + ", outside -1 (skip) .. " + std::to_string(c.E - 1));
+    if (skip) {
+        if (skip->ndim() != 1 || static_cast<int64_t>(skip->shape(0)) != c.E) fail("skip must be uint8 [experts]");
+        c.skip.assign(skip->data(), skip->data() + c.E);
+    }
+    c.x = x.data();
+    c.ids = id;
+    c.w = weights.data();
+    c.out = out.data();
+    try {
+        c.isa = parse_isa(isa.c_str());
+    } catch (const std::invalid_argument& e) {
+        fail(e.what());
+    }
+    return c;
+}
+
+void run_moe(ThreadPool& pool, const MoeCall& c) {
+    moe(pool, c.x, c.T, c.H, c.ids, c.w, c.A, c.experts.data(), c.E, c.shared.data(), static_cast<int>(c.shared.size()),
+        c.skip.empty() ? nullptr : c.skip.data(), c.out, c.isa);
+}
+
+}  // namespace
+
+void register_engine(nb::module_& m) {
+    nb::class_<EngineHandle>(m, "Engine", "The CPU engine: a persistent thread pool and the ops that run on it.")
+        .def(nb::init<int>(), nb::arg("threads"))
+        .def_prop_ro("threads", [](EngineHandle& h) { return h.pool.threads(); })
+        .def(
+            "linear",
+            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, F32 out, const std::string& isa) {
+                if (x.ndim() != 2) fail("x must be [tokens, in_features] float32");
+                auto w = matrices(weight, wtype, x.shape(1), "weight");
+                if (w.size() != 1) fail("weight must be a 2-D matrix");
+                check_2d(Any(out), x.shape(0), w[0].rows, "out");
+                Isa level;
+                try {
+                    level = parse_isa(isa.c_str());
+                } catch (const std::invalid_argument& e) {
+                    fail(e.what());
+                }
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                linear(h.pool, w[0], x.data(), x.shape(0), out.data(), level);
+            },
+            nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
+            "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
+        .def(
+            "moe",
+            [](EngineHandle& h, const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type,
+               const Any& up, int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
+               const std::optional<U8>& skip, F32 out, const std::string& isa, bool async) {
+                MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip, out, isa);
+                h.pool.wait();
+                if (async) {
+                    h.keep_alive = {nb::cast(x), nb::cast(ids), nb::cast(weights), nb::cast(gate), nb::cast(up),
+                                    nb::cast(down), nb::cast(out)};
+                    auto call = std::make_shared<MoeCall>(std::move(c));
+                    h.pool.submit([&pool = h.pool, call] { run_moe(pool, *call); });
+                    return;
+                }
+                nb::gil_scoped_release release;
+                run_moe(h.pool, c);
+            },
+            nb::arg("x"), nb::arg("ids"), nb::arg("weights"), nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"),
+            nb::arg("up_type"), nb::arg("down"), nb::arg("down_type"), nb::arg("shared") = std::vector<SharedSpec>(),
+            nb::arg("skip") = nb::none(), nb::arg("out"), nb::arg("isa") = "auto", nb::arg("async_") = false,
+            "Fused MoE: out = sum_a weights[t,a] * expert[ids[t,a]](x[t]) + sum of shared experts. With "
+            "async_=True it returns at once and runs on the pool; call wait() before reading out.")
+        .def(
+            "wait",
+            [](EngineHandle& h) {
+                {
+                    nb::gil_scoped_release release;
+                    h.pool.wait();
+                }
+                h.keep_alive.clear();
+            },
+            "Block until the asynchronous call finished (re-raising its error).");
+}

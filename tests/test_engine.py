@@ -1,0 +1,139 @@
+"""The engine's linear and fused MoE ops against a numpy reference built on quant/ (dequantized
+weights, activations rounded the way llama.cpp rounds them), for every weight type and ISA here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+import offload
+from local.models.layers import ACTIVATION_FORMAT, quantize_activation
+from offload.engine import CpuEngine, QuantWeight
+from quant.formats import dequantize, quantize
+
+TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+ISAS = offload.supported_isas()
+
+
+def make_weight(rng, typ: str, shape) -> tuple[QuantWeight, np.ndarray]:
+    """(engine weight, its dequantized float64 values) for random data of `shape` [..., rows, cols]."""
+    w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    if typ == "F32":
+        return QuantWeight(typ, w, shape[-1]), w.astype(np.float64)
+    if typ == "F16":
+        h = w.astype(np.float16)
+        return QuantWeight(typ, h, shape[-1]), h.astype(np.float64)
+    data = quantize(w, QT[typ])
+    return QuantWeight(typ, data, shape[-1]), dequantize(data, QT[typ]).astype(np.float64)
+
+
+def act(x: np.ndarray, typ: str) -> np.ndarray:
+    """Activations as the engine feeds them to a `typ` weight (llama.cpp's rounding)."""
+    return quantize_activation(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                               ACTIVATION_FORMAT.get(typ)).double().numpy()
+
+
+def cols_for(typ: str) -> int:
+    return 512 if typ.endswith("_K") else 96
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("typ", TYPES)
+@pytest.mark.parametrize("T", [1, 3, 33])
+def test_linear(typ, isa, T):
+    rng = np.random.default_rng(0)
+    K, N = cols_for(typ), 37
+    w, wf = make_weight(rng, typ, (N, K))
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    got = CpuEngine(threads=2, isa=isa).linear(w, x)
+    want = act(x, typ) @ wf.T
+    scale = np.abs(act(x, typ)) @ np.abs(wf).T
+    # only float summation order differs - except Q4_1/Q5_1, whose Q8_1 activations carry their block
+    # sums as f16 (the m_w * s_a term, as in llama.cpp): up to 2^-11 relative on that term
+    tol = 1e-3 if typ in ("Q4_1", "Q5_1") else 1e-5
+    assert np.all(np.abs(got - want) <= tol * scale + 1e-6), np.abs(got - want).max()
+
+
+def moe_reference(x, ids, weights, gate, up, down, shared, gtyp, dtyp):
+    """float64 reference: per token, per slot, down(silu(gate x) * up x) with llama.cpp's rounding."""
+    T, H = x.shape
+    out = np.zeros((T, H))
+    xq = act(x, gtyp)
+    for t in range(T):
+        for e in sorted(set(int(i) for i in ids[t] if i >= 0)):
+            w = sum(float(weights[t, a]) for a in range(ids.shape[1]) if ids[t, a] == e)
+            g, u = gate[e] @ xq[t], up[e] @ xq[t]
+            h = (g / (1 + np.exp(-g))) * u
+            out[t] += w * (down[e] @ act(h[None], dtyp)[0])
+        for sg, su, sd in shared:
+            g, u = sg @ xq[t], su @ xq[t]
+            out[t] += sd @ act(((g / (1 + np.exp(-g))) * u)[None], dtyp)[0]
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("gtyp,dtyp", [("Q4_K", "Q6_K"), ("Q4_K", "Q5_0"), ("Q8_0", "Q8_0"), ("Q5_K", "Q4_0"),
+                                       ("BF16", "F16")])
+@pytest.mark.parametrize("T,A", [(1, 6), (2, 8), (7, 3), (33, 4)])
+def test_moe(gtyp, dtyp, isa, T, A):
+    rng = np.random.default_rng(1)
+    E, H, I = 8, 256, 96 if not dtyp.endswith("_K") else 256
+    g, gf = make_weight(rng, gtyp, (E, I, H))
+    u, uf = make_weight(rng, gtyp, (E, I, H))
+    d, df = make_weight(rng, dtyp, (E, H, I))
+    sg, sgf = make_weight(rng, gtyp, (I, H))
+    su, suf = make_weight(rng, gtyp, (I, H))
+    sd, sdf = make_weight(rng, dtyp, (H, I))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(-1, E, (T, A))
+    ids[0, 0] = ids[0, -1] = 3  # a duplicate id: both slots count
+    weights = rng.random((T, A)).astype(np.float32)
+    want = moe_reference(x, ids, weights, gf, uf, df, [(sgf, suf, sdf)], gtyp, dtyp)
+    for threads in (1, 2):
+        got = CpuEngine(threads=threads, isa=isa).moe(x, ids, weights, g, u, d, shared=[(sg, su, sd)])
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 2e-3, (threads, err)
+
+
+def test_moe_skip_mask_and_async():
+    rng = np.random.default_rng(2)
+    E, H, I, T, A = 8, 256, 256, 5, 4
+    g, gf = make_weight(rng, "Q4_K", (E, I, H))
+    u, uf = make_weight(rng, "Q4_K", (E, I, H))
+    d, df = make_weight(rng, "Q6_K", (E, H, I))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(0, E, (T, A))
+    weights = rng.random((T, A)).astype(np.float32)
+    skip = np.zeros(E, np.uint8)
+    skip[ids[0, 0]] = 1
+    engine = CpuEngine(threads=2)
+    out = np.empty_like(x)
+    engine.moe(x, ids, weights, g, u, d, skip=skip, out=out, async_=True)
+    engine.wait()
+    masked = np.where(ids == ids[0, 0], -1, ids)
+    want = moe_reference(x, masked, weights, gf, uf, df, [], "Q4_K", "Q6_K")
+    assert np.abs(out - want).max() <= 2e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda e, w, x: e.linear(w, x[:, :100]), "do not hold|split into"),
+    (lambda e, w, x: e.linear(QuantWeight("Q4_K", np.ascontiguousarray(w.data[:, :-1]), 512), x), "bytes do not hold"),
+    (lambda e, w, x: e.linear(QuantWeight("Q4_K", w.data[:, :-1], 512), x), "not C-contiguous"),
+])
+def test_linear_bad_shapes(call, match):
+    rng = np.random.default_rng(3)
+    w, _ = make_weight(rng, "Q4_K", (8, 512))
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        call(CpuEngine(threads=1), w, x)
+
+
+def test_moe_bad_ids():
+    rng = np.random.default_rng(4)
+    g, _ = make_weight(rng, "Q8_0", (4, 64, 64))
+    d, _ = make_weight(rng, "Q8_0", (4, 64, 64))
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="ids holds 9"):
+        CpuEngine(threads=1).moe(x, np.array([[0, 9], [1, 2]]), np.ones((2, 2), np.float32), g, g, d)
