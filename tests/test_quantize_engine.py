@@ -68,6 +68,16 @@ def test_shapes(qtype, isa):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+def test_threads_split_blocks(qtype):
+    """Enough blocks that 2, 3 and 5 threads really split the work (ragged ranges included)."""
+    x = realistic(np.random.default_rng(4), 67, 4096)
+    want = F.quantize(x, qtype)
+    for isa in ISAS:
+        for threads in (2, 3, 5):
+            assert np.array_equal(offload.quantize(x, qtype, threads=threads, isa=isa), want), (isa, threads)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 def test_special_values(qtype):
     """Zeros (both signs), constants, huge/tiny magnitudes, a single nonzero, inf and NaN, per block."""
     bs = F.block_size(qtype)

@@ -4,6 +4,7 @@
 #include "dot.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -116,13 +117,12 @@ uint16_t float_to_bf16(float f) {
 
 namespace {
 
-// Round half to even for |v| < 2^22 (the 1.5*2^23 trick); anything else (NaN, huge) gives what
-// _mm256_cvtps_epi32 gives, INT_MIN, which the x86 quantizer's saturating packs turn into -128.
-int round_even_i8(float v) {
-    if (!(std::fabs(v) < 4194304.0f)) return -128;
+// _mm256_cvtps_epi32(_mm256_round_ps(v, NEAREST)): half to even for |v| < 2^22 (the 1.5*2^23 trick),
+// INT_MIN for anything else (NaN, overflow), which the x86 quantizer's saturating packs make -128.
+int32_t round_even_i32(float v) {
+    if (!(std::fabs(v) < 4194304.0f)) return INT32_MIN;
     const float t = v + 12582912.0f;
-    const int i = static_cast<int>(bits_of(t) & 0x007FFFFFu) - 0x00400000;
-    return std::clamp(i, -128, 127);
+    return static_cast<int32_t>(bits_of(t) & 0x007FFFFFu) - 0x00400000;
 }
 
 // llama.cpp's nearest_int (no range check, as its release build).
@@ -131,18 +131,20 @@ int nearest_int(float v) {
     return static_cast<int>(bits_of(t) & 0x007FFFFFu) - 0x00400000;
 }
 
-// Q8_0 / Q8_1 block: returns d (f32) and the sum of the quants.
-float q8_block(const float* x, int8_t* qs, int& sum) {
+// Q8_0 / Q8_1 block (llama.cpp's x86 quantize_row_q8_0 / q8_1): returns d (f32) and the int32 sum of the
+// rounded values before packing (wrapping like the vector adds; it only matters when 127/amax overflows).
+float q8_block(const float* x, int8_t* qs, int32_t& sum) {
     float amax = 0.0f;
     for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(x[j]));
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-    sum = 0;
+    uint32_t s = 0;
     for (int j = 0; j < QK8_0; ++j) {
-        const int q = round_even_i8(x[j] * id);
-        qs[j] = static_cast<int8_t>(q);
-        sum += q;
+        const int32_t q = round_even_i32(x[j] * id);
+        qs[j] = static_cast<int8_t>(std::clamp<int32_t>(q, -128, 127));
+        s += static_cast<uint32_t>(q);
     }
+    sum = static_cast<int32_t>(s);
     return d;
 }
 
@@ -173,7 +175,7 @@ void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n)
         case GgmlType::Q8_0: {
             auto* y = static_cast<block_q8_0*>(dst);
             for (int64_t i = 0; i < n / QK8_0; ++i) {
-                int sum;
+                int32_t sum;
                 y[i].d = float_to_half(q8_block(x + i * QK8_0, y[i].qs, sum));
             }
             return;
@@ -181,7 +183,7 @@ void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n)
         case GgmlType::Q8_1: {
             auto* y = static_cast<block_q8_1*>(dst);
             for (int64_t i = 0; i < n / QK8_0; ++i) {
-                int sum;
+                int32_t sum;
                 const float d = q8_block(x + i * QK8_0, y[i].qs, sum);
                 y[i].d = float_to_half(d);
                 y[i].s = float_to_half(d * static_cast<float>(sum));

@@ -8,6 +8,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
@@ -141,6 +143,35 @@ void run_moe(ThreadPool& pool, const MoeCall& c) {
         c.skip.empty() ? nullptr : c.skip.data(), c.out, c.isa);
 }
 
+// GB/s of streaming reads over a buffer far larger than the caches, on `threads` threads.
+double read_bandwidth(ThreadPool& pool, size_t bytes, int repeats) {
+    const size_t n = bytes / sizeof(uint64_t);
+    std::vector<uint64_t> buf(n);
+    for (size_t i = 0; i < n; i += 512) buf[i] = i;  // touch every page
+    const int64_t chunks = pool.threads() * 16;
+    std::vector<uint64_t> sink(pool.threads() * 8, 0);
+    double best = 0;
+    for (int r = 0; r < repeats; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        pool.parallel_for(chunks, [&](int64_t c, int thread) {
+            const size_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
+            uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+            for (size_t i = lo; i + 4 <= hi; i += 4) {
+                a0 ^= buf[i];
+                a1 ^= buf[i + 1];
+                a2 ^= buf[i + 2];
+                a3 ^= buf[i + 3];
+            }
+            sink[thread * 8] += a0 ^ a1 ^ a2 ^ a3;
+        });
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, static_cast<double>(n * sizeof(uint64_t)) / s / 1e9);
+    }
+    volatile uint64_t keep = sink[0];
+    (void)keep;
+    return best;
+}
+
 }  // namespace
 
 void register_engine(nb::module_& m) {
@@ -188,6 +219,14 @@ void register_engine(nb::module_& m) {
             nb::arg("skip") = nb::none(), nb::arg("out"), nb::arg("isa") = "auto", nb::arg("async_") = false,
             "Fused MoE: out = sum_a weights[t,a] * expert[ids[t,a]](x[t]) + sum of shared experts. With "
             "async_=True it returns at once and runs on the pool; call wait() before reading out.")
+        .def(
+            "read_bandwidth",
+            [](EngineHandle& h, size_t bytes, int repeats) {
+                nb::gil_scoped_release release;
+                return read_bandwidth(h.pool, bytes, repeats);
+            },
+            nb::arg("bytes") = size_t(1) << 30, nb::arg("repeats") = 5,
+            "Best GB/s of streaming reads over `bytes` on this engine's threads (the memory roofline).")
         .def(
             "wait",
             [](EngineHandle& h) {

@@ -1,0 +1,186 @@
+"""`python -m offload.bench [--json]`: the CPU engine against the memory roofline and its peers.
+
+Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight type on matrices far
+larger than the L3 cache; microseconds per MoE layer at T=1 and tokens/s at T=128 for a
+DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call, working
+set > L3); the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
+thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import _C, best_isa
+from .engine import GGML_IDS, CpuEngine, QuantWeight, default_threads
+
+BLOCK = {"Q4_0": (32, 18, [0]), "Q5_0": (32, 22, [0]), "Q8_0": (32, 34, [0]), "Q4_1": (32, 20, [0, 2]),
+         "Q5_1": (32, 24, [0, 2]), "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208])}
+
+
+def random_weight(rng, typ: str, shape: tuple[int, ...]) -> QuantWeight:
+    """Valid random blocks of `typ` (small finite f16 scales), shape [..., rows, cols] - built in
+    milliseconds, so the benchmark can afford gigabytes of experts."""
+    *lead, rows, cols = shape
+    if typ in ("F32", "F16", "BF16"):
+        dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[typ]
+        data = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        if typ == "BF16":
+            data = (data.view(np.uint32) >> 16).astype(np.uint16)
+        return QuantWeight(typ, data.astype(dtype, copy=False), cols)
+    bs, ts, halves = BLOCK[typ]
+    data = rng.integers(0, 256, (*lead, rows, cols // bs, ts), dtype=np.uint8)
+    scale = (rng.random((*lead, rows, cols // bs), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
+    for off in halves:
+        data[..., off:off + 2] = scale.view(np.uint8).reshape(*scale.shape, 2)
+    return QuantWeight(typ, data.reshape(*lead, rows, -1), cols)
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """(mean, stdev) seconds of fn() over repeats, warm-up excluded."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.mean(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+
+
+def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int) -> dict:
+    out = {}
+    cols = 8192
+    for typ in types:
+        probe = random_weight(rng, typ, (1, cols))
+        rows = max(64, target_bytes // probe.data.nbytes)
+        w = random_weight(rng, typ, (rows, cols))
+        x = rng.standard_normal((1, cols), dtype=np.float32)
+        y = np.empty((1, rows), np.float32)
+        mean, _ = timed(lambda: engine.linear(w, x, y), repeats=10)
+        out[typ] = w.data.nbytes / mean / 1e9
+        print(f"  gemv {typ:<5} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s", file=sys.stderr)
+    return out
+
+
+LAYERS = {
+    # DeepSeek-V2-Lite: types as llama.cpp's Q4_K_M gives them on an ordinary layer
+    # (ffn_down_exps has 1408-wide rows: Q4_K falls back to Q5_0)
+    "deepseek-v2-lite": dict(H=2048, I=1408, E=64, A=6, n_shared=2, gate="Q4_K", down="Q5_0",
+                             shared_gate="Q4_K", shared_down="Q4_K"),
+    # DeepSeek-V3 shapes, 64 of the 256 experts in RAM (only the 8 selected are read per token)
+    "deepseek-v3": dict(H=7168, I=2048, E=64, A=8, n_shared=1, gate="Q4_K", down="Q4_K",
+                        shared_gate="Q4_K", shared_down="Q4_K", E_model=256),
+}
+
+
+def make_layer(rng, spec):
+    H, I, E = spec["H"], spec["I"], spec["E"]
+    gate, up = random_weight(rng, spec["gate"], (E, I, H)), random_weight(rng, spec["gate"], (E, I, H))
+    down = random_weight(rng, spec["down"], (E, H, I))
+    si = I * spec["n_shared"]
+    shared = [(random_weight(rng, spec["shared_gate"], (si, H)), random_weight(rng, spec["shared_gate"], (si, H)),
+               random_weight(rng, spec["shared_down"], (H, si)))] if spec["n_shared"] else []
+    return gate, up, down, shared
+
+
+def random_route(rng, T: int, E: int, A: int):
+    ids = np.stack([rng.choice(E, A, replace=False) for _ in range(T)]).astype(np.int64)
+    w = rng.random((T, A), dtype=np.float32)
+    return ids, w / w.sum(1, keepdims=True)
+
+
+def bench_moe_engine(engine, rng, spec, layer, T: int, repeats: int) -> tuple[float, float]:
+    gate, up, down, shared = layer
+    x = rng.standard_normal((T, spec["H"]), dtype=np.float32)
+    out = np.empty_like(x)
+    routes = [random_route(rng, T, spec["E"], spec["A"]) for _ in range(8)]
+    k = iter(range(10**9))
+
+    def call():
+        ids, w = routes[next(k) % len(routes)]
+        engine.moe(x, ids, w, gate, up, down, shared=shared, out=out)
+    return timed(call, repeats)
+
+
+def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int) -> float:
+    """The same layer in torch bf16 (weights dequantized to bf16; only the selected experts are read)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    H, I, E, A = spec["H"], spec["I"], spec["E"], spec["A"]
+    g = torch.randn(E, I, H, dtype=torch.bfloat16) * 0.02
+    u = torch.randn(E, I, H, dtype=torch.bfloat16) * 0.02
+    d = torch.randn(E, H, I, dtype=torch.bfloat16) * 0.02
+    si = I * spec["n_shared"]
+    sg, su, sd = (torch.randn(si, H, dtype=torch.bfloat16) * 0.02, torch.randn(si, H, dtype=torch.bfloat16) * 0.02,
+                  torch.randn(H, si, dtype=torch.bfloat16) * 0.02)
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    routes = [random_route(rng, T, E, A) for _ in range(8)]
+    k = iter(range(10**9))
+
+    @torch.inference_mode()
+    def call():
+        ids, w = routes[next(k) % len(routes)]
+        ids, w = torch.from_numpy(ids), torch.from_numpy(w).to(torch.bfloat16)
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            h = torch.nn.functional.silu(x[tok] @ g[e].T) * (x[tok] @ u[e].T)
+            out.index_add_(0, tok, (h @ d[e].T) * w[tok, slot, None])
+        if spec["n_shared"]:
+            out += (torch.nn.functional.silu(x @ sg.T) * (x @ su.T)) @ sd.T
+        return out
+    return timed(call, repeats)[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: physical cores)")
+    p.add_argument("--gemv-mib", type=int, default=512, help="bytes per GEMV matrix, MiB (default 512)")
+    p.add_argument("--repeats", type=int, default=50, help="timed MoE calls at T=1 (default 50)")
+    p.add_argument("--no-peers", action="store_true", help="skip torch and kt-kernel")
+    args = p.parse_args(argv)
+    threads = args.threads or default_threads()
+    rng = np.random.default_rng(0)
+    engine = CpuEngine(threads)
+    result = {"threads": threads, "isa": best_isa()}
+    result["read_gbs"] = _C.Engine(threads).read_bandwidth()
+    print(f"read bandwidth {result['read_gbs']:.1f} GB/s ({threads} threads, {best_isa()})", file=sys.stderr)
+    result["gemv"] = bench_gemv(engine, rng, ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
+                                args.gemv_mib << 20)
+    result["gemv_fraction_of_read"] = {t: v / result["read_gbs"] for t, v in result["gemv"].items()}
+    result["moe"] = []
+    for name, spec in LAYERS.items():
+        layer = make_layer(rng, spec)
+        for T, repeats in ((1, args.repeats), (128, max(3, args.repeats // 10))):
+            mean, std = bench_moe_engine(engine, rng, spec, layer, T, repeats)
+            row = {"layer": name, "T": T, "us": mean * 1e6, "us_std": std * 1e6, "tokens_per_s": T / mean}
+            if not args.no_peers:
+                row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads) * 1e6
+                row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
+                from .bench_kt import kt_kernel_moe
+
+                kt = kt_kernel_moe(spec, T, repeats, threads)
+                if kt:
+                    row.update(kt)
+                    row["kt_kernel_ratio"] = row["us"] / kt["kt_kernel_us"]
+            result["moe"].append(row)
+            peers = "".join(f", {k} {v:.0f}" for k, v in row.items() if k.endswith("_us") and k != "us")
+            print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}",
+                  file=sys.stderr)
+        del layer
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
