@@ -97,22 +97,39 @@ def dequantize_activation(fmt: str, a: np.ndarray, k: int) -> np.ndarray:
     return F.dequantize(a, QT[fmt]).astype(np.float64)
 
 
+MIN_TYPES = (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K)
+
+
 @functools.lru_cache(maxsize=None)
 def weight_case(t: QT, k: int):
-    """(raw weight bytes [33, row_bytes], dequantized float64 [33, k]) for a type and row length."""
+    """(raw weight bytes [33, row_bytes], dequantized float64 [33, k], magnitudes for the tolerance [33, k]).
+
+    The magnitude is |w|, except for the types with a min: x = d*q + m (Q4_1/Q5_1) or d*sc*q - dmin*m
+    (Q4_K/Q5_K), whose two parts the kernels (like llama.cpp's) sum separately, so rounding scales with
+    |d*q| + |m| even where the two cancel. The parts come from dequantizing with the other scale zeroed."""
     w = raw(F.quantize(weights(np.random.default_rng(1000 + k), max(ROWS), k), t))
-    return w, F.dequantize(w, t).astype(np.float64)
+    wd = F.dequantize(w, t).astype(np.float64)
+    mag = np.abs(wd)
+    if t in MIN_TYPES:
+        blocks = w.reshape(w.shape[0], -1, F.type_size(t))
+        parts = []
+        for zeroed in (slice(2, 4), slice(0, 2)):   # the min's scale, then d
+            b = blocks.copy()
+            b[..., zeroed] = 0
+            parts.append(np.abs(F.dequantize(b.reshape(w.shape), t).astype(np.float64)))
+        mag = parts[0] + parts[1]
+    return w, wd, mag
 
 
 @functools.lru_cache(maxsize=None)
 def reference(t: QT, k: int, n_tok: int):
     """(x, Y_ref [T, 33], scale [T, 33]) for one weight case and token count."""
     x = activations(np.random.default_rng(n_tok * 7919 + k), n_tok, k)
-    w, wd = weight_case(t, k)
+    w, wd, mag = weight_case(t, k)
     a = _C.quantize_activation(ACT[t], x)
     ad = dequantize_activation(ACT[t], a, k)
     y = ad @ wd.T
-    scale = np.abs(ad) @ np.abs(wd).T
+    scale = np.abs(ad) @ mag.T
     if t in (QT.Q4_1, QT.Q5_1):  # the kernel's m_w * s_a, with s_a = f16(d_a sum q_a) as stored
         b = a.reshape(n_tok, -1, 36)
         exact_s = f16(b[..., :2]) * b[..., 4:].view(np.int8).astype(np.float64).sum(-1)
@@ -129,7 +146,7 @@ def reference(t: QT, k: int, n_tok: int):
 def test_matmul_matches_reference(wtype, isa):
     worst = 0.0
     for k in ks(wtype):
-        w, _ = weight_case(wtype, k)
+        w = weight_case(wtype, k)[0]
         for n_tok in TOKENS:
             x, y_ref, scale = reference(wtype, k, n_tok)
             for n in ROWS:
@@ -147,7 +164,7 @@ def test_matmul_matches_reference(wtype, isa):
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_natural_dtypes_and_empty_shapes(wtype):
     k = 256
-    w, _ = weight_case(wtype, k)
+    w = weight_case(wtype, k)[0]
     x = reference(wtype, k, 3)[0]
     y = _C.matmul(int(wtype), w, x)
     if wtype in (QT.F32, QT.F16, QT.BF16):   # float32 / float16 / uint16 bf16 bits [N, K], not only raw bytes
@@ -310,7 +327,7 @@ def test_activation_quantizers_match_llama_cpp(ggml_cpu, act_rows, fmt):
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES, ids=lambda t: t.name)
 def test_dot_agrees_with_llama_cpp_vec_dot(ggml_cpu, wtype):
     k, n_tok = 512, 5
-    w, _ = weight_case(wtype, k)
+    w = weight_case(wtype, k)[0]
     x, _, scale = reference(wtype, k, n_tok)
     traits = ggml_cpu.ggml_get_type_traits_cpu(int(wtype)).contents
     assert ACT[wtype] == QT(traits.vec_dot_type).name

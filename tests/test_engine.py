@@ -137,3 +137,27 @@ def test_moe_bad_ids():
     x = rng.standard_normal((2, 64)).astype(np.float32)
     with pytest.raises(ValueError, match="ids holds 9"):
         CpuEngine(threads=1).moe(x, np.array([[0, 9], [1, 2]]), np.ones((2, 2), np.float32), g, g, d)
+
+
+def test_torch_custom_ops():
+    """torch.ops.tandem.linear / moe agree with the engine and pass torch's op checks."""
+    from offload import torch_ops  # noqa: F401 - registers the ops
+
+    rng = np.random.default_rng(5)
+    E, H, I, T, A = 4, 256, 256, 3, 2
+    g, _ = make_weight(rng, "Q4_K", (E, I, H))
+    d, _ = make_weight(rng, "Q6_K", (E, H, I))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(0, E, (T, A))
+    w = rng.random((T, A)).astype(np.float32)
+    want = CpuEngine(threads=2).moe(x, ids, w, g, g, d)
+    tt = torch.from_numpy
+    types = [12, 12, 14]
+    got = torch.ops.tandem.moe(tt(x), tt(ids), tt(w), tt(g.data), tt(g.data), tt(d.data), types, [], [])
+    assert np.array_equal(got.numpy(), want)
+    torch.library.opcheck(torch.ops.tandem.moe.default,
+                          (tt(x), tt(ids), tt(w), tt(g.data), tt(g.data), tt(d.data), types, [], []),
+                          test_utils=("test_schema", "test_faketensor"))
+    lw, _ = make_weight(rng, "Q8_0", (8, 256))
+    y = torch.ops.tandem.linear(tt(x), tt(lw.data), 8, 8)
+    assert np.array_equal(y.numpy(), CpuEngine(threads=2).linear(lw, x))

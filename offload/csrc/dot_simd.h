@@ -12,8 +12,10 @@
 //   32-value blocks: one block per 256-bit vector; signed x signed via |w| x sign(a, w), then
 //     maddubs + madd (AVX2, AVX-512) or dpbusd (VNNI).
 //   K-quants: AVX2 one 32-value sub-block per vector; AVX-512 64 values (two sub-blocks) per vector,
-//     maddubs then madd (BW) or dpwssd (VNNI) with the int16 sub-block scales. Q4_K/Q5_K mins and the
-//     Q6_K -32 offset come from the Q8_K bsums and never touch the weight quants.
+//     maddubs then madd (BW) or dpwssd (VNNI) with the int16 sub-block scales. Q4_K/Q5_K mins come from
+//     the Q8_K bsums and never touch the weight quants. Q6_K quants are made signed (q - 32) and use the
+//     |w| x sign(a, w) trick: taking the -32 from the bsums instead leaves every lane biased by
+//     32 * sum(a), and float32 rounding of those large lanes costs ~1e-5 relative accuracy.
 //   F32 / F16 / BF16: FMA on f32 (F16 via F16C vcvtph2ps, BF16 by shifting into the high half).
 
 #if !defined(TANDEM_DOT_LEVEL) || !defined(TANDEM_DOT_NS)
@@ -251,7 +253,7 @@ struct Q6K {
     static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
         const auto* w = static_cast<const block_q6_K*>(vw);
         const int64_t nb = n / QK_K;
-        const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(3);
+        const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(3), m32 = _mm512_set1_epi8(32);
         // qh bits for the low / high 32 bytes: 0-1 / 2-3 (values 0..63 of a half), 4-5 / 6-7 (64..127)
         const __m512i shift_a = _mm512_mask_mov_epi16(_mm512_setzero_si512(), 0xFFFF0000u, _mm512_set1_epi16(2));
         const __m512i shift_b = _mm512_mask_mov_epi16(_mm512_set1_epi16(4), 0xFFFF0000u, _mm512_set1_epi16(6));
@@ -267,9 +269,12 @@ struct Q6K {
                 const __m512i qh = _mm512_broadcast_i64x4(load256(x.qh + 32 * h));
                 const __m512i ha = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_a), m3), 4);
                 const __m512i hb = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, shift_b), m3), 4);
-                q[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), ha);
-                q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hb);
+                q[2 * h] = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, m4), ha), m32);
+                q[2 * h + 1] = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hb), m32);
             }
+            __m512i u[4];
+            __mmask64 neg[4];
+            for (int j = 0; j < 4; ++j) u[j] = _mm512_abs_epi8(q[j]), neg[j] = _mm512_movepi8_mask(q[j]);
             for (int j = 0; j < 4; ++j) {  // vector j covers groups 4j..4j+3, 8 int16 lanes each
                 const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<short>(4 * j)),
                                                      _mm512_srli_epi16(_mm512_set_epi16(
@@ -281,11 +286,11 @@ struct Q6K {
             for (int r = 0; r < NA; ++r) {
                 const block_q8_K& y = act_row<block_q8_K>(va, as, r)[i];
                 __m512i sumi = _mm512_setzero_si512();
-                for (int j = 0; j < 4; ++j)
-                    sumi = add_scaled(sumi, _mm512_maddubs_epi16(q[j], _mm512_loadu_si512(y.qs + 64 * j)), sc[j]);
-                // sum_g sc_g * 32 * bsum_g: the -32 offset of every quant
-                const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(load256(y.bsums), s16), 5);
-                sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(off));
+                for (int j = 0; j < 4; ++j) {  // |q - 32| x (a with the sign of q - 32)
+                    const __m512i a = _mm512_loadu_si512(y.qs + 64 * j);
+                    const __m512i sa = _mm512_mask_sub_epi8(a, neg[j], _mm512_setzero_si512(), a);
+                    sumi = add_scaled(sumi, _mm512_maddubs_epi16(u[j], sa), sc[j]);
+                }
                 acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(y.d)), _mm512_cvtepi32_ps(sumi), acc[r]);
             }
         }
@@ -353,7 +358,7 @@ struct Q6K {
         for (int64_t i = 0; i < nb; ++i) {
             const block_q6_K& x = w[i];
             const __m256i s16 = _mm256_cvtepi8_epi16(load128(x.scales));  // group scales, int16
-            __m256i q[8], sc[8];
+            __m256i q[8], u[8], sc[8];
             for (int h = 0; h < 2; ++h) {
                 const __m256i l0 = load256(x.ql + 64 * h), l1 = load256(x.ql + 64 * h + 32);
                 const __m256i qh = load256(x.qh + 32 * h);
@@ -364,6 +369,10 @@ struct Q6K {
                 q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), high(2));
                 q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), high(4));
                 q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), high(6));
+                for (int c = 4 * h; c < 4 * h + 4; ++c) {
+                    q[c] = _mm256_sub_epi8(q[c], _mm256_set1_epi8(32));
+                    u[c] = _mm256_sign_epi8(q[c], q[c]);
+                }
                 // chunk c = 4h + cc holds groups 2c, 2c+1: words 2cc, 2cc+1 of 128-bit half h
                 const __m256i half = _mm256_permute2x128_si256(s16, s16, h ? 0x11 : 0x00);
                 for (int cc = 0; cc < 4; ++cc) {
@@ -376,11 +385,10 @@ struct Q6K {
             for (int r = 0; r < NA; ++r) {
                 const block_q8_K& y = act_row<block_q8_K>(va, as, r)[i];
                 __m256i sumi = _mm256_setzero_si256();
-                for (int c = 0; c < 8; ++c)
-                    sumi = _mm256_add_epi32(
-                        sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[c], load256(y.qs + 32 * c)), sc[c]));
-                // sum_g sc_g * 32 * bsum_g: the -32 offset of every quant
-                sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(_mm256_madd_epi16(load256(y.bsums), s16), 5));
+                for (int c = 0; c < 8; ++c) {  // |q - 32| x (a with the sign of q - 32)
+                    const __m256i p = _mm256_maddubs_epi16(u[c], _mm256_sign_epi8(load256(y.qs + 32 * c), q[c]));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc[c]));
+                }
                 acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[r]);
             }
         }

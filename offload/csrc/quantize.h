@@ -3,8 +3,12 @@
 // Every type has a scalar reference that is bit-exact with quant/formats.py (itself bit-exact with
 // llama.cpp's quantize_row_*_ref, and with gguf-py for the 32-value blocks); the AVX2 / AVX-512
 // variants give the same bytes (same float32 operations in the same order, no FMA contraction).
-// Blocks are independent, so a [nrows, n_per_row] matrix is simply nrows*n_per_row/block values'
-// worth of consecutive blocks.
+// Checked for finite values of every magnitude, infinities and NaN (tests/test_quantize_engine.py).
+// Two corners have no portable answer and are not promised: a Q4_1/Q5_1 block whose min or max is
+// +0 and -0 at once (numpy's pick depends on its SIMD path; here the first one wins, as in llama.cpp),
+// and NaNs with distinct payloads (which payload survives depends on operand order).
+// Blocks are independent, so a [nrows, n_per_row] matrix is simply nrows * n_per_row / block_size
+// consecutive blocks.
 #pragma once
 
 #include <cstdint>

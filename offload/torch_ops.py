@@ -1,0 +1,54 @@
+"""The engine's ops as torch custom ops (`torch.ops.tandem.*`), so a decode step that calls them stays
+an ordinary graph for torch.compile / CUDA graphs. Tensors cross to C++ by pointer (DLPack): CPU,
+contiguous; weights are uint8 tensors over the GGUF bytes (torch.from_numpy of the memory map)."""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import CpuEngine
+
+_ENGINE: list[CpuEngine] = []  # the process's engine, created on first use (one pool per process)
+
+
+def engine() -> CpuEngine:
+    """The process-wide CPU engine (threads = physical cores unless set_engine() was called first)."""
+    if not _ENGINE:
+        _ENGINE.append(CpuEngine())
+    return _ENGINE[0]
+
+
+def set_engine(e: CpuEngine) -> None:
+    _ENGINE[:] = [e]
+
+
+@torch.library.custom_op("tandem::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
+    """x [T, K] float32 @ weight [N, row bytes] (GGUF type `wtype`)^T -> [T, N] float32."""
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    engine()._engine.linear(wtype, weight, x.contiguous(), out, engine().isa)
+    return out
+
+
+@linear.register_fake
+def _(x, weight, wtype, out_features):
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+
+@torch.library.custom_op("tandem::moe", mutates_args=())
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+        down: torch.Tensor, types: list[int], shared: list[torch.Tensor], shared_types: list[int]) -> torch.Tensor:
+    """Fused routed (+ shared) experts: x [T, H] float32, ids [T, A] int64 (-1 skips), weights [T, A] float32;
+    gate/up [E, I, bytes], down [E, H, bytes] uint8 in GGUF types `types` = [gate, up, down];
+    shared = [gate, up, down, ...] 2-D uint8 per shared expert with shared_types alike."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    spec = [(shared[i], shared_types[i], shared[i + 1], shared_types[i + 1], shared[i + 2], shared_types[i + 2])
+            for i in range(0, len(shared), 3)]
+    engine()._engine.moe(x.contiguous(), ids.contiguous(), weights.contiguous(), gate, types[0], up, types[1], down,
+                         types[2], spec, None, out, engine().isa, False)
+    return out
+
+
+@moe.register_fake
+def _(x, ids, weights, gate, up, down, types, shared, shared_types):
+    return torch.empty_like(x, dtype=torch.float32)
