@@ -247,3 +247,12 @@ def test_legacy_attn_kv_b_layout(converted, tmp_path):
     want = local.load(converted["v3"]["f32"], device="cpu").logits(ids)
     got = local.load(legacy, device="cpu").logits(ids)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_engine_quantizer_writes_the_same_file(converted, tmp_path):
+    """`tandem convert` quantizes with the C++ engine; its file equals the numpy reference's byte for byte."""
+    import offload
+
+    a = convert(converted["v3"]["f32"], tmp_path / "numpy.gguf", "q4_k_m", progress=False)
+    b = convert(converted["v3"]["f32"], tmp_path / "engine.gguf", "q4_k_m", progress=False, quantizer=offload.quantize)
+    assert a.read_bytes() == b.read_bytes()

@@ -340,17 +340,22 @@ float q6_k(int64_t n, const void* vw, const void* va) {
     const auto* y = static_cast<const block_q8_K*>(va);
     float sum = 0.0f;
     for (int64_t i = 0; i < n / QK_K; ++i) {
-        int sumi = 0;
-        for (int g = 0; g < 16; ++g) {
-            int s = 0;
-            for (int e = 16 * g; e < 16 * g + 16; ++e) {
-                const int half = e / 128, quarter = (e % 128) / 32, l = e % 32;
-                const uint8_t lo = x[i].ql[64 * half + 32 * (quarter & 1) + l];
-                const int q = ((quarter < 2 ? lo : lo >> 4) & 0xF) | ((x[i].qh[32 * half + l] >> (2 * quarter)) & 3) << 4;
-                s += (q - 32) * y[i].qs[e];
+        int group[16] = {};  // sum over each 16-value group of (q - 32) * a
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t* ql = x[i].ql + 64 * half;
+            const uint8_t* qh = x[i].qh + 32 * half;
+            const int8_t* a = y[i].qs + 128 * half;
+            for (int l = 0; l < 32; ++l) {  // values l, l+32, l+64, l+96 of this half
+                const int q0 = ((ql[l] & 0xF) | (qh[l] & 3) << 4) - 32;
+                const int q1 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) - 32;
+                const int q2 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+                const int q3 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+                int* g = group + 8 * half + l / 16;
+                g[0] += q0 * a[l], g[2] += q1 * a[l + 32], g[4] += q2 * a[l + 64], g[6] += q3 * a[l + 96];
             }
-            sumi += x[i].scales[g] * s;
         }
+        int sumi = 0;
+        for (int g = 0; g < 16; ++g) sumi += x[i].scales[g] * group[g];
         sum += h(x[i].d) * y[i].d * static_cast<float>(sumi);
     }
     return sum;
@@ -420,12 +425,33 @@ void dot(GgmlType wtype, int64_t n, const void* w_row, const void* act_rows, siz
     checked_kernel(wtype, isa)(n, w_row, act_rows, act_row_stride, n_act, out);
 }
 
+namespace {
+
+detail::ScaledDotKernel scaled_kernel(GgmlType wtype, Isa isa) {
+    switch (isa) {
+        case Isa::Avx2: return detail::avx2::scaled_kernel(wtype);
+        case Isa::Avx512: return detail::avx512::scaled_kernel(wtype);
+        case Isa::Avx512Vnni: return detail::avx512_vnni::scaled_kernel(wtype);
+        default: return {};
+    }
+}
+
+}  // namespace
+
 void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, int64_t row_begin, int64_t row_end,
                  const void* A, size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
     const DotKernel kernel = checked_kernel(wtype, isa);
     // Rows in chunks of ~256 KiB of weights (L2): each chunk is reused by every token tile, and each
     // tile (<= 8 activation rows) by every row of the chunk.
     const int64_t chunk = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<size_t>(1, row_size(wtype, n)));
+    // 32-value blocks: the tile's f16 activation scales converted once per tile and chunk, not per row
+    // (when there are rows enough to pay for it and the tile's scales fit; K <= 32768).
+    constexpr int64_t kMaxScaleFloats = kMaxActRows * 2 * 1024;
+    const detail::ScaledDotKernel scaled = scaled_kernel(wtype, isa);
+    const int per_block = wtype == GgmlType::Q4_1 || wtype == GgmlType::Q5_1 ? 2 : 1;
+    const int64_t nb = n / qk::QK8_0;
+    const bool use_scaled = scaled.dot && kMaxActRows * per_block * nb <= kMaxScaleFloats;
+    float act_d[kMaxScaleFloats];  // 64 KiB of stack, touched only when used
     const auto* w = static_cast<const char*>(W);
     const auto* a = static_cast<const char*>(A);
     float out[kMaxActRows];
@@ -433,8 +459,14 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
         const int64_t r1 = std::min(row_end, r0 + chunk);
         for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
             const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
+            const char* tile = a + t0 * a_stride;
+            const bool scales_once = use_scaled && r1 - r0 >= 2;
+            if (scales_once) scaled.convert_scales(tile, a_stride, nt, nb, act_d);
             for (int64_t r = r0; r < r1; ++r) {
-                kernel(n, w + r * w_row_stride, a + t0 * a_stride, a_stride, nt, out);
+                if (scales_once)
+                    scaled.dot(n, w + r * w_row_stride, tile, a_stride, act_d, nt, out);
+                else
+                    kernel(n, w + r * w_row_stride, tile, a_stride, nt, out);
                 for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];
             }
         }

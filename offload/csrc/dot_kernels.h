@@ -7,12 +7,23 @@
 
 namespace tandem::detail {
 
-// Each returns nullptr for a type it has no kernel for.
+// The 32-value block types can also take the activation block scales already converted to f32:
+// matmul_rows converts them once per token tile (convert_scales) instead of once per weight row.
+// act_d is [n_act][n / 32] (Q8_0 activations) or [n_act][n / 32][2] (Q8_1: d, s).
+struct ScaledDotKernel {
+    void (*dot)(int64_t n, const void* w_row, const void* act_rows, size_t act_row_stride, const float* act_d,
+                int n_act, float* out) = nullptr;
+    void (*convert_scales)(const void* act_rows, size_t act_row_stride, int n_act, int64_t n_blocks,
+                           float* act_d) = nullptr;
+};
+
+// Each returns nullptr (an empty ScaledDotKernel) for a type it has no kernel for.
 namespace scalar { DotKernel kernel(GgmlType wtype); }
-namespace avx2 { DotKernel kernel(GgmlType wtype); }
-namespace avx512 { DotKernel kernel(GgmlType wtype); }
+namespace avx2 { DotKernel kernel(GgmlType wtype); ScaledDotKernel scaled_kernel(GgmlType wtype); }
+namespace avx512 { DotKernel kernel(GgmlType wtype); ScaledDotKernel scaled_kernel(GgmlType wtype); }
 namespace avx512_vnni {
 DotKernel kernel(GgmlType wtype);
+ScaledDotKernel scaled_kernel(GgmlType wtype);
 DotKernel bf16_dpbf16_kernel();  // BF16 x BF16 with _mm512_dpbf16_ps: only where the CPU has AVX512_BF16
 }
 

@@ -58,6 +58,20 @@ TANDEM_INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+#if TANDEM_DOT_LEVEL >= 3
+TANDEM_INLINE __m128i pack_halves(uint16_t a, uint16_t b) {  // two f16 in the low 32 bits, for vcvtph2ps
+    return _mm_cvtsi32_si128(static_cast<int>(a | static_cast<uint32_t>(b) << 16));
+}
+
+TANDEM_INLINE __m512i dot_u8s8_512(__m512i u, __m512i s) {  // 16 int32 partial sums over 64 bytes
+#if TANDEM_DOT_LEVEL >= 4
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+#endif
+}
+#endif
+
 // Byte j = 0xFF where bit j of the 32-bit word at p is set.
 TANDEM_INLINE __m256i bits_to_bytes(const uint8_t* p) {
     uint32_t bits;
@@ -134,32 +148,140 @@ struct UnpackQ5_1 {
     }
 };
 
+// act_d, when given: the activation block scales already in f32 (ScaledDotKernel, dot_kernels.h), which
+// saves the f16 conversion of d_a (and s_a) for every weight row.
 template <class U>
 struct Blocks32 {
     template <int NA>
     static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        body<NA, false>(n, vw, va, as, nullptr, out);
+    }
+    template <int NA>
+    static void run_f32_scales(int64_t n, const void* vw, const void* va, size_t as, const float* act_d, float* out) {
+        body<NA, true>(n, vw, va, as, act_d, out);
+    }
+
+    // Block i against the NA activation rows, into 8-lane accumulators (and the scalar m_w s_a sums).
+    template <int NA, bool kF32Scales>
+    TANDEM_INLINE static void block(const typename U::W& b, int64_t i, int64_t nb, const void* va, size_t as,
+                                    const float* act_d, __m256* acc, float* accm) {
         using A = typename U::A;
+        constexpr int kS = U::kMin ? 2 : 1;  // floats per block in act_d: d (and s)
+        const __m256i q = U::quants(b);
+        const __m256i u = U::kSigned ? _mm256_sign_epi8(q, q) : q;  // |w| for the signed types
+        const __m256 dw = _mm256_set1_ps(f16(b.d));
+        for (int r = 0; r < NA; ++r) {
+            const A& y = act_row<A>(va, as, r)[i];
+            const float* yd = act_d + (r * nb + i) * kS;
+            __m256i yq = load256(y.qs);
+            if (U::kSigned) yq = _mm256_sign_epi8(yq, q);  // a * sign(w): |w| * that = w * a
+            const __m256i p = dot_u8s8(u, yq);
+            const __m256 dy = _mm256_set1_ps(kF32Scales ? yd[0] : f16(y.d));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dy), acc[r]);
+            if constexpr (U::kMin) accm[r] += f16(b.m) * (kF32Scales ? yd[1] : f16(y.s));
+        }
+    }
+
+#if TANDEM_DOT_LEVEL >= 3
+    // AVX-512: two blocks per 512-bit vector; scales as [block i x 8 lanes, block i+1 x 8 lanes].
+    template <int NA, bool kF32Scales>
+    TANDEM_INLINE static void body(int64_t n, const void* vw, const void* va, size_t as, const float* act_d,
+                                   float* out) {
+        using A = typename U::A;
+        constexpr int kS = U::kMin ? 2 : 1;
+        const auto* w = static_cast<const typename U::W*>(vw);
+        const int64_t nb = n / QK8_0;
+        const __m512i lo8_hi8 = _mm512_mask_mov_epi32(_mm512_setzero_si512(), 0xFF00, _mm512_set1_epi32(1));
+        // where the two blocks' d sit in the activation scales: [d0, d1] or [d0, s0, d1, s1]
+        const __m512i act_idx = kS == 2 ? _mm512_slli_epi32(lo8_hi8, 1) : lo8_hi8;
+        __m512 acc[NA];
+        __m128 accm[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm512_setzero_ps(), accm[r] = _mm_setzero_ps();
+        int64_t i = 0;
+        for (; i + 2 <= nb; i += 2) {
+            const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(U::quants(w[i])), U::quants(w[i + 1]), 1);
+            const __m512i u = U::kSigned ? _mm512_abs_epi8(q) : q;
+            const __mmask64 neg = U::kSigned ? _mm512_movepi8_mask(q) : 0;
+            const __m512 dw = _mm512_permutexvar_ps(
+                lo8_hi8, _mm512_castps128_ps512(_mm_cvtph_ps(pack_halves(w[i].d, w[i + 1].d))));
+            __m128 m = _mm_setzero_ps();  // [0, m0, 0, m1], against [d0, s0, d1, s1]
+            if constexpr (U::kMin) m = _mm_cvtph_ps(_mm_setr_epi16(0, w[i].m, 0, w[i + 1].m, 0, 0, 0, 0));
+            for (int r = 0; r < NA; ++r) {
+                const A* y = act_row<A>(va, as, r) + i;
+                __m512i yq = _mm512_inserti64x4(_mm512_castsi256_si512(load256(y[0].qs)), load256(y[1].qs), 1);
+                if (U::kSigned) yq = _mm512_mask_sub_epi8(yq, neg, _mm512_setzero_si512(), yq);
+                const __m512i p = dot_u8s8_512(u, yq);
+                __m128 ys;
+                if constexpr (kF32Scales && kS == 2) {
+                    ys = _mm_loadu_ps(act_d + (r * nb + i) * 2);
+                } else if constexpr (kF32Scales) {
+                    ys = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(act_d + r * nb + i)));
+                } else if constexpr (kS == 2) {
+                    ys = _mm_cvtph_ps(_mm_setr_epi16(y[0].d, y[0].s, y[1].d, y[1].s, 0, 0, 0, 0));
+                } else {
+                    ys = _mm_cvtph_ps(pack_halves(y[0].d, y[1].d));
+                }
+                const __m512 scale = _mm512_mul_ps(dw, _mm512_permutexvar_ps(act_idx, _mm512_castps128_ps512(ys)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+                if constexpr (U::kMin) accm[r] = _mm_fmadd_ps(m, ys, accm[r]);
+            }
+        }
+        __m256 tail[NA];
+        float tailm[NA];
+        for (int r = 0; r < NA; ++r) tail[r] = _mm256_setzero_ps(), tailm[r] = 0.0f;
+        if (i < nb) block<NA, kF32Scales>(w[i], i, nb, va, as, act_d, tail, tailm);
+        for (int r = 0; r < NA; ++r) {
+            const __m128 m2 = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
+            out[r] = _mm512_reduce_add_ps(acc[r]) + hsum(tail[r]) + _mm_cvtss_f32(_mm_add_ss(m2, _mm_movehdup_ps(m2))) +
+                     tailm[r];
+        }
+    }
+#else
+    template <int NA, bool kF32Scales>
+    TANDEM_INLINE static void body(int64_t n, const void* vw, const void* va, size_t as, const float* act_d,
+                                   float* out) {
         const auto* w = static_cast<const typename U::W*>(vw);
         const int64_t nb = n / QK8_0;
         __m256 acc[NA];
         float accm[NA];
         for (int r = 0; r < NA; ++r) acc[r] = _mm256_setzero_ps(), accm[r] = 0.0f;
-        for (int64_t i = 0; i < nb; ++i) {
-            const __m256i q = U::quants(w[i]);
-            const __m256i u = U::kSigned ? _mm256_sign_epi8(q, q) : q;  // |w| for the signed types
-            const __m256 dw = _mm256_set1_ps(f16(w[i].d));
-            for (int r = 0; r < NA; ++r) {
-                const A& y = act_row<A>(va, as, r)[i];
-                __m256i yq = load256(y.qs);
-                if (U::kSigned) yq = _mm256_sign_epi8(yq, q);  // a * sign(w): |w| * that = w * a
-                const __m256i p = dot_u8s8(u, yq);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(f16(y.d))), acc[r]);
-                if constexpr (U::kMin) accm[r] += f16(w[i].m) * f16(y.s);
-            }
-        }
+        for (int64_t i = 0; i < nb; ++i) block<NA, kF32Scales>(w[i], i, nb, va, as, act_d, acc, accm);
         for (int r = 0; r < NA; ++r) out[r] = hsum(acc[r]) + accm[r];
     }
+#endif
 };
+
+template <class K>
+void by_rows_f32_scales(int64_t n, const void* w, const void* a, size_t as, const float* act_d, int n_act,
+                        float* out) {
+    switch (n_act) {
+        case 1: K::template run_f32_scales<1>(n, w, a, as, act_d, out); break;
+        case 2: K::template run_f32_scales<2>(n, w, a, as, act_d, out); break;
+        case 3: K::template run_f32_scales<3>(n, w, a, as, act_d, out); break;
+        case 4: K::template run_f32_scales<4>(n, w, a, as, act_d, out); break;
+        case 5: K::template run_f32_scales<5>(n, w, a, as, act_d, out); break;
+        case 6: K::template run_f32_scales<6>(n, w, a, as, act_d, out); break;
+        case 7: K::template run_f32_scales<7>(n, w, a, as, act_d, out); break;
+        case 8: K::template run_f32_scales<8>(n, w, a, as, act_d, out); break;
+        default: break;
+    }
+}
+
+// Q8_0 rows -> d as f32 [n_act][nb]; Q8_1 rows -> (d, s) [n_act][nb][2].
+template <class A>
+void act_scales_f32(const void* act, size_t as, int n_act, int64_t nb, float* out) {
+    for (int r = 0; r < n_act; ++r) {
+        const A* y = act_row<A>(act, as, r);
+        for (int64_t i = 0; i < nb; ++i) {
+            if constexpr (std::is_same_v<A, block_q8_1>) {
+                *out++ = f16(y[i].d);
+                *out++ = f16(y[i].s);
+            } else {
+                *out++ = f16(y[i].d);
+            }
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------- K-quants
 
@@ -491,6 +613,17 @@ struct Floats {
 };
 
 }  // namespace
+
+ScaledDotKernel scaled_kernel(GgmlType wtype) {
+    switch (wtype) {
+        case GgmlType::Q4_0: return {&by_rows_f32_scales<Blocks32<UnpackQ4_0>>, &act_scales_f32<block_q8_0>};
+        case GgmlType::Q4_1: return {&by_rows_f32_scales<Blocks32<UnpackQ4_1>>, &act_scales_f32<block_q8_1>};
+        case GgmlType::Q5_0: return {&by_rows_f32_scales<Blocks32<UnpackQ5_0>>, &act_scales_f32<block_q8_0>};
+        case GgmlType::Q5_1: return {&by_rows_f32_scales<Blocks32<UnpackQ5_1>>, &act_scales_f32<block_q8_1>};
+        case GgmlType::Q8_0: return {&by_rows_f32_scales<Blocks32<UnpackQ8_0>>, &act_scales_f32<block_q8_0>};
+        default: return {};
+    }
+}
 
 DotKernel kernel(GgmlType wtype) {
     switch (wtype) {

@@ -482,11 +482,11 @@ void q8_k(const float* x, void* dst, int64_t nrows, int64_t n) {
 // =============================================================================================== SIMD
 
 #ifdef TANDEM_QUANT_X86
+#define TANDEM_PRAGMA(x) _Pragma(#x)
 #if defined(__clang__)
-#define TANDEM_TARGET_PUSH(t) _Pragma("clang attribute push(__attribute__((target(" #t "))), apply_to = function)")
+#define TANDEM_TARGET_PUSH(t) TANDEM_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
 #define TANDEM_TARGET_POP _Pragma("clang attribute pop")
 #else
-#define TANDEM_PRAGMA(x) _Pragma(#x)
 #define TANDEM_TARGET_PUSH(t) _Pragma("GCC push_options") TANDEM_PRAGMA(GCC target(t))
 #define TANDEM_TARGET_POP _Pragma("GCC pop_options")
 #endif
