@@ -41,7 +41,7 @@ def cols_for(typ: str) -> int:
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("typ", TYPES)
-@pytest.mark.parametrize("T", [1, 3, 33])
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 33, 128])
 def test_linear(typ, isa, T):
     rng = np.random.default_rng(0)
     K, N = cols_for(typ), 37
@@ -56,7 +56,7 @@ def test_linear(typ, isa, T):
     assert np.all(np.abs(got - want) <= tol * scale + 1e-6), np.abs(got - want).max()
 
 
-def moe_reference(x, ids, weights, gate, up, down, shared, gtyp, dtyp):
+def moe_reference(x, ids, weights, gate, up, down, shared, gtyp, dtyp):  # noqa: PLR0913
     """float64 reference: per token, per slot, down(silu(gate x) * up x) with llama.cpp's rounding."""
     T, H = x.shape
     out = np.zeros((T, H))
@@ -76,7 +76,7 @@ def moe_reference(x, ids, weights, gate, up, down, shared, gtyp, dtyp):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("gtyp,dtyp", [("Q4_K", "Q6_K"), ("Q4_K", "Q5_0"), ("Q8_0", "Q8_0"), ("Q5_K", "Q4_0"),
                                        ("BF16", "F16")])
-@pytest.mark.parametrize("T,A", [(1, 6), (2, 8), (7, 3), (33, 4)])
+@pytest.mark.parametrize("T,A", [(1, 6), (2, 8), (3, 1), (7, 3), (33, 4), (128, 8)])
 def test_moe(gtyp, dtyp, isa, T, A):
     rng = np.random.default_rng(1)
     E, H, I = 8, 256, 96 if not dtyp.endswith("_K") else 256

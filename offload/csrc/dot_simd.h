@@ -9,8 +9,10 @@
 // (quants as int8 vectors, scales as int16 vectors), then multiply it against the same block of each
 // of the NA activation rows. Integer sums are exact; floats enter once per block (32-value types) or
 // super-block (K-quants).
-//   32-value blocks: one block per 256-bit vector; signed x signed via |w| x sign(a, w), then
-//     maddubs + madd (AVX2, AVX-512) or dpbusd (VNNI).
+//   32-value blocks: one block per 256-bit vector (AVX2), two per 512-bit vector (AVX-512, the odd
+//     last block at 256 bits); signed x signed via |w| x sign(a, w), then maddubs + madd or dpbusd
+//     (VNNI). The activation scales d_a (s_a) come as f16 from the blocks, or already in f32 from
+//     matmul_rows (run_f32_scales), which converts them once per token tile instead of once per row.
 //   K-quants: AVX2 one 32-value sub-block per vector; AVX-512 64 values (two sub-blocks) per vector,
 //     maddubs then madd (BW) or dpwssd (VNNI) with the int16 sub-block scales. Q4_K/Q5_K mins come from
 //     the Q8_K bsums and never touch the weight quants. Q6_K quants are made signed (q - 32) and use the
