@@ -7,6 +7,7 @@ the one its own tests use (CPUInfer, MOEConfig, load_weights_task, forward_task)
 
 from __future__ import annotations
 
+import gc
 import time
 
 
@@ -61,6 +62,10 @@ def kt_kernel_moe(spec: dict, T: int, repeats: int, threads: int) -> dict | None
             except Exception as e:  # a method this shape or CPU does not support
                 print(f"  kt-kernel {method} ({n_threads} threads): {e}", flush=True)
                 continue
+            finally:
+                # each method packs its own copy of every expert: free it before the next
+                moe = cpu = None
+                gc.collect()
             if best is None or us < best["kt_kernel_us"]:
                 best = {"kt_kernel_us": us, "kt_kernel_method": method, "kt_kernel_threads": n_threads}
     return best
