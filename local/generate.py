@@ -67,7 +67,7 @@ def generate_tokens(model, cache: KVCache, prompt_ids: list[int], params: Sampli
                     prefill_chunk: int = 512) -> Iterator[TokenStep]:
     """Prefill the prompt in chunks, then decode one token at a time; yields each token with timing.
     Stops at EOS (unless params.ignore_eos), after params.max_tokens, or at max_context."""
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     eos = set() if params.ignore_eos else set(eos_ids)
     generator = None
     if params.seed is not None:

@@ -93,15 +93,15 @@ class GGUFTensors:
         return str(self.model.path)
 
 
-def check_memory(model: GGUFModel, dtype: torch.dtype, path: Path) -> None:
+def check_memory(model: GGUFModel, dtype: torch.dtype, path: Path, dequantized: set[str]) -> None:
     """Refuse before allocating when the dequantized weights cannot fit in RAM."""
-    n = sum(t.n_elements for t in model.tensors.values())
+    n = sum(t.n_elements for name, t in model.tensors.items() if name in dequantized)
     need = n * torch.empty((), dtype=dtype).element_size()
     free = psutil.virtual_memory().available
     if need > 0.9 * free:
-        raise MemoryError(f"{path.name} has {n / 1e9:.1f} B weights; dequantized to {dtype} they need "
-                          f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free. Use --dtype bfloat16, "
-                          "or a smaller model, until the quantized CPU engine runs GGUF blocks directly")
+        raise MemoryError(f"{path.name}: the {n / 1e9:.1f} B weights that run in torch need {need / 2**30:.1f} GiB "
+                          f"as {dtype} but {free / 2**30:.1f} GiB is free. Use --dtype bfloat16, or --device cpu "
+                          "so the CPU engine computes from the quantized blocks")
 
 
 def read_gguf_config(path: Path):
@@ -112,25 +112,95 @@ def read_gguf_config(path: Path):
     return model, arch, arch.Config.from_dict(raw, source=str(path))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu"):
-    """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32."""
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True):
+    """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32.
+
+    With `engine` (CPU only) every linear layer and each layer's experts are computed by the CPU engine
+    straight from the file's blocks (memory-mapped, never dequantized); the rest runs in torch."""
     from .loader import load_weights
 
     path = Path(path)
     gmodel, arch, cfg = read_gguf_config(path)
     dtype = dtype or torch.float32
-    check_memory(gmodel, dtype, path)
     tensors = GGUFTensors(gmodel, cfg.num_hidden_layers)
     mapping = arch.remap(tensors.names(), cfg)
     with torch.device("meta"):
         model = arch.build(cfg, list(mapping.values()))
+    plan = engine_plan(model, tensors) if engine and torch.device(device).type == "cpu" else {}
+    by_engine = {f"{m}.weight" for m in plan if not isinstance(plan[m], tuple)}
+    by_engine |= {n for n in mapping.values() if any(n.startswith(f"{m}.experts.") for m in plan
+                                                       if isinstance(plan[m], tuple))}
+    dequantized = {src[1] for hf, src in tensors.sources.items() if hf not in by_engine and src[0] == "plain"}
+    dequantized |= {name for hf, (kind, *rest) in tensors.sources.items() if kind == "kv_b" for name in rest}
+    dequantized |= {src[1] for hf, src in tensors.sources.items() if hf not in by_engine and src[0] == "expert"}
+    check_memory(gmodel, dtype, path, dequantized)
     tied = cfg.tie_word_embeddings
-    load_weights(model, tensors, mapping, dtype, torch.device(device), derived={"lm_head.weight"} if tied else set())
+    load_weights(model, tensors, mapping, dtype, torch.device(device), derived={"lm_head.weight"} if tied else set(),
+                 engine=by_engine)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     set_llama_numerics(model, tensors)
+    for name, spec in plan.items():
+        target = model.get_submodule(name)
+        if isinstance(spec, tuple):
+            target.engine = spec
+        else:
+            target.engine_weight = spec
     model.checkpoint = gmodel
     return cfg, model, gmodel
+
+
+def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
+    """module name -> EngineWeight (linear layers) or the fused-MoE tuple (MoE layers), for every
+    weight the CPU engine can compute from the file's blocks; {} when the engine is not built."""
+    try:
+        from offload import torch_ops  # noqa: F401 - registers torch.ops.tandem.*
+        from offload.engine import GGML_IDS
+    except ImportError:
+        return {}
+    from .models.layers import EngineWeight, Linear
+    from .models.moe import MoE
+
+    g = tensors.model
+
+    def engine_weight(hf_name: str):
+        src = tensors.sources.get(hf_name)
+        if src is None or src[0] != "plain" or g.tensors[src[1]].qtype.name not in GGML_IDS:
+            return None
+        t = g.tensors[src[1]]
+        return EngineWeight(GGML_IDS[t.qtype.name], torch.from_numpy(g.raw(src[1])), t.shape[0], t.shape[-1])
+
+    plan: dict = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            stacks = [tensors.sources.get(f"{name}.experts.0.{p}_proj.weight") for p in ("gate", "up", "down")]
+            if any(s is None or s[0] != "expert" or g.tensors[s[1]].qtype.name not in GGML_IDS for s in stacks):
+                continue
+            shared, shared_types = [], []
+            if hasattr(module, "shared_experts"):
+                for p in ("gate", "up", "down"):
+                    w = engine_weight(f"{name}.shared_experts.{p}_proj.weight")
+                    if w is None:
+                        break
+                    shared.append(w.data)
+                    shared_types.append(w.type_id)
+                else:
+                    plan[name] = _moe_spec(g, stacks, shared, shared_types)
+                continue
+            plan[name] = _moe_spec(g, stacks, [], [])
+        elif isinstance(module, Linear) and not name.endswith("kv_b_proj") and ".experts." not in name:
+            w = engine_weight(f"{name}.weight")
+            if w is not None and module.bias is None:
+                plan[name] = w
+    return plan
+
+
+def _moe_spec(g: GGUFModel, stacks, shared, shared_types) -> tuple:
+    from offload.engine import GGML_IDS
+
+    raw = [torch.from_numpy(g.raw(s[1])) for s in stacks]
+    types = [GGML_IDS[g.tensors[s[1]].qtype.name] for s in stacks]
+    return (raw[0], raw[1], raw[2], types, shared, shared_types)
 
 
 def set_llama_numerics(model: torch.nn.Module, tensors: GGUFTensors) -> None:

@@ -81,11 +81,12 @@ def fp8_block_size(raw_config: dict) -> tuple[int, int] | None:
 
 
 def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.dtype,
-                 device: torch.device, derived: set[str] = frozenset()) -> None:
+                 device: torch.device, derived: set[str] = frozenset(), engine: set[str] = frozenset()) -> None:
     """Check every tensor of `ckpt` (HFTensors / GGUFTensors) against the module (names and shapes, both
     ways), then assign them.
 
-    `derived` names module tensors that are not in the checkpoint but filled in afterwards (tied lm_head).
+    `derived` names module tensors that are not in the checkpoint but filled in afterwards (tied lm_head);
+    `engine` names those the CPU engine computes from the file's blocks (checked, never loaded).
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in derived}
     scales = {n for n in mapping if n.endswith(".weight_scale_inv")}
@@ -112,12 +113,14 @@ def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.d
 
     state = {}
     for module_name, ckpt_name in provided.items():
+        if module_name in engine:
+            continue
         t = ckpt.get(ckpt_name)
         want = torch.float32 if module_name.rsplit(".", 1)[-1] in FP32_TENSORS else dtype
         if t.dtype != want:
             t = t.to(want)
         state[module_name] = t.to(device)
-    model.load_state_dict(state, strict=not derived, assign=True)
+    model.load_state_dict(state, strict=not (derived or engine), assign=True)
     model.requires_grad_(False)
 
 

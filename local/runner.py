@@ -72,7 +72,7 @@ class Runner:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.model.embed_tokens.weight.dtype
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -146,12 +146,15 @@ class Runner:
 
 
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-         dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None) -> Runner:
+         dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None,
+         engine: bool = True) -> Runner:
     """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
     directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model.
 
     dtype: compute dtype ('auto' = the checkpoint's, float32 for GGUF). kv_cache_dtype: the attention
-    cache's dtype (None = the compute dtype; 'float16' halves it, and is llama.cpp's default)."""
+    cache's dtype (None = the compute dtype; 'float16' halves it, and is llama.cpp's default).
+    engine: on the CPU, compute a GGUF's linear layers and experts with the C++ engine straight from
+    the quantized blocks (False: dequantize them and run everything in torch)."""
     if path is None:
         from .demo import demo_model_path
         path = demo_model_path()
@@ -166,7 +169,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
         from .gguf_loader import load_gguf
         from .gguf_tokenizer import tokenizer_from_gguf
 
-        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev)
+        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev, engine=engine)
         tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
         extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra),

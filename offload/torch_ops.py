@@ -4,6 +4,8 @@ contiguous; weights are uint8 tensors over the GGUF bytes (torch.from_numpy of t
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 
 from .engine import CpuEngine
@@ -20,6 +22,14 @@ def engine() -> CpuEngine:
 
 def set_engine(e: CpuEngine) -> None:
     _ENGINE[:] = [e]
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Join the pool before the interpreter tears down (a pending async call included)."""
+    for e in _ENGINE:
+        e.wait()
+    _ENGINE.clear()
 
 
 @torch.library.custom_op("tandem::linear", mutates_args=())

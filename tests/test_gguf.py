@@ -256,3 +256,23 @@ def test_engine_quantizer_writes_the_same_file(converted, tmp_path):
     a = convert(converted["v3"]["f32"], tmp_path / "numpy.gguf", "q4_k_m", progress=False)
     b = convert(converted["v3"]["f32"], tmp_path / "engine.gguf", "q4_k_m", progress=False, quantizer=offload.quantize)
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["v3", "qwen3_norm"])
+def test_engine_runs_gguf_from_the_blocks(name, converted):
+    """On the CPU the engine computes every quantized linear and each MoE layer from the file's blocks:
+    expert weights are never dequantized, and the logits equal the dequantizing torch path's."""
+    from local.models.moe import MoE
+
+    path = converted[name]["q8_0"]
+    fast, slow = local.load(path, device="cpu"), local.load(path, device="cpu", engine=False)
+    moes = [m for m in fast.model.modules() if isinstance(m, MoE)]
+    assert moes and all(m.engine is not None for m in moes)
+    assert all(p.is_meta for m in moes for p in m.experts.parameters())
+    assert fast.model.lm_head.engine_weight is not None
+    ids = seq(5)
+    a, b = fast.logits(ids), slow.logits(ids)
+    kl, top1 = kl_top1(a, b)
+    assert kl <= 1e-4 and (a - b).abs().max().item() <= 0.05, (kl, (a - b).abs().max().item())
+    events = list(fast.generate(ids[:8], local.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    assert events[-1].stats.generated_tokens == 8

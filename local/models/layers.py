@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +55,29 @@ def quantize_activation(x: torch.Tensor, fmt: str | None) -> torch.Tensor:
     return (q * d).reshape(x.shape).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class EngineWeight:
+    """A weight left in its GGUF layout (a view of the file) for the CPU engine to compute with."""
+
+    type_id: int  # ggml type id
+    data: torch.Tensor  # uint8 [..., rows, row bytes], or float32/float16 [..., rows, cols]
+    rows: int
+    cols: int
+
+
 class Linear(nn.Linear):
     """nn.Linear whose input may first be rounded like llama.cpp's activations (`act_format`, set by
-    the GGUF loader from the weight's stored type; None for HF checkpoints)."""
+    the GGUF loader from the weight's stored type; None for HF checkpoints), or whose product the CPU
+    engine computes straight from the GGUF blocks (`engine_weight`; then `weight` is never loaded)."""
 
     act_format: str | None = None
+    engine_weight: EngineWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.engine_weight
+        if w is not None:
+            y = torch.ops.tandem.linear(x.float().contiguous(), w.data, w.type_id, w.rows)
+            return y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
         return super().forward(quantize_activation(x, self.act_format))
 
 

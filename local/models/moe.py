@@ -75,11 +75,19 @@ class MoE(nn.Module):
         if shared_intermediate:
             self.shared_experts = MLP(hidden, shared_intermediate, act, bias)
         self.expert_counts: torch.Tensor | None = None  # [E] int64 when routing stats are recorded
+        # GGUF on the CPU: (gate, up, down stacks, their ggml types, shared [gate, up, down, ...], types)
+        # for one fused engine call per layer; the per-expert modules are then never loaded
+        self.engine: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)  # [T, A], [T, A]
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
+        if self.engine is not None:  # routed + shared experts in one CPU engine call
+            gate, up, down, types, shared, shared_types = self.engine
+            out = torch.ops.tandem.moe(x.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
+                                       gate, up, down, types, shared, shared_types)
+            return out.to(x.dtype)
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():  # ascending, as the reference sums them
             tok, slot = torch.where(ids == e)
