@@ -74,9 +74,10 @@ LAYERS = {
     # (ffn_down_exps has 1408-wide rows: Q4_K falls back to Q5_0)
     "deepseek-v2-lite": dict(H=2048, I=1408, E=64, A=6, n_shared=2, gate="Q4_K", down="Q5_0",
                              shared_gate="Q4_K", shared_down="Q4_K"),
-    # DeepSeek-V3 shapes, 32 of the 256 experts in RAM (only the 8 selected are read per token; the
-    # working set, 32 x 3 x 7168 x 2048 weights, is still far beyond the L3 cache)
-    "deepseek-v3": dict(H=7168, I=2048, E=32, A=8, n_shared=1, gate="Q4_K", down="Q4_K",
+    # DeepSeek-V3 shapes, 16 of the 256 experts in RAM (only the 8 selected are read per token; the
+    # working set, 16 x 3 x 7168 x 2048 weights = 0.4 GB at Q4_K, is still far beyond the L3 cache;
+    # kt-kernel packs its own copy per method from bf16, so more would not fit beside it in 24 GB)
+    "deepseek-v3": dict(H=7168, I=2048, E=16, A=8, n_shared=1, gate="Q4_K", down="Q4_K",
                         shared_gate="Q4_K", shared_down="Q4_K", E_model=256),
 }
 
