@@ -6,7 +6,6 @@ or a sentencepiece `tokenizer.model` converted to an equivalent `tokenizers` pip
 """
 
 import json
-import struct
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +16,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
+
+from quant.sentencepiece_model import read_sentencepiece_model
 
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Named tokens a transformers tokenizer class fills in when the config leaves them out.
@@ -205,7 +206,7 @@ def _load_backend(root: Path, config: dict, class_name: str):
             class_name = "TokenizersBackend"
         return backend, config, class_name, json_added, None
     if spm_file.is_file():
-        backend, spm_extras, spm_named = _spm_backend(_read_spm_proto(spm_file), config, class_name)
+        backend, spm_extras, spm_named = _spm_backend(read_sentencepiece_model(spm_file), config, class_name)
         return backend, {**spm_named, **config}, class_name, {}, spm_extras
     raise FileNotFoundError(
         f"no tokenizer in {root}: looked for tokenizer.json (HF `tokenizers`) and tokenizer.model (sentencepiece)")
@@ -367,72 +368,6 @@ def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
     return [(left, right) for left, right, _ in merges]
-
-
-def _read_spm_proto(path: Path) -> dict:
-    """The parts of a sentencepiece ModelProto we need, read from the protobuf wire format."""
-    try:
-        fields = _proto_fields(path.read_bytes())
-        pieces, trainer, normalizer = [], {}, {}
-        for number, value in fields:
-            if number == 1:
-                piece = dict(_proto_fields(value))
-                score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
-                pieces.append((piece.get(1, b"").decode("utf-8"), score, piece.get(3, 1)))
-            elif number == 2:
-                trainer = dict(_proto_fields(value))
-            elif number == 3:
-                normalizer = dict(_proto_fields(value))
-        if not pieces:
-            raise ValueError("no pieces")
-    except (ValueError, IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid sentencepiece model ({e})") from e
-
-    def signed(v):
-        return v - (1 << 64) if v >= 1 << 63 else v
-
-    def text(v, default):
-        return v.decode("utf-8") if v is not None else default
-
-    spec = {"model_type": trainer.get(3, 1), "byte_fallback": bool(trainer.get(35, 0)),
-            "unk_id": signed(trainer.get(40, 0)), "bos_id": signed(trainer.get(41, 1)),
-            "eos_id": signed(trainer.get(42, 2)), "unk_piece": text(trainer.get(45), "<unk>"),
-            "bos_piece": text(trainer.get(46), "<s>"), "eos_piece": text(trainer.get(47), "</s>")}
-    return {"pieces": pieces, "trainer": spec, "charsmap": normalizer.get(2, b"")}
-
-
-def _proto_fields(buf: bytes) -> list[tuple[int, object]]:
-    """(field number, value) pairs of one protobuf message: ints for varints, bytes otherwise."""
-    out, pos = [], 0
-
-    def varint():
-        nonlocal pos
-        value = shift = 0
-        while True:
-            byte = buf[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while pos < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 2:
-            size = varint()
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        out.append((number, value))
-    return out
 
 
 def _load_chat_template(root: Path, config: dict):

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from . import _C, best_isa
-from .engine import GGML_IDS, CpuEngine, QuantWeight, default_threads
+from .engine import CpuEngine, QuantWeight, default_threads
 
 BLOCK = {"Q4_0": (32, 18, [0]), "Q5_0": (32, 22, [0]), "Q8_0": (32, 34, [0]), "Q4_1": (32, 20, [0, 2]),
          "Q5_1": (32, 24, [0, 2]), "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208])}

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 from gguf import Keys, TokenType
 from gguf import GGUFValueType as T
+
+from .sentencepiece_model import read_sentencepiece_model
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe), applied in order, each one
 # splitting the pieces the previous ones left ("Isolated"). CR/LF are written as \r \n escapes.
@@ -339,54 +340,8 @@ def _spm_tokens(path: Path, config: dict, model_config: dict):
 
 def _read_spm_pieces(path: Path) -> tuple[list[tuple[str, float, int]], int]:
     """(piece, score, type) of a sentencepiece ModelProto and its trainer model_type (1 unigram, 2 BPE)."""
-    try:
-        pieces, model_type = [], 1
-        for number, value in _proto_fields(path.read_bytes()):
-            if number == 1:
-                piece = dict(_proto_fields(value))
-                score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
-                pieces.append((piece.get(1, b"").decode("utf-8"), score, piece.get(3, 1)))
-            elif number == 2:
-                model_type = dict(_proto_fields(value)).get(3, 1)
-        if not pieces:
-            raise ValueError("no pieces")
-    except (ValueError, IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid sentencepiece model ({e})") from e
-    return pieces, model_type
-
-
-def _proto_fields(buf: bytes) -> list[tuple[int, object]]:
-    """(field number, value) pairs of one protobuf message: ints for varints, bytes otherwise."""
-    out, pos = [], 0
-
-    def varint():
-        nonlocal pos
-        value = shift = 0
-        while True:
-            byte = buf[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while pos < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 2:
-            size = varint()
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        out.append((number, value))
-    return out
+    model = read_sentencepiece_model(path)
+    return model["pieces"], model["trainer"]["model_type"]
 
 
 def _named_tokens(root: Path, config: dict, class_name: str) -> dict[str, str]:
