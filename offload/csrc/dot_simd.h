@@ -150,6 +150,116 @@ struct UnpackQ5_1 {
     }
 };
 
+#if TANDEM_DOT_LEVEL >= 4
+// ---- One activation row (decode GEMV) for Q4_0 / Q5_0 / Q8_0, AVX-512 VNNI.
+// The activation is prepared once per token tile (act_prep, below) into act_d, after its f32 scales:
+//   d[nbp] f32 | qs[nbp][32] (Q8_0: a ^ 0x80, i.e. a + 128 as unsigned) | bias[nbp][8] int32 (Q4_0/Q5_0)
+// with nbp = nb rounded up to 16 and zeros in the padding. Then each weight block pair is one zmm of
+// unsigned quants against the prepared bytes, with no sign fix-up:
+//   Q4_0 / Q5_0: w = n - off (n = 0..15 / 0..31), sum(w a) = dpbusd(-off * sum(a), n, a) per 4 values;
+//   Q8_0: sum(w a) = sum((a + 128) w) - 128 sum(w), both by dpbusd.
+// Per-lane int32 sums stay exact. The weight scales of 16 blocks are packed in scalar registers (a gather is slow on Zen 4), one vcvtph2ps, are
+// multiplied by the activation scales once, and each pair takes its two by one permute.
+// act_d is matmul_rows' stack buffer of kActBufFloats floats; rows too long for the layout use Blocks32.
+constexpr int64_t kActBufFloats = int64_t{kMaxActRows} * 2 * 1024;
+
+template <class U> struct Gemv32Traits;  // off: the weight quant offset (0: Q8_0, signed quants)
+template <> struct Gemv32Traits<UnpackQ4_0> { static constexpr int off = 8; };
+template <> struct Gemv32Traits<UnpackQ5_0> { static constexpr int off = 16; };
+template <> struct Gemv32Traits<UnpackQ8_0> { static constexpr int off = 0; };
+
+template <class U>
+struct Gemv32 {
+    using W = typename U::W;
+    static constexpr int kOff = Gemv32Traits<U>::off;
+    static constexpr bool kBias = kOff != 0;
+
+    static int64_t padded(int64_t nb) { return (nb + 15) & ~int64_t{15}; }
+    static bool fits(int64_t nb) { return padded(nb) * (kBias ? 17 : 9) <= kActBufFloats; }
+
+    static void prep(const block_q8_0* y, int64_t nb, float* buf) {
+        const int64_t nbp = padded(nb);
+        auto* aq = reinterpret_cast<uint8_t*>(buf + nbp);
+        auto* bias = reinterpret_cast<int32_t*>(buf + 9 * nbp);
+        for (int64_t i = 0; i < nbp; ++i) {
+            if (i >= nb) {
+                buf[i] = 0.0f;
+                std::memset(aq + 32 * i, 0, 32);
+                if constexpr (kBias) std::memset(bias + 8 * i, 0, 32);
+                continue;
+            }
+            buf[i] = f16(y[i].d);
+            for (int l = 0; l < 32; ++l)
+                aq[32 * i + l] = static_cast<uint8_t>(y[i].qs[l]) ^ (kBias ? 0 : 0x80);
+            if constexpr (kBias)
+                for (int l = 0; l < 8; ++l)
+                    bias[8 * i + l] = -kOff * (y[i].qs[4 * l] + y[i].qs[4 * l + 1] + y[i].qs[4 * l + 2] + y[i].qs[4 * l + 3]);
+        }
+    }
+
+    // Blocks b0, b1 (in element order, 256 bits each) against the prepared bytes: 16 int32 sums.
+    TANDEM_INLINE static __m512i pair(const W& b0, const W& b1, const uint8_t* aq, const int32_t* bias) {
+        const __m512i a = _mm512_loadu_si512(aq);
+        if constexpr (!kBias) {
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(load256(b0.qs)), load256(b1.qs), 1);
+            return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), a, w),
+                                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w));
+        } else {
+            const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(load128(b0.qs))),
+                                                 _mm256_broadcastsi128_si256(load128(b1.qs)), 1);
+            // low nibbles in 128-bit lanes 0 and 2, high nibbles in 1 and 3
+            const __m512i shifts = _mm512_setr_epi64(0, 0, 0x0004000400040004, 0x0004000400040004, 0, 0,
+                                                     0x0004000400040004, 0x0004000400040004);
+            __m512i q = _mm512_and_si512(_mm512_srlv_epi16(x, shifts), _mm512_set1_epi8(0x0F));
+            if constexpr (kOff == 16) {
+                uint32_t h0, h1;
+                std::memcpy(&h0, b0.qh, 4);
+                std::memcpy(&h1, b1.qh, 4);
+                q = _mm512_mask_add_epi8(q, _cvtu64_mask64(h0 | static_cast<uint64_t>(h1) << 32), q,
+                                         _mm512_set1_epi8(16));
+            }
+            return _mm512_dpbusd_epi32(_mm512_loadu_si512(bias), q, a);
+        }
+    }
+
+    static void dot(int64_t n, const void* vw, const float* buf, float* out) {
+        const auto* w = static_cast<const W*>(vw);
+        const int64_t nb = n / QK8_0, nbp = padded(nb);
+        const auto* aq = reinterpret_cast<const uint8_t*>(buf + nbp);
+        const auto* bias = reinterpret_cast<const int32_t*>(buf + 9 * nbp);
+        const __m512i lo8_hi8 = _mm512_mask_mov_epi32(_mm512_setzero_si512(), 0xFF00, _mm512_set1_epi32(1));
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g = 0; g < nb; g += 16) {
+            const int64_t m = nb - g < 16 ? nb - g : 16;
+            // the 16 weight scales, packed on the (otherwise idle) scalar ports: 4 per 64-bit word
+            uint64_t dq[4] = {0, 0, 0, 0};
+            if (m == 16) {
+                for (int t = 0; t < 16; ++t) dq[t / 4] |= static_cast<uint64_t>(w[g + t].d) << (16 * (t % 4));
+            } else {
+                for (int64_t t = 0; t < m; ++t) dq[t / 4] |= static_cast<uint64_t>(w[g + t].d) << (16 * (t % 4));
+            }
+            const __m256i dh = _mm256_set_epi64x(static_cast<long long>(dq[3]), static_cast<long long>(dq[2]),
+                                                 static_cast<long long>(dq[1]), static_cast<long long>(dq[0]));
+            const __m512 sc = _mm512_mul_ps(_mm512_cvtph_ps(dh), _mm512_loadu_ps(buf + g));
+            auto step = [&](int j) {
+                const int64_t i = g + 2 * j;
+                const W& b1 = w[i + 1 < nb ? i + 1 : i];  // an odd last block pairs with itself (scale 0)
+                const __m512i p = pair(w[i], b1, aq + 32 * i, bias + 8 * i);
+                const __m512 s = _mm512_permutexvar_ps(_mm512_add_epi32(lo8_hi8, _mm512_set1_epi32(2 * j)), sc);
+                acc[j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc[j & 1]);
+            };
+            if (m == 16) {
+                for (int j = 0; j < 8; ++j) step(j);
+            } else {
+                for (int j = 0; 2 * j < m; ++j) step(j);
+            }
+        }
+        out[0] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    }
+};
+
+#endif
+
 // act_d, when given: the activation block scales already in f32 (ScaledDotKernel, dot_kernels.h), which
 // saves the f16 conversion of d_a (and s_a) for every weight row.
 template <class U>
@@ -160,6 +270,11 @@ struct Blocks32 {
     }
     template <int NA>
     static void run_f32_scales(int64_t n, const void* vw, const void* va, size_t as, const float* act_d, float* out) {
+#if TANDEM_DOT_LEVEL >= 4
+        if constexpr (NA == 1 && !U::kMin) {  // act_d as act_prep left it
+            if (Gemv32<U>::fits(n / QK8_0)) return Gemv32<U>::dot(n, vw, act_d, out);
+        }
+#endif
         body<NA, true>(n, vw, va, as, act_d, out);
     }
 
@@ -284,6 +399,16 @@ void act_scales_f32(const void* act, size_t as, int n_act, int64_t nb, float* ou
         }
     }
 }
+
+#if TANDEM_DOT_LEVEL >= 4
+template <class U>
+void act_prep(const void* act, size_t as, int n_act, int64_t nb, float* out) {
+    if (n_act == 1 && Gemv32<U>::fits(nb))
+        Gemv32<U>::prep(static_cast<const block_q8_0*>(act), nb, out);
+    else
+        act_scales_f32<block_q8_0>(act, as, n_act, nb, out);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------- K-quants
 
@@ -614,15 +739,24 @@ struct Floats {
     }
 };
 
+template <class U>
+constexpr auto act_scales() {
+#if TANDEM_DOT_LEVEL >= 4
+    return &act_prep<U>;
+#else
+    return &act_scales_f32<block_q8_0>;
+#endif
+}
+
 }  // namespace
 
 ScaledDotKernel scaled_kernel(GgmlType wtype) {
     switch (wtype) {
-        case GgmlType::Q4_0: return {&by_rows_f32_scales<Blocks32<UnpackQ4_0>>, &act_scales_f32<block_q8_0>};
+        case GgmlType::Q4_0: return {&by_rows_f32_scales<Blocks32<UnpackQ4_0>>, act_scales<UnpackQ4_0>()};
         case GgmlType::Q4_1: return {&by_rows_f32_scales<Blocks32<UnpackQ4_1>>, &act_scales_f32<block_q8_1>};
-        case GgmlType::Q5_0: return {&by_rows_f32_scales<Blocks32<UnpackQ5_0>>, &act_scales_f32<block_q8_0>};
+        case GgmlType::Q5_0: return {&by_rows_f32_scales<Blocks32<UnpackQ5_0>>, act_scales<UnpackQ5_0>()};
         case GgmlType::Q5_1: return {&by_rows_f32_scales<Blocks32<UnpackQ5_1>>, &act_scales_f32<block_q8_1>};
-        case GgmlType::Q8_0: return {&by_rows_f32_scales<Blocks32<UnpackQ8_0>>, &act_scales_f32<block_q8_0>};
+        case GgmlType::Q8_0: return {&by_rows_f32_scales<Blocks32<UnpackQ8_0>>, act_scales<UnpackQ8_0>()};
         default: return {};
     }
 }
