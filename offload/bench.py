@@ -54,8 +54,10 @@ def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
     return statistics.mean(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
 
 
-def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int) -> dict:
-    out = {}
+def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -> tuple[dict, dict]:
+    """GB/s per type, and its fraction of the read bandwidth measured right before it (the shared
+    machine's bandwidth swings within minutes, so each ratio uses its own neighbour)."""
+    out, fraction = {}, {}
     cols = 8192
     for typ in types:
         probe = random_weight(rng, typ, (1, cols))
@@ -63,10 +65,13 @@ def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int) -> dict:
         w = random_weight(rng, typ, (rows, cols))
         x = rng.standard_normal((1, cols), dtype=np.float32)
         y = np.empty((1, rows), np.float32)
+        read = probe_engine.read_bandwidth(target_bytes, 3)
         mean, _ = timed(lambda: engine.linear(w, x, y), repeats=10)
         out[typ] = w.data.nbytes / mean / 1e9
-        print(f"  gemv {typ:<5} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s", file=sys.stderr)
-    return out
+        fraction[typ] = out[typ] / read
+        print(f"  gemv {typ:<5} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s  "
+              f"({100 * fraction[typ]:.0f}% of {read:.1f} GB/s read just before)", file=sys.stderr)
+    return out, fraction
 
 
 LAYERS = {
@@ -155,11 +160,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     engine = CpuEngine(threads)
     result = {"threads": threads, "isa": best_isa()}
-    result["read_gbs"] = _C.Engine(threads).read_bandwidth()
+    probe = _C.Engine(threads)
+    result["read_gbs"] = probe.read_bandwidth()
     print(f"read bandwidth {result['read_gbs']:.1f} GB/s ({threads} threads, {best_isa()})", file=sys.stderr)
-    result["gemv"] = bench_gemv(engine, rng, ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
-                                args.gemv_mib << 20)
-    result["gemv_fraction_of_read"] = {t: v / result["read_gbs"] for t, v in result["gemv"].items()}
+    result["gemv"], result["gemv_fraction_of_read"] = bench_gemv(
+        engine, probe, rng, ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"], args.gemv_mib << 20)
     result["moe"] = []
     for name, spec in LAYERS.items():
         layer = make_layer(rng, spec)
