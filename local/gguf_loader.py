@@ -112,11 +112,14 @@ def read_gguf_config(path: Path):
     return model, arch, arch.Config.from_dict(raw, source=str(path))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True):
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
+              threads: int | None = None):
     """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32.
 
     With `engine` (CPU only) every linear layer and each layer's experts are computed by the CPU engine
-    straight from the file's blocks (memory-mapped, never dequantized); the rest runs in torch."""
+    (a pool of `threads`) straight from the file's blocks (memory-mapped, never dequantized); the rest
+    runs in torch on one thread, so the two pools never fight over the cores (both spin-wait: two
+    threads each on 2 cores made decode ~6x slower)."""
     from .loader import load_weights
 
     path = Path(path)
@@ -140,6 +143,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     set_llama_numerics(model, tensors)
+    if plan:
+        from offload import torch_ops
+        from offload.engine import CpuEngine
+
+        torch_ops.set_engine(CpuEngine(threads))
+        torch.set_num_threads(1)
     for name, spec in plan.items():
         target = model.get_submodule(name)
         if isinstance(spec, tuple):

@@ -169,7 +169,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
         from .gguf_loader import load_gguf
         from .gguf_tokenizer import tokenizer_from_gguf
 
-        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev, engine=engine)
+        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev, engine=engine, threads=threads)
         tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
         extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra),
