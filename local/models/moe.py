@@ -84,9 +84,11 @@ class MoE(nn.Module):
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
         if self.engine is not None:  # routed + shared experts in one CPU engine call
+            from offload.torch_ops import run_moe
+
             gate, up, down, types, shared, shared_types = self.engine
-            out = torch.ops.tandem.moe(x.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
-                                       gate, up, down, types, shared, shared_types)
+            out = run_moe(x.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
+                          gate, up, down, types, shared, shared_types)
             return out.to(x.dtype)
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():  # ascending, as the reference sums them

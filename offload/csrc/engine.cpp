@@ -10,6 +10,8 @@ namespace {
 // Rows of a weight matrix one task computes: small enough that 2+ threads balance on a decode
 // GEMV, large enough to amortize the task hand-out (a 64-row Q4_K slab of a 7168-wide matrix is 258 KB).
 constexpr int64_t kRowsPerTask = 64;
+// Below this many weight bytes x tokens a linear runs on the calling thread alone.
+constexpr size_t kInlineBytes = 64 << 10;
 
 // MoE slabs (rows per task) for `work` rows in all on `threads` threads: up to 256 rows (longer
 // contiguous streams measured ~12% faster at T=1 than 64-row slabs on V2-Lite), but at least four
@@ -37,6 +39,12 @@ inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float* Y, Isa isa) {
     const size_t a_stride = act_row_bytes(w);
     std::vector<uint8_t> A(static_cast<size_t>(T) * a_stride);
+    if (static_cast<size_t>(w.rows) * w.row_stride * static_cast<size_t>(T) < kInlineBytes) {
+        // too small to pay for handing work to other threads
+        for (int64_t t = 0; t < T; ++t) quantize_activation_row(act_type(w), X + t * w.cols, A.data() + t * a_stride, w.cols);
+        matmul_rows(w.type, w.cols, w.data, w.row_stride, 0, w.rows, A.data(), a_stride, T, Y, w.rows, isa);
+        return;
+    }
     quantize_rows(pool, act_type(w), X, T, w.cols, A.data(), a_stride);
     const int64_t n_tasks = (w.rows + kRowsPerTask - 1) / kRowsPerTask;
     pool.parallel_for(n_tasks, [&](int64_t task, int) {
