@@ -451,7 +451,7 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
     const int per_block = wtype == GgmlType::Q4_1 || wtype == GgmlType::Q5_1 ? 2 : 1;
     const int64_t nb = n / qk::QK8_0;
     const bool use_scaled = scaled.dot && kMaxActRows * per_block * nb <= kMaxScaleFloats;
-    float act_d[kMaxScaleFloats];  // 64 KiB of stack, touched only when used
+    alignas(64) float act_d[kMaxScaleFloats];  // 64 KiB of stack, touched only when used; whole cache lines
     const auto* w = static_cast<const char*>(W);
     const auto* a = static_cast<const char*>(A);
     float out[kMaxActRows];

@@ -13,6 +13,8 @@
 //     last block at 256 bits); signed x signed via |w| x sign(a, w), then maddubs + madd or dpbusd
 //     (VNNI). The activation scales d_a (s_a) come as f16 from the blocks, or already in f32 from
 //     matmul_rows (run_f32_scales), which converts them once per token tile instead of once per row.
+//     On VNNI, Q4_0/Q5_0/Q8_0 go to Gemv32 (one row) and Gemm32 (2..8 rows) on activations prepared
+//     once per tile (act_prep); Gemm32 puts one block per int32 lane, 16 blocks per group.
 //   K-quants: AVX2 one 32-value sub-block per vector; AVX-512 64 values (two sub-blocks) per vector,
 //     maddubs then madd (BW) or dpwssd (VNNI) with the int16 sub-block scales. Q4_K/Q5_K mins come from
 //     the Q8_K bsums and never touch the weight quants. Q6_K quants are made signed (q - 32) and use the
@@ -258,6 +260,154 @@ struct Gemv32 {
     }
 };
 
+// ---- 2..8 activation rows (prefill) for Q4_0 / Q5_0 / Q8_0, AVX-512 VNNI.
+// Lanes are blocks: a group of 16 weight blocks is unpacked once into 8 vectors, vector k holding in
+// int32 lane j the unsigned quants 4k..4k+3 of block j (n = w + off: Q4_0 8, Q5_0 16, Q8_0 128). The
+// activation is prepared once per token tile (act_prep) in the same layout, per row and group:
+//   d[16] f32 | bias[16] int32 (-off * sum of the block's quants) | qs[8][16 lanes][4] int8
+// (zeros past nb), so each row takes 8 dpbusd into one vector of 16 exact block sums, seeded with its
+// bias, then one convert and one fma against the 16 products d_w d_a.
+template <class U>
+struct Gemm32 {
+    using W = typename U::W;
+    static constexpr int kOff = std::is_same_v<U, UnpackQ8_0> ? 128 : Gemv32Traits<U>::off;
+    static constexpr int64_t kGroupFloats = 16 + 16 + 128;
+
+    static int64_t groups(int64_t nb) { return (nb + 15) / 16; }
+    static bool fits(int n_act, int64_t nb) { return n_act * groups(nb) * kGroupFloats <= kActBufFloats; }
+
+    // 16 blocks with 32 quant bytes each -> t[k], int32 lane j = bytes 4k..4k+3 of block j.
+    template <class B>
+    TANDEM_INLINE static void transpose16(const B* const* b, __m512i* t) {
+        // rows p = [block p, block p + 8], 8 dwords each; 8x8 dword transposes in each 256-bit half
+        __m512i y[8], u[8];
+        for (int p = 0; p < 8; ++p)
+            y[p] = _mm512_inserti64x4(_mm512_castsi256_si512(load256(b[p]->qs)), load256(b[p + 8]->qs), 1);
+        for (int h = 0; h < 8; h += 4) {
+            const __m512i t0 = _mm512_unpacklo_epi32(y[h], y[h + 1]), t1 = _mm512_unpackhi_epi32(y[h], y[h + 1]);
+            const __m512i t2 = _mm512_unpacklo_epi32(y[h + 2], y[h + 3]);
+            const __m512i t3 = _mm512_unpackhi_epi32(y[h + 2], y[h + 3]);
+            u[h] = _mm512_unpacklo_epi64(t0, t2);
+            u[h + 1] = _mm512_unpackhi_epi64(t0, t2);
+            u[h + 2] = _mm512_unpacklo_epi64(t1, t3);
+            u[h + 3] = _mm512_unpackhi_epi64(t1, t3);
+        }
+        const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+        const __m512i hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+        for (int m = 0; m < 4; ++m) {
+            t[m] = _mm512_permutex2var_epi64(u[m], lo, u[m + 4]);
+            t[m + 4] = _mm512_permutex2var_epi64(u[m], hi, u[m + 4]);
+        }
+    }
+
+    // The 16 f16 scales of blocks b[0..15], in f32.
+    template <class B>
+    TANDEM_INLINE static __m512 scales16(const B* const* b) {
+        uint64_t dq[4] = {0, 0, 0, 0};  // packed on the scalar ports (a gather is slow)
+        for (int t = 0; t < 16; ++t) dq[t / 4] |= static_cast<uint64_t>(b[t]->d) << (16 * (t % 4));
+        return _mm512_cvtph_ps(_mm256_set_epi64x(static_cast<long long>(dq[3]), static_cast<long long>(dq[2]),
+                                                 static_cast<long long>(dq[1]), static_cast<long long>(dq[0])));
+    }
+
+    static void prep(const void* act, size_t as, int n_act, int64_t nb, float* buf) {
+        const int64_t ng = groups(nb);
+        for (int r = 0; r < n_act; ++r) {
+            const auto* y = act_row<block_q8_0>(act, as, r);
+            for (int64_t g = 0; g < ng; ++g) {
+                float* gb = buf + (r * ng + g) * kGroupFloats;
+                const block_q8_0* b[16];
+                for (int j = 0; j < 16; ++j) b[j] = y + (16 * g + j < nb ? 16 * g + j : nb - 1);
+                const int64_t m = nb - 16 * g;
+                const __mmask16 valid = m >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
+                __m512i t[8];
+                transpose16(b, t);
+                __m512i sum = _mm512_setzero_si512();
+                for (int k = 0; k < 8; ++k) {
+                    t[k] = _mm512_maskz_mov_epi32(valid, t[k]);
+                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), t[k]);
+                    _mm512_storeu_si512(gb + 32 + 16 * k, t[k]);
+                }
+                _mm512_storeu_ps(gb, _mm512_maskz_mov_ps(valid, scales16(b)));
+                _mm512_storeu_si512(gb + 16, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-kOff)));
+            }
+        }
+    }
+
+    // Weight blocks g0 .. g0 + 15 (the last block repeated past nb) -> q[8] as above, and their 16 scales.
+    TANDEM_INLINE static void unpack(const W* w, int64_t g0, int64_t nb, __m512i* q, __m512& dw) {
+        const W* b[16];
+        for (int j = 0; j < 16; ++j) b[j] = w + (g0 + j < nb ? g0 + j : nb - 1);
+        dw = scales16(b);
+        if constexpr (kOff == 128) {
+            transpose16(b, q);
+            const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+            for (int k = 0; k < 8; ++k) q[k] = _mm512_xor_si512(q[k], flip);
+        } else {
+            // z[c] = the qs of blocks c, c + 4, c + 8, c + 12; 4x4 dword transposes in each 128-bit lane
+            __m512i z[4];
+            for (int c = 0; c < 4; ++c) {
+                z[c] = _mm512_castsi128_si512(load128(b[c]->qs));
+                z[c] = _mm512_inserti32x4(z[c], load128(b[c + 4]->qs), 1);
+                z[c] = _mm512_inserti32x4(z[c], load128(b[c + 8]->qs), 2);
+                z[c] = _mm512_inserti32x4(z[c], load128(b[c + 12]->qs), 3);
+            }
+            const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+            const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+            const __m512i x[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                                  _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            const __m512i nib = _mm512_set1_epi8(0x0F);
+            for (int m = 0; m < 4; ++m) {  // low nibbles: quants 4m.., high: 16 + 4m.. = 4 (m + 4)..
+                q[m] = _mm512_and_si512(x[m], nib);
+                q[m + 4] = _mm512_and_si512(_mm512_srli_epi16(x[m], 4), nib);
+            }
+            if constexpr (kOff == 16) {
+                // fifth bit of quant 4k + l: bit 4 (k & 1) + l of qh byte k >> 1
+                alignas(64) uint32_t qh[16];
+                for (int j = 0; j < 16; ++j) std::memcpy(qh + j, b[j]->qh, 4);
+                const __m512i h = _mm512_load_si512(qh);
+                const __m512i base = _mm512_broadcast_i32x4(_mm_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C));
+                const __m512i sixteen = _mm512_set1_epi8(16);
+                for (int k = 0; k < 8; ++k) {  // hb: qh byte k >> 1 in each of the lane's 4 bytes
+                    const __m512i hb =
+                        _mm512_shuffle_epi8(h, _mm512_add_epi8(base, _mm512_set1_epi8(static_cast<char>(k >> 1))));
+                    const __m512i pat = _mm512_set1_epi32(k & 1 ? static_cast<int>(0x80402010u) : 0x08040201);
+                    q[k] = _mm512_mask_add_epi8(q[k], _mm512_test_epi8_mask(hb, pat), q[k], sixteen);
+                }
+            }
+        }
+    }
+
+    template <int NA>
+    static void dot(int64_t n, const void* vw, const float* buf, float* out) {
+        const auto* w = static_cast<const W*>(vw);
+        const int64_t nb = n / QK8_0, ng = groups(nb);
+        __m512 acc[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; ++g) {
+            __m512i q[8];
+            __m512 dw;
+            unpack(w, 16 * g, nb, q, dw);
+            for (int r = 0; r < NA; ++r) {
+                const float* gb = buf + (r * ng + g) * kGroupFloats;
+                const auto* aq = reinterpret_cast<const __m512i*>(gb + 32);
+                __m512i s = _mm512_loadu_si512(gb + 16);
+                if constexpr (NA <= 4) {  // two chains: fewer rows leave the dpbusd latency exposed
+                    __m512i s2 = _mm512_setzero_si512();
+                    for (int k = 0; k < 8; k += 2) {
+                        s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
+                        s2 = _mm512_dpbusd_epi32(s2, q[k + 1], _mm512_loadu_si512(aq + k + 1));
+                    }
+                    s = _mm512_add_epi32(s, s2);
+                } else {
+                    for (int k = 0; k < 8; ++k) s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_loadu_ps(gb)), acc[r]);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+};
+
 #endif
 
 // act_d, when given: the activation block scales already in f32 (ScaledDotKernel, dot_kernels.h), which
@@ -273,6 +423,8 @@ struct Blocks32 {
 #if TANDEM_DOT_LEVEL >= 4
         if constexpr (NA == 1 && !U::kMin) {  // act_d as act_prep left it
             if (Gemv32<U>::fits(n / QK8_0)) return Gemv32<U>::dot(n, vw, act_d, out);
+        } else if constexpr (!U::kMin) {
+            if (Gemm32<U>::fits(NA, n / QK8_0)) return Gemm32<U>::template dot<NA>(n, vw, act_d, out);
         }
 #endif
         body<NA, true>(n, vw, va, as, act_d, out);
@@ -405,6 +557,8 @@ template <class U>
 void act_prep(const void* act, size_t as, int n_act, int64_t nb, float* out) {
     if (n_act == 1 && Gemv32<U>::fits(nb))
         Gemv32<U>::prep(static_cast<const block_q8_0*>(act), nb, out);
+    else if (n_act >= 2 && Gemm32<U>::fits(n_act, nb))
+        Gemm32<U>::prep(act, as, n_act, nb, out);
     else
         act_scales_f32<block_q8_0>(act, as, n_act, nb, out);
 }
