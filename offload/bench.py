@@ -55,8 +55,8 @@ def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
 
 
 def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -> tuple[dict, dict]:
-    """GB/s per type, and its fraction of the read bandwidth measured right before it (the shared
-    machine's bandwidth swings within minutes, so each ratio uses its own neighbour)."""
+    """GB/s per type (median of 10 calls), and its fraction of a plain streaming read of as many bytes
+    timed in alternation with it (the shared machine's bandwidth swings from second to second)."""
     out, fraction = {}, {}
     cols = 8192
     for typ in types:
@@ -65,12 +65,15 @@ def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -
         w = random_weight(rng, typ, (rows, cols))
         x = rng.standard_normal((1, cols), dtype=np.float32)
         y = np.empty((1, rows), np.float32)
-        read = probe_engine.read_bandwidth(target_bytes, 3)
-        mean, _ = timed(lambda: engine.linear(w, x, y), repeats=10)
-        out[typ] = w.data.nbytes / mean / 1e9
+        buf = np.ones(w.data.nbytes, dtype=np.uint8)
+        med = interleaved({"read": lambda: probe_engine.read_pass(buf), "gemv": lambda: engine.linear(w, x, y)},
+                          repeats=10)
+        read = buf.nbytes / med["read"] / 1e9
+        out[typ] = w.data.nbytes / med["gemv"] / 1e9
         fraction[typ] = out[typ] / read
+        del buf
         print(f"  gemv {typ:<5} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s  "
-              f"({100 * fraction[typ]:.0f}% of {read:.1f} GB/s read just before)", file=sys.stderr)
+              f"({100 * fraction[typ]:.0f}% of the {read:.1f} GB/s read in alternation with it)", file=sys.stderr)
     return out, fraction
 
 
@@ -103,7 +106,8 @@ def random_route(rng, T: int, E: int, A: int):
     return ids, w / w.sum(1, keepdims=True)
 
 
-def bench_moe_engine(engine, rng, spec, layer, T: int, repeats: int, with_shared: bool = True) -> tuple[float, float]:
+def moe_call(engine, rng, spec, layer, T: int, with_shared: bool = True):
+    """A no-argument function running one T-token call of the layer (a new random route each time)."""
     gate, up, down, shared = layer
     shared = shared if with_shared else []
     x = rng.standard_normal((T, spec["H"]), dtype=np.float32)
@@ -114,7 +118,26 @@ def bench_moe_engine(engine, rng, spec, layer, T: int, repeats: int, with_shared
     def call():
         ids, w = routes[next(k) % len(routes)]
         engine.moe(x, ids, w, gate, up, down, shared=shared, out=out)
-    return timed(call, repeats)
+    return call
+
+
+def bench_moe_engine(engine, rng, spec, layer, T: int, repeats: int, with_shared: bool = True) -> tuple[float, float]:
+    return timed(moe_call(engine, rng, spec, layer, T, with_shared), repeats)
+
+
+def interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, timed in alternation (A B A B ...) so that every
+    one sees the same moments of a machine whose memory bandwidth swings from second to second."""
+    for f in calls.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int) -> float:
@@ -176,17 +199,24 @@ def main(argv=None) -> int:
             if not args.no_peers:
                 row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
-                from .bench_kt import kt_kernel_moe
+                from .bench_kt import best_kt_moe
 
-                kt = kt_kernel_moe(spec, T, repeats, threads)
-                if kt:
-                    row.update(kt)
-                    # kt-kernel's op runs the routed experts only: compare like with like
-                    row["kt_kernel_ratio"] = row["routed_us"] / kt["kt_kernel_us"]
+                kt = best_kt_moe(spec, T, threads, rng)
+                if kt is not None:
+                    # kt-kernel's op runs the routed experts only: compare like with like, alternating
+                    # calls so both see the same memory bandwidth
+                    med = interleaved({"ours": moe_call(engine, rng, spec, layer, T, with_shared=False), "kt": kt},
+                                      repeats)
+                    row.update(kt_kernel_us=med["kt"] * 1e6, kt_kernel_method=kt.method,
+                               kt_kernel_threads=kt.threads, routed_us_interleaved=med["ours"] * 1e6,
+                               kt_kernel_ratio=med["ours"] / med["kt"])
+                    del kt
             result["moe"].append(row)
             peers = "".join(f", {k} {v:.0f}" for k, v in row.items() if k.endswith("_us") and k != "us")
             if "kt_kernel_ratio" in row:
-                peers += f", routed/kt-kernel {row['kt_kernel_ratio']:.2f}x ({row['kt_kernel_method']})"
+                peers += (f", interleaved routed {row['routed_us_interleaved']:.0f} vs kt-kernel "
+                          f"{row['kt_kernel_us']:.0f} us = {row['kt_kernel_ratio']:.2f}x ({row['kt_kernel_method']}, "
+                          f"{row['kt_kernel_threads']} thr)")
             print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}",
                   file=sys.stderr)
         del layer

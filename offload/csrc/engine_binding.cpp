@@ -183,27 +183,30 @@ uint64_t read_scalar(const uint64_t* p, size_t n) {
     return a;
 }
 
+// One streaming read over buf[0, n) on the pool's threads; returns seconds.
+double read_pass(ThreadPool& pool, const uint64_t* buf, size_t n) {
+    auto kernel = isa_supported(Isa::Avx512) ? read_avx512 : isa_supported(Isa::Avx2) ? read_avx2 : read_scalar;
+    const int64_t chunks = pool.threads() * 16;
+    std::vector<uint64_t> sink(pool.threads() * 8, 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.parallel_for(chunks, [&](int64_t c, int thread) {
+        const size_t lo = n * c / chunks / 32 * 32, hi = n * (c + 1) / chunks / 32 * 32;
+        sink[thread * 8] ^= kernel(buf + lo, hi - lo);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    volatile uint64_t keep = sink[0];
+    (void)keep;
+    return s;
+}
+
 // GB/s of streaming reads over a buffer far larger than the caches, on the pool's threads (best of
 // `repeats`): the roofline that decode speed is measured against.
 double read_bandwidth(ThreadPool& pool, size_t bytes, int repeats) {
     const size_t n = bytes / sizeof(uint64_t);
     std::vector<uint64_t> buf(n);
     for (size_t i = 0; i < n; i += 512) buf[i] = i;  // touch every page
-    auto kernel = isa_supported(Isa::Avx512) ? read_avx512 : isa_supported(Isa::Avx2) ? read_avx2 : read_scalar;
-    const int64_t chunks = pool.threads() * 16;
-    std::vector<uint64_t> sink(pool.threads() * 8, 0);
     double best = 0;
-    for (int r = 0; r < repeats; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        pool.parallel_for(chunks, [&](int64_t c, int thread) {
-            const size_t lo = n * c / chunks / 32 * 32, hi = n * (c + 1) / chunks / 32 * 32;
-            sink[thread * 8] ^= kernel(buf.data() + lo, hi - lo);
-        });
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        best = std::max(best, static_cast<double>(n * sizeof(uint64_t)) / s / 1e9);
-    }
-    volatile uint64_t keep = sink[0];
-    (void)keep;
+    for (int r = 0; r < repeats; ++r) best = std::max(best, static_cast<double>(n * sizeof(uint64_t)) / read_pass(pool, buf.data(), n) / 1e9);
     return best;
 }
 
@@ -262,6 +265,14 @@ void register_engine(nb::module_& m) {
             },
             nb::arg("bytes") = size_t(1) << 30, nb::arg("repeats") = 5,
             "Best GB/s of streaming reads over `bytes` on this engine's threads (the memory roofline).")
+        .def(
+            "read_pass",
+            [](EngineHandle& h, const U8& buf) {
+                const size_t n = buf.nbytes() / sizeof(uint64_t);
+                nb::gil_scoped_release release;
+                return read_pass(h.pool, reinterpret_cast<const uint64_t*>(buf.data()), n);
+            },
+            nb::arg("buf"), "Seconds for one streaming read of a uint8 buffer on this engine's threads.")
         .def(
             "wait",
             [](EngineHandle& h) {
