@@ -445,13 +445,14 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
     // tile (<= 8 activation rows) by every row of the chunk.
     const int64_t chunk = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<size_t>(1, row_size(wtype, n)));
     // 32-value blocks: the tile's f16 activation scales converted once per tile and chunk, not per row
-    // (when there are rows enough to pay for it and the tile's scales fit; K <= 32768).
-    constexpr int64_t kMaxScaleFloats = kMaxActRows * 2 * 1024;
+    // (when there are rows enough to pay for it and the tile's scales fit; K <= 49152). On VNNI the
+    // buffer holds the tile prepared for Gemm32 / GemmQ4K (dot_simd.h act_prep).
+    constexpr int64_t kMaxScaleFloats = kMaxActRows * 3 * 1024;  // = dot_simd.h kActBufFloats
     const detail::ScaledDotKernel scaled = scaled_kernel(wtype, isa);
     const int per_block = wtype == GgmlType::Q4_1 || wtype == GgmlType::Q5_1 ? 2 : 1;
     const int64_t nb = n / qk::QK8_0;
     const bool use_scaled = scaled.dot && kMaxActRows * per_block * nb <= kMaxScaleFloats;
-    alignas(64) float act_d[kMaxScaleFloats];  // 64 KiB of stack, touched only when used; whole cache lines
+    alignas(64) float act_d[kMaxScaleFloats];  // 96 KiB of stack, touched only when used; whole cache lines
     const auto* w = static_cast<const char*>(W);
     const auto* a = static_cast<const char*>(A);
     float out[kMaxActRows];
@@ -461,13 +462,28 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
             const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
             const char* tile = a + t0 * a_stride;
             const bool scales_once = use_scaled && r1 - r0 >= 2;
-            if (scales_once) scaled.convert_scales(tile, a_stride, nt, nb, act_d);
-            for (int64_t r = r0; r < r1; ++r) {
-                if (scales_once)
-                    scaled.dot(n, w + r * w_row_stride, tile, a_stride, act_d, nt, out);
-                else
+            if (!scales_once) {
+                for (int64_t r = r0; r < r1; ++r) {
                     kernel(n, w + r * w_row_stride, tile, a_stride, nt, out);
-                for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];
+                    for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];
+                }
+                continue;
+            }
+            // Q4_K: K in slices of 16384 / nt values (a multiple of 256), so the prepared tile (~20 KiB)
+            // stays in L1 across the rows.
+            const int64_t ks = wtype == GgmlType::Q4_K ? std::min<int64_t>(n, 16384 / nt / qk::QK_K * qk::QK_K) : n;
+            for (int64_t k0 = 0; k0 < n; k0 += ks) {
+                const int64_t kn = std::min(ks, n - k0);
+                const char* tile_k = tile + (k0 == 0 ? 0 : static_cast<size_t>(k0 / qk::QK_K) * sizeof(block_q8_K));
+                const size_t w_off = k0 == 0 ? 0 : row_size(wtype, k0);
+                scaled.convert_scales(tile_k, a_stride, nt, kn / qk::QK8_0, act_d);
+                for (int64_t r = r0; r < r1; ++r) {
+                    scaled.dot(kn, w + r * w_row_stride + w_off, tile_k, a_stride, act_d, nt, out);
+                    if (k0 == 0)
+                        for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];
+                    else
+                        for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] += out[j];
+                }
             }
         }
     }

@@ -17,9 +17,12 @@
 //     once per tile (act_prep); Gemm32 puts one block per int32 lane, 16 blocks per group.
 //   K-quants: AVX2 one 32-value sub-block per vector; AVX-512 64 values (two sub-blocks) per vector,
 //     maddubs then madd (BW) or dpwssd (VNNI) with the int16 sub-block scales. Q4_K/Q5_K mins come from
-//     the Q8_K bsums and never touch the weight quants. Q6_K quants are made signed (q - 32) and use the
-//     |w| x sign(a, w) trick: taking the -32 from the bsums instead leaves every lane biased by
-//     32 * sum(a), and float32 rounding of those large lanes costs ~1e-5 relative accuracy.
+//     the Q8_K bsums and never touch the weight quants. On VNNI, Q4_K with 2..8 rows goes to GemmQ4K
+//     (Gemm32's scheme, one sub-block per int32 lane: dpbusd on unsigned nibbles, then one fma by the
+//     scales and one by the mins per 16 sub-blocks) on activations prepared once per tile.
+//     Q6_K quants are made signed (q - 32) and use the |w| x sign(a, w) trick: taking the -32 from the
+//     bsums instead leaves every lane biased by 32 * sum(a), and float32 rounding of those large lanes
+//     costs ~1e-5 relative accuracy.
 //   F32 / F16 / BF16: FMA on f32 (F16 via F16C vcvtph2ps, BF16 by shifting into the high half).
 
 #if !defined(TANDEM_DOT_LEVEL) || !defined(TANDEM_DOT_NS)
@@ -163,7 +166,7 @@ struct UnpackQ5_1 {
 // Per-lane int32 sums stay exact. The weight scales of 16 blocks are packed in scalar registers (a gather is slow on Zen 4), one vcvtph2ps, are
 // multiplied by the activation scales once, and each pair takes its two by one permute.
 // act_d is matmul_rows' stack buffer of kActBufFloats floats; rows too long for the layout use Blocks32.
-constexpr int64_t kActBufFloats = int64_t{kMaxActRows} * 2 * 1024;
+constexpr int64_t kActBufFloats = int64_t{kMaxActRows} * 3 * 1024;  // = dot.cpp kMaxScaleFloats
 
 template <class U> struct Gemv32Traits;  // off: the weight quant offset (0: Q8_0, signed quants)
 template <> struct Gemv32Traits<UnpackQ4_0> { static constexpr int off = 8; };
@@ -279,10 +282,17 @@ struct Gemm32 {
     // 16 blocks with 32 quant bytes each -> t[k], int32 lane j = bytes 4k..4k+3 of block j.
     template <class B>
     TANDEM_INLINE static void transpose16(const B* const* b, __m512i* t) {
-        // rows p = [block p, block p + 8], 8 dwords each; 8x8 dword transposes in each 256-bit half
-        __m512i y[8], u[8];
+        // rows p = [block p, block p + 8], 8 dwords each
+        __m512i y[8];
         for (int p = 0; p < 8; ++p)
             y[p] = _mm512_inserti64x4(_mm512_castsi256_si512(load256(b[p]->qs)), load256(b[p + 8]->qs), 1);
+        transpose_halves(y, t);
+    }
+
+    // y[p] = [block p, block p + 8] (8 dwords each) -> t[k], int32 lane j = dword k of block j:
+    // 8x8 dword transposes in each 256-bit half.
+    TANDEM_INLINE static void transpose_halves(const __m512i* y, __m512i* t) {
+        __m512i u[8];
         for (int h = 0; h < 8; h += 4) {
             const __m512i t0 = _mm512_unpacklo_epi32(y[h], y[h + 1]), t1 = _mm512_unpackhi_epi32(y[h], y[h + 1]);
             const __m512i t2 = _mm512_unpacklo_epi32(y[h + 2], y[h + 3]);
@@ -701,6 +711,118 @@ struct Q6K {
     }
 };
 
+#if TANDEM_DOT_LEVEL >= 4
+// ---- 2..8 activation rows (prefill) for Q4_K, AVX-512 VNNI: Gemm32's scheme with sub-blocks as lanes.
+// A group is two super-blocks A, B (16 sub-blocks); int32 lane j holds sub-block 2c of super-block
+// j / 4 (j < 8, c = j % 4) or sub-block 2c + 1 of super-block (j - 8) / 4 (j >= 8, c = j % 4): the low
+// and high nibbles of quant chunk c, so each weight chunk is one nibbles64 and the group one
+// transpose_halves into q[8] (vector k: quants 4k..4k+3 of each lane's sub-block, unsigned 0..15).
+// The activation is prepared once per token tile (act_prep) in the same lane order, per row and group:
+//   d[16] f32 (the lane's Q8_K d) | bsum[16] f32 (d x sum of the sub-block's quants) | qs[8][16][4] int8
+// (zeros for a missing B). Each row takes 8 dpbusd into 16 exact sub-block sums, then one fma with
+// d_w sc_j d_a and one with -dmin_w m_j against the prepared d_a bsum_j.
+struct GemmQ4K {
+    using W = block_q4_K;
+    static constexpr int64_t kGroupFloats = 16 + 16 + 128;
+
+    static int64_t groups(int64_t nsb) { return (nsb + 1) / 2; }
+    static bool fits(int n_act, int64_t nsb) { return n_act * groups(nsb) * kGroupFloats <= kActBufFloats; }
+
+    static void prep(const void* act, size_t as, int n_act, int64_t nsb, float* buf) {
+        const int64_t ng = groups(nsb);
+        for (int r = 0; r < n_act; ++r) {
+            const auto* y = act_row<block_q8_K>(act, as, r);
+            for (int64_t g = 0; g < ng; ++g) {
+                float* gb = buf + (r * ng + g) * kGroupFloats;
+                const bool has_b = 2 * g + 1 < nsb;
+                const block_q8_K& ya = y[2 * g];
+                const block_q8_K& yb = y[has_b ? 2 * g + 1 : 2 * g];
+                __m512i v[8], t[8];
+                for (int p = 0; p < 8; ++p) {
+                    const block_q8_K& s = p < 4 ? ya : yb;
+                    v[p] = p < 4 || has_b ? _mm512_loadu_si512(s.qs + 64 * (p % 4)) : _mm512_setzero_si512();
+                }
+                Gemm32<UnpackQ4_0>::transpose_halves(v, t);
+                __m512i sum = _mm512_setzero_si512();
+                for (int k = 0; k < 8; ++k) {
+                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), t[k]);
+                    _mm512_storeu_si512(gb + 32 + 16 * k, t[k]);
+                }
+                const __m512 da = _mm512_mask_mov_ps(_mm512_set1_ps(ya.d), 0xF0F0, _mm512_set1_ps(has_b ? yb.d : 0.0f));
+                _mm512_storeu_ps(gb, da);
+                _mm512_storeu_ps(gb + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), da));
+            }
+        }
+    }
+
+    // Super-blocks A = w[2g], B = w[2g + 1] (A again past the end) -> q[8], d_w sc_j and -dmin_w m_j per lane.
+    TANDEM_INLINE static void unpack(const W& a, const W& b, __m512i* q, __m512& wsc, __m512& wmin) {
+        __m512i v[8];
+        for (int p = 0; p < 8; ++p) v[p] = nibbles64((p < 4 ? a : b).qs + 32 * (p % 4));
+        Gemm32<UnpackQ4_0>::transpose_halves(v, q);
+        // bytes per super-block: sc even, sc odd, m even, m odd (dwords 0..3); lanes want
+        // sc: A even, B even, A odd, B odd; m likewise
+        const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+        const __m256i sm = _mm256_set_m128i(_mm_shuffle_epi8(unpack_scales_mins(b.scales), even_odd),
+                                            _mm_shuffle_epi8(unpack_scales_mins(a.scales), even_odd));
+        const __m256i lanes = _mm256_permutevar8x32_epi32(sm, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lanes)));
+        const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lanes, 1)));
+        const __m512 dd = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_setr_epi16(
+            static_cast<short>(a.d), static_cast<short>(b.d), static_cast<short>(a.dmin), static_cast<short>(b.dmin), 0,
+            0, 0, 0)));
+        const __m512i ab = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        wsc = _mm512_mul_ps(_mm512_permutexvar_ps(ab, dd), sc);
+        wmin = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_add_epi32(ab, _mm512_set1_epi32(2)), dd),
+                             _mm512_sub_ps(_mm512_setzero_ps(), m));
+    }
+
+    template <int NA>
+    static void dot(int64_t n, const void* vw, const float* buf, float* out) {
+        const auto* w = static_cast<const W*>(vw);
+        const int64_t nsb = n / QK_K, ng = groups(nsb);
+        __m512 acc[NA];
+        for (int r = 0; r < NA; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; ++g) {
+            __m512i q[8];
+            __m512 wsc, wmin;
+            unpack(w[2 * g], w[2 * g + 1 < nsb ? 2 * g + 1 : 2 * g], q, wsc, wmin);
+            for (int r = 0; r < NA; ++r) {
+                const float* gb = buf + (r * ng + g) * kGroupFloats;
+                const auto* aq = reinterpret_cast<const __m512i*>(gb + 32);
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_loadu_si512(aq));
+                if constexpr (NA <= 4) {  // two chains: fewer rows leave the dpbusd latency exposed
+                    __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], _mm512_loadu_si512(aq + 1));
+                    for (int k = 2; k < 8; k += 2) {
+                        s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
+                        s2 = _mm512_dpbusd_epi32(s2, q[k + 1], _mm512_loadu_si512(aq + k + 1));
+                    }
+                    s = _mm512_add_epi32(s, s2);
+                } else {
+                    for (int k = 1; k < 8; ++k) s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsc, _mm512_loadu_ps(gb)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(wmin, _mm512_loadu_ps(gb + 16), acc[r]);
+            }
+        }
+        for (int r = 0; r < NA; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+
+    // ScaledDotKernel entry points: nb counts 32-value blocks (matmul_rows' unit), 8 per super-block.
+    static void act_prep(const void* act, size_t as, int n_act, int64_t nb, float* out) {
+        if (n_act >= 2 && fits(n_act, nb / 8)) prep(act, as, n_act, nb / 8, out);
+    }
+
+    template <int NA>
+    static void run_f32_scales(int64_t n, const void* w, const void* a, size_t as, const float* act_d, float* out) {
+        if constexpr (NA >= 2) {
+            if (fits(NA, n / QK_K)) return dot<NA>(n, w, act_d, out);
+        }
+        QxK<false>::run<NA>(n, w, a, as, out);
+    }
+};
+#endif
+
 #else
 // ---- AVX2: one 32-value sub-block per vector.
 
@@ -911,6 +1033,9 @@ ScaledDotKernel scaled_kernel(GgmlType wtype) {
         case GgmlType::Q5_0: return {&by_rows_f32_scales<Blocks32<UnpackQ5_0>>, act_scales<UnpackQ5_0>()};
         case GgmlType::Q5_1: return {&by_rows_f32_scales<Blocks32<UnpackQ5_1>>, &act_scales_f32<block_q8_1>};
         case GgmlType::Q8_0: return {&by_rows_f32_scales<Blocks32<UnpackQ8_0>>, act_scales<UnpackQ8_0>()};
+#if TANDEM_DOT_LEVEL >= 4
+        case GgmlType::Q4_K: return {&by_rows_f32_scales<GemmQ4K>, &GemmQ4K::act_prep};
+#endif
         default: return {};
     }
 }
