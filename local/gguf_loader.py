@@ -130,12 +130,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     with torch.device("meta"):
         model = arch.build(cfg, list(mapping.values()))
     plan = engine_plan(model, tensors) if engine and torch.device(device).type == "cpu" else {}
-    by_engine = {f"{m}.weight" for m in plan if not isinstance(plan[m], tuple)}
-    by_engine |= {n for n in mapping.values() if any(n.startswith(f"{m}.experts.") for m in plan
-                                                       if isinstance(plan[m], tuple))}
-    dequantized = {src[1] for hf, src in tensors.sources.items() if hf not in by_engine and src[0] == "plain"}
-    dequantized |= {name for hf, (kind, *rest) in tensors.sources.items() if kind == "kv_b" for name in rest}
-    dequantized |= {src[1] for hf, src in tensors.sources.items() if hf not in by_engine and src[0] == "expert"}
+    fused = tuple(f"{m}.experts." for m, spec in plan.items() if isinstance(spec, tuple))
+    by_engine = {f"{m}.weight" for m, spec in plan.items() if not isinstance(spec, tuple)}
+    by_engine |= {n for n in mapping.values() if fused and n.startswith(fused)}
+    # the GGUF tensors torch still needs as floats (kv_b halves always: absorbed MLA reads them)
+    dequantized = {src[1] for hf, src in tensors.sources.items() if src[0] != "kv_b" and hf not in by_engine}
+    dequantized |= {name for kind, *rest in tensors.sources.values() if kind == "kv_b" for name in rest}
     check_memory(gmodel, dtype, path, dequantized)
     tied = cfg.tie_word_embeddings
     load_weights(model, tensors, mapping, dtype, torch.device(device), derived={"lm_head.weight"} if tied else set(),

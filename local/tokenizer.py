@@ -17,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from quant.jsonfile import read_optional_json as _read_json
 from quant.sentencepiece_model import read_sentencepiece_model
 
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -210,15 +211,6 @@ def _load_backend(root: Path, config: dict, class_name: str):
         return backend, {**spm_named, **config}, class_name, {}, spm_extras
     raise FileNotFoundError(
         f"no tokenizer in {root}: looked for tokenizer.json (HF `tokenizers`) and tokenizer.model (sentencepiece)")
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def _as_added_token(value, special=None) -> AddedToken | str:

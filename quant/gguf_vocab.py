@@ -16,6 +16,7 @@ from pathlib import Path
 from gguf import Keys, TokenType
 from gguf import GGUFValueType as T
 
+from .jsonfile import read_optional_json as _read_json
 from .sentencepiece_model import read_sentencepiece_model
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp, llm_tokenizer_bpe), applied in order, each one
@@ -125,15 +126,6 @@ def _llama_kv(tokens: list[str], types: list, scores: list[float], prefix: bool)
     return {Keys.Tokenizer.MODEL: ("llama", T.STRING), Keys.Tokenizer.PRE: ("default", T.STRING),
             Keys.Tokenizer.LIST: (tokens, T.ARRAY), Keys.Tokenizer.TOKEN_TYPE: ([int(t) for t in types], T.ARRAY),
             Keys.Tokenizer.SCORES: ([float(s) for s in scores], T.ARRAY), Keys.Tokenizer.ADD_PREFIX: (prefix, T.BOOL)}
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def _content(value):
