@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -43,6 +44,31 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from tui import ChatApp
+
+    ChatApp(args.model, system=args.system, device=args.device, threads=args.threads).run()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main_json, render, run_bench
+
+    model = args.model
+    if args.synthetic:
+        if model:
+            raise ValueError("give either MODEL or --synthetic, not both")
+        from .synthetic import build_synthetic
+
+        model = build_synthetic(args.synthetic, args.layers, args.quant, args.experts, progress=True)
+    elif not model:
+        raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic deepseek-v2-lite|deepseek-v3")
+    result = run_bench(model, p=args.n_prompt, n=args.n_gen, r=args.repetitions, threads=args.threads,
+                       device=args.device, compare=args.compare, chunk=args.chunk)
+    print(main_json(result) if args.json else render(result))
+    return 0
+
+
 def cmd_convert(args) -> int:
     from quant.convert import convert
     from quant.recipes import RECIPES
@@ -60,8 +86,38 @@ def cmd_convert(args) -> int:
 def cmd_inspect(args) -> int:
     from .inspect_model import render, summarize
 
-    print(render(summarize(args.model), show_tensors=args.tensors))
+    summary = summarize(args.model)
+    print(render(summary, show_tensors=args.tensors))
+    if summary.format == "gguf":
+        from offload.placement import make_plan
+        from quant.gguf_file import GGUFModel
+
+        from . import routing as routing_mod
+
+        stats = routing_mod.read(args.routing) if args.routing else None
+        plan = make_plan(GGUFModel(args.model), args.device, args.gpu_experts, stats, context=args.ctx_size,
+                         kv_bytes_per_token=summary.kv_bytes_per_token)
+        print("\n" + plan.render())
+    if args.routing_stats:
+        from . import load, routing
+
+        text = Path(args.routing_stats).read_text(encoding="utf-8")
+        runner = load(args.model, device=args.device, threads=args.threads)
+        bar = _progress_printer("routing")
+        stats = routing.gather(runner, text, ctx=args.ctx, progress=bar)
+        print("\n" + stats.render())
+        if args.routing_out:
+            routing.save(stats, args.routing_out)
+            print(f"wrote {args.routing_out}", file=sys.stderr)
     return 0
+
+
+def _progress_printer(what: str):
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            end = "\n" if done == total else ""
+            print(f"\r{what}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    return progress
 
 
 def cmd_perplexity(args) -> int:
@@ -88,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description="Run DeepSeek-style MoE models across GPU and CPU.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate text from a prompt")
-    r.add_argument("model", nargs="?", default=None, help="HF model directory (default: the bundled demo model)")
+    r.add_argument("model", nargs="?", default=None,
+                   help="GGUF file or HF model directory (default: the bundled demo model)")
     r.add_argument("-p", "--prompt", required=True, help="prompt text (with --chat: the user message)")
     r.add_argument("-n", "--n-predict", type=int, default=128, help="max tokens to generate (default 128)")
     r.add_argument("--temp", type=float, default=0.7, help="temperature; 0 = greedy (default 0.7)")
@@ -107,6 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     r.set_defaults(func=cmd_run)
 
+    ch = sub.add_parser("chat", help="the terminal chat UI (live throughput, reasoning, expert routing)")
+    ch.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: the demo model)")
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ch.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    ch.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="prompt and decode throughput (llama-bench style), optionally vs llama.cpp")
+    b.add_argument("model", nargs="?", default=None, help="GGUF file or HF model directory")
+    b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for the pp test (default 512)")
+    b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for the tg test (default 128)")
+    b.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
+    b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    b.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
+    b.add_argument("--chunk", type=int, default=512, help="prefill chunk, tokens (default 512)")
+    b.add_argument("--compare", default=None, choices=["llama.cpp"],
+                   help="also run llama.cpp (llama-cpp-python) on the same file and print the ratios")
+    b.add_argument("--synthetic", default=None, choices=["deepseek-v2-lite", "deepseek-v3"],
+                   help="bench a cached random-weight GGUF with this model's real geometry")
+    b.add_argument("--layers", type=int, default=None, help="layers of the synthetic model (default: all)")
+    b.add_argument("--experts", type=int, default=None, help="routed experts of the synthetic model (default: all)")
+    b.add_argument("--quant", default="q4_k_m", help="recipe of the synthetic model (default q4_k_m)")
+    b.add_argument("--json", action="store_true", help="one JSON object per row")
+    b.set_defaults(func=cmd_bench)
+
     c = sub.add_parser("convert", help="convert an HF checkpoint or GGUF to a (quantized) GGUF")
     c.add_argument("src", help="HF model directory (BF16/FP16/FP32/FP8 safetensors) or a .gguf file")
     c.add_argument("-o", "--output", required=True, help="output .gguf path")
@@ -119,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="architecture, parameters, tensor types and KV cache size of a model")
     i.add_argument("model", help="GGUF file or HF model directory")
     i.add_argument("--tensors", action="store_true", help="also list every tensor")
+    i.add_argument("--routing-stats", metavar="FILE", default=None,
+                   help="run the text (prompts or prose) in FILE and report how often each expert is picked")
+    i.add_argument("--routing-out", metavar="JSON", default=None, help="also write those counts as JSON")
+    i.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk for --routing-stats (default 512)")
+    i.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]: the placement to show (and run on)")
+    i.add_argument("--gpu-experts", type=int, default=0, help="routed experts per layer kept on the GPU (placement)")
+    i.add_argument("--routing", metavar="JSON", default=None,
+                   help="routing counts from --routing-out: --gpu-experts picks the busiest experts")
+    i.add_argument("--ctx-size", type=int, default=4096, help="context the placement reserves KV cache for")
+    i.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (for --routing-stats)")
     i.set_defaults(func=cmd_inspect)
 
     q = sub.add_parser("perplexity", help="perplexity over a text, and KL divergence against a base model")

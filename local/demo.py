@@ -1,8 +1,10 @@
-"""The model `tandem run` uses when none is given.
+"""The model `tandem run` and `tandem chat` use when none is given.
 
-The bundled demo model (a trained small DeepSeek-V3) is not in the repository yet; until it is,
-a tiny random-weight DeepSeek-V3 is built once into the user cache - it exercises every code path
-(MLA, dense + MoE layers, sigmoid routing with correction bias, YaRN) but its text is gibberish.
+The bundled demo model is `local/demo_model/demo.gguf`: a 13M-parameter DeepSeek-V3 (MLA, one dense
+and three MoE layers, sigmoid routing with the correction bias) that `tools/train_demo_model.py`
+trains on the CPython documentation, stored as Q8_0 with its tokenizer and chat template.
+`build_tiny_model` makes tiny random-weight stand-ins for tests (and is the fallback when the
+bundled file is missing, e.g. a checkout without it): every code path, but gibberish text.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 log = logging.getLogger("tandem")
 
-BUNDLED = Path(__file__).resolve().parent / "demo_model"
+BUNDLED = Path(__file__).resolve().parent / "demo_model" / "demo.gguf"
 TINY_VERSION = 1
 
 CHAT_TEMPLATE = (
@@ -47,12 +49,12 @@ def cache_dir() -> Path:
 
 def demo_model_path() -> Path:
     """The bundled demo model, or the tiny random stand-in (built on first use)."""
-    if (BUNDLED / "config.json").exists():
+    if BUNDLED.exists():
         return BUNDLED
     path = cache_dir() / f"tiny-deepseek-v3-random-v{TINY_VERSION}"
     if not (path / "model.safetensors").exists():
-        log.warning("no bundled demo model yet; building a tiny random-weight DeepSeek-V3 at %s "
-                    "(its output is gibberish)", path)
+        log.warning("the bundled demo model %s is missing; building a tiny random-weight DeepSeek-V3 at %s "
+                    "(its output is gibberish)", BUNDLED, path)
         build_tiny_model(path)
     return path
 

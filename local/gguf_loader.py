@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's `deepseek2` / `qwen3moe`) into the same modules as HF checkpoints.
 
 Tensors are renamed to HF names (`quant.gguf_arch`), 3-D expert stacks are split per expert and
-llama.cpp's `attn_k_b`/`attn_v_b` are joined back into `kv_b_proj`. Until the quantized CPU engine
-runs block types directly, block-quantized tensors are dequantized to the compute dtype at load.
+llama.cpp's `attn_k_b`/`attn_v_b` are joined back into `kv_b_proj`. Where each tensor runs is the
+placement plan's decision (offload.placement): the CPU engine computes from the file's blocks; what
+runs in torch is dequantized to the compute dtype at load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from quant.formats import dequantize
@@ -93,17 +93,6 @@ class GGUFTensors:
         return str(self.model.path)
 
 
-def check_memory(model: GGUFModel, dtype: torch.dtype, path: Path, dequantized: set[str]) -> None:
-    """Refuse before allocating when the dequantized weights cannot fit in RAM."""
-    n = sum(t.n_elements for name, t in model.tensors.items() if name in dequantized)
-    need = n * torch.empty((), dtype=dtype).element_size()
-    free = psutil.virtual_memory().available
-    if need > 0.9 * free:
-        raise MemoryError(f"{path.name}: the {n / 1e9:.1f} B weights that run in torch need {need / 2**30:.1f} GiB "
-                          f"as {dtype} but {free / 2**30:.1f} GiB is free. Use --dtype bfloat16, or --device cpu "
-                          "so the CPU engine computes from the quantized blocks")
-
-
 def read_gguf_config(path: Path):
     model = GGUFModel(path)
     tokens = model.kv.get("tokenizer.ggml.tokens")
@@ -113,50 +102,100 @@ def read_gguf_config(path: Path):
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
-              threads: int | None = None):
-    """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32.
+              threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
+              routing=None, context: int = 4096):
+    """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32; `progress(done, total)`
+    is called per tensor.
 
-    With `engine` (CPU only) every linear layer and each layer's experts are computed by the CPU engine
+    The placement plan (offload.placement) decides where each tensor lives and is checked against the
+    machine's free memory before anything is allocated.
+
+    CPU (`engine`, device cpu): every linear layer and each layer's experts are computed by the CPU engine
     (a pool of `threads`) straight from the file's blocks (memory-mapped, never dequantized); the rest
     runs in torch on one thread, so the two pools never fight over the cores (both spin-wait: two
-    threads each on 2 cores made decode ~6x slower)."""
+    threads each on 2 cores made decode ~6x slower).
+
+    Hybrid (default on a CUDA device; `hybrid=True` runs the same path with the "GPU" side on the CPU,
+    for tests): everything but the routed experts is dequantized onto `device`; each MoE layer submits
+    its routed experts to the CPU engine and computes its shared experts (and `gpu_experts` busiest
+    routed ones) on the device meanwhile."""
+    from offload.placement import Machine, check_fits, make_plan
+
     from .loader import load_weights
 
     path = Path(path)
     gmodel, arch, cfg = read_gguf_config(path)
+    dev = torch.device(device)
+    hybrid = dev.type == "cuda" if hybrid is None else hybrid
     dtype = dtype or torch.float32
+    machine = Machine.detect()
+    kv_per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if hasattr(cfg, "kv_lora_rank")
+                    else 2 * cfg.num_key_value_heads * cfg.head_size) * cfg.num_hidden_layers * 4
+    placement = make_plan(gmodel, "hybrid" if hybrid and dev.type != "cuda" else ("cuda" if hybrid else "cpu"),
+                          gpu_experts, routing, machine, context=min(context, cfg.max_position_embeddings),
+                          kv_bytes_per_token=kv_per_token)
+    check_fits(placement, machine, path.name)
     tensors = GGUFTensors(gmodel, cfg.num_hidden_layers)
     mapping = arch.remap(tensors.names(), cfg)
     with torch.device("meta"):
         model = arch.build(cfg, list(mapping.values()))
-    plan = engine_plan(model, tensors) if engine and torch.device(device).type == "cpu" else {}
-    fused = tuple(f"{m}.experts." for m, spec in plan.items() if isinstance(spec, tuple))
+    if hybrid:
+        plan = routed_expert_plan(model, tensors, placement.gpu_experts)
+    else:
+        plan = engine_plan(model, tensors) if engine and dev.type == "cpu" else {}
+    fused = {m: spec for m, spec in plan.items() if isinstance(spec, tuple)}
     by_engine = {f"{m}.weight" for m, spec in plan.items() if not isinstance(spec, tuple)}
-    by_engine |= {n for n in mapping.values() if fused and n.startswith(fused)}
-    # the GGUF tensors torch still needs as floats (kv_b halves always: absorbed MLA reads them)
-    dequantized = {src[1] for hf, src in tensors.sources.items() if src[0] != "kv_b" and hf not in by_engine}
-    dequantized |= {name for kind, *rest in tensors.sources.values() if kind == "kv_b" for name in rest}
-    check_memory(gmodel, dtype, path, dequantized)
+    for m in fused:
+        on_gpu = set(placement.gpu_experts.get(int(m.split(".")[2]), ())) if hybrid else set()
+        by_engine |= {n for n in mapping.values()
+                      if n.startswith(f"{m}.experts.") and int(n.split(".")[5]) not in on_gpu}
     tied = cfg.tie_word_embeddings
-    load_weights(model, tensors, mapping, dtype, torch.device(device), derived={"lm_head.weight"} if tied else set(),
-                 engine=by_engine)
+    load_weights(model, tensors, mapping, dtype, dev, derived={"lm_head.weight"} if tied else set(),
+                 engine=by_engine, progress=progress)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    set_llama_numerics(model, tensors)
+    if not hybrid:
+        set_llama_numerics(model, tensors)
     if plan:
         from offload import torch_ops
         from offload.engine import CpuEngine
 
         torch_ops.set_engine(CpuEngine(threads))
-        torch.set_num_threads(1)
+        if dev.type == "cpu":
+            torch.set_num_threads(1)
     for name, spec in plan.items():
         target = model.get_submodule(name)
         if isinstance(spec, tuple):
             target.engine = spec
+            if hybrid:
+                target.set_overlap(placement.gpu_experts.get(int(name.split(".")[2]), []))
         else:
             target.engine_weight = spec
     model.checkpoint = gmodel
+    model.placement = placement
     return cfg, model, gmodel
+
+
+def routed_expert_plan(model: torch.nn.Module, tensors: GGUFTensors, gpu_experts: dict) -> dict:
+    """The hybrid plan: each MoE layer's routed expert stacks on the CPU engine (shared experts stay in torch)."""
+    try:
+        from offload import torch_ops  # noqa: F401
+        from offload.engine import GGML_IDS
+    except ImportError as e:
+        raise RuntimeError("the hybrid path needs the CPU engine (offload._C); reinstall Tandem: make setup") from e
+    from .models.moe import MoE
+
+    g = tensors.model
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            stacks = [tensors.sources.get(f"{name}.experts.0.{p}_proj.weight") for p in ("gate", "up", "down")]
+            bad = [s for s in stacks if s is None or s[0] != "expert" or g.tensors[s[1]].qtype.name not in GGML_IDS]
+            if bad:
+                raise NotImplementedError(f"{name}: routed experts stored as {[g.tensors[s[1]].qtype.name for s in bad if s]} "
+                                          "cannot run on the CPU engine; convert with a supported --quant")
+            plan[name] = _moe_spec(g, stacks, [], [])
+    return plan
 
 
 def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:

@@ -81,12 +81,14 @@ def fp8_block_size(raw_config: dict) -> tuple[int, int] | None:
 
 
 def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.dtype,
-                 device: torch.device, derived: set[str] = frozenset(), engine: set[str] = frozenset()) -> None:
+                 device: torch.device, derived: set[str] = frozenset(), engine: set[str] = frozenset(),
+                 progress=None) -> None:
     """Check every tensor of `ckpt` (HFTensors / GGUFTensors) against the module (names and shapes, both
     ways), then assign them.
 
     `derived` names module tensors that are not in the checkpoint but filled in afterwards (tied lm_head);
     `engine` names those the CPU engine computes from the file's blocks (checked, never loaded).
+    `progress(done, total)` is called after each tensor.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in derived}
     scales = {n for n in mapping if n.endswith(".weight_scale_inv")}
@@ -112,7 +114,9 @@ def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.d
             raise CheckpointError(f"{sname} has no weight beside it in {ckpt}")
 
     state = {}
-    for module_name, ckpt_name in provided.items():
+    for done, (module_name, ckpt_name) in enumerate(provided.items(), 1):
+        if progress is not None:
+            progress(done, len(provided))
         if module_name in engine:
             continue
         t = ckpt.get(ckpt_name)
@@ -124,7 +128,8 @@ def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.d
     model.requires_grad_(False)
 
 
-def load_hf(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load_hf(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+            progress=None):
     """(config, model) for an HF directory; weights stay memory-mapped where the dtype allows."""
     model_dir = Path(model_dir)
     arch, cfg, raw = read_config(model_dir)
@@ -134,7 +139,7 @@ def load_hf(model_dir: str | Path, dtype: torch.dtype | None = None, device: str
         model = arch.build(cfg, list(mapping.values()))
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in mapping.values()
     load_weights(model, HFTensors(ckpt, fp8_block_size(raw)), mapping, dtype or checkpoint_dtype(ckpt),
-                 torch.device(device), derived={"lm_head.weight"} if tied else set())
+                 torch.device(device), derived={"lm_head.weight"} if tied else set(), progress=progress)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if getattr(cfg, "num_nextn_predict_layers", 0) and not hasattr(model, "mtp"):

@@ -70,6 +70,50 @@ class Runner:
         self.kv_cache_dtype = kv_cache_dtype  # None = the compute dtype
         self.max_context = config.max_position_embeddings
 
+    # ---- what the model is (for `tandem chat`'s header and the bench)
+    def describe(self) -> dict:
+        """Architecture, parameters (total / active per token), storage types, placement, threads."""
+        from .inspect_model import summarize
+
+        if not hasattr(self, "_summary"):
+            self._summary = summarize(self.path)
+        s, engine = self._summary, self.uses_engine
+        types = [t for t, *_ in s.type_table() if t not in ("F32",) or len(s.type_table()) == 1]
+        plan = getattr(self.model, "placement", None)
+        if plan is not None and plan.device != "cpu":
+            n = sum(len(v) for v in plan.gpu_experts.values())
+            placement = (f"{self.device.type.upper()}: attention, dense, shared"
+                         + (f" + {n} routed experts" if n else "") + "; CPU engine: routed experts")
+        elif engine:
+            placement = "CPU engine: every linear and expert"
+        else:
+            placement = f"torch on {self.device.type}"
+        return {"architecture": getattr(self.config, "model_type", "?"), "format": s.format,
+                "total_params": s.total_params, "active_params": s.active_params, "types": types,
+                "placement": placement, "device": str(self.device), "threads": self.threads,
+                "context": self.max_context, "path": str(self.path)}
+
+    @property
+    def uses_engine(self) -> bool:
+        return any(getattr(m, "engine", None) is not None or getattr(m, "engine_weight", None) is not None
+                   for m in self.model.modules())
+
+    # ---- expert routing statistics
+    def moe_layers(self) -> list[tuple[int, torch.nn.Module]]:
+        return [(i, layer.mlp) for i, layer in enumerate(self.model.model.layers) if hasattr(layer.mlp, "gate")]
+
+    def record_routing(self, on: bool = True) -> None:
+        """Start (zeroed) or stop counting how often each routed expert of each MoE layer is picked."""
+        for _, moe in self.moe_layers():
+            moe.expert_counts = torch.zeros(len(moe.experts), dtype=torch.int64, device=self.device) if on else None
+
+    def routing_counts(self) -> tuple[list[int], torch.Tensor] | None:
+        """(MoE layer indices, counts [layers, experts] int64) since `record_routing`, or None when off."""
+        layers = [(i, m.expert_counts) for i, m in self.moe_layers() if m.expert_counts is not None]
+        if not layers:
+            return None
+        return [i for i, _ in layers], torch.stack([c.cpu() for _, c in layers])
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype
@@ -118,7 +162,7 @@ class Runner:
     def _stream(self, ids: list[int], params: SamplingParams, in_reasoning: bool, t0: float) -> Iterator[Event]:
         self._check_ids(ids)
         cache = self.new_cache(min(len(ids) + params.max_tokens + 1, self.max_context))
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)  # as llama.cpp prints them
         text = TextStream(params.stop, in_reasoning)
         n, stats, finish = 0, Stats(prompt_tokens=len(ids)), "length"
         for step in generate_tokens(self.model, cache, ids, params, self.eos_ids, self.max_context):
@@ -147,14 +191,19 @@ class Runner:
 
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
          dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None,
-         engine: bool = True) -> Runner:
+         engine: bool = True, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
+         routing=None) -> Runner:
     """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
     directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model.
 
     dtype: compute dtype ('auto' = the checkpoint's, float32 for GGUF). kv_cache_dtype: the attention
     cache's dtype (None = the compute dtype; 'float16' halves it, and is llama.cpp's default).
     engine: on the CPU, compute a GGUF's linear layers and experts with the C++ engine straight from
-    the quantized blocks (False: dequantize them and run everything in torch)."""
+    the quantized blocks (False: dequantize them and run everything in torch).
+    progress(done, total): called as the tensors load.
+    hybrid (GGUF): routed experts on the CPU engine, the rest in torch on `device`, overlapped; the
+    default on a CUDA device. gpu_experts / routing (local.routing.RoutingStats): keep each MoE layer's
+    N busiest routed experts on the device too."""
     if path is None:
         from .demo import demo_model_path
         path = demo_model_path()
@@ -169,7 +218,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
         from .gguf_loader import load_gguf
         from .gguf_tokenizer import tokenizer_from_gguf
 
-        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev, engine=engine, threads=threads)
+        config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev, engine=engine, threads=threads,
+                                       progress=progress, hybrid=hybrid, gpu_experts=gpu_experts,
+                                       routing=routing)
         tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
         extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra),
@@ -177,6 +228,6 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     if not path.is_dir():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory "
                          "(config.json + *.safetensors + tokenizer files)")
-    config, model = load_hf(path, resolve_dtype(dtype, dev), dev)
+    config, model = load_hf(path, resolve_dtype(dtype, dev), dev, progress=progress)
     tokenizer = Tokenizer.from_pretrained(path)
     return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer), cache_dtype)

@@ -85,3 +85,16 @@ def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> tor
     e = engine()
     e._engine.moe(x, ids, weights, gate, types[0], up, types[1], down, types[2], spec, None, out, e.isa, False)
     return out
+
+
+def submit_moe(x, ids, weights, gate, up, down, types, skip=None) -> torch.Tensor:
+    """Start the routed experts on the engine's pool and return at once; `wait_moe()` joins. The
+    returned output tensor (and the inputs) must stay alive and untouched until then."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    e = engine()
+    e._engine.moe(x, ids, weights, gate, types[0], up, types[1], down, types[2], [], skip, out, e.isa, True)
+    return out
+
+
+def wait_moe() -> None:
+    engine().wait()

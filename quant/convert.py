@@ -59,9 +59,10 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 class HFSource:
-    """An HF directory: config.json + safetensors, read as float32 one tensor at a time."""
+    """An HF directory: config.json + safetensors, read as float32 one tensor at a time (`ckpt`
+    replaces the safetensors with any object that has names() / info(name).shape|dtype / get(name))."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, ckpt=None):
         self.dir = Path(directory)
         cfg_path = self.dir / "config.json"
         if not cfg_path.exists():
@@ -71,7 +72,7 @@ class HFSource:
         except json.JSONDecodeError as e:
             raise ConvertError(f"{cfg_path} is not valid JSON ({e})") from e
         self.arch = gguf_arch(self.config.get("model_type"))
-        self.ckpt = Checkpoint(self.dir)
+        self.ckpt = ckpt if ckpt is not None else Checkpoint(self.dir)
         q = self.config.get("quantization_config") or {}
         self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
 
@@ -244,7 +245,8 @@ def encode(data: np.ndarray, qtype: QT, quantizer: Callable | None = None) -> np
 
 def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool = False,
             progress: bool = True, quantizer: Callable | None = None) -> Path:
-    """Write `src` (HF dir or GGUF) as a GGUF quantized with `recipe` to `out`; returns the path.
+    """Write `src` (HF dir or GGUF, or a source object like HFSource) as a GGUF quantized with `recipe` to
+    `out`; returns the path.
 
     `quantizer(data, qtype_id) -> bytes` replaces the numpy block quantizers (it must give the same
     bytes; the CLI passes the C++ engine's `offload.quantize`)."""
@@ -253,7 +255,7 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    source = open_source(src)
+    source = src if hasattr(src, "tensors") else open_source(src)  # a path, or an opened source
     jobs = plan(source, recipe)
     kv = source.key_values()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +281,9 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
             writer.write_tensor_data(encode(data, qtype, quantizer))
             del data
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -78,11 +78,26 @@ class MoE(nn.Module):
         # GGUF on the CPU: (gate, up, down stacks, their ggml types, shared [gate, up, down, ...], types)
         # for one fused engine call per layer; the per-expert modules are then never loaded
         self.engine: tuple | None = None
+        # hybrid: the routed experts run on the CPU engine while the shared ones (and the routed experts
+        # listed in gpu_experts) run here in torch; engine_skip masks the latter out of the engine call
+        self.overlap = False
+        self.gpu_experts: list[int] = []
+        self.engine_skip: torch.Tensor | None = None
+
+    def set_overlap(self, gpu_experts: list[int]) -> None:
+        self.overlap = True
+        self.gpu_experts = sorted(gpu_experts)
+        if self.gpu_experts:
+            skip = torch.zeros(len(self.experts), dtype=torch.uint8)
+            skip[self.gpu_experts] = 1
+            self.engine_skip = skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)  # [T, A], [T, A]
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
+        if self.engine is not None and self.overlap:
+            return self._overlapped(x, weights, ids)
         if self.engine is not None:  # routed + shared experts in one CPU engine call
             from offload.torch_ops import run_moe
 
@@ -90,11 +105,44 @@ class MoE(nn.Module):
             out = run_moe(x.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
                           gate, up, down, types, shared, shared_types)
             return out.to(x.dtype)
+        return self._torch_experts(x, weights, ids, torch.unique(ids).tolist())
+
+    def _torch_experts(self, x, weights, ids, experts) -> torch.Tensor:
         out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():  # ascending, as the reference sums them
+        for e in experts:  # ascending, as the reference sums them
             tok, slot = torch.where(ids == e)
             y = self.experts[e](x[tok]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return out
+
+    def _overlapped(self, x, weights, ids) -> torch.Tensor:
+        """Routed experts submitted to the CPU engine; shared (+ GPU-resident routed) experts computed on
+        x's device meanwhile; then the engine is joined and the two sums added."""
+        from offload.torch_ops import submit_moe, wait_moe
+
+        gate, up, down, types, _, _ = self.engine
+        pin = x.device.type == "cuda"
+        xh = _host(x.float(), pin)
+        idh, wh = _host(ids, pin), _host(weights.float(), pin)
+        if pin:
+            torch.cuda.current_stream(x.device).synchronize()  # the engine reads the staged inputs
+        routed = submit_moe(xh, idh, wh, gate, up, down, types, self.engine_skip)
+        try:
+            if self.gpu_experts:
+                local = [e for e in torch.unique(ids).tolist() if e in self.gpu_experts]
+                y = self._torch_experts(x, weights, ids, local)
+            else:
+                y = self.shared_experts(x) if hasattr(self, "shared_experts") else torch.zeros_like(x)
+        finally:
+            wait_moe()
+        return y + routed.to(x.device, x.dtype, non_blocking=pin)
+
+
+def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """t on the CPU, contiguous (through a pinned staging copy when it comes from a GPU)."""
+    if t.device.type == "cpu":
+        return t.contiguous()
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    return staged.copy_(t, non_blocking=pin)

@@ -1,0 +1,316 @@
+"""`tandem bench`: llama-bench-style throughput rows (pp512, tg128) for a model, optionally against
+llama.cpp on the same GGUF file in the same run.
+
+pp: one prompt of p random tokens, prefilled in chunks from an empty cache. tg: n single-token decode
+steps from an empty cache. Both exclude tokenization and sampling (no logits are read back), and each
+runs once as a warm-up before the r timed repetitions. With --compare llama.cpp the peer runs each
+repetition right after ours (same threads, same file, same token ids), so both see the same moment of
+this shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Row:
+    test: str
+    tps: list[float] = field(default_factory=list)
+    peer_tps: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def _mean_std(v):
+        if not v:
+            return None, None
+        return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    def to_json(self) -> dict:
+        mean, std = self._mean_std(self.tps)
+        out = {"test": self.test, "tps_mean": mean, "tps_std": std, "tps": self.tps}
+        if self.peer_tps:
+            pm, ps = self._mean_std(self.peer_tps)
+            out.update(llama_cpp_tps_mean=pm, llama_cpp_tps_std=ps, llama_cpp_tps=self.peer_tps,
+                       ratio=mean / pm if pm else None)
+        return out
+
+
+# ---------------------------------------------------------------- what a token reads
+
+def active_bytes_per_token(path: Path) -> int:
+    """Weight bytes one decode step reads from a GGUF: all tensors but the token embedding (one row)
+    and the routed experts (top-k of E)."""
+    from quant.gguf_file import GGUFModel
+
+    g = GGUFModel(path)
+    arch = g.architecture
+    n_expert = int(g.kv.get(f"{arch}.expert_count", 0) or 0)
+    k = int(g.kv.get(f"{arch}.expert_used_count", 0) or 0)
+    total = 0
+    for name, t in g.tensors.items():
+        if name.startswith("token_embd"):
+            total += t.nbytes // max(t.shape[0], 1)
+        elif "_exps." in name and n_expert:
+            total += t.nbytes * k // n_expert
+        else:
+            total += t.nbytes
+    return total
+
+
+# ---------------------------------------------------------------- Tandem
+
+class TandemTarget:
+    name = "tandem"
+
+    def __init__(self, runner, chunk: int):
+        self.runner, self.model, self.chunk = runner, runner.model, chunk
+        self.device = runner.device
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> float:
+        cache = self.runner.new_cache(len(ids) + 1)
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), self.chunk):
+            self.model(torch.tensor(ids[i:i + self.chunk], device=self.device), cache, last_only=True)
+        self._sync()
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def decode(self, ids: list[int]) -> float:
+        cache = self.runner.new_cache(len(ids) + 1)
+        tokens = [torch.tensor([i], device=self.device) for i in ids]
+        t0 = time.perf_counter()
+        for tok in tokens:
+            self.model(tok, cache, last_only=True)
+        self._sync()
+        return time.perf_counter() - t0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def stage_breakdown(self, ids: list[int]) -> dict[str, float]:
+        """Mean microseconds per decode step by stage, from module hooks over len(ids) steps."""
+        spent: dict[str, float] = defaultdict(float)
+        starts: dict[int, float] = {}
+        handles = []
+
+        def track(module, stage):
+            def pre(m, args):
+                self._sync()
+                starts[id(m)] = time.perf_counter()
+
+            def post(m, args, out):
+                self._sync()
+                spent[stage] += time.perf_counter() - starts.pop(id(m))
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+
+        for layer in self.model.model.layers:
+            track(layer.self_attn, "attention")
+            mlp = layer.mlp
+            if hasattr(mlp, "gate"):
+                track(mlp.gate, "router")
+                track(mlp, "moe")
+                if hasattr(mlp, "shared_experts") and mlp.engine is None:
+                    track(mlp.shared_experts, "shared experts")
+            else:
+                track(mlp, "dense mlp")
+        track(self.model.lm_head, "lm_head")
+        try:
+            total = self.decode(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        # the MoE hook spans the router and (on the torch path) the shared experts: keep them apart
+        spent["experts"] = spent.pop("moe", 0.0) - spent.get("router", 0.0) - spent.get("shared experts", 0.0)
+        if "shared experts" not in spent and any(getattr(layer.mlp, "engine", None) for layer in self.model.model.layers):
+            spent["shared experts"] = float("nan")  # fused into the experts call
+        spent["other"] = total - sum(v for v in spent.values() if not math.isnan(v))
+        n = len(ids)
+        return {k: v / n * 1e6 for k, v in spent.items()}
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+class LlamaCppTarget:
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise RuntimeError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
+                               "(CMAKE_ARGS=-DGGML_NATIVE=ON builds it for this CPU)") from None
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                                   n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=0, verbose=False)
+        self.ctx = self.llm._ctx.ctx
+        self.n_batch = n_batch
+
+    def _clear(self):
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def _decode(self, ids: list[int]) -> None:
+        arr = (self.lib.llama_token * len(ids))(*ids)
+        rc = self.lib.llama_decode(self.ctx, self.lib.llama_batch_get_one(arr, len(ids)))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def prefill(self, ids: list[int]) -> float:
+        self._clear()
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), self.n_batch):
+            self._decode(ids[i:i + self.n_batch])
+        self.lib.llama_synchronize(self.ctx)
+        return time.perf_counter() - t0
+
+    def decode(self, ids: list[int]) -> float:
+        self._clear()
+        t0 = time.perf_counter()
+        for i in ids:
+            self._decode([i])
+        self.lib.llama_synchronize(self.ctx)
+        return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- the run
+
+def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None = None, device: str = "cpu",
+              compare: str | None = None, chunk: int = 512, log=None) -> dict:
+    """Rows pp{p} and tg{n} (+ the peer's), measured read bandwidth, achieved bandwidth, RSS, and a
+    per-stage breakdown of one decode step."""
+    from offload import _C
+
+    from . import load
+    from .runner import physical_cores
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    path = Path(model)
+    threads = threads or physical_cores()
+    if compare not in (None, "llama.cpp"):
+        raise ValueError(f"--compare {compare}: only llama.cpp is supported")
+    if compare and path.suffix != ".gguf":
+        raise ValueError("--compare llama.cpp needs a GGUF file (llama.cpp reads no other format)")
+    if p < 1 or n < 1 or r < 1:
+        raise ValueError("-p, -n and -r must be at least 1")
+
+    log(f"loading {path.name} ({threads} threads)")
+    runner = load(path, device=device, threads=threads)
+    vocab = runner.config.vocab_size
+    rng = np.random.default_rng(1234)
+    prompt = rng.integers(2, vocab, size=p).tolist()
+    gen = rng.integers(2, vocab, size=n).tolist()
+    targets = [TandemTarget(runner, chunk)]
+    if p + n >= runner.max_context:
+        raise ValueError(f"-p {p} + -n {n} exceeds the model's context ({runner.max_context})")
+
+    probe = _C.Engine(threads)
+    read_gbs = probe.read_bandwidth()
+    log(f"measured read bandwidth: {read_gbs:.1f} GB/s")
+
+    # Tandem alone first: its memory figures, then warm-ups
+    targets[0].prefill(prompt[: min(p, 32)])
+    rss_tandem = _rss()
+    if compare:
+        log("loading llama.cpp (llama-cpp-python) on the same file")
+        targets.append(LlamaCppTarget(path, threads, n_ctx=p + n + 16, n_batch=min(chunk, max(p, 1))))
+    rows = {"pp": Row(f"pp{p}"), "tg": Row(f"tg{n}")}
+    for t in targets:
+        t.prefill(prompt)
+        t.decode(gen[: min(n, 16)])
+    for rep in range(r):
+        for t in targets:
+            time.sleep(0.02)  # let the other side's spinning workers go to sleep
+            secs = t.prefill(prompt)
+            (rows["pp"].tps if t.name == "tandem" else rows["pp"].peer_tps).append(p / secs)
+        for t in targets:
+            time.sleep(0.02)
+            secs = t.decode(gen)
+            (rows["tg"].tps if t.name == "tandem" else rows["tg"].peer_tps).append(n / secs)
+        log(f"rep {rep + 1}/{r}: " + ", ".join(
+            f"{row.test} {row.tps[-1]:.1f}" + (f" (llama.cpp {row.peer_tps[-1]:.1f})" if row.peer_tps else "")
+            for row in rows.values()) + " tok/s")
+
+    breakdown = targets[0].stage_breakdown(gen[: min(n, 32)])
+    out = [rows["pp"].to_json(), rows["tg"].to_json()]
+    active = active_bytes_per_token(path) if path.suffix == ".gguf" else None
+    tg = out[1]
+    tg["read_gbs"] = read_gbs
+    if active:
+        tg["active_bytes_per_token"] = active
+        tg["achieved_gbs"] = active * tg["tps_mean"] / 1e9
+        tg["bandwidth_pct"] = 100 * tg["achieved_gbs"] / read_gbs
+        if tg.get("llama_cpp_tps_mean"):
+            tg["llama_cpp_bandwidth_pct"] = 100 * active * tg["llama_cpp_tps_mean"] / 1e9 / read_gbs
+    tg["decode_step_us"] = breakdown
+    for row in out:
+        row.update(model=str(path), threads=threads, device=str(runner.device), rss_bytes=rss_tandem,
+                   peak_rss_bytes=_peak_rss())
+    return {"rows": out}
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def render(result: dict) -> str:
+    rows = result["rows"]
+    peer = any("llama_cpp_tps_mean" in r for r in rows)
+    cols = [("model", 28, "<"), ("threads", 7, ">"), ("test", 6, ">"), ("t/s", 16, ">")]
+    if peer:
+        cols += [("llama.cpp t/s", 16, ">"), ("ratio", 6, ">")]
+
+    def line(values):
+        return "| " + " | ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(values, cols)) + " |"
+
+    lines = [line([c[0] for c in cols]),
+             "|" + "|".join("-" * (w + 2) if a == "<" else "-" * (w + 1) + ":" for _, w, a in cols) + "|"]
+    for r in rows:
+        values = [Path(r["model"]).name[:28], r["threads"], r["test"], f"{r['tps_mean']:.2f} ± {r['tps_std']:.2f}"]
+        if peer:
+            values += [f"{r['llama_cpp_tps_mean']:.2f} ± {r['llama_cpp_tps_std']:.2f}", f"{r['ratio']:.2f}x"]
+        lines.append(line(values))
+    tg = rows[-1]
+    lines.append("")
+    if "bandwidth_pct" in tg:
+        line = (f"decode reads {tg['active_bytes_per_token'] / 1e9:.3f} GB of weights per token: "
+                f"{tg['achieved_gbs']:.1f} GB/s = {tg['bandwidth_pct']:.0f}% of the measured "
+                f"{tg['read_gbs']:.1f} GB/s")
+        if "llama_cpp_bandwidth_pct" in tg:
+            line += f" (llama.cpp: {tg['llama_cpp_bandwidth_pct']:.0f}%)"
+        lines.append(line)
+    lines.append(f"RSS after load {tg['rss_bytes'] / 2**30:.2f} GiB, peak {tg['peak_rss_bytes'] / 2**30:.2f} GiB "
+                 "(peak includes the peer when compared)")
+    steps = tg["decode_step_us"]
+    total = sum(v for v in steps.values() if not math.isnan(v))
+    parts = [f"{k} {v:.0f}" if not math.isnan(v) else f"{k}: in the experts call" for k, v in steps.items()]
+    lines.append(f"one decode step, µs (hooks add a little): total {total:.0f} = " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def main_json(result: dict) -> str:
+    rows = result["rows"]
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    for r in clean:
+        if "decode_step_us" in r:
+            r["decode_step_us"] = {k: (None if math.isnan(v) else v) for k, v in r["decode_step_us"].items()}
+    return json.dumps(clean, indent=2)

@@ -1,0 +1,82 @@
+"""`tandem bench` and `--synthetic`: a tiny geometry stands in for V2-Lite so the test is quick; the real
+geometries go through the same code (`tandem bench --synthetic deepseek-v2-lite --layers 8`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from local import synthetic
+from local.bench import active_bytes_per_token, render, run_bench
+from local.cli import main
+from quant.gguf_file import GGUFModel
+
+TINY = dict(synthetic.GEOMETRIES["deepseek-v2-lite"], vocab_size=4608, hidden_size=256, intermediate_size=512,
+            moe_intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=16,
+            num_experts_per_tok=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setitem(synthetic.GEOMETRIES, "tiny-v2-lite", TINY)
+    mp.setenv("TANDEM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        path = synthetic.build_synthetic("tiny-v2-lite", layers=2, quant="q4_k_m", progress=False)
+        again = synthetic.build_synthetic("tiny-v2-lite", layers=2, quant="q4_k_m", progress=False)
+        assert again == path  # cached
+        yield path
+    finally:
+        mp.undo()
+
+
+def test_synthetic_has_the_geometry_and_recipe(tiny_gguf):
+    g = GGUFModel(tiny_gguf)
+    assert g.architecture == "deepseek2"
+    assert g.kv["deepseek2.block_count"] == 2 and g.kv["deepseek2.expert_count"] == 16
+    assert len(g.kv["tokenizer.ggml.tokens"]) == TINY["vocab_size"]  # padded to the embedding rows
+    types = {name: t.qtype.name for name, t in g.tensors.items()}
+    assert types["blk.1.ffn_gate_exps.weight"] == "Q4_K"
+    assert types["blk.1.ffn_down_exps.weight"] in ("Q4_K", "Q6_K")  # llama-quantize's q4_k_m mix
+    assert types["output.weight"] == "Q6_K"
+    # weights are random, not zeros, and differ between tensors
+    a, b = g.raw("blk.1.ffn_gate_exps.weight"), g.raw("blk.1.ffn_up_exps.weight")
+    assert a.any() and not np.array_equal(a, b)
+
+
+def test_active_bytes_count_top_k_of_the_experts(tiny_gguf):
+    g = GGUFModel(tiny_gguf)
+    exps = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
+    embd = g.tensors["token_embd.weight"]
+    rest = sum(t.nbytes for n, t in g.tensors.items() if "_exps." not in n and n != "token_embd.weight")
+    assert active_bytes_per_token(tiny_gguf) == rest + exps * 4 // 16 + embd.nbytes // embd.shape[0]
+
+
+def test_bench_rows_against_llama_cpp(tiny_gguf):
+    result = run_bench(tiny_gguf, p=24, n=6, r=2, threads=2, compare="llama.cpp", log=lambda m: None)
+    pp, tg = result["rows"]
+    assert pp["test"] == "pp24" and tg["test"] == "tg6"
+    for row in (pp, tg):
+        assert len(row["tps"]) == 2 and len(row["llama_cpp_tps"]) == 2
+        assert row["tps_mean"] > 0 and row["llama_cpp_tps_mean"] > 0
+        assert row["ratio"] == pytest.approx(row["tps_mean"] / row["llama_cpp_tps_mean"])
+    assert 0 < tg["bandwidth_pct"] and tg["read_gbs"] > 1
+    steps = tg["decode_step_us"]
+    assert {"attention", "router", "experts", "lm_head", "other"} <= set(steps)
+    assert steps["attention"] > 0 and steps["experts"] > 0
+    table = render(result)
+    assert "pp24" in table and "tg6" in table and "llama.cpp" in table and "% of the measured" in table
+
+
+def test_bench_cli_json_and_errors(tiny_gguf, capsys):
+    assert main(["bench", str(tiny_gguf), "-p", "8", "-n", "4", "-r", "1", "-t", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["test"] for r in rows] == ["pp8", "tg4"] and all("tps_mean" in r and "tps_std" in r for r in rows)
+    assert main(["bench"]) == 1
+    assert "give a MODEL" in capsys.readouterr().err
+    assert main(["bench", str(tiny_gguf), "-p", "0"]) == 1
+    assert main(["bench", "--synthetic", "deepseek-v3", "--experts", "7"]) == 1
+    assert "--experts 7" in capsys.readouterr().err

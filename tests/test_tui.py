@@ -1,0 +1,281 @@
+"""`tandem chat`: pilot tests drive the real app (on the bundled demo model, and on a fake runner with a
+deterministic event stream), snapshot tests pin the main screen at 80x24 and 120x40."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from local import Event, SamplingParams, Stats
+from tui import ChatApp, ChatSettings
+from tui.widgets import AssistantMessage, ErrorMessage, Heatmap, StatsPanel, UserMessage
+
+FIXED_SYSTEM = lambda: (150.0, 412 * 2**20, None)  # noqa: E731 - deterministic CPU % / RSS / GPU
+
+
+class FakeRunner:
+    """Stands in for `local.Runner`: a fixed reply (reasoning, then Markdown) with fixed timings."""
+
+    REASONING = ["The ", "user ", "asks ", "about ", "lists."]
+    ANSWER = ["A **list** ", "holds items ", "in order.\n\n", "- `append` adds one\n", "- `pop` removes one"]
+
+    def __init__(self, delay: float = 0.0, endless: bool = False):
+        self.delay, self.endless = delay, endless
+        self.calls: list[tuple[list[dict], SamplingParams]] = []
+        self.after_stop = 0  # events pulled after the app asked to stop
+        self.stop_flag: threading.Event | None = None
+        self.counts = None
+
+    def describe(self) -> dict:
+        return {"architecture": "deepseek_v3", "total_params": 12_954_720, "active_params": 4_697_184,
+                "types": ["Q8_0"], "placement": "CPU engine: every linear and expert", "threads": 2,
+                "context": 2048}
+
+    def record_routing(self, on: bool = True) -> None:
+        self.counts = torch.zeros(3, 32, dtype=torch.int64) if on else None
+
+    def routing_counts(self):
+        return None if self.counts is None else ([1, 2, 3], self.counts.clone())
+
+    def chat(self, messages, params):
+        self.calls.append((list(messages), params))
+        prompt = 12 + 10 * (len(messages) - 1)
+        pieces = [(t, True) for t in self.REASONING] + [(t, False) for t in self.ANSWER]
+        n = 0
+        while True:
+            for text, reasoning in pieces:
+                n += 1
+                if self.stop_flag is not None and self.stop_flag.is_set():
+                    self.after_stop += 1
+                if self.delay:
+                    time.sleep(self.delay)
+                self.counts[:, (n * 7) % 32] += 1
+                self.counts[:, (n * 3) % 32] += 2
+                stats = Stats(prompt, n, 0.04, 0.02 * (n - 1), 0.05)
+                yield Event("token", text, 100 + n, reasoning, stats=stats)
+                if n >= params.max_tokens:
+                    yield Event("done", finish_reason="length", stats=stats)
+                    return
+            if not self.endless:
+                break
+        yield Event("done", finish_reason="eos", stats=stats)
+
+
+async def wait_for(pilot, condition, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not condition():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.05)
+
+
+async def send(pilot, app, text: str) -> None:
+    await pilot.click("#prompt")
+    await pilot.press(*text)
+    before = len(app.transcript)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: len(app.transcript) >= before + 2 and not app.generating)
+
+
+async def save(pilot) -> None:
+    await pilot.click("#save")
+    await pilot.pause(0.25)  # a Button ignores clicks during its 0.2 s press effect
+
+
+# ---------------------------------------------------------------- the real model
+
+@pytest.fixture(scope="module")
+def demo_path():
+    from local.demo import demo_model_path
+
+    return demo_model_path()
+
+
+def test_reply_streams_on_demo_model(demo_path, tmp_path):
+    async def main():
+        app = ChatApp(demo_path, export_dir=tmp_path, threads=2,
+                      settings=ChatSettings(SamplingParams(max_tokens=40, temperature=0.0)))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.runner is not None or app.load_error)
+            assert app.load_error is None
+            assert "deepseek_v3" in str(app.query_one("#model-info").render())
+            await send(pilot, app, "What does json.dumps do?")
+            assert [str(m.render()) for m in app.query(UserMessage)] == ["What does json.dumps do?"]
+            reply = app.query(AssistantMessage).last()
+            assert (reply.answer + reply.reasoning).strip(), "no text streamed"
+            stats = app.throughput.last
+            assert stats is not None and stats.generated_tokens > 1 and stats.decode_tps > 0
+            speed = str(app.query_one(StatsPanel).speed.render())
+            assert f"{stats.decode_tps:.1f}" in speed
+            heat = app.query_one(Heatmap)
+            assert heat.counts and sum(map(sum, heat.counts)) > 0
+            # each routed token picks num_experts_per_tok experts in every MoE layer
+            k = app.runner.config.num_experts_per_tok
+            assert all(sum(row) == k * (stats.prompt_tokens + stats.generated_tokens - 1) for row in heat.counts)
+            assert app.context_used == stats.prompt_tokens + stats.generated_tokens
+            # a second turn carries the first reply in the prompt
+            await send(pilot, app, "And json.loads?")
+            assert app.throughput.last.prompt_tokens > stats.prompt_tokens + 3
+            assert [m["role"] for m in app.messages] == ["user", "assistant", "user", "assistant"]
+
+    asyncio.run(main())
+
+
+def test_escape_stops_a_long_reply_on_demo_model(demo_path):
+    async def main():
+        params = SamplingParams(max_tokens=1500, temperature=0.8, ignore_eos=True, seed=1)
+        app = ChatApp(demo_path, threads=2, settings=ChatSettings(params))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.runner is not None)
+            await pilot.click("#prompt")
+            await pilot.press(*"Tell me about lists")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.throughput.current is not None
+                           and app.throughput.current.generated_tokens >= 5)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not app.generating, timeout=5)
+            reply = app.query(AssistantMessage).last()
+            assert app.throughput.last.generated_tokens < 1500
+            assert "stopped" in str(reply._footer.render())
+            assert app.messages[-1] == {"role": "assistant", "content": reply.answer}  # kept what was written
+
+    asyncio.run(main())
+
+
+def test_bad_model_path_shows_an_error(tmp_path):
+    async def main():
+        app = ChatApp(tmp_path / "missing.gguf")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: app.load_error is not None)
+            errors = [str(e.render()) for e in app.query(ErrorMessage)]
+            assert len(errors) == 1 and "no model at" in errors[0] and "Traceback" not in errors[0]
+            assert app.query_one("#prompt").disabled
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- a fake runner
+
+def test_escape_stops_within_one_token():
+    async def main():
+        runner = FakeRunner(delay=0.01, endless=True)
+        app = ChatApp(runner=runner, sysinfo=FIXED_SYSTEM,
+                      settings=ChatSettings(SamplingParams(max_tokens=100_000)))
+        runner.stop_flag = app._stop
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.click("#prompt")
+            await pilot.press(*"go", "enter")
+            await wait_for(pilot, lambda: app.throughput.current is not None
+                           and app.throughput.current.generated_tokens > 10)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not app.generating, timeout=5)
+            assert runner.after_stop <= 1
+            assert app.transcript[-1]["finish_reason"] == "stopped"
+
+    asyncio.run(main())
+
+
+def test_reasoning_is_separate_and_can_be_hidden():
+    async def main():
+        app = ChatApp(runner=FakeRunner(), sysinfo=FIXED_SYSTEM)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await send(pilot, app, "lists?")
+            reply = app.query(AssistantMessage).last()
+            assert reply.reasoning == "".join(FakeRunner.REASONING)
+            assert reply.answer == "".join(FakeRunner.ANSWER)
+            assert reply.reasoning_tokens == len(FakeRunner.REASONING)
+            assert f"Reasoning ({len(FakeRunner.REASONING)} tokens)" in reply._collapsible.title
+            assert reply._collapsible.display and reply._collapsible.collapsed  # folded once the answer came
+            assert app.messages[-1]["content"] == reply.answer  # reasoning is not sent back to the model
+            app.action_settings()
+            await pilot.pause()
+            await pilot.click("#set-reasoning")
+            await save(pilot)
+            assert not app.settings.show_reasoning and not reply._collapsible.display
+
+    asyncio.run(main())
+
+
+def test_settings_change_the_next_reply():
+    async def main():
+        runner = FakeRunner()
+        app = ChatApp(runner=runner, sysinfo=FIXED_SYSTEM)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            temp = app.screen.query_one("#set-temperature")
+            temp.value = "abc"
+            await save(pilot)
+            assert "temperature: 'abc' is not a number" in str(app.screen.query_one("#settings-error").render())
+            temp.value = "1.5"
+            app.screen.query_one("#set-top_p").value = "2"
+            await save(pilot)
+            assert "top_p must be in (0, 1]" in str(app.screen.query_one("#settings-error").render())
+            app.screen.query_one("#set-top_p").value = "0.9"
+            app.screen.query_one("#set-max_tokens").value = "7"
+            app.screen.query_one("#set-system").value = "Be brief."
+            await save(pilot)
+            await send(pilot, app, "hi")
+            messages, params = runner.calls[-1]
+            assert params.temperature == 1.5 and params.top_p == 0.9 and params.max_tokens == 7
+            assert messages[0] == {"role": "system", "content": "Be brief."}
+            assert app.throughput.last.generated_tokens == 7
+
+    asyncio.run(main())
+
+
+def test_ctrl_n_clears_and_ctrl_e_exports(tmp_path):
+    async def main():
+        app = ChatApp(runner=FakeRunner(), sysinfo=FIXED_SYSTEM, export_dir=tmp_path)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await send(pilot, app, "first")
+            await send(pilot, app, "second")
+            assert len(app.query(AssistantMessage)) == 2 and app.throughput.history
+            await pilot.press("ctrl+e")
+            await pilot.pause()
+            md, js = sorted(tmp_path.glob("tandem-chat-*.md")), sorted(tmp_path.glob("tandem-chat-*.json"))
+            assert len(md) == 1 and len(js) == 1
+            text = md[0].read_text()
+            assert "## User\n\nfirst" in text and "A **list**" in text and "> The user asks about lists." in text
+            data = json.loads(js[0].read_text())
+            assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 2
+            assert data["messages"][1]["stats"]["generated_tokens"] == 10
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert not app.query(AssistantMessage) and not app.query(UserMessage)
+            assert app.messages == [] and app.throughput.history == [] and app.context_used == 0
+            assert app.query_one(Heatmap).counts == []
+            await send(pilot, app, "third")
+            assert len(app.runner.calls[-1][0]) == 1  # the new conversation starts empty
+
+    asyncio.run(main())
+
+
+def test_heatmap_bins_many_experts_to_fit():
+    heat = Heatmap()
+    counts = torch.zeros(58, 256, dtype=torch.int64)
+    counts[:, 5] = 10
+    heat.set_counts(list(range(3, 61)), counts)
+    lines = heat.grid_text(26, 6).plain.split("\n")
+    assert len(lines) <= 6 and all(len(line) <= 26 for line in lines)
+    assert "█" in lines[0] and "·" in lines[0]  # the hot bin and the cold ones
+
+
+# ---------------------------------------------------------------- snapshots
+
+async def _one_reply(pilot):
+    app = pilot.app
+    await send(pilot, app, "What is a list?")
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_main_screen_snapshot(snap_compare, size):
+    app = ChatApp(runner=FakeRunner(), sysinfo=FIXED_SYSTEM)
+    assert snap_compare(app, terminal_size=size, run_before=_one_reply)
+
