@@ -144,7 +144,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     else:
         plan = engine_plan(model, tensors) if engine and dev.type == "cpu" else {}
     fused = {m: spec for m, spec in plan.items() if isinstance(spec, tuple)}
-    by_engine = {f"{m}.weight" for m, spec in plan.items() if not isinstance(spec, tuple)}
+    by_engine = {f"{m}.weight" for m, spec in plan.items() if not isinstance(spec, (tuple, MLAEngine))}
+    by_engine |= {f"{m}.kv_b_proj.weight" for m, spec in plan.items() if isinstance(spec, MLAEngine)}
     for m in fused:
         on_gpu = set(placement.gpu_experts.get(int(m.split(".")[2]), ())) if hybrid else set()
         by_engine |= {n for n in mapping.values()
@@ -169,6 +170,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
             target.engine = spec
             if hybrid:
                 target.set_overlap(placement.gpu_experts.get(int(name.split(".")[2]), []))
+        elif isinstance(spec, MLAEngine):
+            target.engine_uk, target.engine_uv = spec.uk, spec.uv
         else:
             target.engine_weight = spec
     model.checkpoint = gmodel
@@ -198,15 +201,28 @@ def routed_expert_plan(model: torch.nn.Module, tensors: GGUFTensors, gpu_experts
     return plan
 
 
+@dataclass(frozen=True)
+class MLAEngine:
+    """MLA's absorbed W_UK [H, R, Dn] / W_UV [H, Dv, R] (llama.cpp's attn_k_b / attn_v_b) on the engine."""
+
+    uk: object  # EngineWeight
+    uv: object
+
+
+BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+
+
 def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
-    """module name -> EngineWeight (linear layers) or the fused-MoE tuple (MoE layers), for every
-    weight the CPU engine can compute from the file's blocks; {} when the engine is not built."""
+    """module name -> EngineWeight (linear layers), the fused-MoE tuple (MoE layers) or MLAEngine (MLA's
+    absorbed products), for every weight the CPU engine can compute from the file's blocks; {} when
+    the engine is not built."""
     try:
         from offload import torch_ops  # noqa: F401 - registers torch.ops.tandem.*
         from offload.engine import GGML_IDS
     except ImportError:
         return {}
     from .models.layers import EngineWeight, Linear
+    from .models.mla import MLAttention
     from .models.moe import MoE
 
     g = tensors.model
@@ -218,8 +234,20 @@ def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
         t = g.tensors[src[1]]
         return EngineWeight(GGML_IDS[t.qtype.name], torch.from_numpy(g.raw(src[1])), t.shape[0], t.shape[-1])
 
+    def batched(gguf_name: str, cols: int):
+        t = g.tensors[gguf_name]
+        if t.qtype.name not in GGML_IDS or cols % BLOCK_SIZE.get(t.qtype.name, 1) or len(t.shape) != 3:
+            return None
+        return EngineWeight(GGML_IDS[t.qtype.name], torch.from_numpy(g.raw(gguf_name)), t.shape[1], t.shape[2])
+
     plan: dict = {}
     for name, module in model.named_modules():
+        if isinstance(module, MLAttention):
+            src = tensors.sources.get(f"{name}.kv_b_proj.weight")
+            if src and src[0] == "kv_b":
+                uk, uv = batched(src[1], module.qk_nope_head_dim), batched(src[2], module.kv_lora_rank)
+                if uk is not None and uv is not None:
+                    plan[name] = MLAEngine(uk, uv)
         if isinstance(module, MoE):
             stacks = [tensors.sources.get(f"{name}.experts.0.{p}_proj.weight") for p in ("gate", "up", "down")]
             if any(s is None or s[0] != "expert" or g.tensors[s[1]].qtype.name not in GGML_IDS for s in stacks):

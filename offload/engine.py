@@ -60,6 +60,14 @@ class CpuEngine:
         self._engine.linear(weight.type_id, weight.data, x, out, self.isa)
         return out
 
+    def linear_batched(self, weight: QuantWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x [B, T, cols] float32 with weight a stack [B, rows, ...] -> [B, T, rows] float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], x.shape[1], weight.rows), dtype=np.float32)
+        self._engine.linear_batched(weight.type_id, weight.data, x, out, self.isa)
+        return out
+
     def moe(self, x, ids, weights, gate: QuantWeight, up: QuantWeight, down: QuantWeight,
             shared: list[tuple[QuantWeight, QuantWeight, QuantWeight]] = (), skip=None, out=None,
             async_: bool = False):

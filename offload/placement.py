@@ -74,7 +74,7 @@ class Placement:
                          "mapped from the file")
         else:
             lines.append(f"  CPU engine {self.count(ENGINE)} tensors computed from the file's blocks")
-            lines.append(f"  CPU torch  {self.count(CPU_TORCH)} tensors (norms, embeddings, MLA kv_b), dequantized")
+            lines.append(f"  CPU torch  {self.count(CPU_TORCH)} tensors (norms, embeddings, routers), dequantized")
             lines.append(f"  RAM        {self.ram_bytes / GIB:.2f} GiB + KV cache {self.kv_bytes / GIB:.2f} GiB")
         lines += [f"  note       {n}" for n in self.notes]
         return "\n".join(lines)
@@ -127,7 +127,7 @@ def make_plan(gguf, device: str = "auto", gpu_experts: int = 0, routing=None, ma
                 plan.gpu_bytes += t.n_elements * 2
         else:
             engine = t.qtype.name in ENGINE_TYPES and len(t.shape) >= 2 and not name.startswith("token_embd") \
-                and not name.endswith(("attn_k_b.weight", "attn_v_b.weight", "ffn_gate_inp.weight"))
+                and not name.endswith("ffn_gate_inp.weight")
             plan.assign[name] = ENGINE if engine else CPU_TORCH
             plan.ram_bytes += t.nbytes if engine else t.n_elements * 4
     return plan

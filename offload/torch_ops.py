@@ -75,6 +75,28 @@ def run_linear(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: 
     return out
 
 
+@torch.library.custom_op("tandem::linear_batched", mutates_args=())
+def linear_batched(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
+    """x [B, T, K] float32, weight a stack [B, N, row bytes] (GGUF type `wtype`) -> [B, T, N] float32."""
+    out = torch.empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
+    engine()._engine.linear_batched(wtype, weight, x.contiguous(), out, engine().isa)
+    return out
+
+
+@linear_batched.register_fake
+def _(x, weight, wtype, out_features):
+    return x.new_empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
+
+
+def run_linear_batched(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.linear_batched(x, weight, wtype, out_features)
+    out = torch.empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
+    e = engine()
+    e._engine.linear_batched(wtype, weight, x, out, e.isa)
+    return out
+
+
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:
     """torch.ops.tandem.moe under torch.compile; a direct engine call in eager mode."""
     if torch.compiler.is_compiling():

@@ -56,6 +56,24 @@ def test_linear(typ, isa, T):
     assert np.all(np.abs(got - want) <= tol * scale + 1e-6), np.abs(got - want).max()
 
 
+@pytest.mark.parametrize("typ", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16", "F32"])
+@pytest.mark.parametrize("T", [1, 3, 33])
+def test_linear_batched(typ, T):
+    """A stack of per-head matrices (MLA's W_UK / W_UV): each batch entry is its own linear."""
+    rng = np.random.default_rng(1)
+    B, K, N = 5, cols_for(typ), 19
+    w, wf = make_weight(rng, typ, (B, N, K))
+    x = rng.standard_normal((B, T, K)).astype(np.float32)
+    for threads in (1, 2):
+        got = CpuEngine(threads=threads).linear_batched(w, x)
+        want = np.einsum("btk,bnk->btn", act(x, typ), wf)
+        scale = np.einsum("btk,bnk->btn", np.abs(act(x, typ)), np.abs(wf))
+        assert got.shape == (B, T, N)
+        assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), np.abs(got - want).max()
+    with pytest.raises(ValueError, match="batch of 4"):
+        CpuEngine(threads=1).linear_batched(w, x[:4])
+
+
 def moe_reference(x, ids, weights, gate, up, down, shared, gtyp, dtyp):  # noqa: PLR0913
     """float64 reference: per token, per slot, down(silu(gate x) * up x) with llama.cpp's rounding."""
     T, H = x.shape

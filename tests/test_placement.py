@@ -46,7 +46,7 @@ def test_cpu_plan_runs_linears_on_the_engine(demo):
     plan = make_plan(GGUFModel(demo), "cpu", machine=BIG_GPU)
     assert plan.assign["blk.1.ffn_gate_exps.weight"] == ENGINE
     assert plan.assign["blk.0.attn_q_a.weight"] == ENGINE
-    assert plan.assign["blk.0.attn_k_b.weight"] == CPU_TORCH  # absorbed MLA reads it in torch
+    assert plan.assign["blk.0.attn_k_b.weight"] == ENGINE  # absorbed MLA: one batched engine call
     assert plan.assign["token_embd.weight"] == CPU_TORCH
     assert plan.assign["blk.1.ffn_gate_inp.weight"] == CPU_TORCH  # the router
     assert "CPU only" in plan.render()

@@ -38,6 +38,10 @@ class MLAttention(nn.Module):
     absorb_always = False
     act_format_uk: str | None = None
     act_format_uv: str | None = None
+    # GGUF on the CPU engine: W_UK [H, R, Dn] and W_UV [H, Dv, R] left in their blocks (EngineWeight);
+    # the absorbed products then run as one batched engine call each, and kv_b_proj is never loaded
+    engine_uk = None
+    engine_uv = None
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -109,9 +113,16 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Decode: score and mix in latent space. Returns [T, H, Dv]."""
         H, Dn, Dv, R = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, Dn + Dv, R)
-        w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
-        q_lat = torch.einsum("thd,hdr->htr", quantize_activation(q_nope, self.act_format_uk), w_uk)  # [H, T, R]
+        uk, uv = self.engine_uk, self.engine_uv
+        if uk is not None:
+            from offload.torch_ops import run_linear_batched
+
+            q_lat = run_linear_batched(q_nope.float().transpose(0, 1).contiguous(), uk.data, uk.type_id, R)  # [H, T, R]
+            q_lat = q_lat.to(q_nope.dtype)
+        else:
+            w = self.kv_b_proj.weight.view(H, Dn + Dv, R)
+            w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
+            q_lat = torch.einsum("thd,hdr->htr", quantize_activation(q_nope, self.act_format_uk), w_uk)  # [H, T, R]
         q_pe = q_pe.transpose(0, 1)  # [H, T, Dr]
         # a cache kept in lower precision (f16, as llama.cpp's default) is dotted with queries and
         # weights rounded to that precision, as llama.cpp does
@@ -121,4 +132,9 @@ class MLAttention(nn.Module):
         scores = q_lat @ c_kv.T + q_pe @ k_pe.T  # [H, T, S]
         p = quantize_activation(self._softmax(scores, mask, q_lat.dtype), low)
         o_lat = p @ c_kv  # [H, T, R]
+        if uv is not None:
+            from offload.torch_ops import run_linear_batched
+
+            out = run_linear_batched(o_lat.float().contiguous(), uv.data, uv.type_id, Dv)  # [H, T, Dv]
+            return out.transpose(0, 1).to(q_nope.dtype)
         return torch.einsum("htr,hvr->thv", quantize_activation(o_lat, self.act_format_uv), w_uv)  # [T, H, Dv]

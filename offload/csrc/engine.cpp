@@ -53,6 +53,29 @@ void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float*
     });
 }
 
+void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* X, int64_t T, float* Y, Isa isa) {
+    const Weight& w0 = ws[0];
+    const size_t a_stride = act_row_bytes(w0);
+    const int64_t K = w0.cols, N = w0.rows;
+    std::vector<uint8_t> A(static_cast<size_t>(B * T) * a_stride);
+    size_t bytes = 0;
+    for (int64_t b = 0; b < B; ++b) bytes += static_cast<size_t>(ws[b].rows) * ws[b].row_stride;
+    if (bytes * static_cast<size_t>(T) < kInlineBytes) {
+        for (int64_t i = 0; i < B * T; ++i) quantize_activation_row(act_type(w0), X + i * K, A.data() + i * a_stride, K);
+        for (int64_t b = 0; b < B; ++b)
+            matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, 0, N, A.data() + b * T * a_stride, a_stride, T,
+                        Y + b * T * N, N, isa);
+        return;
+    }
+    quantize_rows(pool, act_type(w0), X, B * T, K, A.data(), a_stride);
+    const int64_t per = (N + kRowsPerTask - 1) / kRowsPerTask;
+    pool.parallel_for(B * per, [&](int64_t task, int) {
+        const int64_t b = task / per, r0 = (task % per) * kRowsPerTask, r1 = std::min(N, r0 + kRowsPerTask);
+        matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, r0, r1, A.data() + b * T * a_stride, a_stride, T,
+                    Y + b * T * N, N, isa);
+    });
+}
+
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,
          int A, const Expert* experts, int64_t E, const Expert* shared, int n_shared, const uint8_t* skip,
          float* out, Isa isa) {

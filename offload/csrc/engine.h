@@ -31,6 +31,10 @@ struct Expert {
 // Y row t = W x_t for t < T. X is float32 [T, K] (K = w.cols), Y float32 [T, N] (N = w.rows).
 void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float* Y, Isa isa);
 
+// B independent products: Y[b] [T, N] = X[b] [T, K] W_b^T, for a stack of B matrices of one type and
+// shape (MLA's per-head W_UK / W_UV). X float32 [B, T, K], Y float32 [B, T, N].
+void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* X, int64_t T, float* Y, Isa isa);
+
 // ids [T, A] (-1 = skip this slot), weights [T, A]; experts[E]; `shared` run on every token with
 // weight 1; skip[e] != 0 leaves routed expert e out (it lives on the GPU). out [T, H] is overwritten.
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,

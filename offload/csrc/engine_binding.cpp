@@ -236,6 +236,32 @@ void register_engine(nb::module_& m) {
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
         .def(
+            "linear_batched",
+            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, F32 out, const std::string& isa) {
+                if (x.ndim() != 3) fail("x must be [batch, tokens, in_features] float32");
+                if (weight.ndim() != 3) fail("weight must be a 3-D stack [batch, out_features, row bytes]");
+                auto w = matrices(weight, wtype, x.shape(2), "weight");
+                if (static_cast<int64_t>(w.size()) != static_cast<int64_t>(x.shape(0)))
+                    fail("weight holds " + std::to_string(w.size()) + " matrices but x has a batch of " +
+                         std::to_string(x.shape(0)));
+                if (out.ndim() != 3 || out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1) ||
+                    static_cast<int64_t>(out.shape(2)) != w[0].rows)
+                    fail("out must have shape [" + std::to_string(x.shape(0)) + ", " + std::to_string(x.shape(1)) +
+                         ", " + std::to_string(w[0].rows) + "]");
+                Isa level;
+                try {
+                    level = parse_isa(isa.c_str());
+                } catch (const std::invalid_argument& e) {
+                    fail(e.what());
+                }
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                linear_batched(h.pool, w.data(), static_cast<int64_t>(w.size()), x.data(), x.shape(1), out.data(),
+                               level);
+            },
+            nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
+            "out[b] = x[b] @ weight[b]^T for a stack of matrices in one GGUF type (MLA's per-head W_UK / W_UV).")
+        .def(
             "moe",
             [](EngineHandle& h, const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type,
                const Any& up, int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
