@@ -155,7 +155,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
                  engine=by_engine, progress=progress)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if not hybrid:
+    if not hybrid or dtype == torch.float32:
+        # float32 reproduces llama.cpp's rounding (hybrid included: its torch side then gives the plain
+        # path's numbers); a bf16 GPU side does not try
         set_llama_numerics(model, tensors)
     if plan:
         from offload import torch_ops

@@ -20,6 +20,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def gpu_memory_allocated() -> int | None:
+    """Bytes torch holds on the current CUDA device, or None without a GPU."""
+    try:
+        return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken CUDA setup means no GPU figure
+        return None
+
+
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 

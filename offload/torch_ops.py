@@ -97,6 +97,30 @@ def run_linear_batched(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_fe
     return out
 
 
+@torch.library.custom_op("tandem::mla_attention", mutates_args=())
+def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """MLA in latent space: q_lat [H, T, R], q_pe [H, T, Dr] float32; c_kv [S, R], k_pe [S, Dr] (f32/f16/bf16),
+    the T new tokens being the last T of S (causal) -> o_lat [H, T, R] float32."""
+    out = torch.empty_like(q_lat)
+    engine()._engine.mla_attention(q_lat.contiguous(), q_pe.contiguous(), c_kv, k_pe, scale, out, engine().isa)
+    return out
+
+
+@mla_attention.register_fake
+def _(q_lat, q_pe, c_kv, k_pe, scale):
+    return torch.empty_like(q_lat)
+
+
+def run_mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
+    out = torch.empty_like(q_lat)
+    e = engine()
+    e._engine.mla_attention(q_lat, q_pe, c_kv, k_pe, scale, out, e.isa)
+    return out
+
+
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:
     """torch.ops.tandem.moe under torch.compile; a direct engine call in eager mode."""
     if torch.compiler.is_compiling():

@@ -179,3 +179,36 @@ def test_torch_custom_ops():
     lw, _ = make_weight(rng, "Q8_0", (8, 256))
     y = torch.ops.tandem.linear(tt(x), tt(lw.data), 8, 8)
     assert np.array_equal(y.numpy(), CpuEngine(threads=2).linear(lw, x))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 37), (3, 3), (7, 40), (33, 300)])
+def test_mla_attention(isa, dtype, T, S):
+    """The engine's latent-space attention against the torch formula (causal, the new tokens last),
+    with the cache's rounding of q and p as llama.cpp applies it."""
+    from local.models.mla import attention_mask, cache_precision
+
+    H, R, Dr, scale = 5, 72, 16, 0.13  # R not a multiple of 16: the SIMD tails run too
+    g = torch.Generator().manual_seed(T * 1000 + S)
+    q_lat, q_pe = torch.randn(H, T, R, generator=g), torch.randn(H, T, Dr, generator=g)
+    c_kv, k_pe = torch.randn(S, R, generator=g).to(dtype), torch.randn(S, Dr, generator=g).to(dtype)
+    out = np.empty((H, T, R), dtype=np.float32)
+    CpuEngine(threads=2)._engine.mla_attention(q_lat.numpy(), q_pe.numpy(), c_kv, k_pe, scale, out, isa)
+    low = cache_precision(dtype, torch.float32)
+    q, p_ = quantize_activation(q_lat, low), quantize_activation(q_pe, low)
+    scores = (q.double() @ c_kv.double().T + p_.double() @ k_pe.double().T) * scale + attention_mask(T, S, "cpu").double()
+    p = quantize_activation(torch.softmax(scores, -1).float(), low).double()
+    want = (p @ c_kv.double()).numpy()
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max() + 1e-5 + (2e-3 if low else 0)
+
+
+def test_mla_attention_checks_shapes():
+    e = CpuEngine(threads=1)._engine
+    q = np.zeros((2, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="c_kv must be"):
+        e.mla_attention(q, np.zeros((2, 1, 4), np.float32), np.zeros((3, 9), np.float32), np.zeros((3, 4), np.float32),
+                        1.0, np.zeros_like(q))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        e.mla_attention(q, np.zeros((2, 1, 4), np.float32), np.zeros((3, 8), np.float64), np.zeros((3, 4), np.float64),
+                        1.0, np.zeros_like(q))

@@ -97,7 +97,11 @@ def test_overlap_path_gives_the_plain_paths_tokens(demo):
     assert "CPU engine: routed experts" in hybrid.describe()["placement"]
     ids = plain.tokenizer.encode("The list of values is")
     a, b = plain.logits(ids), hybrid.logits(ids)
-    assert (a - b).abs().max() < 0.1  # the plain path rounds activations as llama.cpp does; hybrid is float
+    # the plain path rounds activations as llama.cpp does (Q8), the hybrid one computes in float: the
+    # difference is that rounding's, small against the logits' spread
+    pa, pb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    assert (pa.exp() * (pa - pb)).sum(-1).mean() < 2e-3
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert greedy(plain, "The list") == greedy(hybrid, "The list")
     with_gpu_experts = local.load(demo, device="cpu", hybrid=True, gpu_experts=8)
     assert all(m.engine_skip is not None and int(m.engine_skip.sum()) == 8 for m in

@@ -5,8 +5,8 @@ the aux-loss-free correction bias) on text that ships with CPython, and write it
     python tools/train_demo_model.py --steps 40 --out /tmp/demo   # a quick smoke run
 
 Text (PSF-licensed, offline, inside every CPython): the reference topics that `pydoc_data` ships and
-the docstrings of the standard library's modules, classes and functions. One document in 20 is held
-out for the perplexity figure. Docstrings also become chat turns ("What does json.dumps do?" ->
+the docstrings of the standard library's modules, classes and functions. One item in 20 (a topic, or a
+docstring in both its forms) is held out for the perplexity figure; repeated docstrings count once. Docstrings also become chat turns ("What does json.dumps do?" ->
 a short <think> note, then the docstring) so `tandem chat` has something to answer.
 
 Deterministic for a given CPython and torch: fixed seeds, one thread order, a fixed step count.
@@ -87,22 +87,27 @@ def stdlib_docstrings() -> list[tuple[str, str, str]]:
     return out
 
 
-def documents() -> list[str]:
-    """Every training/held-out document as the text the model sees (chat turns already templated)."""
+def documents() -> list[tuple[str, ...]]:
+    """The corpus as items, each a tuple of the texts the model sees (chat turns already templated).
+    A docstring is one item with two texts (plain, and as a chat turn), so a held-out item keeps both
+    out of training; repeated docstrings (inherited or copied in the stdlib) are kept once."""
     from pydoc_data.topics import topics
 
     bos, eos = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
-    docs = [bos + topics[key].strip() + "\n" for key in sorted(topics)]
+    items = [(bos + topics[key].strip() + eos,) for key in sorted(topics)]
+    seen = set()
     for name, kind, doc in stdlib_docstrings():
-        docs.append(bos + doc.strip() + "\n")
+        doc = doc.strip()
+        if doc in seen:
+            continue
+        seen.add(doc)
         where = name.rsplit(".", 1)[0]
-        what = {"module": f"the {name} module", "class": f"the class {name}",
-                "function": f"{name}"}[kind]
+        what = {"module": f"the {name} module", "class": f"the class {name}", "function": name}[kind]
         place = f"a {kind} in the {where} module" if kind != "module" else "a module of the standard library"
         question = f"What is {what}?" if kind != "function" else f"What does {name} do?"
         think = f"<think>The user asks about {name}, {place}. I will explain what it does.</think>"
-        docs.append(f"{bos}<|User|>{question}<|Assistant|>{think}{doc.strip()}{eos}")
-    return docs
+        items.append((bos + doc + eos, f"{bos}<|User|>{question}<|Assistant|>{think}{doc}{eos}"))
+    return items
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -194,9 +199,9 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     t0 = time.time()
 
-    docs = documents()
-    held_docs = docs[::HOLDOUT_EVERY]
-    train_docs = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY]
+    items = documents()
+    held_docs = [d for item in items[::HOLDOUT_EVERY] for d in item]
+    train_docs = [d for i, item in enumerate(items) if i % HOLDOUT_EVERY for d in item]
     tok = train_tokenizer(train_docs, CONFIG["vocab_size"])
     assert tok.token_to_id(SPECIAL_TOKENS[0]) == 0 and tok.token_to_id(SPECIAL_TOKENS[1]) == 1
 
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
         return torch.tensor([i for d in ds for i in tok.encode(d).ids], dtype=torch.long)
 
     train_ids, held_ids = encode(train_docs), encode(held_docs)
-    print(f"text: {len(docs)} documents, {len(train_ids)} training / {len(held_ids)} held-out tokens "
+    print(f"text: {len(items)} items, {len(train_ids)} training / {len(held_ids)} held-out tokens "
           f"({time.time() - t0:.0f} s)", flush=True)
 
     config = DeepseekV3Config(**{k: v for k, v in CONFIG.items() if k not in ("model_type", "architectures")})
@@ -259,7 +264,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        hf = Path(tmp) / "hf"
+        hf = Path(tmp) / "tandem-demo-deepseek-v3"  # the GGUF general.name
         model.save_pretrained(hf, safe_serialization=True)
         cfg = json.loads((hf / "config.json").read_text())
         cfg["model_type"], cfg["architectures"] = "deepseek_v3", ["DeepseekV3ForCausalLM"]
@@ -277,7 +282,8 @@ def main(argv=None) -> int:
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     held_path = out / "heldout.txt"
-    held_path.write_text("".join(held_docs).replace(SPECIAL_TOKENS[0], "").replace(SPECIAL_TOKENS[1], "\n")[:200_000])
+    plain = [d for item in items[::HOLDOUT_EVERY] for d in item[:1]]  # the held-out items as prose
+    held_path.write_text("".join(plain).replace(SPECIAL_TOKENS[0], "").replace(SPECIAL_TOKENS[1], "\n\n")[:120_000])
     print(json.dumps(report, indent=2))
     return 0
 

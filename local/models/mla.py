@@ -86,7 +86,7 @@ class MLAttention(nn.Module):
         past = cache.update(self.layer_idx, start, c_kv=c_kv, k_pe=k_pe)
         c_kv, k_pe = past["c_kv"], past["k_pe"]  # [S, R], [S, Dr], in the cache's dtype
         S = c_kv.shape[0]
-        mask = attention_mask(T, S, x.device) if T > 1 else None
+        mask = attention_mask(T, S, x.device) if T > 1 and self.engine_uk is None else None
         if T <= ABSORB_MAX_TOKENS or self.absorb_always:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:
@@ -112,17 +112,12 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Decode: score and mix in latent space. Returns [T, H, Dv]."""
+        if self.engine_uk is not None and c_kv.device.type == "cpu":
+            return self._absorbed_engine(q_nope, q_pe, c_kv, k_pe)
         H, Dn, Dv, R = self.n_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        uk, uv = self.engine_uk, self.engine_uv
-        if uk is not None:
-            from offload.torch_ops import run_linear_batched
-
-            q_lat = run_linear_batched(q_nope.float().transpose(0, 1).contiguous(), uk.data, uk.type_id, R)  # [H, T, R]
-            q_lat = q_lat.to(q_nope.dtype)
-        else:
-            w = self.kv_b_proj.weight.view(H, Dn + Dv, R)
-            w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
-            q_lat = torch.einsum("thd,hdr->htr", quantize_activation(q_nope, self.act_format_uk), w_uk)  # [H, T, R]
+        w = self.kv_b_proj.weight.view(H, Dn + Dv, R)
+        w_uk, w_uv = w[:, :Dn], w[:, Dn:]  # [H, Dn, R], [H, Dv, R]
+        q_lat = torch.einsum("thd,hdr->htr", quantize_activation(q_nope, self.act_format_uk), w_uk)  # [H, T, R]
         q_pe = q_pe.transpose(0, 1)  # [H, T, Dr]
         # a cache kept in lower precision (f16, as llama.cpp's default) is dotted with queries and
         # weights rounded to that precision, as llama.cpp does
@@ -132,9 +127,16 @@ class MLAttention(nn.Module):
         scores = q_lat @ c_kv.T + q_pe @ k_pe.T  # [H, T, S]
         p = quantize_activation(self._softmax(scores, mask, q_lat.dtype), low)
         o_lat = p @ c_kv  # [H, T, R]
-        if uv is not None:
-            from offload.torch_ops import run_linear_batched
-
-            out = run_linear_batched(o_lat.float().contiguous(), uv.data, uv.type_id, Dv)  # [H, T, Dv]
-            return out.transpose(0, 1).to(q_nope.dtype)
         return torch.einsum("htr,hvr->thv", quantize_activation(o_lat, self.act_format_uv), w_uv)  # [T, H, Dv]
+
+    def _absorbed_engine(self, q_nope, q_pe, c_kv, k_pe):
+        """The same on the CPU engine, from the GGUF blocks of W_UK / W_UV: three calls, heads in parallel
+        (the causal mask is implied: the new tokens are the last of the cache)."""
+        from offload.torch_ops import run_linear_batched, run_mla_attention
+
+        uk, uv = self.engine_uk, self.engine_uv
+        q_lat = run_linear_batched(q_nope.float().transpose(0, 1).contiguous(), uk.data, uk.type_id,
+                                   self.kv_lora_rank)  # [H, T, R]
+        o_lat = run_mla_attention(q_lat, q_pe.float().transpose(0, 1).contiguous(), c_kv, k_pe, self.softmax_scale)
+        out = run_linear_batched(o_lat, uv.data, uv.type_id, self.v_head_dim)  # [H, T, Dv]
+        return out.transpose(0, 1).to(q_nope.dtype)

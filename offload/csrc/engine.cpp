@@ -10,12 +10,20 @@ namespace {
 // Rows of a weight matrix one task computes: small enough that 2+ threads balance on a decode
 // GEMV, large enough to amortize the task hand-out (a 64-row Q4_K slab of a 7168-wide matrix is 258 KB).
 constexpr int64_t kRowsPerTask = 64;
+// ...but at least this many weight bytes per task: short rows (MLA's 128-wide W_UK heads) in 64-row
+// tasks spent more time handing tasks out than reading.
+constexpr size_t kTaskBytes = 32 << 10;
 // Below this many weight bytes x tokens a linear runs on the calling thread alone.
 constexpr size_t kInlineBytes = 64 << 10;
 
 // MoE slabs (rows per task) for `work` rows in all on `threads` threads: up to 256 rows (longer
 // contiguous streams measured ~12% faster at T=1 than 64-row slabs on V2-Lite), but at least four
 // tasks per thread so the threads stay balanced; a multiple of 32.
+int64_t task_rows(size_t row_stride) {
+    const int64_t by_bytes = static_cast<int64_t>((kTaskBytes + row_stride - 1) / row_stride + 15) / 16 * 16;
+    return std::max<int64_t>(kRowsPerTask, by_bytes);
+}
+
 int64_t slab_rows(int64_t work, int threads) {
     return std::clamp<int64_t>(work / (4 * static_cast<int64_t>(threads)) / 32 * 32, 32, 256);
 }
@@ -29,6 +37,10 @@ GgmlType act_type(const Weight& w) { return type_info(static_cast<int32_t>(w.typ
 // Quantize T rows of X [T, K] to fmt into dst (row stride `stride` bytes), rows spread over the pool.
 void quantize_rows(ThreadPool& pool, GgmlType fmt, const float* X, int64_t T, int64_t K, uint8_t* dst,
                    size_t stride) {
+    if (T * K <= (64 << 10)) {  // a decode step's few rows: not worth waking the pool
+        for (int64_t t = 0; t < T; ++t) quantize_activation_row(fmt, X + t * K, dst + t * stride, K);
+        return;
+    }
     pool.parallel_for(T, [&](int64_t t, int) { quantize_activation_row(fmt, X + t * K, dst + t * stride, K); });
 }
 
@@ -46,9 +58,9 @@ void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float*
         return;
     }
     quantize_rows(pool, act_type(w), X, T, w.cols, A.data(), a_stride);
-    const int64_t n_tasks = (w.rows + kRowsPerTask - 1) / kRowsPerTask;
+    const int64_t rows = task_rows(w.row_stride), n_tasks = (w.rows + rows - 1) / rows;
     pool.parallel_for(n_tasks, [&](int64_t task, int) {
-        const int64_t r0 = task * kRowsPerTask, r1 = std::min(w.rows, r0 + kRowsPerTask);
+        const int64_t r0 = task * rows, r1 = std::min(w.rows, r0 + rows);
         matmul_rows(w.type, w.cols, w.data, w.row_stride, r0, r1, A.data(), a_stride, T, Y, w.rows, isa);
     });
 }
@@ -68,9 +80,9 @@ void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* 
         return;
     }
     quantize_rows(pool, act_type(w0), X, B * T, K, A.data(), a_stride);
-    const int64_t per = (N + kRowsPerTask - 1) / kRowsPerTask;
+    const int64_t rows = task_rows(w0.row_stride), per = (N + rows - 1) / rows;
     pool.parallel_for(B * per, [&](int64_t task, int) {
-        const int64_t b = task / per, r0 = (task % per) * kRowsPerTask, r1 = std::min(N, r0 + kRowsPerTask);
+        const int64_t b = task / per, r0 = (task % per) * rows, r1 = std::min(N, r0 + rows);
         matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, r0, r1, A.data() + b * T * a_stride, a_stride, T,
                     Y + b * T * N, N, isa);
     });

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention.h"
 #include "engine.h"
 
 namespace nb = nanobind;
@@ -235,6 +236,45 @@ void register_engine(nb::module_& m) {
             },
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
+        .def(
+            "mla_attention",
+            [](EngineHandle& h, const CF32& q_lat, const CF32& q_pe, const Any& c_kv, const Any& k_pe, float scale,
+               F32 out, const std::string& isa) {
+                if (q_lat.ndim() != 3 || q_pe.ndim() != 3 || q_pe.shape(0) != q_lat.shape(0) ||
+                    q_pe.shape(1) != q_lat.shape(1))
+                    fail("q_lat must be float32 [heads, tokens, kv_lora_rank] and q_pe [heads, tokens, rope dim]");
+                const int64_t H = q_lat.shape(0), T = q_lat.shape(1), R = q_lat.shape(2), Dr = q_pe.shape(2);
+                if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != R ||
+                    static_cast<int64_t>(k_pe.shape(1)) != Dr || c_kv.shape(0) != k_pe.shape(0))
+                    fail("c_kv must be [positions, kv_lora_rank] and k_pe [positions, rope dim], with as many positions");
+                if (!c_contiguous(c_kv) || !c_contiguous(k_pe)) fail("c_kv and k_pe must be C-contiguous");
+                if (c_kv.dtype() != k_pe.dtype()) fail("c_kv and k_pe must share a dtype");
+                GgmlType type;
+                const auto dt = c_kv.dtype();
+                if (dt == nb::dtype<float>()) type = GgmlType::F32;
+                else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16) type = GgmlType::F16;
+                else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16) type = GgmlType::BF16;
+                else fail("the cache must be float32, float16 or bfloat16");
+                const int64_t S = c_kv.shape(0);
+                if (S < T) fail("the cache holds fewer positions than there are new tokens");
+                if (out.ndim() != 3 || static_cast<int64_t>(out.shape(0)) != H || static_cast<int64_t>(out.shape(1)) != T ||
+                    static_cast<int64_t>(out.shape(2)) != R)
+                    fail("out must have q_lat's shape");
+                Isa level;
+                try {
+                    level = parse_isa(isa.c_str());
+                } catch (const std::invalid_argument& e) {
+                    fail(e.what());
+                }
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                mla_attention(h.pool, H, T, S, R, Dr, q_lat.data(), q_pe.data(), type,
+                              static_cast<const uint8_t*>(c_kv.data()), static_cast<const uint8_t*>(k_pe.data()), scale,
+                              out.data(), level);
+            },
+            nb::arg("q_lat"), nb::arg("q_pe"), nb::arg("c_kv"), nb::arg("k_pe"), nb::arg("scale"), nb::arg("out"),
+            nb::arg("isa") = "auto",
+            "MLA attention in latent space: softmax(scale (q_lat c_kv^T + q_pe k_pe^T), causal) c_kv -> out.")
         .def(
             "linear_batched",
             [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, F32 out, const std::string& isa) {
