@@ -14,7 +14,7 @@ def cmd_run(args) -> int:
     from . import SamplingParams, load
 
     runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
-                  kv_cache_dtype=args.kv_cache_dtype)
+                  kv_cache_dtype=args.kv_cache_dtype, ctx=args.ctx, chunk=args.chunk)
     params = SamplingParams(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
@@ -47,7 +47,7 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     from tui import ChatApp
 
-    ChatApp(args.model, system=args.system, device=args.device, threads=args.threads).run()
+    ChatApp(args.model, system=args.system, device=args.device, threads=args.threads, ctx=args.ctx).run()
     return 0
 
 
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     r.add_argument("--kv-cache-dtype", default=None, help="attention cache dtype: float16 halves it (default: --dtype)")
     r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    r.add_argument("-c", "--ctx", type=int, default=None, help="context length; the KV cache is preallocated for it")
+    r.add_argument("--chunk", type=int, default=512, help="prompt tokens per prefill pass (default 512)")
     r.set_defaults(func=cmd_run)
 
     ch = sub.add_parser("chat", help="the terminal chat UI (live throughput, reasoning, expert routing)")
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ch.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    ch.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: the model's)")
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="prompt and decode throughput (llama-bench style), optionally vs llama.cpp")

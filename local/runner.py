@@ -77,6 +77,8 @@ class Runner:
         self.eos_ids = eos_ids
         self.kv_cache_dtype = kv_cache_dtype  # None = the compute dtype
         self.max_context = config.max_position_embeddings
+        self.ctx: int | None = None  # --ctx: the cache is preallocated for this many positions
+        self.prefill_chunk = 512  # --chunk: prompt tokens per forward pass
 
     # ---- what the model is (for `tandem chat`'s header and the bench)
     def describe(self) -> dict:
@@ -169,11 +171,12 @@ class Runner:
 
     def _stream(self, ids: list[int], params: SamplingParams, in_reasoning: bool, t0: float) -> Iterator[Event]:
         self._check_ids(ids)
-        cache = self.new_cache(min(len(ids) + params.max_tokens + 1, self.max_context))
+        cache = self.new_cache(self.ctx or min(len(ids) + params.max_tokens + 1, self.max_context))
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)  # as llama.cpp prints them
         text = TextStream(params.stop, in_reasoning)
         n, stats, finish = 0, Stats(prompt_tokens=len(ids)), "length"
-        for step in generate_tokens(self.model, cache, ids, params, self.eos_ids, self.max_context):
+        for step in generate_tokens(self.model, cache, ids, params, self.eos_ids, self.max_context,
+                                    prefill_chunk=self.prefill_chunk):
             n += 1
             ttft = stats.ttft_seconds or (time.perf_counter() - t0)
             stats = Stats(len(ids), n, step.prompt_seconds, step.decode_seconds, ttft)
@@ -200,7 +203,7 @@ class Runner:
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
          dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None,
          engine: bool = True, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
-         routing=None) -> Runner:
+         routing=None, ctx: int | None = None, chunk: int = 512) -> Runner:
     """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
     directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model.
 
@@ -211,7 +214,13 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     progress(done, total): called as the tensors load.
     hybrid (GGUF): routed experts on the CPU engine, the rest in torch on `device`, overlapped; the
     default on a CUDA device. gpu_experts / routing (local.routing.RoutingStats): keep each MoE layer's
-    N busiest routed experts on the device too."""
+    N busiest routed experts on the device too.
+    ctx: context length; the latent KV cache is preallocated for it (default: the model's maximum,
+    allocated as a conversation needs it). chunk: prompt tokens per prefill pass."""
+    if ctx is not None and ctx < 2:
+        raise ValueError(f"--ctx {ctx} is too small")
+    if chunk < 1:
+        raise ValueError(f"--chunk {chunk} must be at least 1")
     if path is None:
         from .demo import demo_model_path
         path = demo_model_path()
@@ -228,14 +237,22 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
 
         config, model, gguf = load_gguf(path, resolve_dtype(dtype, dev), dev, engine=engine, threads=threads,
                                        progress=progress, hybrid=hybrid, gpu_experts=gpu_experts,
-                                       routing=routing)
+                                       routing=routing, context=ctx or 4096)
         tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
         extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-        return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer, extra),
-                      cache_dtype)
+        return _configure(Runner(path, config, model, tokenizer, dev, threads,
+                                 eos_token_ids(path, config, tokenizer, extra), cache_dtype), ctx, chunk)
     if not path.is_dir():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory "
                          "(config.json + *.safetensors + tokenizer files)")
     config, model = load_hf(path, resolve_dtype(dtype, dev), dev, progress=progress)
     tokenizer = Tokenizer.from_pretrained(path)
-    return Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer), cache_dtype)
+    return _configure(Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer),
+                             cache_dtype), ctx, chunk)
+
+
+def _configure(runner: Runner, ctx: int | None, chunk: int) -> Runner:
+    if ctx is not None:
+        runner.ctx = runner.max_context = min(ctx, runner.config.max_position_embeddings)
+    runner.prefill_chunk = chunk
+    return runner

@@ -122,3 +122,17 @@ def test_overlap_really_overlaps(demo, monkeypatch):
     moe.shared_experts.register_forward_hook(lambda *a: order.append("shared"))
     hybrid.logits(hybrid.tokenizer.encode("x = 1"))
     assert order[:3] == ["submit", "shared", "wait"]
+
+
+def test_ctx_preallocates_and_bounds_the_cache(demo):
+    runner = local.load(demo, device="cpu", ctx=24, chunk=5)
+    assert runner.max_context == 24 and runner.prefill_chunk == 5
+    events = list(runner.generate("The list of values", SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)))
+    assert events[-1].finish_reason == "context"
+    assert events[-1].stats.prompt_tokens + events[-1].stats.generated_tokens <= 24
+    # a prompt prefilled in chunks of 5 continues as the one-pass prefill does
+    prompt = "The list of values is sorted in place"
+    assert len(runner.tokenizer.encode(prompt)) > 5
+    assert greedy(runner, prompt, 8) == greedy(local.load(demo, device="cpu"), prompt, 8)
+    with pytest.raises(ValueError, match="--chunk 0"):
+        local.load(demo, device="cpu", chunk=0)

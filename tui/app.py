@@ -36,15 +36,9 @@ class SystemSampler:
         self.process.cpu_percent(None)
 
     def __call__(self) -> tuple[float, int, int | None]:
-        gpu = None
-        try:
-            import torch
+        from local import gpu_memory_allocated
 
-            if torch.cuda.is_available():
-                gpu = torch.cuda.memory_allocated()
-        except Exception:  # noqa: BLE001 - a broken CUDA setup must not break the panel
-            gpu = None
-        return self.process.cpu_percent(None), self.process.memory_info().rss, gpu
+        return self.process.cpu_percent(None), self.process.memory_info().rss, gpu_memory_allocated()
 
 
 class ChatApp(App):
@@ -64,9 +58,10 @@ class ChatApp(App):
     ]
 
     def __init__(self, model=None, *, system: str | None = None, device: str = "auto", threads: int | None = None,
-                 runner=None, settings: ChatSettings | None = None, sysinfo=None, export_dir=None) -> None:
+                 ctx: int | None = None, runner=None, settings: ChatSettings | None = None, sysinfo=None,
+                 export_dir=None) -> None:
         super().__init__()
-        self.model_path, self.device, self.threads = model, device, threads
+        self.model_path, self.device, self.threads, self.ctx = model, device, threads, ctx
         self.runner = runner
         self.settings = settings or ChatSettings()
         if system is not None:
@@ -115,7 +110,7 @@ class ChatApp(App):
         from local import load
 
         try:
-            runner = load(self.model_path, device=self.device, threads=self.threads,
+            runner = load(self.model_path, device=self.device, threads=self.threads, ctx=self.ctx,
                           progress=lambda done, total: setattr(self, "_load_progress", (done, total)))
         except Exception as e:  # noqa: BLE001 - shown in the UI, not as a traceback
             self.call_from_thread(self._load_failed, f"{type(e).__name__}: {e}")
