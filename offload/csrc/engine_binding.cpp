@@ -70,6 +70,15 @@ std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char
     return out;
 }
 
+// The `isa` argument ("auto" or a level name) as an Isa; ValueError when unknown or unsupported here.
+Isa isa_arg(const std::string& isa) {
+    try {
+        return parse_isa(isa.c_str());
+    } catch (const std::invalid_argument& e) {
+        fail(e.what());
+    }
+}
+
 void check_2d(const Any& a, int64_t r, int64_t c, const char* what) {
     if (a.ndim() != 2 || static_cast<int64_t>(a.shape(0)) != r || static_cast<int64_t>(a.shape(1)) != c)
         fail(std::string(what) + " must have shape [" + std::to_string(r) + ", " + std::to_string(c) + "]");
@@ -133,11 +142,7 @@ MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const An
     c.ids = id;
     c.w = weights.data();
     c.out = out.data();
-    try {
-        c.isa = parse_isa(isa.c_str());
-    } catch (const std::invalid_argument& e) {
-        fail(e.what());
-    }
+    c.isa = isa_arg(isa);
     return c;
 }
 
@@ -224,12 +229,7 @@ void register_engine(nb::module_& m) {
                 auto w = matrices(weight, wtype, x.shape(1), "weight");
                 if (w.size() != 1) fail("weight must be a 2-D matrix");
                 check_2d(Any(out), x.shape(0), w[0].rows, "out");
-                Isa level;
-                try {
-                    level = parse_isa(isa.c_str());
-                } catch (const std::invalid_argument& e) {
-                    fail(e.what());
-                }
+                const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
                 linear(h.pool, w[0], x.data(), x.shape(0), out.data(), level);
@@ -260,12 +260,7 @@ void register_engine(nb::module_& m) {
                 if (out.ndim() != 3 || static_cast<int64_t>(out.shape(0)) != H || static_cast<int64_t>(out.shape(1)) != T ||
                     static_cast<int64_t>(out.shape(2)) != R)
                     fail("out must have q_lat's shape");
-                Isa level;
-                try {
-                    level = parse_isa(isa.c_str());
-                } catch (const std::invalid_argument& e) {
-                    fail(e.what());
-                }
+                const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
                 mla_attention(h.pool, H, T, S, R, Dr, q_lat.data(), q_pe.data(), type,
@@ -288,12 +283,7 @@ void register_engine(nb::module_& m) {
                     static_cast<int64_t>(out.shape(2)) != w[0].rows)
                     fail("out must have shape [" + std::to_string(x.shape(0)) + ", " + std::to_string(x.shape(1)) +
                          ", " + std::to_string(w[0].rows) + "]");
-                Isa level;
-                try {
-                    level = parse_isa(isa.c_str());
-                } catch (const std::invalid_argument& e) {
-                    fail(e.what());
-                }
+                const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
                 linear_batched(h.pool, w.data(), static_cast<int64_t>(w.size()), x.data(), x.shape(1), out.data(),
