@@ -181,6 +181,10 @@ struct Gemv32 {
 
     static int64_t padded(int64_t nb) { return (nb + 15) & ~int64_t{15}; }
     static bool fits(int64_t nb) { return padded(nb) * (kBias ? 17 : 9) <= kActBufFloats; }
+    // Short rows (MLA's 128-wide W_UK heads: 4 blocks) spend more on the 16-block scale group and the
+    // final reduction than on the blocks: measured 2.5-4x slower than Blocks32 there, even at 16 blocks.
+    static constexpr int64_t kMinBlocks = 32;
+    static bool use(int64_t nb) { return nb >= kMinBlocks && fits(nb); }
 
     static void prep(const block_q8_0* y, int64_t nb, float* buf) {
         const int64_t nbp = padded(nb);
@@ -432,7 +436,7 @@ struct Blocks32 {
     static void run_f32_scales(int64_t n, const void* vw, const void* va, size_t as, const float* act_d, float* out) {
 #if TANDEM_DOT_LEVEL >= 4
         if constexpr (NA == 1 && !U::kMin) {  // act_d as act_prep left it
-            if (Gemv32<U>::fits(n / QK8_0)) return Gemv32<U>::dot(n, vw, act_d, out);
+            if (Gemv32<U>::use(n / QK8_0)) return Gemv32<U>::dot(n, vw, act_d, out);
         } else if constexpr (!U::kMin) {
             if (Gemm32<U>::fits(NA, n / QK8_0)) return Gemm32<U>::template dot<NA>(n, vw, act_d, out);
         }
@@ -565,7 +569,7 @@ void act_scales_f32(const void* act, size_t as, int n_act, int64_t nb, float* ou
 #if TANDEM_DOT_LEVEL >= 4
 template <class U>
 void act_prep(const void* act, size_t as, int n_act, int64_t nb, float* out) {
-    if (n_act == 1 && Gemv32<U>::fits(nb))
+    if (n_act == 1 && Gemv32<U>::use(nb))
         Gemv32<U>::prep(static_cast<const block_q8_0*>(act), nb, out);
     else if (n_act >= 2 && Gemm32<U>::fits(n_act, nb))
         Gemm32<U>::prep(act, as, n_act, nb, out);
