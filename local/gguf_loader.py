@@ -234,13 +234,13 @@ def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
         if src is None or src[0] != "plain" or g.tensors[src[1]].qtype.name not in GGML_IDS:
             return None
         t = g.tensors[src[1]]
-        return EngineWeight(GGML_IDS[t.qtype.name], torch.from_numpy(g.raw(src[1])), t.shape[0], t.shape[-1])
+        return EngineWeight(GGML_IDS[t.qtype.name], g.raw(src[1]), t.shape[0], t.shape[-1])
 
     def batched(gguf_name: str, cols: int):
         t = g.tensors[gguf_name]
         if t.qtype.name not in GGML_IDS or cols % BLOCK_SIZE.get(t.qtype.name, 1) or len(t.shape) != 3:
             return None
-        return EngineWeight(GGML_IDS[t.qtype.name], torch.from_numpy(g.raw(gguf_name)), t.shape[1], t.shape[2])
+        return EngineWeight(GGML_IDS[t.qtype.name], g.raw(gguf_name), t.shape[1], t.shape[2])
 
     plan: dict = {}
     for name, module in model.named_modules():
@@ -276,7 +276,7 @@ def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
 def _moe_spec(g: GGUFModel, stacks, shared, shared_types) -> tuple:
     from offload.engine import GGML_IDS
 
-    raw = [torch.from_numpy(g.raw(s[1])) for s in stacks]
+    raw = [g.raw(s[1]) for s in stacks]  # numpy views of the file: the engine takes them without DLPack
     types = [GGML_IDS[g.tensors[s[1]].qtype.name] for s in stacks]
     return (raw[0], raw[1], raw[2], types, shared, shared_types)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 
+import numpy as np
 import torch
 
 from .engine import CpuEngine
@@ -64,14 +65,25 @@ def _(x, ids, weights, gate, up, down, types, shared, shared_types):
     return torch.empty_like(x, dtype=torch.float32)
 
 
-def run_linear(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
+def _np(t):
+    """A numpy view of a CPU tensor: nanobind takes numpy arrays in ~1 us, torch tensors through
+    __dlpack__ in ~7 (a decode step makes ~30 calls a layer). bfloat16 has no numpy dtype: left as is."""
+    return t.numpy() if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16 else t
+
+
+def _t(a):
+    """The tensor for a custom op's argument (weights may be kept as numpy views of the file)."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+def run_linear(x: torch.Tensor, weight, wtype: int, out_features: int) -> torch.Tensor:
     """torch.ops.tandem.linear under torch.compile; a direct engine call in eager mode (the custom-op
-    dispatch costs ~10 us a call, a fifth of a small decode-time linear)."""
+    dispatch costs ~10 us a call, a fifth of a small decode-time linear). weight: tensor or numpy."""
     if torch.compiler.is_compiling():
-        return torch.ops.tandem.linear(x, weight, wtype, out_features)
+        return torch.ops.tandem.linear(x, _t(weight), wtype, out_features)
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     e = engine()
-    e._engine.linear(wtype, weight, x, out, e.isa)
+    e._engine.linear(wtype, _np(weight), _np(x), out.numpy(), e.isa)
     return out
 
 
@@ -88,12 +100,12 @@ def _(x, weight, wtype, out_features):
     return x.new_empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
 
 
-def run_linear_batched(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
+def run_linear_batched(x: torch.Tensor, weight, wtype: int, out_features: int) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return torch.ops.tandem.linear_batched(x, weight, wtype, out_features)
+        return torch.ops.tandem.linear_batched(x, _t(weight), wtype, out_features)
     out = torch.empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
     e = engine()
-    e._engine.linear_batched(wtype, weight, x, out, e.isa)
+    e._engine.linear_batched(wtype, _np(weight), _np(x), out.numpy(), e.isa)
     return out
 
 
@@ -117,19 +129,21 @@ def run_mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
         return torch.ops.tandem.mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
     out = torch.empty_like(q_lat)
     e = engine()
-    e._engine.mla_attention(q_lat, q_pe, c_kv, k_pe, scale, out, e.isa)
+    e._engine.mla_attention(_np(q_lat), _np(q_pe), _np(c_kv), _np(k_pe), scale, out.numpy(), e.isa)
     return out
 
 
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:
     """torch.ops.tandem.moe under torch.compile; a direct engine call in eager mode."""
     if torch.compiler.is_compiling():
-        return torch.ops.tandem.moe(x, ids, weights, gate, up, down, types, shared, shared_types)
+        return torch.ops.tandem.moe(x, ids, weights, _t(gate), _t(up), _t(down), types, [_t(s) for s in shared],
+                                    shared_types)
     out = torch.empty_like(x, dtype=torch.float32)
-    spec = [(shared[i], shared_types[i], shared[i + 1], shared_types[i + 1], shared[i + 2], shared_types[i + 2])
-            for i in range(0, len(shared), 3)]
+    spec = [(_np(shared[i]), shared_types[i], _np(shared[i + 1]), shared_types[i + 1], _np(shared[i + 2]),
+             shared_types[i + 2]) for i in range(0, len(shared), 3)]
     e = engine()
-    e._engine.moe(x, ids, weights, gate, types[0], up, types[1], down, types[2], spec, None, out, e.isa, False)
+    e._engine.moe(_np(x), _np(ids), _np(weights), _np(gate), types[0], _np(up), types[1], _np(down), types[2], spec,
+                  None, out.numpy(), e.isa, False)
     return out
 
 
@@ -138,7 +152,8 @@ def submit_moe(x, ids, weights, gate, up, down, types, skip=None) -> torch.Tenso
     returned output tensor (and the inputs) must stay alive and untouched until then."""
     out = torch.empty_like(x, dtype=torch.float32)
     e = engine()
-    e._engine.moe(x, ids, weights, gate, types[0], up, types[1], down, types[2], [], skip, out, e.isa, True)
+    e._engine.moe(_np(x), _np(ids), _np(weights), _np(gate), types[0], _np(up), types[1], _np(down), types[2], [],
+                  _np(skip), out.numpy(), e.isa, True)
     return out
 
 

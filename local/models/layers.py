@@ -60,7 +60,7 @@ class EngineWeight:
     """A weight left in its GGUF layout (a view of the file) for the CPU engine to compute with."""
 
     type_id: int  # ggml type id
-    data: torch.Tensor  # uint8 [..., rows, row bytes], or float32/float16 [..., rows, cols]
+    data: object  # numpy view of the file: uint8 [..., rows, row bytes], or float32/float16 [..., rows, cols]
     rows: int
     cols: int
 

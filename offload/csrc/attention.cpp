@@ -106,8 +106,14 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
             quantize_activation_row(act, q_lat + (h * T + t) * R, qa.data() + t * qa_stride, R);
             quantize_activation_row(act, q_pe + (h * T + t) * Dr, pa.data() + t * pa_stride, Dr);
         }
-        matmul_rows(cache_type, R, c_kv, kv_stride, 0, S, qa.data(), qa_stride, T, s1.data(), S, isa);
-        matmul_rows(cache_type, Dr, k_pe, pe_stride, 0, S, pa.data(), pa_stride, T, s2.data(), S, isa);
+        // scores in tiles of 8 new tokens, each against only the positions its last token sees (causal)
+        for (int64_t t0 = 0; t0 < T; t0 += 8) {
+            const int64_t nt = std::min<int64_t>(8, T - t0), seen = S - T + t0 + nt;
+            matmul_rows(cache_type, R, c_kv, kv_stride, 0, seen, qa.data() + t0 * qa_stride, qa_stride, nt,
+                        s1.data() + t0 * S, S, isa);
+            matmul_rows(cache_type, Dr, k_pe, pe_stride, 0, seen, pa.data() + t0 * pa_stride, pa_stride, nt,
+                        s2.data() + t0 * S, S, isa);
+        }
         for (int64_t t = 0; t < T; ++t) {
             const int64_t n = S - T + t + 1;  // causal: the new token t sees the cache and new tokens up to itself
             float* sc = s1.data() + t * S;
