@@ -218,8 +218,8 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
         raise ValueError(f"-p {p} + -n {n} exceeds the model's context ({runner.max_context})")
 
     probe = _C.Engine(threads)
-    read_gbs = probe.read_bandwidth()
-    log(f"measured read bandwidth: {read_gbs:.1f} GB/s")
+    reads = [probe.read_bandwidth(1 << 29, 3)]  # measured again after every repetition: it swings
+    log(f"measured read bandwidth: {reads[0]:.1f} GB/s")
 
     # Tandem alone first: its memory figures, then warm-ups
     targets[0].prefill(prompt[: min(p, 32)])
@@ -240,15 +240,19 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
             time.sleep(0.02)
             secs = t.decode(gen)
             (rows["tg"].tps if t.name == "tandem" else rows["tg"].peer_tps).append(n / secs)
+        time.sleep(0.02)
+        reads.append(probe.read_bandwidth(1 << 29, 3))
         log(f"rep {rep + 1}/{r}: " + ", ".join(
             f"{row.test} {row.tps[-1]:.1f}" + (f" (llama.cpp {row.peer_tps[-1]:.1f})" if row.peer_tps else "")
-            for row in rows.values()) + " tok/s")
+            for row in rows.values()) + f" tok/s, read {reads[-1]:.1f} GB/s")
+    read_gbs = statistics.median(reads)
 
     breakdown = targets[0].stage_breakdown(gen[: min(n, 32)])
     out = [rows["pp"].to_json(), rows["tg"].to_json()]
     active = active_bytes_per_token(path) if path.suffix == ".gguf" else None
     tg = out[1]
     tg["read_gbs"] = read_gbs
+    tg["read_gbs_samples"] = reads
     if active:
         tg["active_bytes_per_token"] = active
         tg["achieved_gbs"] = active * tg["tps_mean"] / 1e9
@@ -298,6 +302,8 @@ def render(result: dict) -> str:
         if "llama_cpp_bandwidth_pct" in tg:
             line += f" (llama.cpp: {tg['llama_cpp_bandwidth_pct']:.0f}%)"
         lines.append(line)
+    lines.append(f"(read bandwidth: the median of {len(tg['read_gbs_samples'])} measurements through the run, "
+                 f"{min(tg['read_gbs_samples']):.1f}-{max(tg['read_gbs_samples']):.1f} GB/s)")
     lines.append(f"RSS after load {tg['rss_bytes'] / 2**30:.2f} GiB, peak {tg['peak_rss_bytes'] / 2**30:.2f} GiB "
                  "(peak includes the peer when compared)")
     steps = tg["decode_step_us"]
