@@ -121,8 +121,6 @@ def _progress_printer(what: str):
 
 
 def cmd_perplexity(args) -> int:
-    from pathlib import Path
-
     from . import load
     from .perplexity import perplexity
 
@@ -130,12 +128,7 @@ def cmd_perplexity(args) -> int:
     runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype)
     base = load(args.kld_base, device=args.device, threads=args.threads, dtype=args.dtype) if args.kld_base else None
 
-    def progress(done, total):
-        sys.stderr.write(f"\rchunk {done}/{total}")
-        sys.stderr.flush()
-
-    result = perplexity(runner, text, ctx=args.ctx, base=base, progress=progress)
-    sys.stderr.write("\n")
+    result = perplexity(runner, text, ctx=args.ctx, base=base, progress=_progress_printer("chunk"))
     print(result.summary())
     return 0
 
