@@ -279,3 +279,19 @@ def test_main_screen_snapshot(snap_compare, size):
     app = ChatApp(runner=FakeRunner(), sysinfo=FIXED_SYSTEM)
     assert snap_compare(app, terminal_size=size, run_before=_one_reply)
 
+
+
+def test_ctrl_j_starts_a_new_line_and_enter_sends():
+    async def main():
+        runner = FakeRunner()
+        app = ChatApp(runner=runner, sysinfo=FIXED_SYSTEM)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.click("#prompt")
+            await pilot.press("a", "ctrl+j", "b")
+            assert app.query_one("#prompt").text == "a\nb" and not runner.calls
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: len(app.transcript) == 2 and not app.generating)
+            assert runner.calls[0][0][-1] == {"role": "user", "content": "a\nb"}
+            assert app.query_one("#prompt").text == ""
+
+    asyncio.run(main())
