@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, Switch
+from textual.widgets import Button, Checkbox, Input, Label, Static
 
 from local import SamplingParams
 
@@ -48,7 +48,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                 yield Label("system prompt")
                 yield Input(self.settings.system, id="set-system", placeholder="(none)", compact=True)
                 yield Label("show reasoning")
-                yield Switch(self.settings.show_reasoning, id="set-reasoning")
+                yield Checkbox("", self.settings.show_reasoning, id="set-reasoning", compact=True)
             yield Static("", id="settings-error")
             with Horizontal(id="settings-buttons"):
                 yield Button("Save", variant="primary", id="save", compact=True)
@@ -77,7 +77,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
             self.query_one("#settings-error", Static).update(str(e))
             return
         self.dismiss(ChatSettings(params, self.query_one("#set-system", Input).value,
-                                  self.query_one("#set-reasoning", Switch).value))
+                                  self.query_one("#set-reasoning", Checkbox).value))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
