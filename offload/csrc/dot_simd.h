@@ -282,6 +282,8 @@ struct Gemm32 {
 
     static int64_t groups(int64_t nb) { return (nb + 15) / 16; }
     static bool fits(int n_act, int64_t nb) { return n_act * groups(nb) * kGroupFloats <= kActBufFloats; }
+    // As for Gemv32: on short rows (MLA's 128-wide W_UK, 4 blocks) Blocks32 is ~1.3x faster.
+    static bool use(int n_act, int64_t nb) { return nb >= 16 && fits(n_act, nb); }
 
     // 16 blocks with 32 quant bytes each -> t[k], int32 lane j = bytes 4k..4k+3 of block j.
     template <class B>
@@ -438,7 +440,7 @@ struct Blocks32 {
         if constexpr (NA == 1 && !U::kMin) {  // act_d as act_prep left it
             if (Gemv32<U>::use(n / QK8_0)) return Gemv32<U>::dot(n, vw, act_d, out);
         } else if constexpr (!U::kMin) {
-            if (Gemm32<U>::fits(NA, n / QK8_0)) return Gemm32<U>::template dot<NA>(n, vw, act_d, out);
+            if (Gemm32<U>::use(NA, n / QK8_0)) return Gemm32<U>::template dot<NA>(n, vw, act_d, out);
         }
 #endif
         body<NA, true>(n, vw, va, as, act_d, out);
@@ -571,7 +573,7 @@ template <class U>
 void act_prep(const void* act, size_t as, int n_act, int64_t nb, float* out) {
     if (n_act == 1 && Gemv32<U>::use(nb))
         Gemv32<U>::prep(static_cast<const block_q8_0*>(act), nb, out);
-    else if (n_act >= 2 && Gemm32<U>::fits(n_act, nb))
+    else if (n_act >= 2 && Gemm32<U>::use(n_act, nb))
         Gemm32<U>::prep(act, as, n_act, nb, out);
     else
         act_scales_f32<block_q8_0>(act, as, n_act, nb, out);
