@@ -140,7 +140,41 @@ class TandemTarget:
             spent["shared experts"] = float("nan")  # fused into the experts call
         spent["other"] = total - sum(v for v in spent.values() if not math.isnan(v))
         n = len(ids)
-        return {k: v / n * 1e6 for k, v in spent.items()}
+        out = {k: v / n * 1e6 for k, v in spent.items()}
+        # a second pass split the other way: time inside the CPU engine's calls, and the rest (torch ops
+        # and Python: the per-step overhead that is not weight reading)
+        engine_s, total = self._engine_time(ids)
+        if engine_s:
+            out["engine calls (all stages)"] = engine_s / n * 1e6
+            out["torch + Python outside the engine"] = (total - engine_s) / n * 1e6
+        return out
+
+    def _engine_time(self, ids: list[int]) -> tuple[float, float]:
+        try:
+            from offload import torch_ops
+        except ImportError:
+            return 0.0, 0.0
+        names = ("run_linear", "run_linear_batched", "run_mla_attention", "run_moe", "submit_moe", "wait_moe")
+        spent = [0.0]
+        originals = {name: getattr(torch_ops, name) for name in names}
+
+        def timed(f):
+            def call(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return f(*args, **kwargs)
+                finally:
+                    spent[0] += time.perf_counter() - t0
+            return call
+
+        for name, f in originals.items():
+            setattr(torch_ops, name, timed(f))
+        try:
+            total = self.decode(ids)
+        finally:
+            for name, f in originals.items():
+                setattr(torch_ops, name, f)
+        return spent[0], total
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -306,10 +340,13 @@ def render(result: dict) -> str:
                  f"{min(tg['read_gbs_samples']):.1f}-{max(tg['read_gbs_samples']):.1f} GB/s)")
     lines.append(f"RSS after load {tg['rss_bytes'] / 2**30:.2f} GiB, peak {tg['peak_rss_bytes'] / 2**30:.2f} GiB "
                  "(peak includes the peer when compared)")
-    steps = tg["decode_step_us"]
+    steps = dict(tg["decode_step_us"])
+    split = {k: steps.pop(k) for k in ("engine calls (all stages)", "torch + Python outside the engine") if k in steps}
     total = sum(v for v in steps.values() if not math.isnan(v))
     parts = [f"{k} {v:.0f}" if not math.isnan(v) else f"{k}: in the experts call" for k, v in steps.items()]
     lines.append(f"one decode step, µs (hooks add a little): total {total:.0f} = " + ", ".join(parts))
+    if split:
+        lines.append("the same step split by who runs it, µs: " + ", ".join(f"{k} {v:.0f}" for k, v in split.items()))
     return "\n".join(lines)
 
 

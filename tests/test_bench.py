@@ -67,8 +67,10 @@ def test_bench_rows_against_llama_cpp(tiny_gguf):
     steps = tg["decode_step_us"]
     assert {"attention", "router", "experts", "lm_head", "other"} <= set(steps)
     assert steps["attention"] > 0 and steps["experts"] > 0
+    assert steps["engine calls (all stages)"] > 0 and steps["torch + Python outside the engine"] > 0
     table = render(result)
     assert "pp24" in table and "tg6" in table and "llama.cpp" in table and "% of the measured" in table
+    assert "torch + Python outside the engine" in table
 
 
 def test_bench_cli_json_and_errors(tiny_gguf, capsys):
