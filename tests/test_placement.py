@@ -111,14 +111,14 @@ def test_overlap_path_gives_the_plain_paths_tokens(demo):
 
 def test_overlap_really_overlaps(demo, monkeypatch):
     """The shared experts run between the engine's submit and its wait."""
-    from offload import torch_ops
+    from offload import overlap
 
     order = []
     hybrid = local.load(demo, device="cpu", hybrid=True)
     moe = next(layer.mlp for layer in hybrid.model.model.layers if hasattr(layer.mlp, "gate"))
-    submit, wait = torch_ops.submit_moe, torch_ops.wait_moe
-    monkeypatch.setattr(torch_ops, "submit_moe", lambda *a: (order.append("submit"), submit(*a))[1])
-    monkeypatch.setattr(torch_ops, "wait_moe", lambda: (order.append("wait"), wait())[1])
+    submit, wait = overlap.submit_moe, overlap.wait_moe
+    monkeypatch.setattr(overlap, "submit_moe", lambda *a: (order.append("submit"), submit(*a))[1])
+    monkeypatch.setattr(overlap, "wait_moe", lambda: (order.append("wait"), wait())[1])
     moe.shared_experts.register_forward_hook(lambda *a: order.append("shared"))
     hybrid.logits(hybrid.tokenizer.encode("x = 1"))
     assert order[:3] == ["submit", "shared", "wait"]

@@ -118,31 +118,12 @@ class MoE(nn.Module):
         return out
 
     def _overlapped(self, x, weights, ids) -> torch.Tensor:
-        """Routed experts submitted to the CPU engine; shared (+ GPU-resident routed) experts computed on
-        x's device meanwhile; then the engine is joined and the two sums added."""
-        from offload.torch_ops import submit_moe, wait_moe
+        """Routed experts on the CPU engine while the shared (+ device-resident routed) experts run here."""
+        from offload.overlap import overlapped_moe
 
-        gate, up, down, types, _, _ = self.engine
-        pin = x.device.type == "cuda"
-        xh = _host(x.float(), pin)
-        idh, wh = _host(ids, pin), _host(weights.float(), pin)
-        if pin:
-            torch.cuda.current_stream(x.device).synchronize()  # the engine reads the staged inputs
-        routed = submit_moe(xh, idh, wh, gate, up, down, types, self.engine_skip)
-        try:
+        def local() -> torch.Tensor:
             if self.gpu_experts:
-                local = [e for e in torch.unique(ids).tolist() if e in self.gpu_experts]
-                y = self._torch_experts(x, weights, ids, local)
-            else:
-                y = self.shared_experts(x) if hasattr(self, "shared_experts") else torch.zeros_like(x)
-        finally:
-            wait_moe()
-        return y + routed.to(x.device, x.dtype, non_blocking=pin)
+                return self._torch_experts(x, weights, ids, [e for e in torch.unique(ids).tolist() if e in self.gpu_experts])
+            return self.shared_experts(x) if hasattr(self, "shared_experts") else torch.zeros_like(x)
 
-
-def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
-    """t on the CPU, contiguous (through a pinned staging copy when it comes from a GPU)."""
-    if t.device.type == "cpu":
-        return t.contiguous()
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-    return staged.copy_(t, non_blocking=pin)
+        return overlapped_moe(x, weights, ids, self.engine[:4], self.engine_skip, local)
