@@ -136,7 +136,8 @@ class TandemTarget:
                 h.remove()
         # the MoE hook spans the router and (on the torch path) the shared experts: keep them apart
         spent["experts"] = spent.pop("moe", 0.0) - spent.get("router", 0.0) - spent.get("shared experts", 0.0)
-        if "shared experts" not in spent and any(getattr(layer.mlp, "engine", None) for layer in self.model.model.layers):
+        fused = any(getattr(layer.mlp, "engine", None) for layer in self.model.model.layers)
+        if "shared experts" not in spent and fused:
             spent["shared experts"] = float("nan")  # fused into the experts call
         spent["other"] = total - sum(v for v in spent.values() if not math.isnan(v))
         n = len(ids)

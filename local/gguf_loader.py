@@ -197,7 +197,8 @@ def routed_expert_plan(model: torch.nn.Module, tensors: GGUFTensors, gpu_experts
             stacks = [tensors.sources.get(f"{name}.experts.0.{p}_proj.weight") for p in ("gate", "up", "down")]
             bad = [s for s in stacks if s is None or s[0] != "expert" or g.tensors[s[1]].qtype.name not in GGML_IDS]
             if bad:
-                raise NotImplementedError(f"{name}: routed experts stored as {[g.tensors[s[1]].qtype.name for s in bad if s]} "
+                stored = [g.tensors[s[1]].qtype.name for s in bad if s]
+                raise NotImplementedError(f"{name}: routed experts stored as {stored} "
                                           "cannot run on the CPU engine; convert with a supported --quant")
             plan[name] = _moe_spec(g, stacks, [], [])
     return plan

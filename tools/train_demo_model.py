@@ -1,13 +1,14 @@
 """Train the bundled demo model: a small DeepSeek-V3 (MLA, 1 dense + MoE layers with sigmoid routing and
 the aux-loss-free correction bias) on text that ships with CPython, and write it as a Q8_0 GGUF.
 
-    python tools/train_demo_model.py                 # ~25 min on 2 cores -> local/demo_model/
+    python tools/train_demo_model.py                 # ~30 min on 2 cores -> local/demo_model/
     python tools/train_demo_model.py --steps 40 --out /tmp/demo   # a quick smoke run
 
 Text (PSF-licensed, offline, inside every CPython): the reference topics that `pydoc_data` ships and
 the docstrings of the standard library's modules, classes and functions. One item in 20 (a topic, or a
-docstring in both its forms) is held out for the perplexity figure; repeated docstrings count once. Docstrings also become chat turns ("What does json.dumps do?" ->
-a short <think> note, then the docstring) so `tandem chat` has something to answer.
+docstring in both its forms) is held out for the perplexity figure; repeated docstrings count once.
+Docstrings also become chat turns ("What does json.dumps do?" -> a short <think> note, then the
+docstring) so `tandem chat` has something to answer.
 
 Deterministic for a given CPython and torch: fixed seeds, one thread order, a fixed step count.
 The model trains with transformers' DeepseekV3ForCausalLM (the reference implementation); the

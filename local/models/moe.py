@@ -123,7 +123,8 @@ class MoE(nn.Module):
 
         def local() -> torch.Tensor:
             if self.gpu_experts:
-                return self._torch_experts(x, weights, ids, [e for e in torch.unique(ids).tolist() if e in self.gpu_experts])
+                here = [e for e in torch.unique(ids).tolist() if e in self.gpu_experts]
+                return self._torch_experts(x, weights, ids, here)
             return self.shared_experts(x) if hasattr(self, "shared_experts") else torch.zeros_like(x)
 
         return overlapped_moe(x, weights, ids, self.engine[:4], self.engine_skip, local)
