@@ -10,7 +10,7 @@ docstring in both its forms) is held out for the perplexity figure; repeated doc
 Docstrings also become chat turns ("What does json.dumps do?" -> a short <think> note, then the
 docstring) so `tandem chat` has something to answer.
 
-Deterministic for a given CPython and torch: fixed seeds, one thread order, a fixed step count.
+Deterministic for a given CPython, torch and --threads: fixed seeds, a fixed step count.
 The model trains with transformers' DeepseekV3ForCausalLM (the reference implementation); the
 correction bias is updated after each step as in DeepSeek-V3 (bias += gamma * sign(mean load - load)).
 """
