@@ -295,3 +295,26 @@ def test_ctrl_j_starts_a_new_line_and_enter_sends():
             assert app.query_one("#prompt").text == ""
 
     asyncio.run(main())
+
+
+def test_a_generation_error_is_a_message_not_a_traceback():
+    class Failing(FakeRunner):
+        def chat(self, messages, params):
+            self.calls.append((list(messages), params))
+            yield Event("token", "Half", 7, False, stats=Stats(3, 1, 0.01, 0.0, 0.01))
+            raise RuntimeError("the engine ran out of memory")
+
+    async def main():
+        app = ChatApp(runner=Failing(), sysinfo=FIXED_SYSTEM)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.click("#prompt")
+            await pilot.press(*"go", "enter")
+            await wait_for(pilot, lambda: app.query(ErrorMessage) and not app.generating)
+            text = str(app.query(ErrorMessage).last().render())
+            assert "Generation failed: RuntimeError: the engine ran out of memory" in text
+            assert not app.query_one("#prompt").disabled  # the conversation goes on
+            assert app.messages == [] and app.transcript[-1]["finish_reason"] == "error"
+            await send(pilot, app, "again")  # the next turn starts clean: no dangling user message
+            assert app.runner.calls[-1][0] == [{"role": "user", "content": "again"}]
+
+    asyncio.run(main())

@@ -201,8 +201,7 @@ class ChatApp(App):
             if isinstance(ev, tuple):
                 kind, value = ev
                 if kind == "error":
-                    self.query_one("#conversation").mount(ErrorMessage(f"Generation failed: {value}"))
-                    self._finish(reply, "error")
+                    await self._failed_reply(reply, value)
                 else:
                     await self._finish_reply(reply, "stopped" if value else None)
                 continue
@@ -236,6 +235,18 @@ class ChatApp(App):
             if stats.decode_tps > 0:
                 self.throughput.history.append(stats.decode_tps)
         self._finish(reply, reason)
+
+    async def _failed_reply(self, reply: AssistantMessage, error: str) -> None:
+        """A generation error: shown as a message; the failed turn leaves the conversation the model
+        sees (so the next message starts clean) but stays in the transcript and the export."""
+        self.query_one("#conversation").mount(ErrorMessage(f"Generation failed: {error}"))
+        await reply.finish("error")
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        self.transcript.append({"role": "assistant", "content": reply.answer, "reasoning": reply.reasoning,
+                                "finish_reason": "error", "error": error,
+                                "stats": _stats_dict(self.throughput.current)})
+        self._finish(reply, "error")
 
     def _finish(self, reply, reason: str) -> None:
         self.generating = False
