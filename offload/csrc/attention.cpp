@@ -100,8 +100,13 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
     const size_t kv_stride = row_size(cache_type, R), pe_stride = row_size(cache_type, Dr);
     const size_t qa_stride = row_size(act, R), pa_stride = row_size(act, Dr);
     auto head = [&](int64_t h, int) {
-        std::vector<uint8_t> qa(static_cast<size_t>(T) * qa_stride), pa(static_cast<size_t>(T) * pa_stride);
-        std::vector<float> s1(static_cast<size_t>(T * S)), s2(static_cast<size_t>(T * S));
+        // per-thread scratch, grown as needed and kept: no allocation per call once warm
+        thread_local std::vector<uint8_t> qa, pa;
+        thread_local std::vector<float> s1, s2;
+        qa.resize(static_cast<size_t>(T) * qa_stride);
+        pa.resize(static_cast<size_t>(T) * pa_stride);
+        s1.resize(static_cast<size_t>(T * S));
+        s2.resize(static_cast<size_t>(T * S));
         for (int64_t t = 0; t < T; ++t) {
             quantize_activation_row(act, q_lat + (h * T + t) * R, qa.data() + t * qa_stride, R);
             quantize_activation_row(act, q_pe + (h * T + t) * Dr, pa.data() + t * pa_stride, Dr);
