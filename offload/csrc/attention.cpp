@@ -10,13 +10,6 @@
 namespace tandem {
 namespace {
 
-inline float bf16_value(uint16_t v) {
-    const uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
 void axpy_scalar(GgmlType type, const uint8_t* rows, size_t stride, int64_t n, int64_t R, const float* p, float* out) {
     for (int64_t s = 0; s < n; ++s) {
         const uint8_t* row = rows + s * stride;
@@ -26,7 +19,7 @@ void axpy_scalar(GgmlType type, const uint8_t* rows, size_t stride, int64_t n, i
             for (int64_t r = 0; r < R; ++r) out[r] += w * x[r];
         } else {
             const uint16_t* x = reinterpret_cast<const uint16_t*>(row);
-            for (int64_t r = 0; r < R; ++r) out[r] += w * (type == GgmlType::F16 ? half_to_float(x[r]) : bf16_value(x[r]));
+            for (int64_t r = 0; r < R; ++r) out[r] += w * (type == GgmlType::F16 ? half_to_float(x[r]) : bf16_to_float(x[r]));
         }
     }
 }
@@ -76,11 +69,7 @@ __attribute__((target("avx512f,avx512bw,f16c,fma"))) void axpy_avx512(GgmlType t
 // p rounded to the cache's precision, as llama.cpp's mix with a lower-precision V does.
 inline float round_to(GgmlType type, float v) {
     if (type == GgmlType::F16) return half_to_float(float_to_half(v));
-    if (type == GgmlType::BF16) {
-        uint16_t b;
-        quantize_activation_row(GgmlType::BF16, &v, &b, 1);
-        return bf16_value(b);
-    }
+    if (type == GgmlType::BF16) return bf16_to_float(float_to_bf16(v));
     return v;
 }
 

@@ -470,7 +470,7 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
     const auto* a = static_cast<const char*>(A);
     float out[kMaxActRows];
     const size_t row_bytes = row_size(wtype, n);
-    const int64_t ahead = n_tokens <= 2 ? std::max<int64_t>(1, static_cast<int64_t>(4096 / std::max<size_t>(row_bytes, 1))) : 0;
+    const int64_t ahead = n_tokens > 2 ? 0 : std::max<int64_t>(1, static_cast<int64_t>(4096 / std::max<size_t>(row_bytes, 1)));
     for (int64_t r0 = row_begin; r0 < row_end; r0 += chunk) {
         const int64_t r1 = std::min(row_end, r0 + chunk);
         for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
@@ -493,8 +493,9 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
                 const char* tile_k = tile + (k0 == 0 ? 0 : static_cast<size_t>(k0 / qk::QK_K) * sizeof(block_q8_K));
                 const size_t w_off = k0 == 0 ? 0 : row_size(wtype, k0);
                 scaled.convert_scales(tile_k, a_stride, nt, kn / qk::QK8_0, act_d);
+                const size_t kn_bytes = row_size(wtype, kn);
                 for (int64_t r = r0; r < r1; ++r) {
-                    if (ahead && r + ahead < row_end) prefetch_row(w + (r + ahead) * w_row_stride + w_off, row_size(wtype, kn));
+                    if (ahead && r + ahead < row_end) prefetch_row(w + (r + ahead) * w_row_stride + w_off, kn_bytes);
                     scaled.dot(kn, w + r * w_row_stride + w_off, tile_k, a_stride, act_d, nt, out);
                     if (k0 == 0)
                         for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];

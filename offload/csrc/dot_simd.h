@@ -283,7 +283,8 @@ struct Gemm32 {
     static int64_t groups(int64_t nb) { return (nb + 15) / 16; }
     static bool fits(int n_act, int64_t nb) { return n_act * groups(nb) * kGroupFloats <= kActBufFloats; }
     // As for Gemv32: on short rows (MLA's 128-wide W_UK, 4 blocks) Blocks32 is ~1.3x faster.
-    static bool use(int n_act, int64_t nb) { return nb >= 16 && fits(n_act, nb); }
+    static constexpr int64_t kMinBlocks = 16;
+    static bool use(int n_act, int64_t nb) { return nb >= kMinBlocks && fits(n_act, nb); }
 
     // 16 blocks with 32 quant bytes each -> t[k], int32 lane j = bytes 4k..4k+3 of block j.
     template <class B>

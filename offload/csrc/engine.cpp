@@ -16,14 +16,15 @@ constexpr size_t kTaskBytes = 32 << 10;
 // Below this many weight bytes x tokens a linear runs on the calling thread alone.
 constexpr size_t kInlineBytes = 64 << 10;
 
-// MoE slabs (rows per task) for `work` rows in all on `threads` threads: up to 256 rows (longer
-// contiguous streams measured ~12% faster at T=1 than 64-row slabs on V2-Lite), but at least four
-// tasks per thread so the threads stay balanced; a multiple of 32.
+// Rows per linear task for rows of `row_stride` bytes: kRowsPerTask, or kTaskBytes' worth (a multiple of 16).
 int64_t task_rows(size_t row_stride) {
     const int64_t by_bytes = static_cast<int64_t>((kTaskBytes + row_stride - 1) / row_stride + 15) / 16 * 16;
     return std::max<int64_t>(kRowsPerTask, by_bytes);
 }
 
+// MoE slabs (rows per task) for `work` rows in all on `threads` threads: up to 256 rows (longer
+// contiguous streams measured ~12% faster at T=1 than 64-row slabs on V2-Lite), but at least four
+// tasks per thread so the threads stay balanced; a multiple of 32.
 int64_t slab_rows(int64_t work, int threads) {
     return std::clamp<int64_t>(work / (4 * static_cast<int64_t>(threads)) / 32 * 32, 32, 256);
 }
@@ -48,23 +49,6 @@ inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
-void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float* Y, Isa isa) {
-    const size_t a_stride = act_row_bytes(w);
-    std::vector<uint8_t> A(static_cast<size_t>(T) * a_stride);
-    if (static_cast<size_t>(w.rows) * w.row_stride * static_cast<size_t>(T) < kInlineBytes) {
-        // too small to pay for handing work to other threads
-        for (int64_t t = 0; t < T; ++t) quantize_activation_row(act_type(w), X + t * w.cols, A.data() + t * a_stride, w.cols);
-        matmul_rows(w.type, w.cols, w.data, w.row_stride, 0, w.rows, A.data(), a_stride, T, Y, w.rows, isa);
-        return;
-    }
-    quantize_rows(pool, act_type(w), X, T, w.cols, A.data(), a_stride);
-    const int64_t rows = task_rows(w.row_stride), n_tasks = (w.rows + rows - 1) / rows;
-    pool.parallel_for(n_tasks, [&](int64_t task, int) {
-        const int64_t r0 = task * rows, r1 = std::min(w.rows, r0 + rows);
-        matmul_rows(w.type, w.cols, w.data, w.row_stride, r0, r1, A.data(), a_stride, T, Y, w.rows, isa);
-    });
-}
-
 void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* X, int64_t T, float* Y, Isa isa) {
     const Weight& w0 = ws[0];
     const size_t a_stride = act_row_bytes(w0);
@@ -72,7 +56,7 @@ void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* 
     std::vector<uint8_t> A(static_cast<size_t>(B * T) * a_stride);
     size_t bytes = 0;
     for (int64_t b = 0; b < B; ++b) bytes += static_cast<size_t>(ws[b].rows) * ws[b].row_stride;
-    if (bytes * static_cast<size_t>(T) < kInlineBytes) {
+    if (bytes * static_cast<size_t>(T) < kInlineBytes) {  // too small to pay for handing work to other threads
         for (int64_t i = 0; i < B * T; ++i) quantize_activation_row(act_type(w0), X + i * K, A.data() + i * a_stride, K);
         for (int64_t b = 0; b < B; ++b)
             matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, 0, N, A.data() + b * T * a_stride, a_stride, T,
@@ -86,6 +70,10 @@ void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* 
         matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, r0, r1, A.data() + b * T * a_stride, a_stride, T,
                     Y + b * T * N, N, isa);
     });
+}
+
+void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float* Y, Isa isa) {
+    linear_batched(pool, &w, 1, X, T, Y, isa);
 }
 
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,
