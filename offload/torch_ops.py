@@ -33,12 +33,57 @@ def _shutdown() -> None:
     _ENGINE.clear()
 
 
+def _np(t):
+    """A numpy view of a CPU tensor: nanobind takes numpy arrays in ~1 us, torch tensors through
+    __dlpack__ in ~7 (a decode step makes ~30 calls a layer). bfloat16 has no numpy dtype: left as is."""
+    return t.numpy() if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16 else t
+
+
+def _t(a):
+    """The tensor for a custom op's argument (weights may be kept as numpy views of the file)."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+# ---- the engine calls, once each: the custom ops below and the eager run_* functions both use them
+
+def _linear(x, weight, wtype: int, out_features: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    e = engine()
+    e._engine.linear(wtype, _np(weight), _np(x.contiguous()), out.numpy(), e.isa)
+    return out
+
+
+def _linear_batched(x, weight, wtype: int, out_features: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
+    e = engine()
+    e._engine.linear_batched(wtype, _np(weight), _np(x.contiguous()), out.numpy(), e.isa)
+    return out
+
+
+def _mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
+    out = torch.empty_like(q_lat)
+    e = engine()
+    e._engine.mla_attention(_np(q_lat.contiguous()), _np(q_pe.contiguous()), _np(c_kv), _np(k_pe), scale,
+                            out.numpy(), e.isa)
+    return out
+
+
+def _moe(x, ids, weights, gate, up, down, types, shared, shared_types, skip=None, async_=False) -> torch.Tensor:
+    out = torch.empty_like(x, dtype=torch.float32)
+    spec = [(_np(shared[i]), shared_types[i], _np(shared[i + 1]), shared_types[i + 1], _np(shared[i + 2]),
+             shared_types[i + 2]) for i in range(0, len(shared), 3)]
+    e = engine()
+    e._engine.moe(_np(x.contiguous()), _np(ids.contiguous()), _np(weights.contiguous()), _np(gate), types[0],
+                  _np(up), types[1], _np(down), types[2], spec, _np(skip), out.numpy(), e.isa, async_)
+    return out
+
+
+# ---- custom ops (what torch.compile / CUDA graphs see)
+
 @torch.library.custom_op("tandem::linear", mutates_args=())
 def linear(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
     """x [T, K] float32 @ weight [N, row bytes] (GGUF type `wtype`)^T -> [T, N] float32."""
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    engine()._engine.linear(wtype, weight, x.contiguous(), out, engine().isa)
-    return out
+    return _linear(x, weight, wtype, out_features)
 
 
 @linear.register_fake
@@ -52,12 +97,7 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: torch.T
     """Fused routed (+ shared) experts: x [T, H] float32, ids [T, A] int64 (-1 skips), weights [T, A] float32;
     gate/up [E, I, bytes], down [E, H, bytes] uint8 in GGUF types `types` = [gate, up, down];
     shared = [gate, up, down, ...] 2-D uint8 per shared expert with shared_types alike."""
-    out = torch.empty_like(x, dtype=torch.float32)
-    spec = [(shared[i], shared_types[i], shared[i + 1], shared_types[i + 1], shared[i + 2], shared_types[i + 2])
-            for i in range(0, len(shared), 3)]
-    engine()._engine.moe(x.contiguous(), ids.contiguous(), weights.contiguous(), gate, types[0], up, types[1], down,
-                         types[2], spec, None, out, engine().isa, False)
-    return out
+    return _moe(x, ids, weights, gate, up, down, types, shared, shared_types)
 
 
 @moe.register_fake
@@ -65,34 +105,10 @@ def _(x, ids, weights, gate, up, down, types, shared, shared_types):
     return torch.empty_like(x, dtype=torch.float32)
 
 
-def _np(t):
-    """A numpy view of a CPU tensor: nanobind takes numpy arrays in ~1 us, torch tensors through
-    __dlpack__ in ~7 (a decode step makes ~30 calls a layer). bfloat16 has no numpy dtype: left as is."""
-    return t.numpy() if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16 else t
-
-
-def _t(a):
-    """The tensor for a custom op's argument (weights may be kept as numpy views of the file)."""
-    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
-
-
-def run_linear(x: torch.Tensor, weight, wtype: int, out_features: int) -> torch.Tensor:
-    """torch.ops.tandem.linear under torch.compile; a direct engine call in eager mode (the custom-op
-    dispatch costs ~10 us a call, a fifth of a small decode-time linear). weight: tensor or numpy."""
-    if torch.compiler.is_compiling():
-        return torch.ops.tandem.linear(x, _t(weight), wtype, out_features)
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    e = engine()
-    e._engine.linear(wtype, _np(weight), _np(x), out.numpy(), e.isa)
-    return out
-
-
 @torch.library.custom_op("tandem::linear_batched", mutates_args=())
 def linear_batched(x: torch.Tensor, weight: torch.Tensor, wtype: int, out_features: int) -> torch.Tensor:
     """x [B, T, K] float32, weight a stack [B, N, row bytes] (GGUF type `wtype`) -> [B, T, N] float32."""
-    out = torch.empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
-    engine()._engine.linear_batched(wtype, weight, x.contiguous(), out, engine().isa)
-    return out
+    return _linear_batched(x, weight, wtype, out_features)
 
 
 @linear_batched.register_fake
@@ -100,23 +116,12 @@ def _(x, weight, wtype, out_features):
     return x.new_empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
 
 
-def run_linear_batched(x: torch.Tensor, weight, wtype: int, out_features: int) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.tandem.linear_batched(x, _t(weight), wtype, out_features)
-    out = torch.empty(x.shape[0], x.shape[1], out_features, dtype=torch.float32)
-    e = engine()
-    e._engine.linear_batched(wtype, _np(weight), _np(x), out.numpy(), e.isa)
-    return out
-
-
 @torch.library.custom_op("tandem::mla_attention", mutates_args=())
 def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """MLA in latent space: q_lat [H, T, R], q_pe [H, T, Dr] float32; c_kv [S, R], k_pe [S, Dr] (f32/f16/bf16),
     the T new tokens being the last T of S (causal) -> o_lat [H, T, R] float32."""
-    out = torch.empty_like(q_lat)
-    engine()._engine.mla_attention(q_lat.contiguous(), q_pe.contiguous(), c_kv, k_pe, scale, out, engine().isa)
-    return out
+    return _mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
 
 
 @mla_attention.register_fake
@@ -124,37 +129,39 @@ def _(q_lat, q_pe, c_kv, k_pe, scale):
     return torch.empty_like(q_lat)
 
 
+# ---- what the model code calls: the custom op under torch.compile, the engine directly in eager mode
+# (the custom-op dispatch costs ~10 us a call, a fifth of a small decode-time linear); weights may be
+# numpy views of the file
+
+def run_linear(x: torch.Tensor, weight, wtype: int, out_features: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.linear(x, _t(weight), wtype, out_features)
+    return _linear(x, weight, wtype, out_features)
+
+
+def run_linear_batched(x: torch.Tensor, weight, wtype: int, out_features: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.linear_batched(x, _t(weight), wtype, out_features)
+    return _linear_batched(x, weight, wtype, out_features)
+
+
 def run_mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.tandem.mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
-    out = torch.empty_like(q_lat)
-    e = engine()
-    e._engine.mla_attention(_np(q_lat), _np(q_pe), _np(c_kv), _np(k_pe), scale, out.numpy(), e.isa)
-    return out
+    return _mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
 
 
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:
-    """torch.ops.tandem.moe under torch.compile; a direct engine call in eager mode."""
     if torch.compiler.is_compiling():
         return torch.ops.tandem.moe(x, ids, weights, _t(gate), _t(up), _t(down), types, [_t(s) for s in shared],
                                     shared_types)
-    out = torch.empty_like(x, dtype=torch.float32)
-    spec = [(_np(shared[i]), shared_types[i], _np(shared[i + 1]), shared_types[i + 1], _np(shared[i + 2]),
-             shared_types[i + 2]) for i in range(0, len(shared), 3)]
-    e = engine()
-    e._engine.moe(_np(x), _np(ids), _np(weights), _np(gate), types[0], _np(up), types[1], _np(down), types[2], spec,
-                  None, out.numpy(), e.isa, False)
-    return out
+    return _moe(x, ids, weights, gate, up, down, types, shared, shared_types)
 
 
 def submit_moe(x, ids, weights, gate, up, down, types, skip=None) -> torch.Tensor:
     """Start the routed experts on the engine's pool and return at once; `wait_moe()` joins. The
     returned output tensor (and the inputs) must stay alive and untouched until then."""
-    out = torch.empty_like(x, dtype=torch.float32)
-    e = engine()
-    e._engine.moe(_np(x), _np(ids), _np(weights), _np(gate), types[0], _np(up), types[1], _np(down), types[2], [],
-                  _np(skip), out.numpy(), e.isa, True)
-    return out
+    return _moe(x, ids, weights, gate, up, down, types, [], [], skip=skip, async_=True)
 
 
 def wait_moe() -> None:
