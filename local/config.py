@@ -171,3 +171,13 @@ def mla_softmax_scale(spec: RopeSpec, qk_head_dim: int) -> float:
         m = yarn_get_mscale(spec.factor, spec.mscale_all_dim)
         scale = scale * m * m
     return scale
+
+
+def kv_cache_values_per_token(cfg) -> int:
+    """Values one token of context adds to the KV cache, all layers: MLA keeps the latent and the rope
+    key (kv_lora_rank + qk_rope_head_dim), GQA a key and a value per KV head."""
+    if hasattr(cfg, "kv_lora_rank"):
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        per_layer = 2 * cfg.num_key_value_heads * cfg.head_size
+    return per_layer * cfg.num_hidden_layers

@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gguf import GGML_QUANT_SIZES
+
 from quant.formats import dequantize
 from quant.gguf_arch import EXPERT_NAMES, hf_tensor_name, join_kv_b, kv_to_config
 from quant.gguf_file import GGUFModel
 from quant.safetensors_file import CheckpointError
 
+from .config import kv_cache_values_per_token
 from .models import get_architecture
 
 log = logging.getLogger("tandem")
@@ -129,11 +132,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     hybrid = dev.type == "cuda" if hybrid is None else hybrid
     dtype = dtype or torch.float32
     machine = Machine.detect()
-    kv_per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if hasattr(cfg, "kv_lora_rank")
-                    else 2 * cfg.num_key_value_heads * cfg.head_size) * cfg.num_hidden_layers * 4
-    placement = make_plan(gmodel, "hybrid" if hybrid and dev.type != "cuda" else ("cuda" if hybrid else "cpu"),
-                          gpu_experts, routing, machine, context=min(context, cfg.max_position_embeddings),
-                          kv_bytes_per_token=kv_per_token)
+    kv_bytes = kv_cache_values_per_token(cfg) * torch.empty((), dtype=dtype).element_size()
+    if not hybrid:
+        where = "cpu"
+    else:  # "hybrid": the hybrid split with its GPU side on the CPU (tests)
+        where = "cuda" if dev.type == "cuda" else "hybrid"
+    placement = make_plan(gmodel, where, gpu_experts, routing, machine,
+                          context=min(context, cfg.max_position_embeddings), kv_bytes_per_token=kv_bytes)
     check_fits(placement, machine, path.name)
     tensors = GGUFTensors(gmodel, cfg.num_hidden_layers)
     mapping = arch.remap(tensors.names(), cfg)
@@ -212,9 +217,6 @@ class MLAEngine:
     uv: object
 
 
-BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-
-
 def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
     """module name -> EngineWeight (linear layers), the fused-MoE tuple (MoE layers) or MLAEngine (MLA's
     absorbed products), for every weight the CPU engine can compute from the file's blocks; {} when
@@ -239,7 +241,7 @@ def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
 
     def batched(gguf_name: str, cols: int):
         t = g.tensors[gguf_name]
-        if t.qtype.name not in GGML_IDS or cols % BLOCK_SIZE.get(t.qtype.name, 1) or len(t.shape) != 3:
+        if t.qtype.name not in GGML_IDS or cols % GGML_QUANT_SIZES[t.qtype][0] or len(t.shape) != 3:
             return None
         return EngineWeight(GGML_IDS[t.qtype.name], g.raw(gguf_name), t.shape[1], t.shape[2])
 

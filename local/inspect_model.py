@@ -11,6 +11,7 @@ import numpy as np
 from quant.gguf_arch import EXPERT_NAMES
 from quant.safetensors_file import Checkpoint
 
+from .config import kv_cache_values_per_token
 from .loader import read_config
 
 EXPERT_GGUF = tuple(g for _, g in EXPERT_NAMES)
@@ -41,12 +42,7 @@ class ModelSummary:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        c = self.config
-        if hasattr(c, "kv_lora_rank"):
-            per_layer = c.kv_lora_rank + c.qk_rope_head_dim
-        else:
-            per_layer = 2 * c.num_key_value_heads * c.head_size
-        return per_layer * c.num_hidden_layers * KV_DTYPE_BYTES
+        return kv_cache_values_per_token(self.config) * KV_DTYPE_BYTES
 
     def type_table(self) -> list[tuple[str, int, int, int]]:
         """(type, tensors, parameters, bytes) per storage type, largest first."""
