@@ -48,12 +48,9 @@ class Row:
 
 # ---------------------------------------------------------------- what a token reads
 
-def active_bytes_per_token(path: Path) -> int:
-    """Weight bytes one decode step reads from a GGUF: all tensors but the token embedding (one row)
-    and the routed experts (top-k of E)."""
-    from quant.gguf_file import GGUFModel
-
-    g = GGUFModel(path)
+def active_bytes_per_token(g) -> int:
+    """Weight bytes one decode step reads from a GGUF (a quant.gguf_file.GGUFModel): all tensors but the
+    token embedding (one row) and the routed experts (top-k of E)."""
     arch = g.architecture
     n_expert = int(g.kv.get(f"{arch}.expert_count", 0) or 0)
     k = int(g.kv.get(f"{arch}.expert_used_count", 0) or 0)
@@ -288,7 +285,8 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
 
     breakdown = targets[0].stage_breakdown(gen[: min(n, 32)])
     out = [rows["pp"].to_json(), rows["tg"].to_json()]
-    active = active_bytes_per_token(path) if path.suffix == ".gguf" else None
+    gguf = getattr(runner.model, "checkpoint", None)  # the loaded file, already parsed
+    active = active_bytes_per_token(gguf) if path.suffix == ".gguf" else None
     tg = out[1]
     tg["read_gbs"] = read_gbs
     tg["read_gbs_samples"] = reads

@@ -88,18 +88,17 @@ def cmd_inspect(args) -> int:
 
     summary = summarize(args.model)
     print(render(summary, show_tensors=args.tensors))
+    from . import routing
+
     if summary.format == "gguf":
         from offload.placement import make_plan
-        from quant.gguf_file import GGUFModel
 
-        from . import routing as routing_mod
-
-        stats = routing_mod.read(args.routing) if args.routing else None
-        plan = make_plan(GGUFModel(args.model), args.device, args.gpu_experts, stats, context=args.ctx_size,
+        stats = routing.read(args.routing) if args.routing else None
+        plan = make_plan(summary.gguf, args.device, args.gpu_experts, stats, context=args.ctx_size,
                          kv_bytes_per_token=summary.kv_bytes_per_token)
         print("\n" + plan.render())
     if args.routing_stats:
-        from . import load, routing
+        from . import load
 
         text = Path(args.routing_stats).read_text(encoding="utf-8")
         runner = load(args.model, device=args.device, threads=args.threads)

@@ -76,13 +76,18 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def build_tokenizer_files(directory: Path, vocab_size: int, chat_template: str) -> None:
-    """tokenizer.json + tokenizer_config.json (with the chat template) into `directory`."""
-    train_tokenizer(vocab_size).save(str(Path(directory) / "tokenizer.json"))
+def save_tokenizer(tok, directory: Path, chat_template: str, **config) -> None:
+    """`tok` as tokenizer.json + tokenizer_config.json (BOS/EOS, the chat template, `config` keys)."""
+    tok.save(str(Path(directory) / "tokenizer.json"))
     (Path(directory) / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0],
-        "eos_token": SPECIAL_TOKENS[1], "chat_template": chat_template, "model_max_length": 4096,
+        "eos_token": SPECIAL_TOKENS[1], "chat_template": chat_template, **config,
     }, indent=2))
+
+
+def build_tokenizer_files(directory: Path, vocab_size: int, chat_template: str) -> None:
+    """tokenizer.json + tokenizer_config.json (with the chat template) into `directory`."""
+    save_tokenizer(train_tokenizer(vocab_size), directory, chat_template, model_max_length=4096)
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:

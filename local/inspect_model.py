@@ -25,6 +25,7 @@ class ModelSummary:
     config: object
     tensors: list[tuple[str, str, tuple[int, ...], int]] = field(default_factory=list)  # name, type, shape, bytes
     metadata: dict = field(default_factory=dict)
+    gguf: object = None  # the parsed GGUFModel (format "gguf"), for what else reads the file
 
     @property
     def total_params(self) -> int:
@@ -68,7 +69,7 @@ def summarize(path: str | Path) -> ModelSummary:
         model, _, cfg = read_gguf_config(path)
         tensors = [(t.name, t.qtype.name, t.shape, t.nbytes) for t in model.tensors.values()]
         meta = {k: v for k, v in model.kv.items() if not k.startswith("tokenizer.ggml.")}
-        return ModelSummary(path, "gguf", cfg, tensors, meta)
+        return ModelSummary(path, "gguf", cfg, tensors, meta, gguf=model)
     _, cfg, raw = read_config(path)
     ckpt = Checkpoint(path)
     tensors = [(n, ckpt.info(n).dtype, ckpt.info(n).shape, ckpt.info(n).end - ckpt.info(n).begin)

@@ -88,7 +88,8 @@ class Runner:
         if not hasattr(self, "_summary"):
             self._summary = summarize(self.path)
         s, engine = self._summary, self.uses_engine
-        types = [t for t, *_ in s.type_table() if t not in ("F32",) or len(s.type_table()) == 1]
+        stored = [t for t, *_ in s.type_table()]
+        types = [t for t in stored if t != "F32"] or stored  # F32 norms say nothing, unless all is F32
         plan = getattr(self.model, "placement", None)
         if plan is not None and plan.device != "cpu":
             n = sum(len(v) for v in plan.gpu_experts.values())

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ GEOMETRIES = {
         rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
                           beta_slow=1, mscale=1.0, mscale_all_dim=1.0), rope_theta=10000.0),
 }
-VERSION = 1
+VERSION = 2  # 2: per-tensor seeds from crc32 (1 drew the same weights for anagram names)
 STD = 0.02
 
 
@@ -67,11 +68,11 @@ class _RandomCheckpoint:
 
     def get(self, name: str) -> np.ndarray:
         shape = self.shapes[name]
-        rng = np.random.default_rng([self.seed, sum(map(ord, name)), len(name)])
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])  # its own stream per tensor
         if name.endswith("norm.weight"):
             return np.ones(shape, np.float32)
         if name.endswith("e_score_correction_bias"):
-            return (rng.standard_normal(shape, dtype=np.float32) * 0.01).astype(np.float32)
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(STD)
 
 
@@ -149,14 +150,11 @@ def _check_room(directory: Path, params: int, quant: str) -> None:
 def _write_padded_tokenizer(directory: Path, vocab_size: int) -> None:
     from tokenizers import AddedToken
 
-    from .demo import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
+    from .demo import CHAT_TEMPLATE, save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(4096)
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the demo tokenizer ({n})")
     tok.add_tokens([AddedToken(f"<|filler_{i}|>", special=False, normalized=False) for i in range(vocab_size - n)])
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0],
-        "eos_token": SPECIAL_TOKENS[1], "chat_template": CHAT_TEMPLATE}))
+    save_tokenizer(tok, directory, CHAT_TEMPLATE)

@@ -52,7 +52,7 @@ def test_active_bytes_count_top_k_of_the_experts(tiny_gguf):
     exps = sum(t.nbytes for n, t in g.tensors.items() if "_exps." in n)
     embd = g.tensors["token_embd.weight"]
     rest = sum(t.nbytes for n, t in g.tensors.items() if "_exps." not in n and n != "token_embd.weight")
-    assert active_bytes_per_token(tiny_gguf) == rest + exps * 4 // 16 + embd.nbytes // embd.shape[0]
+    assert active_bytes_per_token(g) == rest + exps * 4 // 16 + embd.nbytes // embd.shape[0]
 
 
 def test_bench_rows_against_llama_cpp(tiny_gguf):

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from local.demo import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from local.demo import CHAT_TEMPLATE, SPECIAL_TOKENS, save_tokenizer  # noqa: E402
 
 CONFIG = dict(
     model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=4096, hidden_size=256,
@@ -128,15 +128,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
                     AddedToken("</think>", special=False, normalized=False)])
     return tok
-
-
-def write_tokenizer(tok, directory: Path) -> None:
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0],
-        "eos_token": SPECIAL_TOKENS[1], "chat_template": CHAT_TEMPLATE, "model_max_length": 2048,
-        "add_bos_token": False,
-    }, indent=2))
 
 
 # ---------------------------------------------------------------- training
@@ -271,7 +262,7 @@ def main(argv=None) -> int:
         cfg["model_type"], cfg["architectures"] = "deepseek_v3", ["DeepseekV3ForCausalLM"]
         (hf / "config.json").write_text(json.dumps(cfg, indent=2))
         (hf / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
-        write_tokenizer(tok, hf)
+        save_tokenizer(tok, hf, CHAT_TEMPLATE, model_max_length=2048, add_bos_token=False)
         convert(hf, out / "demo.gguf", recipe="q8_0", force=True, progress=False)
         if args.keep_hf:
             shutil.copytree(hf, out / "hf", dirs_exist_ok=True)

@@ -234,7 +234,7 @@ class ChatApp(App):
             self.throughput.last = stats
             if stats.decode_tps > 0:
                 self.throughput.history.append(stats.decode_tps)
-        self._finish(reply, reason)
+        self._finish(reason)
 
     async def _failed_reply(self, reply: AssistantMessage, error: str) -> None:
         """A generation error: shown as a message; the failed turn leaves the conversation the model
@@ -246,9 +246,9 @@ class ChatApp(App):
         self.transcript.append({"role": "assistant", "content": reply.answer, "reasoning": reply.reasoning,
                                 "finish_reason": "error", "error": error,
                                 "stats": _stats_dict(self.throughput.current)})
-        self._finish(reply, "error")
+        self._finish("error")
 
-    def _finish(self, reply, reason: str) -> None:
+    def _finish(self, reason: str) -> None:
         self.generating = False
         self._set_status("" if reason != "stopped" else "stopped")
 
