@@ -77,6 +77,26 @@ TANDEM_INLINE __m512i dot_u8s8_512(__m512i u, __m512i s) {  // 16 int32 partial 
     return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 #endif
 }
+
+#if TANDEM_DOT_LEVEL >= 4
+// s + the dpbusd of 8 unsigned weight vectors q[k] with 8 prepared activation vectors aq[k] (int32 lanes,
+// exact). Up to 4 activation rows the tile has too little independent work to hide dpbusd's latency,
+// so the chain is split in two.
+template <int NA>
+TANDEM_INLINE __m512i dpbusd8(__m512i s, const __m512i* q, const __m512i* aq) {
+    if constexpr (NA <= 4) {
+        __m512i s2 = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k += 2) {
+            s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
+            s2 = _mm512_dpbusd_epi32(s2, q[k + 1], _mm512_loadu_si512(aq + k + 1));
+        }
+        return _mm512_add_epi32(s, s2);
+    } else {
+        for (int k = 0; k < 8; ++k) s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
+        return s;
+    }
+}
+#endif
 #endif
 
 // Byte j = 0xFF where bit j of the 32-bit word at p is set.
@@ -407,17 +427,7 @@ struct Gemm32 {
             for (int r = 0; r < NA; ++r) {
                 const float* gb = buf + (r * ng + g) * kGroupFloats;
                 const auto* aq = reinterpret_cast<const __m512i*>(gb + 32);
-                __m512i s = _mm512_loadu_si512(gb + 16);
-                if constexpr (NA <= 4) {  // two chains: fewer rows leave the dpbusd latency exposed
-                    __m512i s2 = _mm512_setzero_si512();
-                    for (int k = 0; k < 8; k += 2) {
-                        s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
-                        s2 = _mm512_dpbusd_epi32(s2, q[k + 1], _mm512_loadu_si512(aq + k + 1));
-                    }
-                    s = _mm512_add_epi32(s, s2);
-                } else {
-                    for (int k = 0; k < 8; ++k) s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
-                }
+                const __m512i s = dpbusd8<NA>(_mm512_loadu_si512(gb + 16), q, aq);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_loadu_ps(gb)), acc[r]);
             }
         }
@@ -797,17 +807,7 @@ struct GemmQ4K {
             for (int r = 0; r < NA; ++r) {
                 const float* gb = buf + (r * ng + g) * kGroupFloats;
                 const auto* aq = reinterpret_cast<const __m512i*>(gb + 32);
-                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_loadu_si512(aq));
-                if constexpr (NA <= 4) {  // two chains: fewer rows leave the dpbusd latency exposed
-                    __m512i s2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[1], _mm512_loadu_si512(aq + 1));
-                    for (int k = 2; k < 8; k += 2) {
-                        s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
-                        s2 = _mm512_dpbusd_epi32(s2, q[k + 1], _mm512_loadu_si512(aq + k + 1));
-                    }
-                    s = _mm512_add_epi32(s, s2);
-                } else {
-                    for (int k = 1; k < 8; ++k) s = _mm512_dpbusd_epi32(s, q[k], _mm512_loadu_si512(aq + k));
-                }
+                const __m512i s = dpbusd8<NA>(_mm512_setzero_si512(), q, aq);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wsc, _mm512_loadu_ps(gb)), acc[r]);
                 acc[r] = _mm512_fmadd_ps(wmin, _mm512_loadu_ps(gb + 16), acc[r]);
             }
