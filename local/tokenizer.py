@@ -6,6 +6,7 @@ or a sentencepiece `tokenizer.model` converted to an equivalent `tokenizers` pip
 """
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -334,21 +335,53 @@ def _spm_backend(proto: dict, config: dict, class_name: str):
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=spec["unk_id"],
                                byte_fallback=spec["byte_fallback"])
     else:
-        merges = _generate_merges(vocab)
         for i, token in config.get("added_tokens_decoder", {}).items():  # placeholder pieces renamed by config
             old, new = pieces[int(i)][0] if int(i) < len(pieces) else None, str(_as_added_token(token))
             if old and old != new and new not in vocab:
                 vocab[new] = vocab.pop(old)
-        model = models.BPE(vocab=vocab, merges=merges, unk_token=spec["unk_piece"], fuse_unk=True,
-                           byte_fallback=spec["byte_fallback"], dropout=None)
+        # only normal pieces (type 1) merge, ranked by score, as sentencepiece's BPE does
+        ids = {i: p for p, i in vocab.items()}
+        normal = {ids[i]: (score, i) for i, (_, score, t) in enumerate(pieces) if t == 1 and i in ids}
+        ranked = sorted((-normal[tok][0], normal[tok][1], tok[:k], tok[k:]) for tok in normal
+                        for k in range(1, len(tok)) if tok[:k] in normal and tok[k:] in normal)
+        model = models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
+                           unk_token=spec["unk_piece"], fuse_unk=True, byte_fallback=spec["byte_fallback"],
+                           dropout=None, ignore_merges=any(t == 4 for _, _, t in pieces))
     backend = Backend(model)
-    steps = [normalizers.Replace(" ", "▁")]
-    if proto["charsmap"]:
-        steps.insert(0, normalizers.Precompiled(proto["charsmap"]))
-    backend.normalizer = normalizers.Sequence(steps)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " ")] + (
-        [decoders.ByteFallback(), decoders.Fuse()] if spec["byte_fallback"] else []))
+    _spm_text_steps(backend, proto, spec["byte_fallback"], legacy=config.get("legacy", True),
+                    user_defined=[p for p, _, t in pieces if t == 4])
     return backend, extras, named
+
+
+def _spm_text_steps(backend, proto: dict, byte_fallback: bool, legacy: bool, user_defined: list[str]) -> None:
+    """Normalizer, pre-tokenizer and decoder that follow the model's NormalizerSpec, so text encodes as
+    SentencePieceProcessor.encode does (transformers 5's build_tokenizer_from_spm_proto): charsmap,
+    extra-space removal, whitespace escaping, the dummy prefix (every chunk between added tokens when
+    `legacy`, else only the first), user-defined pieces kept whole."""
+    spec = proto["normalizer"]
+    steps = [normalizers.Precompiled(proto["charsmap"])] if proto["charsmap"] else []
+    if spec["remove_extra_whitespaces"]:  # spaces only: sentencepiece leaves newlines alone
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec["escape_whitespaces"]:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if spec["add_dummy_prefix"] and legacy:  # Metaspace skips the prefix before a leading "▁"; sentencepiece does not
+        steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+    backend.normalizer = normalizers.Sequence(steps)
+    pre = []
+    if spec["add_dummy_prefix"]:
+        pre.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if legacy else "first",
+                                            split=False))
+    if user_defined:
+        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+        pre.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if pre:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    steps = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if byte_fallback else [])
+    if spec["add_dummy_prefix"]:  # Strip works per token: fuse first, so only the text's start loses its space
+        steps += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif byte_fallback:
+        steps.append(decoders.Fuse())
+    backend.decoder = decoders.Sequence(steps)
 
 
 def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:

@@ -36,7 +36,10 @@ def read_sentencepiece_model(path: Path) -> dict:
             "unk_id": signed(trainer.get(40, 0)), "bos_id": signed(trainer.get(41, 1)),
             "eos_id": signed(trainer.get(42, 2)), "unk_piece": text(trainer.get(45), "<unk>"),
             "bos_piece": text(trainer.get(46), "<s>"), "eos_piece": text(trainer.get(47), "</s>")}
-    return {"pieces": pieces, "trainer": spec, "charsmap": normalizer.get(2, b"")}
+    # NormalizerSpec: add_dummy_prefix (3), remove_extra_whitespaces (4), escape_whitespaces (5); all default true
+    norm = {"add_dummy_prefix": bool(normalizer.get(3, 1)), "remove_extra_whitespaces": bool(normalizer.get(4, 1)),
+            "escape_whitespaces": bool(normalizer.get(5, 1))}
+    return {"pieces": pieces, "trainer": spec, "charsmap": normalizer.get(2, b""), "normalizer": norm}
 
 
 def proto_fields(buf: bytes) -> list[tuple[int, object]]:
