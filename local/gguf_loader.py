@@ -237,13 +237,13 @@ def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
         if src is None or src[0] != "plain" or g.tensors[src[1]].qtype.name not in GGML_IDS:
             return None
         t = g.tensors[src[1]]
-        return EngineWeight(GGML_IDS[t.qtype.name], g.raw(src[1]), t.shape[0], t.shape[-1])
+        return EngineWeight(*engine_bytes(g, src[1]), t.shape[0], t.shape[-1])
 
     def batched(gguf_name: str, cols: int):
         t = g.tensors[gguf_name]
         if t.qtype.name not in GGML_IDS or cols % GGML_QUANT_SIZES[t.qtype][0] or len(t.shape) != 3:
             return None
-        return EngineWeight(GGML_IDS[t.qtype.name], g.raw(gguf_name), t.shape[1], t.shape[2])
+        return EngineWeight(*engine_bytes(g, gguf_name), t.shape[1], t.shape[2])
 
     plan: dict = {}
     for name, module in model.named_modules():
@@ -277,11 +277,22 @@ def engine_plan(model: torch.nn.Module, tensors: GGUFTensors) -> dict:
 
 
 def _moe_spec(g: GGUFModel, stacks, shared, shared_types) -> tuple:
-    from offload.engine import GGML_IDS
+    types, raw = zip(*(engine_bytes(g, s[1]) for s in stacks))
+    return (raw[0], raw[1], raw[2], list(types), shared, shared_types)
 
-    raw = [g.raw(s[1]) for s in stacks]  # numpy views of the file: the engine takes them without DLPack
-    types = [GGML_IDS[g.tensors[s[1]].qtype.name] for s in stacks]
-    return (raw[0], raw[1], raw[2], types, shared, shared_types)
+
+def engine_bytes(g: GGUFModel, gguf_name: str) -> tuple[int, np.ndarray]:
+    """(engine type id, bytes) the CPU engine computes a tensor with: a numpy view of the file (the engine
+    takes it without DLPack), or the engine's faster row-interleaved copy (offload.engine.prepare), after
+    which the file's pages are let go so the process does not hold the weights twice."""
+    from offload.engine import GGML_IDS, prepare
+
+    t = g.tensors[gguf_name]
+    raw = g.raw(gguf_name)
+    type_id, data = prepare(GGML_IDS[t.qtype.name], raw, t.shape[-1])
+    if data is not raw:
+        g.release(gguf_name)
+    return type_id, data
 
 
 def set_llama_numerics(model: torch.nn.Module, tensors: GGUFTensors) -> None:

@@ -7,6 +7,7 @@ memory-mapped, never read into RAM. Split models (`name-00001-of-00003.gguf`) op
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -195,6 +196,14 @@ class GGUFFile:
             return data.view(_TYPED[t.qtype]).reshape(t.shape)
         return data.reshape(*t.shape[:-1], -1)
 
+    def release(self, t: GGUFTensor) -> None:
+        """Let go of the resident pages of a tensor whose bytes were copied elsewhere (a repacked layout), so
+        the process does not hold them twice; a later raw() reads them back from the file."""
+        page = mmap.PAGESIZE
+        start, end = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page  # whole pages inside
+        if end > start and hasattr(self._map, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
+            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
 
 class GGUFModel:
     """A model in one GGUF file or several split parts: merged key-values and tensors."""
@@ -229,6 +238,9 @@ class GGUFModel:
 
     def raw(self, name: str) -> np.ndarray:
         return self._owner[name].raw(self.tensors[name])
+
+    def release(self, name: str) -> None:
+        self._owner[name].release(self.tensors[name])
 
     @property
     def architecture(self) -> str | None:

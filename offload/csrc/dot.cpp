@@ -13,6 +13,7 @@
 #include <string>
 
 #include "dot_kernels.h"
+#include "repack.h"
 
 namespace tandem {
 
@@ -36,6 +37,9 @@ const TypeInfo kQ4_K{"Q4_K", 256, 144, true, GgmlType::Q8_K};
 const TypeInfo kQ5_K{"Q5_K", 256, 176, true, GgmlType::Q8_K};
 const TypeInfo kQ6_K{"Q6_K", 256, 210, true, GgmlType::Q8_K};
 const TypeInfo kQ8_K{"Q8_K", 256, 292, false, GgmlType::Q8_K};
+const TypeInfo kQ4_0_R16{"Q4_0_R16", 32, 18, true, GgmlType::Q8_0};
+const TypeInfo kQ5_0_R16{"Q5_0_R16", 32, 22, true, GgmlType::Q8_0};
+const TypeInfo kQ8_0_R16{"Q8_0_R16", 32, 34, true, GgmlType::Q8_0};
 
 uint32_t bits_of(float f) {
     uint32_t u;
@@ -66,6 +70,9 @@ const TypeInfo* type_info(int32_t type_id) {
         case GgmlType::Q5_K: return &kQ5_K;
         case GgmlType::Q6_K: return &kQ6_K;
         case GgmlType::Q8_K: return &kQ8_K;
+        case GgmlType::Q4_0_R16: return &kQ4_0_R16;
+        case GgmlType::Q5_0_R16: return &kQ5_0_R16;
+        case GgmlType::Q8_0_R16: return &kQ8_0_R16;
     }
     return nullptr;
 }
@@ -453,6 +460,11 @@ inline void prefetch_row(const char* w, size_t row_bytes) {
 
 void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, int64_t row_begin, int64_t row_end,
                  const void* A, size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
+    if (is_r16(wtype)) {
+        if (!isa_supported(isa))
+            throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " dot kernels");
+        return matmul_rows_r16(wtype, n, W, row_begin, row_end, A, a_stride, n_tokens, Y, y_stride, isa);
+    }
     const DotKernel kernel = checked_kernel(wtype, isa);
     // Rows in chunks of ~256 KiB of weights (L2): each chunk is reused by every token tile, and each
     // tile (<= 8 activation rows) by every row of the chunk.

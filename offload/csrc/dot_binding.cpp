@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dot.h"
+#include "repack.h"
 
 namespace nb = nanobind;
 using tandem::GgmlType;
@@ -54,7 +55,8 @@ std::string upper(std::string s) {
 }
 
 const char* kWeightTypes = "F32 (0), F16 (1), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), "
-                           "Q5_K (13), Q6_K (14), BF16 (30)";
+                           "Q5_K (13), Q6_K (14), BF16 (30), and the row-interleaved Q4_0_R16 (1002), Q5_0_R16 (1006), "
+                           "Q8_0_R16 (1008)";
 
 const tandem::TypeInfo& weight_type(int wtype) {
     const tandem::TypeInfo* t = tandem::type_info(wtype);
@@ -131,6 +133,8 @@ OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string&
              std::to_string(K) + " values take " + std::to_string(rb) + " bytes (" + std::to_string(K / t.block_size) +
              " blocks of " + std::to_string(t.type_size) + ")");
 
+    if (tandem::is_r16(wt) && N % tandem::kR16)
+        fail(std::string("a row-interleaved ") + t.name + " weight needs a multiple of 16 rows, got " + std::to_string(N));
     const size_t ab = tandem::row_size(t.act_type, static_cast<int64_t>(K));
     std::vector<uint8_t> act(T * ab);
     auto* y = new float[std::max<size_t>(1, T * N)];
@@ -160,9 +164,53 @@ OutU8 quantize_activation(const std::string& fmt, const Array& x) {
     return owned<uint8_t, OutU8>(out, T, rb);
 }
 
+using OutU8N = nb::ndarray<nb::numpy, uint8_t>;
+
+// weight uint8 [..., rows, row bytes] of `wtype` (rows a multiple of 16) -> the same bytes row-interleaved.
+OutU8N repack(int wtype, const Array& weight, int64_t cols) {
+    const tandem::TypeInfo& t = weight_type(wtype);
+    const GgmlType wt = static_cast<GgmlType>(wtype), r16 = tandem::r16_of(wt);
+    if (r16 == wt)
+        fail(std::string(t.name) + " has no row-interleaved layout (Q4_0, Q5_0 and Q8_0 have); use the weight as it is");
+    if (weight.ndim() < 2 || !is_dtype(weight, nb::dlpack::dtype_code::UInt, 8))
+        fail("weight must be uint8 raw blocks [..., rows, row_bytes], got " + std::to_string(weight.ndim()) + "-D " +
+             dtype_name(weight));
+    int64_t expect = 1;
+    for (int i = static_cast<int>(weight.ndim()) - 1; i >= 0; --i) {
+        if (weight.shape(i) > 1 && weight.stride(i) != expect) fail("weight is not C-contiguous: pass np.ascontiguousarray(weight)");
+        expect *= static_cast<int64_t>(weight.shape(i));
+    }
+    if (cols <= 0 || cols % t.block_size)
+        fail(std::string(t.name) + " rows of " + std::to_string(cols) + " values do not split into blocks of " +
+             std::to_string(t.block_size));
+    const size_t rb = tandem::row_size(wt, cols), nd = weight.ndim();
+    if (weight.shape(nd - 1) != rb)
+        fail("weight rows hold " + std::to_string(weight.shape(nd - 1)) + " bytes, but " + t.name + " rows of " +
+             std::to_string(cols) + " values take " + std::to_string(rb));
+    if (weight.shape(nd - 2) % tandem::kR16)
+        fail("weight has " + std::to_string(weight.shape(nd - 2)) + " rows per matrix; the row-interleaved layout needs "
+             "a multiple of 16 (use the weight as it is)");
+    const int64_t rows = static_cast<int64_t>(weight.size() / rb);
+    auto* out = new uint8_t[std::max<size_t>(1, weight.size())];
+    {
+        nb::gil_scoped_release release;
+        tandem::repack_r16(wt, static_cast<const uint8_t*>(weight.data()), rows, cols, out);
+    }
+    std::vector<size_t> shape(nd);
+    for (size_t i = 0; i < nd; ++i) shape[i] = weight.shape(i);
+    nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+    return OutU8N(out, nd, shape.data(), owner);
+}
+
 }  // namespace
 
 void register_dot(nb::module_& m) {
+    m.def("repack_r16", &repack, nb::arg("wtype"), nb::arg("weight"), nb::arg("cols"),
+          "weight uint8 [..., rows, row_bytes] in Q4_0 / Q5_0 / Q8_0 (rows a multiple of 16) -> a new array of\n"
+          "the same shape and bytes in the engine's row-interleaved layout, whose type id is r16_type(wtype).");
+    m.def(
+        "r16_type", [](int wtype) { return static_cast<int>(tandem::r16_of(static_cast<GgmlType>(wtype))); },
+        nb::arg("wtype"), "The row-interleaved type id for a ggml type id (the same id when it has none).");
     m.def("matmul", &matmul, nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("isa") = "auto",
           "Y = x @ W.T with the quantized dot kernels: wtype a ggml type id, weight uint8 raw blocks [N, row_bytes]\n"
           "(or float32 / float16 / uint16-bf16 [N, K] for F32 / F16 / BF16), x float32 [T, K], quantized internally\n"

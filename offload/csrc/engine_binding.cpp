@@ -20,6 +20,7 @@
 
 #include "attention.h"
 #include "engine.h"
+#include "repack.h"
 
 namespace nb = nanobind;
 using namespace tandem;
@@ -63,6 +64,9 @@ std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char
     if (a.nbytes() != static_cast<size_t>(count * rows) * rb)
         fail(std::string(what) + ": " + std::to_string(a.nbytes()) + " bytes do not hold " + std::to_string(count * rows) +
              " rows of " + std::to_string(cols) + " " + t.name + " values (" + std::to_string(rb) + " bytes each)");
+    if (is_r16(static_cast<GgmlType>(type_id)) && rows % kR16)
+        fail(std::string(what) + ": a row-interleaved " + t.name + " matrix needs a multiple of 16 rows, got " +
+             std::to_string(rows));
     std::vector<Weight> out;
     for (int64_t i = 0; i < count; ++i)
         out.push_back(Weight{static_cast<GgmlType>(type_id), static_cast<const uint8_t*>(a.data()) + i * rows * rb,

@@ -1,0 +1,140 @@
+// AVX-512 VNNI kernel for the row-interleaved layouts (repack.h): one group of 16 weight rows against
+// up to 8 activation rows. Lane j of every vector is row j, so per block and activation row:
+//   s    = seed (-off * sum(a), the unsigned quants' bias) + 8 dpbusd(q[k], broadcast a dword k)
+//   acc += float(s) * (d_w[j] * d_a)
+// with the block's 8 quant vectors unpacked once for all activation rows (Q4_0 / Q5_0: nibbles of 4
+// loads, Q5_0's fifth bits added under mask; Q8_0: 8 loads, flipped to unsigned by xor 0x80).
+// Integer block sums are exact; per lane the float sum runs over the blocks in order.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "repack.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+#endif
+
+namespace tandem::detail::avx512_vnni {
+namespace {
+
+using qk::QK8_0;
+
+constexpr size_t kAhead = 8;  // units prefetched ahead (~3-4 KiB)
+
+inline __attribute__((always_inline)) __m512i bcast32(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+template <GgmlType Base>
+inline __attribute__((always_inline)) void unpack(const uint8_t* u, __m512i* q) {
+    const uint8_t* qs = u + 2 * kR16;
+    if constexpr (Base == GgmlType::Q8_0) {
+        const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+        for (int k = 0; k < 8; ++k) q[k] = _mm512_xor_si512(_mm512_loadu_si512(qs + 64 * k), flip);
+    } else {
+        const __m512i nib = _mm512_set1_epi8(0x0F);
+        for (int m = 0; m < 4; ++m) {
+            const __m512i x = _mm512_loadu_si512(qs + 64 * m);
+            q[m] = _mm512_and_si512(x, nib);
+            q[m + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+        }
+        if constexpr (Base == GgmlType::Q5_0) {
+            const __m512i sixteen = _mm512_set1_epi8(16);
+            for (int k = 0; k < 8; ++k) {
+                uint64_t bits;
+                std::memcpy(&bits, qs + 256 + 8 * k, 8);
+                q[k] = _mm512_mask_add_epi8(q[k], _cvtu64_mask64(bits), q[k], sixteen);
+            }
+        }
+    }
+}
+
+template <GgmlType Base, int NA>
+void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+          float* Y, size_t y_stride) {
+    constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* u = group + b * unit;
+        for (size_t off = 0; off < unit; off += 64)  // the group is one stream: a few units ahead
+            _mm_prefetch(reinterpret_cast<const char*>(u) + kAhead * unit + off, _MM_HINT_T0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+        __m512i q[8];
+        unpack<Base>(u, q);
+        for (int t = 0; t < NA; ++t) {
+            const int8_t* a = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as)[b].qs;
+            // two chains: one activation row alone has too little independent work to hide dpbusd's latency
+            __m512i s = _mm512_set1_epi32(seed[t * nb + b]), s2 = _mm512_setzero_si512();
+            for (int k = 0; k < 8; k += 2) {
+                s = _mm512_dpbusd_epi32(s, q[k], bcast32(a + 4 * k));
+                s2 = _mm512_dpbusd_epi32(s2, q[k + 1], bcast32(a + 4 * k + 4));
+            }
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s, s2)), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+}
+
+template <GgmlType Base>
+void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+               int nt, float* Y, size_t y_stride) {
+    switch (nt) {
+        case 1: return gemm<Base, 1>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 2: return gemm<Base, 2>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 3: return gemm<Base, 3>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 4: return gemm<Base, 4>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 5: return gemm<Base, 5>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 6: return gemm<Base, 6>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 7: return gemm<Base, 7>(nb, group, act, as, ad, seed, Y, y_stride);
+        case 8: return gemm<Base, 8>(nb, group, act, as, ad, seed, Y, y_stride);
+        default: return;
+    }
+}
+
+}  // namespace
+
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+              const int32_t* seed, int nt, float* Y, size_t y_stride) {
+    switch (base) {
+        case GgmlType::Q4_0: return gemm_rows<GgmlType::Q4_0>(nb, group, act, act_stride, ad, seed, nt, Y, y_stride);
+        case GgmlType::Q5_0: return gemm_rows<GgmlType::Q5_0>(nb, group, act, act_stride, ad, seed, nt, Y, y_stride);
+        case GgmlType::Q8_0: return gemm_rows<GgmlType::Q8_0>(nb, group, act, act_stride, ad, seed, nt, Y, y_stride);
+        default: return;
+    }
+}
+
+void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * act_stride);
+        for (int64_t b = 0; b < nb; ++b) {
+            // sum of the 32 signed quants: dpbusd(1, a) in 8 lanes, then across them
+            const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones,
+                                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs)));
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+            seed[t * nb + b] = -off * _mm_cvtsi128_si32(h);
+            ad[t * nb + b] = _cvtsh_ss(y[b].d);
+        }
+    }
+}
+
+}  // namespace tandem::detail::avx512_vnni
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif

@@ -1,0 +1,153 @@
+// Row-interleaved layouts (repack.h): repacking, its inverse, and matmul_rows over them. Compiled for
+// baseline x86-64; the VNNI kernel is in dot_r16_vnni.cpp.
+#include "repack.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace tandem {
+
+using qk::QK8_0;
+
+GgmlType r16_of(GgmlType base) {
+    switch (base) {
+        case GgmlType::Q4_0: return GgmlType::Q4_0_R16;
+        case GgmlType::Q5_0: return GgmlType::Q5_0_R16;
+        case GgmlType::Q8_0: return GgmlType::Q8_0_R16;
+        default: return base;
+    }
+}
+
+GgmlType base_of(GgmlType type) {
+    switch (type) {
+        case GgmlType::Q4_0_R16: return GgmlType::Q4_0;
+        case GgmlType::Q5_0_R16: return GgmlType::Q5_0;
+        case GgmlType::Q8_0_R16: return GgmlType::Q8_0;
+        default: return type;
+    }
+}
+
+namespace {
+
+// Block b of 16 rows (rows[j] = row j's first block) <-> the interleaved unit at u. to_unit picks the
+// direction, so both share one description of the layout.
+template <class Block>
+void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
+    auto move = [&](void* unit_bytes, void* row_bytes, size_t size) {
+        if (to_unit) std::memcpy(unit_bytes, row_bytes, size);
+        else std::memcpy(row_bytes, unit_bytes, size);
+    };
+    for (int j = 0; j < kR16; ++j) move(u + 2 * j, &rows[j][b].d, 2);
+    uint8_t* q = u + 2 * kR16;
+    if constexpr (std::is_same_v<Block, block_q8_0>) {
+        for (int k = 0; k < 8; ++k)
+            for (int j = 0; j < kR16; ++j) move(q + 64 * k + 4 * j, rows[j][b].qs + 4 * k, 4);
+    } else {
+        for (int m = 0; m < 4; ++m)
+            for (int j = 0; j < kR16; ++j) move(q + 64 * m + 4 * j, rows[j][b].qs + 4 * m, 4);
+        if constexpr (std::is_same_v<Block, block_q5_0>) {
+            uint64_t* words = reinterpret_cast<uint64_t*>(q + 256);  // memcpy'd below: no aliasing access
+            uint64_t w[8] = {};
+            uint32_t qh[kR16];
+            if (!to_unit) std::memcpy(w, words, sizeof(w));
+            for (int j = 0; j < kR16; ++j) {
+                if (to_unit) std::memcpy(&qh[j], rows[j][b].qh, 4);
+                else qh[j] = 0;
+            }
+            for (int k = 0; k < 8; ++k)
+                for (int j = 0; j < kR16; ++j)
+                    for (int l = 0; l < 4; ++l) {
+                        const int src = 4 * k + l, dst = 4 * j + l;
+                        if (to_unit) w[k] |= static_cast<uint64_t>((qh[j] >> src) & 1u) << dst;
+                        else qh[j] |= static_cast<uint32_t>((w[k] >> dst) & 1u) << src;
+                    }
+            if (to_unit) std::memcpy(words, w, sizeof(w));
+            else
+                for (int j = 0; j < kR16; ++j) std::memcpy(rows[j][b].qh, &qh[j], 4);
+        }
+    }
+}
+
+template <class Block>
+void convert_group(uint8_t* plain, size_t row_bytes, uint8_t* group, int64_t nb, bool to_unit) {
+    Block* rows[kR16];
+    for (int j = 0; j < kR16; ++j) rows[j] = reinterpret_cast<Block*>(plain + j * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) convert_unit(rows, b, group + b * kR16 * sizeof(Block), to_unit);
+}
+
+void convert(GgmlType base, uint8_t* plain, int64_t n, uint8_t* group, bool to_unit) {
+    const size_t rb = row_size(base, n);
+    const int64_t nb = n / QK8_0;
+    switch (base) {
+        case GgmlType::Q4_0: return convert_group<block_q4_0>(plain, rb, group, nb, to_unit);
+        case GgmlType::Q5_0: return convert_group<block_q5_0>(plain, rb, group, nb, to_unit);
+        case GgmlType::Q8_0: return convert_group<block_q8_0>(plain, rb, group, nb, to_unit);
+        default:
+            throw std::invalid_argument(std::string("no row-interleaved layout for ") +
+                                        type_info(static_cast<int32_t>(base))->name);
+    }
+}
+
+// The bias each weight type's unsigned quants carry (w = q - off), which the kernel takes off per block.
+int offset_of(GgmlType base) { return base == GgmlType::Q4_0 ? 8 : base == GgmlType::Q5_0 ? 16 : 128; }
+
+}  // namespace
+
+void repack_r16(GgmlType base, const uint8_t* src, int64_t rows, int64_t n, uint8_t* dst) {
+    if (rows % kR16) throw std::invalid_argument("repack_r16: the row count must be a multiple of 16");
+    const size_t group = row_size(base, n) * kR16;
+    for (int64_t g = 0; g < rows / kR16; ++g)
+        convert(base, const_cast<uint8_t*>(src + g * group), n, dst + g * group, true);  // src only read
+}
+
+void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst) {
+    convert(base, dst, n, const_cast<uint8_t*>(group), false);  // group only read
+}
+
+void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
+                     size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
+    const GgmlType base = base_of(type);
+    const size_t rb = row_size(base, n), group_bytes = rb * kR16;
+    const int64_t nb = n / QK8_0;
+    const auto* w = static_cast<const uint8_t*>(W);
+    const bool vnni = isa == Isa::Avx512Vnni;
+    thread_local std::vector<float> ad;
+    thread_local std::vector<int32_t> seed;
+    if (vnni) {  // the activations' scales and offset corrections, once for all the groups
+        ad.resize(static_cast<size_t>(n_tokens * nb));
+        seed.resize(static_cast<size_t>(n_tokens * nb));
+        detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
+                                      seed.data());
+    }
+    // groups in chunks of ~256 KiB (L2): each chunk is reused by every token tile
+    const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>((size_t{256} << 10) / group_bytes));
+    const int64_t g_begin = row_begin / kR16, g_end = (row_end + kR16 - 1) / kR16;
+    thread_local std::vector<uint8_t> plain;
+    const auto* a = static_cast<const char*>(A);
+    for (int64_t c0 = g_begin; c0 < g_end; c0 += chunk) {
+        const int64_t c1 = std::min(g_end, c0 + chunk);
+        for (int64_t g = c0; g < c1; ++g) {
+            const int64_t r0 = g * kR16, lo = std::max(row_begin, r0), hi = std::min(row_end, r0 + kR16);
+            if (vnni && lo == r0 && hi == r0 + kR16) continue;  // below, by token tiles
+            plain.resize(group_bytes);
+            unpack_r16(base, w + g * group_bytes, n, plain.data());
+            matmul_rows(base, n, plain.data(), rb, lo - r0, hi - r0, A, a_stride, n_tokens, Y + r0, y_stride, isa);
+        }
+        if (!vnni) continue;
+        for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
+            const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
+            for (int64_t g = c0; g < c1; ++g) {
+                const int64_t r0 = g * kR16;
+                if (r0 < row_begin || r0 + kR16 > row_end) continue;
+                detail::avx512_vnni::gemm_r16(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                              ad.data() + t0 * nb, seed.data() + t0 * nb, nt,
+                                              Y + t0 * y_stride + r0, y_stride);
+            }
+        }
+    }
+}
+
+}  // namespace tandem

@@ -1,0 +1,52 @@
+// Row-interleaved ("R16") layouts of the 32-value block types, built once at load (ik_llama.cpp's
+// _R4/_R8 idea): 16 rows go together, and block b of all 16 rows is stored as one unit, so a SIMD
+// kernel puts one row per int32 lane, broadcasts 4 activation bytes to every lane, and needs no
+// transpose, no horizontal sum and no per-row scale gathering; the 16 results land contiguous in Y.
+// A group holds exactly the bytes of its 16 rows (same row_size), so tensors keep their size.
+//
+// Unit for block b of rows j = 0..15 (type_size * 16 bytes), in this order:
+//   d      [16] f16                  row j's block scale
+//   Q4_0 / Q5_0: qs [4][16][4] u8    vector m, lane j, byte l = qs_j[4m + l]: low nibbles are quants
+//                                    4m + l, high nibbles 16 + 4m + l
+//   Q5_0:  qh [8] u64                word k bit 4j + l = fifth bit of quant 4k + l of row j
+//   Q8_0:  qs [8][16][4] i8          vector k, lane j, byte l = qs_j[4k + l]
+// Only matrices whose row count is a multiple of 16 are repacked.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "dot.h"
+
+namespace tandem {
+
+constexpr int kR16 = 16;
+
+// Q4_0 -> Q4_0_R16 etc.; the same type for a type without a row-interleaved layout.
+GgmlType r16_of(GgmlType base);
+// Q4_0_R16 -> Q4_0; the same type for a type that is not row-interleaved.
+GgmlType base_of(GgmlType type);
+inline bool is_r16(GgmlType t) { return base_of(t) != t; }
+
+// rows (a multiple of 16) rows of n values in `base`, row r at src + r * row_size -> dst (same size).
+void repack_r16(GgmlType base, const uint8_t* src, int64_t rows, int64_t n, uint8_t* dst);
+// One group (16 interleaved rows of n values) back to 16 plain rows of `base` at dst (row_size apart).
+void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
+
+// Y[t * y_stride + r] = W row r . A row t for r in [row_begin, row_end), as matmul_rows, for a
+// row-interleaved W (`type` is an _R16 type; rows r at group r / 16). The VNNI kernel takes whole
+// groups; other ISAs, and groups cut by the row range, unpack the group and run the plain kernels.
+void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
+                     size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa);
+
+namespace detail::avx512_vnni {
+// 16 rows (one group, nb blocks) x nt <= 8 activation rows (Q8_0 blocks, act_stride bytes apart):
+// Y[t * y_stride + j] for j < 16. ad [nt][nb] activation scales in f32, seed [nt][nb] the per-block
+// int32 offset correction (-off * sum of the block's activation quants).
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
+              const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride);
+// ad and seed for nt activation rows of nb Q8_0 blocks (see gemm_r16); off = 8, 16 or 128.
+void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
+}  // namespace detail::avx512_vnni
+
+}  // namespace tandem

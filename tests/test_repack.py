@@ -1,0 +1,136 @@
+"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16).
+
+A repacked matrix holds the same bytes as the plain one, 16 rows interleaved block by block. Its
+products must match the float64 reference of test_dot_kernels within the same tolerance, on every ISA
+(VNNI runs the interleaved kernel; the others unpack each group and run the plain kernels), and the
+engine's linear and fused MoE must give what they give on the plain layout. The layout is checked
+byte by byte against an independent numpy description of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from offload import _C
+from offload.engine import CpuEngine, QuantWeight, prepare_weight
+from quant import formats as F
+
+from .test_dot_kernels import ACT, ISAS, TOL, activations, dequantize_activation, raw, weights
+
+TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0)
+f32 = np.float32
+
+
+def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
+    """The layout of repack.h in numpy: w uint8 [rows, row_bytes] -> the same bytes interleaved."""
+    rows = w.shape[0]
+    ts = F.type_size(t)
+    b = w.reshape(rows // 16, 16, -1, ts).transpose(0, 2, 1, 3)  # [group, block, row j, block bytes]
+    d = b[..., 0:2]
+    if t == QT.Q8_0:
+        qs = b[..., 2:34].reshape(*b.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)  # [g, b, k, j, l]
+        parts = [d, qs]
+    else:
+        qs_off = 6 if t == QT.Q5_0 else 2
+        qs = b[..., qs_off:qs_off + 16].reshape(*b.shape[:3], 4, 4).transpose(0, 1, 3, 2, 4)  # [g, b, m, j, l]
+        parts = [d, qs]
+        if t == QT.Q5_0:
+            qh = b[..., 2:6].copy().view(np.uint32)[..., 0].astype(np.uint64)  # [g, b, j]
+            words = np.zeros((*b.shape[:2], 8), np.uint64)
+            for k in range(8):
+                for j in range(16):
+                    for l in range(4):
+                        words[..., k] |= ((qh[..., j] >> np.uint64(4 * k + l)) & np.uint64(1)) << np.uint64(4 * j + l)
+            parts.append(words.view(np.uint8))
+    flat = [p.reshape(*b.shape[:2], -1) for p in parts]
+    return np.concatenate(flat, axis=-1).reshape(w.shape)
+
+
+@pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
+def test_layout_is_the_documented_one(wtype):
+    w = raw(F.quantize(weights(np.random.default_rng(7), 32, 96), wtype))
+    r = _C.repack_r16(int(wtype), w, 96)
+    assert r.shape == w.shape and r.dtype == np.uint8
+    assert np.array_equal(r, numpy_r16(w, wtype))
+    assert _C.r16_type(int(wtype)) == 1000 + int(wtype)
+    assert _C.r16_type(int(QT.Q4_K)) == int(QT.Q4_K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
+def test_matmul_matches_reference(wtype, isa):
+    rng = np.random.default_rng(int(wtype))
+    for k in (32, 96, 512, 2816):
+        wf = weights(rng, 48, k)
+        w = raw(F.quantize(wf, wtype))
+        wd = F.dequantize(w, wtype).astype(np.float64)
+        r = _C.repack_r16(int(wtype), w, k)
+        for n_tok in (1, 2, 3, 7, 8, 9, 33):
+            x = activations(rng, n_tok, k)
+            ad = dequantize_activation(ACT[wtype], _C.quantize_activation(ACT[wtype], x), k)
+            y_ref, scale = ad @ wd.T, np.abs(ad) @ np.abs(wd).T
+            for n in (16, 48):
+                y = _C.matmul(_C.r16_type(int(wtype)), r[:n], x, isa)
+                err = np.abs(y - y_ref[:, :n])
+                assert (err <= TOL * scale[:, :n]).all(), (wtype.name, isa, k, n_tok, n, err.max())
+
+
+@pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
+def test_engine_ops_match_plain_layout(wtype):
+    """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout."""
+    rng = np.random.default_rng(3)
+    H, I, E, A = 256, 96, 6, 3
+    for threads in (1, 2):
+        eng = CpuEngine(threads)
+        w = QuantWeight(wtype.name, raw(F.quantize(weights(rng, 64, H), wtype)), H)
+        for T in (1, 2, 7, 33, 128):
+            x = activations(rng, T, H)
+            np.testing.assert_allclose(eng.linear(prepare_weight(w, force=True), x), eng.linear(w, x),
+                                       rtol=1e-5, atol=1e-5 * np.abs(eng.linear(w, x)).max())
+        def matrix(count, rows, cols):  # expert-like weights (test_dot_kernels' span 3 decades: SiLU overflows)
+            w = (rng.standard_normal((count * rows, cols)) * 0.05).astype(f32)
+            return QuantWeight(wtype.name, raw(F.quantize(w, wtype)).reshape(count, rows, -1)[0 if count == 1 else
+                                                                                            slice(None)], cols)
+
+        gate, up, down = matrix(E, I, H), matrix(E, I, H), matrix(E, H, I)
+        shared = [(matrix(1, I, H), matrix(1, I, H), matrix(1, H, I))]
+        packed = [prepare_weight(m, force=True) for m in (gate, up, down)]
+        packed_shared = [tuple(prepare_weight(m, force=True) for m in shared[0])]
+        assert all(p.type.endswith("_R16") for p in packed + list(packed_shared[0]))
+        for T in (1, 3, 33):
+            x = rng.standard_normal((T, H)).astype(f32)
+            ids = np.stack([rng.choice(E, A, replace=False) for _ in range(T)]).astype(np.int64)
+            ids[0, 0] = -1
+            wts = rng.random((T, A), dtype=f32)
+            ref = eng.moe(x, ids, wts, gate, up, down, shared=shared)
+            got = eng.moe(x, ids, wts, *packed, shared=packed_shared)
+            # the float sums differ in order only, but a last-bit change in silu(gate) * up can flip one
+            # Q8_0 rounding of the down projection's input: that token then moves by one quant step of h
+            # (~1/127 of its block) times a down row. Most tokens agree to float rounding.
+            err = np.abs(got - ref).max(1) / np.abs(ref).max()
+            assert err.max() < 2e-2 and np.sum(err >= 1e-4) <= max(1, T // 4), (T, err)
+
+
+def test_prepare_weight_leaves_what_it_cannot_repack():
+    rng = np.random.default_rng(5)
+    q4k = QuantWeight("Q4_K", raw(F.quantize(weights(rng, 32, 256), QT.Q4_K)), 256)
+    assert prepare_weight(q4k, force=True) is q4k
+    ragged = QuantWeight("Q8_0", raw(F.quantize(weights(rng, 24, 64), QT.Q8_0)), 64)  # 24 rows
+    assert prepare_weight(ragged, force=True) is ragged
+
+
+def test_errors():
+    rng = np.random.default_rng(0)
+    w = raw(F.quantize(weights(rng, 24, 64), QT.Q8_0))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _C.repack_r16(int(QT.Q8_0), w, 64)
+    with pytest.raises(ValueError, match="no row-interleaved layout"):
+        _C.repack_r16(int(QT.Q4_K), raw(F.quantize(weights(rng, 16, 256), QT.Q4_K)), 256)
+    with pytest.raises(ValueError, match="bytes"):
+        _C.repack_r16(int(QT.Q8_0), w[:16], 96)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.repack_r16(int(QT.Q8_0), np.concatenate([w, w], 1)[:16, ::2], 64)
+    with pytest.raises(ValueError, match="multiple of 16 rows"):  # a repacked type id on a ragged matrix
+        _C.matmul(_C.r16_type(int(QT.Q8_0)), w, rng.standard_normal((1, 64)).astype(f32))
