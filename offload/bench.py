@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from . import _C, best_isa
-from .engine import CpuEngine, QuantWeight, default_threads
+from .engine import CpuEngine, QuantWeight, default_threads, prepare_weight
 
 BLOCK = {"Q4_0": (32, 18, [0]), "Q5_0": (32, 22, [0]), "Q8_0": (32, 34, [0]), "Q4_1": (32, 20, [0, 2]),
          "Q5_1": (32, 24, [0, 2]), "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]), "Q6_K": (256, 210, [208])}
@@ -63,9 +63,9 @@ def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -
     for typ in types:
         probe = random_weight(rng, typ, (1, cols))
         rows = max(64, target_bytes // probe.data.nbytes)
-        w = random_weight(rng, typ, (rows, cols))
+        w = prepare_weight(random_weight(rng, typ, (rows // 16 * 16, cols)))  # the layout the loader gives it
         x = rng.standard_normal((1, cols), dtype=np.float32)
-        y = np.empty((1, rows), np.float32)
+        y = np.empty((1, w.rows), np.float32)
         buf = np.ones(w.data.nbytes, dtype=np.uint8)
         med = interleaved({"read": lambda: probe_engine.read_pass(buf), "gemv": lambda: engine.linear(w, x, y)},
                           repeats=10)
@@ -73,7 +73,7 @@ def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -
         out[typ] = w.data.nbytes / med["gemv"] / 1e9
         fraction[typ] = out[typ] / read
         del buf
-        print(f"  gemv {typ:<5} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s  "
+        print(f"  gemv {w.type:<8} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s  "
               f"({100 * fraction[typ]:.0f}% of the {read:.1f} GB/s read in alternation with it)", file=sys.stderr)
     return out, fraction
 
@@ -98,7 +98,8 @@ def make_layer(rng, spec):
     si = I * spec["n_shared"]
     shared = [(random_weight(rng, spec["shared_gate"], (si, H)), random_weight(rng, spec["shared_gate"], (si, H)),
                random_weight(rng, spec["shared_down"], (H, si)))] if spec["n_shared"] else []
-    return gate, up, down, shared
+    # the layouts the loader gives them (row-interleaved where the engine has one)
+    return (*(prepare_weight(w) for w in (gate, up, down)), [tuple(prepare_weight(w) for w in s) for s in shared])
 
 
 def random_route(rng, T: int, E: int, A: int):
