@@ -1,4 +1,4 @@
-"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16).
+"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16, Q4_K_R16).
 
 A repacked matrix holds the same bytes as the plain one, 16 rows interleaved block by block. Its
 products must match the float64 reference of test_dot_kernels within the same tolerance, on every ISA
@@ -19,7 +19,7 @@ from quant import formats as F
 
 from .test_dot_kernels import ACT, ISAS, TOL, activations, dequantize_activation, raw, weights
 
-TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0)
+TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K)
 f32 = np.float32
 
 
@@ -29,7 +29,11 @@ def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
     ts = F.type_size(t)
     b = w.reshape(rows // 16, 16, -1, ts).transpose(0, 2, 1, 3)  # [group, block, row j, block bytes]
     d = b[..., 0:2]
-    if t == QT.Q8_0:
+    if t == QT.Q4_K:
+        scales = b[..., 4:16].reshape(*b.shape[:3], 3, 4).transpose(0, 1, 3, 2, 4)  # [g, b, v, j, 4]
+        qs = b[..., 16:].reshape(*b.shape[:3], 4, 8, 4).transpose(0, 1, 3, 4, 2, 5)  # [g, b, i, k, j, l]
+        parts = [d, b[..., 2:4], scales, qs]
+    elif t == QT.Q8_0:
         qs = b[..., 2:34].reshape(*b.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)  # [g, b, k, j, l]
         parts = [d, qs]
     else:
@@ -50,27 +54,36 @@ def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
 
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_layout_is_the_documented_one(wtype):
-    w = raw(F.quantize(weights(np.random.default_rng(7), 32, 96), wtype))
-    r = _C.repack_r16(int(wtype), w, 96)
+    k = 512 if wtype == QT.Q4_K else 96
+    w = raw(F.quantize(weights(np.random.default_rng(7), 32, k), wtype))
+    r = _C.repack_r16(int(wtype), w, k)
     assert r.shape == w.shape and r.dtype == np.uint8
     assert np.array_equal(r, numpy_r16(w, wtype))
     assert _C.r16_type(int(wtype)) == 1000 + int(wtype)
-    assert _C.r16_type(int(QT.Q4_K)) == int(QT.Q4_K)
+    assert _C.r16_type(int(QT.Q6_K)) == int(QT.Q6_K)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_matmul_matches_reference(wtype, isa):
     rng = np.random.default_rng(int(wtype))
-    for k in (32, 96, 512, 2816):
+    for k in ((256, 512, 2816) if wtype == QT.Q4_K else (32, 96, 512, 2816)):
         wf = weights(rng, 48, k)
         w = raw(F.quantize(wf, wtype))
         wd = F.dequantize(w, wtype).astype(np.float64)
+        mag = np.abs(wd)
+        if wtype == QT.Q4_K:  # d*sc*q and dmin*m are summed apart: rounding scales with both (test_dot_kernels)
+            blocks = w.reshape(48, -1, F.type_size(wtype))
+            mag = 0
+            for zeroed in (slice(2, 4), slice(0, 2)):
+                part = blocks.copy()
+                part[..., zeroed] = 0
+                mag = mag + np.abs(F.dequantize(part.reshape(w.shape), wtype).astype(np.float64))
         r = _C.repack_r16(int(wtype), w, k)
         for n_tok in (1, 2, 3, 7, 8, 9, 33):
             x = activations(rng, n_tok, k)
             ad = dequantize_activation(ACT[wtype], _C.quantize_activation(ACT[wtype], x), k)
-            y_ref, scale = ad @ wd.T, np.abs(ad) @ np.abs(wd).T
+            y_ref, scale = ad @ wd.T, np.abs(ad) @ mag.T
             for n in (16, 48):
                 y = _C.matmul(_C.r16_type(int(wtype)), r[:n], x, isa)
                 err = np.abs(y - y_ref[:, :n])
@@ -81,7 +94,7 @@ def test_matmul_matches_reference(wtype, isa):
 def test_engine_ops_match_plain_layout(wtype):
     """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout."""
     rng = np.random.default_rng(3)
-    H, I, E, A = 256, 96, 6, 3
+    H, I, E, A = 256, (256 if wtype == QT.Q4_K else 96), 6, 3
     for threads in (1, 2):
         eng = CpuEngine(threads)
         w = QuantWeight(wtype.name, raw(F.quantize(weights(rng, 64, H), wtype)), H)
@@ -115,8 +128,8 @@ def test_engine_ops_match_plain_layout(wtype):
 
 def test_prepare_weight_leaves_what_it_cannot_repack():
     rng = np.random.default_rng(5)
-    q4k = QuantWeight("Q4_K", raw(F.quantize(weights(rng, 32, 256), QT.Q4_K)), 256)
-    assert prepare_weight(q4k, force=True) is q4k
+    q6k = QuantWeight("Q6_K", raw(F.quantize(weights(rng, 32, 256), QT.Q6_K)), 256)
+    assert prepare_weight(q6k, force=True) is q6k
     ragged = QuantWeight("Q8_0", raw(F.quantize(weights(rng, 24, 64), QT.Q8_0)), 64)  # 24 rows
     assert prepare_weight(ragged, force=True) is ragged
 
@@ -127,7 +140,7 @@ def test_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         _C.repack_r16(int(QT.Q8_0), w, 64)
     with pytest.raises(ValueError, match="no row-interleaved layout"):
-        _C.repack_r16(int(QT.Q4_K), raw(F.quantize(weights(rng, 16, 256), QT.Q4_K)), 256)
+        _C.repack_r16(int(QT.Q6_K), raw(F.quantize(weights(rng, 16, 256), QT.Q6_K)), 256)
     with pytest.raises(ValueError, match="bytes"):
         _C.repack_r16(int(QT.Q8_0), w[:16], 96)
     with pytest.raises(ValueError, match="C-contiguous"):

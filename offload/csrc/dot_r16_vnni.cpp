@@ -104,7 +104,94 @@ void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, con
     }
 }
 
+// Q4_K, per super-block: the 16 rows' d, dmin and 6-bit scales / mins decoded in lanes (sc_j, m_j as
+// float), the 8 sub-blocks' nibbles unpacked once; per activation row
+//   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
+// with isum_j the exact dpbusd sum of sub-block j and S_j its activation sum (from the bsums).
+template <int NA>
+void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
+              float* Y, size_t y_stride) {
+    constexpr size_t unit = 144 * kR16;
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* u = group + b * unit;
+        for (size_t off = 0; off < unit; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(u) + 2 * unit + off, _MM_HINT_T0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+        const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
+        const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128), v2 = _mm512_loadu_si512(u + 192);
+        __m512 sc[8], mn[8];  // get_scale_min_k4, one row per lane
+        for (int j = 0; j < 4; ++j) {
+            sc[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j), six));
+            mn[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six));
+            const __m512i hs = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j + 6), two), 4);
+            const __m512i hm = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j + 6), two), 4);
+            sc[j + 4] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j), four), hs));
+            mn[j + 4] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four), hm));
+        }
+        __m512 sum_sc[NA], sum_m[NA];
+        for (int t = 0; t < NA; ++t) sum_sc[t] = sum_m[t] = _mm512_setzero_ps();
+        const uint8_t* qs = u + 256;
+        for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high)
+            __m512i lo[8], hi[8];
+            for (int k = 0; k < 8; ++k) {
+                const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
+                lo[k] = _mm512_and_si512(x, nib);
+                hi[k] = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+            }
+            for (int t = 0; t < NA; ++t) {
+                const auto& y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as)[b];
+                const int8_t* a0 = y.qs + 64 * i;
+                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                for (int k = 0; k < 8; ++k) {
+                    s0 = _mm512_dpbusd_epi32(s0, lo[k], bcast32(a0 + 4 * k));
+                    s1 = _mm512_dpbusd_epi32(s1, hi[k], bcast32(a0 + 32 + 4 * k));
+                }
+                sum_sc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sc[2 * i], sum_sc[t]);
+                sum_sc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), sc[2 * i + 1], sum_sc[t]);
+            }
+        }
+        for (int t = 0; t < NA; ++t) {
+            const float* S = sub_sums + (t * nb + b) * 8;
+            for (int j = 0; j < 8; ++j) sum_m[t] = _mm512_fmadd_ps(mn[j], _mm512_set1_ps(S[j]), sum_m[t]);
+            const __m512 da = _mm512_set1_ps(ad[t * nb + b]);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), sum_sc[t], acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dm, da), sum_m[t], acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+}
+
 }  // namespace
+
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+                  const float* sub_sums, int nt, float* Y, size_t y_stride) {
+    switch (nt) {
+        case 1: return gemm_q4k<1>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 2: return gemm_q4k<2>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 3: return gemm_q4k<3>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 4: return gemm_q4k<4>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 5: return gemm_q4k<5>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 6: return gemm_q4k<6>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 7: return gemm_q4k<7>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        case 8: return gemm_q4k<8>(nb, group, act, as, ad, sub_sums, Y, y_stride);
+        default: return;
+    }
+}
+
+void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sub_sums) {
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as);
+        for (int64_t b = 0; b < nb; ++b) {
+            ad[t * nb + b] = y[b].d;
+            for (int j = 0; j < 8; ++j)
+                sub_sums[(t * nb + b) * 8 + j] = static_cast<float>(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+        }
+    }
+}
 
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
               const int32_t* seed, int nt, float* Y, size_t y_stride) {

@@ -17,6 +17,7 @@ GgmlType r16_of(GgmlType base) {
         case GgmlType::Q4_0: return GgmlType::Q4_0_R16;
         case GgmlType::Q5_0: return GgmlType::Q5_0_R16;
         case GgmlType::Q8_0: return GgmlType::Q8_0_R16;
+        case GgmlType::Q4_K: return GgmlType::Q4_K_R16;
         default: return base;
     }
 }
@@ -26,6 +27,7 @@ GgmlType base_of(GgmlType type) {
         case GgmlType::Q4_0_R16: return GgmlType::Q4_0;
         case GgmlType::Q5_0_R16: return GgmlType::Q5_0;
         case GgmlType::Q8_0_R16: return GgmlType::Q8_0;
+        case GgmlType::Q4_K_R16: return GgmlType::Q4_K;
         default: return type;
     }
 }
@@ -71,6 +73,23 @@ void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
     }
 }
 
+// Q4_K: d[16] f16 | dmin[16] f16 | scales [3][16][4] (vector v, lane j = scales_j[4v..4v+3]) |
+// qs [4][8][16][4] (pair i, vector k, lane j, byte l = qs_j[32i + 4k + l]: low nibbles sub-block 2i,
+// high nibbles sub-block 2i + 1, value 4k + l)
+void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) {
+    auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
+        if (to_unit) std::memcpy(unit_bytes, row_bytes, size);
+        else std::memcpy(const_cast<void*>(row_bytes), unit_bytes, size);
+    };
+    for (int j = 0; j < kR16; ++j) {
+        move(u + 2 * j, &rows[j][b].d, 2);
+        move(u + 32 + 2 * j, &rows[j][b].dmin, 2);
+        for (int v = 0; v < 3; ++v) move(u + 64 + 64 * v + 4 * j, rows[j][b].scales + 4 * v, 4);
+        for (int i = 0; i < 4; ++i)
+            for (int k = 0; k < 8; ++k) move(u + 256 + 512 * i + 64 * k + 4 * j, rows[j][b].qs + 32 * i + 4 * k, 4);
+    }
+}
+
 template <class Block>
 void convert_group(uint8_t* plain, size_t row_bytes, uint8_t* group, int64_t nb, bool to_unit) {
     Block* rows[kR16];
@@ -80,8 +99,9 @@ void convert_group(uint8_t* plain, size_t row_bytes, uint8_t* group, int64_t nb,
 
 void convert(GgmlType base, uint8_t* plain, int64_t n, uint8_t* group, bool to_unit) {
     const size_t rb = row_size(base, n);
-    const int64_t nb = n / QK8_0;
+    const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     switch (base) {
+        case GgmlType::Q4_K: return convert_group<block_q4_K>(plain, rb, group, nb, to_unit);
         case GgmlType::Q4_0: return convert_group<block_q4_0>(plain, rb, group, nb, to_unit);
         case GgmlType::Q5_0: return convert_group<block_q5_0>(plain, rb, group, nb, to_unit);
         case GgmlType::Q8_0: return convert_group<block_q8_0>(plain, rb, group, nb, to_unit);
@@ -111,16 +131,25 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
     const GgmlType base = base_of(type);
     const size_t rb = row_size(base, n), group_bytes = rb * kR16;
-    const int64_t nb = n / QK8_0;
+    const bool kquant = base == GgmlType::Q4_K;
+    const int64_t nb = n / (kquant ? qk::QK_K : QK8_0);
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa == Isa::Avx512Vnni;
+    // the activations' scales and, per block, the offset correction (32-value types) or the 8 sub-block
+    // sums the mins multiply (Q4_K): once for all the groups
     thread_local std::vector<float> ad;
     thread_local std::vector<int32_t> seed;
-    if (vnni) {  // the activations' scales and offset corrections, once for all the groups
+    thread_local std::vector<float> sub_sums;
+    if (vnni) {
         ad.resize(static_cast<size_t>(n_tokens * nb));
-        seed.resize(static_cast<size_t>(n_tokens * nb));
-        detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
-                                      seed.data());
+        if (kquant) {
+            sub_sums.resize(static_cast<size_t>(n_tokens * nb * 8));
+            detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
+        } else {
+            seed.resize(static_cast<size_t>(n_tokens * nb));
+            detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
+                                          seed.data());
+        }
     }
     // groups in chunks of ~256 KiB (L2): each chunk is reused by every token tile
     const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>((size_t{256} << 10) / group_bytes));
@@ -142,9 +171,14 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             for (int64_t g = c0; g < c1; ++g) {
                 const int64_t r0 = g * kR16;
                 if (r0 < row_begin || r0 + kR16 > row_end) continue;
-                detail::avx512_vnni::gemm_r16(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                              ad.data() + t0 * nb, seed.data() + t0 * nb, nt,
-                                              Y + t0 * y_stride + r0, y_stride);
+                if (kquant)
+                    detail::avx512_vnni::gemm_r16_q4k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                      ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
+                                                      Y + t0 * y_stride + r0, y_stride);
+                else
+                    detail::avx512_vnni::gemm_r16(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                  ad.data() + t0 * nb, seed.data() + t0 * nb, nt,
+                                                  Y + t0 * y_stride + r0, y_stride);
             }
         }
     }
