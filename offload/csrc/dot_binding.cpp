@@ -134,7 +134,8 @@ OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string&
              " blocks of " + std::to_string(t.type_size) + ")");
 
     if (tandem::is_r16(wt) && N % tandem::kR16)
-        fail(std::string("a row-interleaved ") + t.name + " weight needs a multiple of 16 rows, got " + std::to_string(N));
+        fail(std::string("a row-interleaved ") + t.name + " weight needs a multiple of 16 rows, got " +
+             std::to_string(N));
     const size_t ab = tandem::row_size(t.act_type, static_cast<int64_t>(K));
     std::vector<uint8_t> act(T * ab);
     auto* y = new float[std::max<size_t>(1, T * N)];
@@ -171,13 +172,15 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
     const tandem::TypeInfo& t = weight_type(wtype);
     const GgmlType wt = static_cast<GgmlType>(wtype), r16 = tandem::r16_of(wt);
     if (r16 == wt)
-        fail(std::string(t.name) + " has no row-interleaved layout (Q4_0, Q5_0, Q8_0 and Q4_K have); use the weight as it is");
+        fail(std::string(t.name) +
+             " has no row-interleaved layout (Q4_0, Q5_0, Q8_0 and Q4_K have); use the weight as it is");
     if (weight.ndim() < 2 || !is_dtype(weight, nb::dlpack::dtype_code::UInt, 8))
         fail("weight must be uint8 raw blocks [..., rows, row_bytes], got " + std::to_string(weight.ndim()) + "-D " +
              dtype_name(weight));
     int64_t expect = 1;
     for (int i = static_cast<int>(weight.ndim()) - 1; i >= 0; --i) {
-        if (weight.shape(i) > 1 && weight.stride(i) != expect) fail("weight is not C-contiguous: pass np.ascontiguousarray(weight)");
+        if (weight.shape(i) > 1 && weight.stride(i) != expect)
+            fail("weight is not C-contiguous: pass np.ascontiguousarray(weight)");
         expect *= static_cast<int64_t>(weight.shape(i));
     }
     if (cols <= 0 || cols % t.block_size)
@@ -188,8 +191,8 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
         fail("weight rows hold " + std::to_string(weight.shape(nd - 1)) + " bytes, but " + t.name + " rows of " +
              std::to_string(cols) + " values take " + std::to_string(rb));
     if (weight.shape(nd - 2) % tandem::kR16)
-        fail("weight has " + std::to_string(weight.shape(nd - 2)) + " rows per matrix; the row-interleaved layout needs "
-             "a multiple of 16 (use the weight as it is)");
+        fail("weight has " + std::to_string(weight.shape(nd - 2)) +
+             " rows per matrix; the row-interleaved layout needs a multiple of 16 (use the weight as it is)");
     const int64_t rows = static_cast<int64_t>(weight.size() / rb);
     auto* out = new uint8_t[std::max<size_t>(1, weight.size())];
     {

@@ -122,15 +122,18 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             _mm_prefetch(reinterpret_cast<const char*>(u) + 2 * unit + off, _MM_HINT_T0);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
-        const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128), v2 = _mm512_loadu_si512(u + 192);
+        const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
+        const __m512i v2 = _mm512_loadu_si512(u + 192);
         __m512 sc[8], mn[8];  // get_scale_min_k4, one row per lane
         for (int j = 0; j < 4; ++j) {
             sc[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j), six));
             mn[j] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six));
             const __m512i hs = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j + 6), two), 4);
             const __m512i hm = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j + 6), two), 4);
-            sc[j + 4] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j), four), hs));
-            mn[j + 4] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four), hm));
+            const __m512i ls = _mm512_and_si512(_mm512_srli_epi32(v2, 8 * j), four);
+            const __m512i lm = _mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four);
+            sc[j + 4] = _mm512_cvtepi32_ps(_mm512_or_si512(ls, hs));
+            mn[j + 4] = _mm512_cvtepi32_ps(_mm512_or_si512(lm, hm));
         }
         __m512 sum_sc[NA], sum_m[NA];
         for (int t = 0; t < NA; ++t) sum_sc[t] = sum_m[t] = _mm512_setzero_ps();

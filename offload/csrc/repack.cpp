@@ -36,11 +36,16 @@ namespace {
 
 // Block b of 16 rows (rows[j] = row j's first block) <-> the interleaved unit at u. to_unit picks the
 // direction, so both share one description of the layout.
+// size bytes between a unit and a row, in the direction to_unit says
+inline void move_bytes(bool to_unit, void* unit_bytes, const void* row_bytes, size_t size) {
+    if (to_unit) std::memcpy(unit_bytes, row_bytes, size);
+    else std::memcpy(const_cast<void*>(row_bytes), unit_bytes, size);
+}
+
 template <class Block>
 void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
-    auto move = [&](void* unit_bytes, void* row_bytes, size_t size) {
-        if (to_unit) std::memcpy(unit_bytes, row_bytes, size);
-        else std::memcpy(row_bytes, unit_bytes, size);
+    auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
+        move_bytes(to_unit, unit_bytes, row_bytes, size);
     };
     for (int j = 0; j < kR16; ++j) move(u + 2 * j, &rows[j][b].d, 2);
     uint8_t* q = u + 2 * kR16;
@@ -78,8 +83,7 @@ void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
 // high nibbles sub-block 2i + 1, value 4k + l)
 void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) {
     auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
-        if (to_unit) std::memcpy(unit_bytes, row_bytes, size);
-        else std::memcpy(const_cast<void*>(row_bytes), unit_bytes, size);
+        move_bytes(to_unit, unit_bytes, row_bytes, size);
     };
     for (int j = 0; j < kR16; ++j) {
         move(u + 2 * j, &rows[j][b].d, 2);
