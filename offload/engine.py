@@ -68,7 +68,7 @@ def prepare_weight(w: QuantWeight, force: bool = False) -> QuantWeight:
     type_id, data = prepare(w.type_id, w.data, w.cols, force)
     if type_id == w.type_id:
         return w
-    return QuantWeight(next(n for n, i in ENGINE_IDS.items() if i == type_id), data, w.cols)
+    return QuantWeight(f"{w.type}_R16", data, w.cols)
 
 
 class CpuEngine:

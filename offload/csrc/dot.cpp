@@ -406,9 +406,13 @@ DotKernel kernel(GgmlType wtype) {
 
 // ---------------------------------------------------------------------------------------- dispatch
 
-DotKernel dot_kernel(GgmlType wtype, Isa isa) {
+void require_isa(Isa isa) {
     if (!isa_supported(isa))
         throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " dot kernels");
+}
+
+DotKernel dot_kernel(GgmlType wtype, Isa isa) {
+    require_isa(isa);
     switch (isa) {
         case Isa::Scalar: return detail::scalar::kernel(wtype);
         case Isa::Avx2: return detail::avx2::kernel(wtype);
@@ -462,11 +466,8 @@ inline void prefetch_row(const char* w, size_t row_bytes) {
 
 void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, int64_t row_begin, int64_t row_end,
                  const void* A, size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
-    if (is_r16(wtype)) {
-        if (!isa_supported(isa))
-            throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " dot kernels");
+    if (is_r16(wtype))  // checks the ISA itself (its fallback through the plain kernels does too)
         return matmul_rows_r16(wtype, n, W, row_begin, row_end, A, a_stride, n_tokens, Y, y_stride, isa);
-    }
     const DotKernel kernel = checked_kernel(wtype, isa);
     // Rows in chunks of ~256 KiB of weights (L2): each chunk is reused by every token tile, and each
     // tile (<= 8 activation rows) by every row of the chunk.

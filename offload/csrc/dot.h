@@ -89,6 +89,8 @@ constexpr int kMaxActRows = 8;
 // must be supported by this CPU (isa_supported); at Avx512Vnni, BF16 uses _mm512_dpbf16_ps when the
 // CPU has AVX512_BF16.
 DotKernel dot_kernel(GgmlType wtype, Isa isa);
+// std::invalid_argument unless this CPU runs the level.
+void require_isa(Isa isa);
 
 void dot(GgmlType wtype, int64_t n, const void* w_row, const void* act_rows, size_t act_row_stride,
          int n_act, float* out, Isa isa);

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "repack.h"
 
@@ -60,6 +61,22 @@ inline __attribute__((always_inline)) void unpack(const uint8_t* u, __m512i* q) 
     }
 }
 
+// f(std::integral_constant<int, nt>) for a token tile of nt = 1..8 rows: the kernel instantiated for it.
+template <class F>
+inline void by_tile(int nt, F&& f) {
+    switch (nt) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 5: return f(std::integral_constant<int, 5>{});
+        case 6: return f(std::integral_constant<int, 6>{});
+        case 7: return f(std::integral_constant<int, 7>{});
+        case 8: return f(std::integral_constant<int, 8>{});
+        default: return;
+    }
+}
+
 template <GgmlType Base, int NA>
 void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
           float* Y, size_t y_stride) {
@@ -91,17 +108,7 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
 template <GgmlType Base>
 void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
                int nt, float* Y, size_t y_stride) {
-    switch (nt) {
-        case 1: return gemm<Base, 1>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 2: return gemm<Base, 2>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 3: return gemm<Base, 3>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 4: return gemm<Base, 4>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 5: return gemm<Base, 5>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 6: return gemm<Base, 6>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 7: return gemm<Base, 7>(nb, group, act, as, ad, seed, Y, y_stride);
-        case 8: return gemm<Base, 8>(nb, group, act, as, ad, seed, Y, y_stride);
-        default: return;
-    }
+    by_tile(nt, [&](auto na) { gemm<Base, decltype(na)::value>(nb, group, act, as, ad, seed, Y, y_stride); });
 }
 
 // Q4_K, per super-block: the 16 rows' d, dmin and 6-bit scales / mins decoded in lanes (sc_j, m_j as
@@ -172,17 +179,7 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
 
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    switch (nt) {
-        case 1: return gemm_q4k<1>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 2: return gemm_q4k<2>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 3: return gemm_q4k<3>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 4: return gemm_q4k<4>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 5: return gemm_q4k<5>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 6: return gemm_q4k<6>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 7: return gemm_q4k<7>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        case 8: return gemm_q4k<8>(nb, group, act, as, ad, sub_sums, Y, y_stride);
-        default: return;
-    }
+    by_tile(nt, [&](auto na) { gemm_q4k<decltype(na)::value>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
 }
 
 void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sub_sums) {

@@ -10,8 +10,6 @@
 
 namespace tandem {
 
-using qk::QK8_0;
-
 GgmlType r16_of(GgmlType base) {
     switch (base) {
         case GgmlType::Q4_0: return GgmlType::Q4_0_R16;
@@ -34,14 +32,14 @@ GgmlType base_of(GgmlType type) {
 
 namespace {
 
-// Block b of 16 rows (rows[j] = row j's first block) <-> the interleaved unit at u. to_unit picks the
-// direction, so both share one description of the layout.
 // size bytes between a unit and a row, in the direction to_unit says
 inline void move_bytes(bool to_unit, void* unit_bytes, const void* row_bytes, size_t size) {
     if (to_unit) std::memcpy(unit_bytes, row_bytes, size);
     else std::memcpy(const_cast<void*>(row_bytes), unit_bytes, size);
 }
 
+// Block b of 16 rows (rows[j] = row j's first block) <-> the interleaved unit at u. to_unit picks the
+// direction, so both share one description of the layout.
 template <class Block>
 void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
     auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
@@ -136,7 +134,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const GgmlType base = base_of(type);
     const size_t rb = row_size(base, n), group_bytes = rb * kR16;
     const bool kquant = base == GgmlType::Q4_K;
-    const int64_t nb = n / (kquant ? qk::QK_K : QK8_0);
+    const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa == Isa::Avx512Vnni;
     // the activations' scales and, per block, the offset correction (32-value types) or the 8 sub-block
@@ -145,6 +143,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     thread_local std::vector<int32_t> seed;
     thread_local std::vector<float> sub_sums;
     if (vnni) {
+        require_isa(isa);
         ad.resize(static_cast<size_t>(n_tokens * nb));
         if (kquant) {
             sub_sums.resize(static_cast<size_t>(n_tokens * nb * 8));
