@@ -152,7 +152,8 @@ class TandemTarget:
             from offload import torch_ops
         except ImportError:
             return 0.0, 0.0
-        names = ("run_linear", "run_linear_batched", "run_mla_attention", "run_moe", "submit_moe", "wait_moe")
+        names = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_moe", "submit_moe",
+                 "wait_moe")
         spent = [0.0]
         originals = {name: getattr(torch_ops, name) for name in names}
 

@@ -181,6 +181,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
             target.engine_uk, target.engine_uv = spec.uk, spec.uv
         else:
             target.engine_weight = spec
+    for name, spec in plan.items():  # with all its weights on the engine, an MLA block becomes one call
+        if isinstance(spec, MLAEngine):
+            model.get_submodule(name).bind_engine(model.rope)
     model.checkpoint = gmodel
     model.placement = placement
     return cfg, model, gmodel
@@ -282,14 +285,17 @@ def _moe_spec(g: GGUFModel, stacks, shared, shared_types) -> tuple:
 
 
 def engine_bytes(g: GGUFModel, gguf_name: str) -> tuple[int, np.ndarray]:
-    """(engine type id, bytes) the CPU engine computes a tensor with: a numpy view of the file (the engine
-    takes it without DLPack), or the engine's faster row-interleaved copy (offload.engine.prepare), after
-    which the file's pages are let go so the process does not hold the weights twice."""
-    from offload.engine import GGML_IDS, prepare
+    """(engine type id, bytes) the CPU engine computes a tensor with: its faster row-interleaved copy
+    (offload.engine.prepare), else a copy in huge-page memory (offload.engine.resident), else a numpy view of
+    the file (the engine takes it without DLPack). After a copy the file's pages are let go, so the process
+    does not hold the weights twice."""
+    from offload.engine import GGML_IDS, prepare, resident
 
     t = g.tensors[gguf_name]
     raw = g.raw(gguf_name)
     type_id, data = prepare(GGML_IDS[t.qtype.name], raw, t.shape[-1])
+    if data is raw:
+        data = resident(raw)
     if data is not raw:
         g.release(gguf_name)
     return type_id, data

@@ -52,6 +52,11 @@ class KVCache:
             out[name] = buf[:end]
         return out
 
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """The whole preallocated buffers [capacity, *shape] of `layer`, for an op that writes its new
+        positions in place (the engine's fused MLA)."""
+        return {name: buf[layer] for name, buf in self.buffers.items()}
+
     def reset(self) -> None:
         self.length = 0
 

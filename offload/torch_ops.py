@@ -5,10 +5,12 @@ contiguous; weights are uint8 tensors over the GGUF bytes (torch.from_numpy of t
 from __future__ import annotations
 
 import atexit
+import weakref
 
 import numpy as np
 import torch
 
+from . import _C
 from .engine import CpuEngine
 
 _ENGINE: list[CpuEngine] = []  # the process's engine, created on first use (one pool per process)
@@ -65,6 +67,34 @@ def _mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
     e = engine()
     e._engine.mla_attention(_np(q_lat.contiguous()), _np(q_pe.contiguous()), _np(c_kv), _np(k_pe), scale,
                             out.numpy(), e.isa)
+    return out
+
+
+# the fused MLA layers (_C.MlaLayer) alive, by the id a custom op call names them with (the model holds them)
+_MLA_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def mla_layer(hidden: int, heads: int, nope_dim: int, rope_dim: int, kv_lora_rank: int, v_dim: int, q_a, q_a_norm,
+              q, kv_a, kv_a_norm, uk, uv, o, eps: float, scale: float, rope_interleaved: bool):
+    """One layer's MLA weights, checked once, for `run_mla_forward` (a _C.MlaLayer, which keeps them alive).
+    Weights are EngineWeights (q_a and q_a_norm None without a q LoRA); norms float32 tensors."""
+    def w(e):
+        return None if e is None else (e.data, e.type_id)
+
+    def norm(t):
+        return None if t is None else t.detach().float().contiguous().numpy()
+
+    layer = _C.MlaLayer(hidden, heads, nope_dim, rope_dim, kv_lora_rank, v_dim, w(q_a), norm(q_a_norm), w(q), w(kv_a),
+                        norm(kv_a_norm), w(uk), w(uv), w(o), eps, scale, rope_interleaved)
+    _MLA_LAYERS[id(layer)] = layer
+    return layer
+
+
+def _mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int) -> torch.Tensor:
+    out = torch.empty_like(x, dtype=torch.float32)
+    e = engine()
+    e._engine.mla_forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()),
+                          _np(c_kv), _np(k_pe), start, out.numpy(), e.isa)
     return out
 
 
@@ -129,6 +159,19 @@ def _(q_lat, q_pe, c_kv, k_pe, scale):
     return torch.empty_like(q_lat)
 
 
+@torch.library.custom_op("tandem::mla_forward", mutates_args=("c_kv", "k_pe"))
+def mla_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                start: int, layer: int) -> torch.Tensor:
+    """One layer's absorbed MLA (offload/csrc/mla.h): x [T, D] float32 -> [T, D]; the new latents go into
+    rows start..start+T of c_kv [positions, R] / k_pe [positions, Dr]; `layer` is id() of an mla_layer()."""
+    return _mla_forward(_MLA_LAYERS[layer], x, cos, sin, c_kv, k_pe, start)
+
+
+@mla_forward.register_fake
+def _(x, cos, sin, c_kv, k_pe, start, layer):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
 # ---- what the model code calls: the custom op under torch.compile, the engine directly in eager mode
 # (the custom-op dispatch costs ~10 us a call, a fifth of a small decode-time linear); weights may be
 # numpy views of the file
@@ -149,6 +192,12 @@ def run_mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.tandem.mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
     return _mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
+
+
+def run_mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.mla_forward(x, cos, sin, c_kv, k_pe, start, id(layer))
+    return _mla_forward(layer, x, cos, sin, c_kv, k_pe, start)
 
 
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:

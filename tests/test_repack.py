@@ -147,3 +147,24 @@ def test_errors():
         _C.repack_r16(int(QT.Q8_0), np.concatenate([w, w], 1)[:16, ::2], 64)
     with pytest.raises(ValueError, match="multiple of 16 rows"):  # a repacked type id on a ragged matrix
         _C.matmul(_C.r16_type(int(QT.Q8_0)), w, rng.standard_normal((1, 64)).astype(f32))
+
+
+def test_resident_copy_is_the_same_array_in_weight_memory():
+    from offload.engine import RESIDENT_MIN_BYTES, resident
+
+    rng = np.random.default_rng(7)
+    big = raw(F.quantize(weights(rng, 2048, 1024), QT.Q8_0))  # 2.2 MB: on huge pages where THP allows
+    copy = _C.resident_copy(big)
+    assert copy.dtype == big.dtype and copy.shape == big.shape and np.array_equal(copy, big)
+    assert copy.ctypes.data % (2 << 20) == 0  # whole huge pages from the start
+    halves = rng.standard_normal((3, 5)).astype(np.float16)
+    assert np.array_equal(_C.resident_copy(halves), halves) and _C.resident_copy(halves).dtype == np.float16
+    w, r = QuantWeight("Q8_0", big, 1024), QuantWeight("Q8_0", copy, 1024)
+    x = rng.standard_normal((3, 1024)).astype(f32)
+    eng = CpuEngine(threads=2)
+    assert np.array_equal(eng.linear(w, x), eng.linear(r, x))
+    small = big[:16]
+    assert small.nbytes < RESIDENT_MIN_BYTES and resident(small) is small
+    assert resident(big) is big or not np.shares_memory(resident(big), big)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.resident_copy(big[:, ::2])

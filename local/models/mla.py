@@ -42,6 +42,8 @@ class MLAttention(nn.Module):
     # the absorbed products then run as one batched engine call each, and kv_b_proj is never loaded
     engine_uk = None
     engine_uv = None
+    # ...and with every projection there too, the whole block is one engine call (offload.torch_ops.mla_layer)
+    engine_layer = None
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -70,7 +72,30 @@ class MLAttention(nn.Module):
     def cache_streams(cfg) -> dict[str, tuple[int, ...]]:
         return {"c_kv": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)}
 
+    def bind_engine(self, rope: Rope) -> bool:
+        """Make the whole block one CPU engine call when every weight it reads is an engine weight (a GGUF
+        on the CPU); returns whether it did."""
+        from .layers import Linear
+
+        q = [self.q_proj] if hasattr(self, "q_proj") else [self.q_a_proj, self.q_b_proj]
+        linears = q + [self.kv_a_proj_with_mqa, self.o_proj]
+        if self.engine_uk is None or any(not isinstance(m, Linear) or m.engine_weight is None or m.bias is not None
+                                         for m in linears):
+            return False
+        from offload.torch_ops import mla_layer
+
+        lora = not hasattr(self, "q_proj")
+        self.engine_layer = mla_layer(
+            self.o_proj.engine_weight.rows, self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
+            self.kv_lora_rank, self.v_head_dim, self.q_a_proj.engine_weight if lora else None,
+            self.q_a_layernorm.weight if lora else None, q[-1].engine_weight, self.kv_a_proj_with_mqa.engine_weight,
+            self.kv_a_layernorm.weight, self.engine_uk, self.engine_uv, self.o_proj.engine_weight,
+            self.kv_a_layernorm.eps, self.softmax_scale, rope.interleaved)
+        return True
+
     def forward(self, x: torch.Tensor, rope: Rope, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
+        if self.engine_layer is not None and x.device.type == "cpu":
+            return self._engine_forward(x, cos_sin, cache, start)
         T = x.shape[0]
         H, Dn, Dr, R = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if hasattr(self, "q_proj"):
@@ -92,6 +117,15 @@ class MLAttention(nn.Module):
         else:
             out = self._decompressed(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(T, H * self.v_head_dim))
+
+    def _engine_forward(self, x, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
+        """The whole block (projections, latent norm, rope, cache write, absorbed attention) in one engine call."""
+        from offload.torch_ops import run_mla_forward
+
+        buf = cache.layer(self.layer_idx)
+        cos, sin = cos_sin
+        out = run_mla_forward(self.engine_layer, x.float().contiguous(), cos, sin, buf["c_kv"], buf["k_pe"], start)
+        return out.to(x.dtype)
 
     def _softmax(self, scores: torch.Tensor, mask, dtype) -> torch.Tensor:
         scores = scores * self.softmax_scale

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dot.h"
+#include "pages.h"
 #include "repack.h"
 
 namespace nb = nanobind;
@@ -166,6 +167,39 @@ OutU8 quantize_activation(const std::string& fmt, const Array& x) {
 }
 
 using OutU8N = nb::ndarray<nb::numpy, uint8_t>;
+using OutAny = nb::ndarray<nb::numpy>;
+
+// A capsule that unmaps a weight buffer when numpy lets go of the array over it.
+nb::capsule page_owner(const tandem::PageBuffer& b) {
+    return nb::capsule(new tandem::PageBuffer(b), [](void* p) noexcept {
+        auto* buffer = static_cast<tandem::PageBuffer*>(p);
+        tandem::release_pages(*buffer);
+        delete buffer;
+    });
+}
+
+void check_contiguous(const Array& a, const char* what) {
+    int64_t expect = 1;
+    for (int i = static_cast<int>(a.ndim()) - 1; i >= 0; --i) {
+        if (a.shape(i) > 1 && a.stride(i) != expect)
+            fail(std::string(what) + " is not C-contiguous: pass np.ascontiguousarray(" + what + ")");
+        expect *= static_cast<int64_t>(a.shape(i));
+    }
+}
+
+// weight (any dtype, C-contiguous) -> a copy of the same shape in huge-page weight memory (pages.h).
+OutAny resident_copy(const Array& weight) {
+    check_contiguous(weight, "weight");
+    const size_t bytes = weight.nbytes();
+    tandem::PageBuffer b = tandem::allocate_pages(std::max<size_t>(1, bytes));
+    {
+        nb::gil_scoped_release release;
+        std::memcpy(b.data, weight.data(), bytes);
+    }
+    std::vector<size_t> shape(weight.ndim());
+    for (size_t i = 0; i < weight.ndim(); ++i) shape[i] = weight.shape(i);
+    return OutAny(b.data, weight.ndim(), shape.data(), page_owner(b), nullptr, weight.dtype());
+}
 
 // weight uint8 [..., rows, row bytes] of `wtype` (rows a multiple of 16) -> the same bytes row-interleaved.
 OutU8N repack(int wtype, const Array& weight, int64_t cols) {
@@ -177,12 +211,7 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
     if (weight.ndim() < 2 || !is_dtype(weight, nb::dlpack::dtype_code::UInt, 8))
         fail("weight must be uint8 raw blocks [..., rows, row_bytes], got " + std::to_string(weight.ndim()) + "-D " +
              dtype_name(weight));
-    int64_t expect = 1;
-    for (int i = static_cast<int>(weight.ndim()) - 1; i >= 0; --i) {
-        if (weight.shape(i) > 1 && weight.stride(i) != expect)
-            fail("weight is not C-contiguous: pass np.ascontiguousarray(weight)");
-        expect *= static_cast<int64_t>(weight.shape(i));
-    }
+    check_contiguous(weight, "weight");
     if (cols <= 0 || cols % t.block_size)
         fail(std::string(t.name) + " rows of " + std::to_string(cols) + " values do not split into blocks of " +
              std::to_string(t.block_size));
@@ -194,15 +223,14 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
         fail("weight has " + std::to_string(weight.shape(nd - 2)) +
              " rows per matrix; the row-interleaved layout needs a multiple of 16 (use the weight as it is)");
     const int64_t rows = static_cast<int64_t>(weight.size() / rb);
-    auto* out = new uint8_t[std::max<size_t>(1, weight.size())];
+    tandem::PageBuffer out = tandem::allocate_pages(std::max<size_t>(1, weight.size()));
     {
         nb::gil_scoped_release release;
-        tandem::repack_r16(wt, static_cast<const uint8_t*>(weight.data()), rows, cols, out);
+        tandem::repack_r16(wt, static_cast<const uint8_t*>(weight.data()), rows, cols, out.data);
     }
     std::vector<size_t> shape(nd);
     for (size_t i = 0; i < nd; ++i) shape[i] = weight.shape(i);
-    nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
-    return OutU8N(out, nd, shape.data(), owner);
+    return OutU8N(out.data, nd, shape.data(), page_owner(out));
 }
 
 }  // namespace
@@ -211,6 +239,11 @@ void register_dot(nb::module_& m) {
     m.def("repack_r16", &repack, nb::arg("wtype"), nb::arg("weight"), nb::arg("cols"),
           "weight uint8 [..., rows, row_bytes] in Q4_0 / Q5_0 / Q8_0 / Q4_K (rows a multiple of 16) -> a new array of\n"
           "the same shape and bytes in the engine's row-interleaved layout, whose type id is r16_type(wtype).");
+    m.def("resident_copy", &resident_copy, nb::arg("weight"),
+          "A copy of a C-contiguous array (any dtype) in the engine's weight memory: 2 MiB aligned, advised\n"
+          "MADV_HUGEPAGE, so streaming it takes a TLB entry per 2 MiB rather than per 4 KiB page.");
+    m.def("huge_pages", &tandem::huge_pages_available,
+          "Whether transparent huge pages back advised mappings on this machine (THP 'always' or 'madvise').");
     m.def(
         "r16_type", [](int wtype) { return static_cast<int>(tandem::r16_of(static_cast<GgmlType>(wtype))); },
         nb::arg("wtype"), "The row-interleaved type id for a ggml type id (the same id when it has none).");

@@ -76,6 +76,41 @@ void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float*
     linear_batched(pool, &w, 1, X, T, Y, isa);
 }
 
+void linear_group(ThreadPool& pool, const Weight* ws, int n, const float* X, int64_t T, float* const* Ys, Isa isa) {
+    // X quantized once per activation format the matrices take (usually one)
+    std::vector<std::pair<GgmlType, std::vector<uint8_t>>> quantized;
+    std::vector<const uint8_t*> acts(n);
+    std::vector<int64_t> first(n + 1, 0), rows(n);
+    size_t bytes = 0;
+    const int64_t K = ws[0].cols;
+    for (int i = 0; i < n; ++i) {
+        const GgmlType fmt = act_type(ws[i]);
+        auto it = std::find_if(quantized.begin(), quantized.end(), [&](const auto& q) { return q.first == fmt; });
+        if (it == quantized.end()) {
+            quantized.emplace_back(fmt, std::vector<uint8_t>(static_cast<size_t>(T) * act_row_bytes(ws[i])));
+            it = quantized.end() - 1;
+            quantize_rows(pool, fmt, X, T, K, it->second.data(), act_row_bytes(ws[i]));
+        }
+        acts[i] = it->second.data();
+        rows[i] = task_rows(ws[i].row_stride);
+        first[i + 1] = first[i] + (ws[i].rows + rows[i] - 1) / rows[i];
+        bytes += static_cast<size_t>(ws[i].rows) * ws[i].row_stride;
+    }
+    auto run = [&](int i, int64_t r0, int64_t r1) {
+        matmul_rows(ws[i].type, K, ws[i].data, ws[i].row_stride, r0, r1, acts[i], act_row_bytes(ws[i]), T, Ys[i],
+                    ws[i].rows, isa);
+    };
+    if (bytes * static_cast<size_t>(T) < kInlineBytes) {
+        for (int i = 0; i < n; ++i) run(i, 0, ws[i].rows);
+        return;
+    }
+    pool.parallel_for(first[n], [&](int64_t task, int) {
+        const int i = static_cast<int>(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
+        const int64_t r0 = (task - first[i]) * rows[i];
+        run(i, r0, std::min(ws[i].rows, r0 + rows[i]));
+    });
+}
+
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,
          int A, const Expert* experts, int64_t E, const Expert* shared, int n_shared, const uint8_t* skip,
          float* out, Isa isa) {

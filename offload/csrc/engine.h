@@ -35,6 +35,11 @@ void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float*
 // shape (MLA's per-head W_UK / W_UV). X float32 [B, T, K], Y float32 [B, T, N].
 void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* X, int64_t T, float* Y, Isa isa);
 
+// Products of one input with several matrices in one pass over the pool, Ys[i] [T, N_i] = X W_i^T (MLA's
+// q and kv_a, an MLP's gate and up): X is quantized once per activation format and no thread waits
+// between the matrices. All ws[i].cols equal K = X's width.
+void linear_group(ThreadPool& pool, const Weight* ws, int n, const float* X, int64_t T, float* const* Ys, Isa isa);
+
 // ids [T, A] (-1 = skip this slot), weights [T, A]; experts[E]; `shared` run on every token with
 // weight 1; skip[e] != 0 leaves routed expert e out (it lives on the GPU). out [T, H] is overwritten.
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,

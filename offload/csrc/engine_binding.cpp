@@ -20,6 +20,8 @@
 
 #include "attention.h"
 #include "engine.h"
+#include "mla.h"
+#include "pages.h"
 #include "repack.h"
 
 namespace nb = nanobind;
@@ -28,6 +30,7 @@ using namespace tandem;
 namespace {
 
 using Any = nb::ndarray<nb::ro, nb::device::cpu>;
+using Mut = nb::ndarray<nb::device::cpu>;  // written in place (a KV cache)
 using F32 = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
 using CF32 = nb::ndarray<nb::ro, float, nb::device::cpu, nb::c_contig>;
 using I64 = nb::ndarray<nb::ro, int64_t, nb::device::cpu, nb::c_contig>;
@@ -210,19 +213,100 @@ double read_pass(ThreadPool& pool, const uint64_t* buf, size_t n) {
 }
 
 // GB/s of streaming reads over a buffer far larger than the caches, on the pool's threads (best of
-// `repeats`): the roofline that decode speed is measured against.
+// `repeats`): the roofline that decode speed is measured against. The buffer is weight memory
+// (pages.h, huge pages where the kernel gives them), as the weights the engine streams are.
 double read_bandwidth(ThreadPool& pool, size_t bytes, int repeats) {
     const size_t n = bytes / sizeof(uint64_t);
-    std::vector<uint64_t> buf(n);
+    std::unique_ptr<PageBuffer, void (*)(PageBuffer*)> pages(new PageBuffer(allocate_pages(n * sizeof(uint64_t))),
+                                                            [](PageBuffer* b) { release_pages(*b); delete b; });
+    auto* buf = reinterpret_cast<uint64_t*>(pages->data);
     for (size_t i = 0; i < n; i += 512) buf[i] = i;  // touch every page
     double best = 0;
-    for (int r = 0; r < repeats; ++r) best = std::max(best, static_cast<double>(n * sizeof(uint64_t)) / read_pass(pool, buf.data(), n) / 1e9);
+    for (int r = 0; r < repeats; ++r)
+        best = std::max(best, static_cast<double>(n * sizeof(uint64_t)) / read_pass(pool, buf, n) / 1e9);
     return best;
+}
+
+// The GgmlType of a KV cache array (float32, float16 or bfloat16).
+template <typename Array>
+GgmlType cache_type_of(const Array& a, const char* what) {
+    const auto dt = a.dtype();
+    if (dt == nb::dtype<float>()) return GgmlType::F32;
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16) return GgmlType::F16;
+    if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16) return GgmlType::BF16;
+    fail(std::string(what) + " must be float32, float16 or bfloat16");
+}
+
+using WeightArg = std::tuple<Any, int>;  // (bytes, ggml type id)
+
+// One layer's MLA weights, checked once at load so that a decode step's call checks only its activations.
+struct MlaHandle {
+    MlaLayer layer;
+    int64_t D = 0, Rq = 0;
+    std::vector<nb::object> keep_alive;  // the arrays the Weights point into
+};
+
+Weight one_matrix(const WeightArg& w, int64_t cols, int64_t rows, const char* what, std::vector<nb::object>& keep) {
+    auto ws = matrices(std::get<0>(w), std::get<1>(w), cols, what);
+    if (ws.size() != 1 || ws[0].rows != rows)
+        fail(std::string(what) + " must be one matrix of " + std::to_string(rows) + " rows of " + std::to_string(cols) +
+             " values");
+    keep.push_back(nb::cast(std::get<0>(w)));
+    return ws[0];
+}
+
+std::vector<float> norm_weight(const CF32& w, int64_t n, const char* what) {
+    if (w.ndim() != 1 || static_cast<int64_t>(w.shape(0)) != n)
+        fail(std::string(what) + " must be float32 [" + std::to_string(n) + "]");
+    return std::vector<float>(w.data(), w.data() + n);
+}
+
+MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int64_t Dv,
+                   const std::optional<WeightArg>& q_a, const std::optional<CF32>& q_a_norm, const WeightArg& q,
+                   const WeightArg& kv_a, const CF32& kv_a_norm, const WeightArg& uk, const WeightArg& uv,
+                   const WeightArg& o, float eps, float scale, bool rope_interleaved) {
+    if (D <= 0 || H <= 0 || Dn <= 0 || Dr <= 0 || Dr % 2 || R <= 0 || Dv <= 0)
+        fail("MLA dimensions must be positive (and the rope dim even)");
+    MlaHandle m;
+    MlaLayer& L = m.layer;
+    L.H = H, L.Dn = Dn, L.Dr = Dr, L.R = R, L.Dv = Dv, L.eps = eps, L.scale = scale;
+    L.rope_interleaved = rope_interleaved;
+    m.D = D;
+    if (q_a.has_value() != q_a_norm.has_value()) fail("q_a and q_a_norm come together (a q LoRA) or not at all");
+    if (q_a) {
+        const Any& a = std::get<0>(*q_a);
+        if (a.ndim() != 2) fail("q_a must be a 2-D matrix [q_lora_rank, row bytes]");
+        m.Rq = a.shape(0);
+        L.q_a = one_matrix(*q_a, D, m.Rq, "q_a", m.keep_alive);
+        L.q_a_norm = norm_weight(*q_a_norm, m.Rq, "q_a_norm");
+    }
+    L.q = one_matrix(q, q_a ? m.Rq : D, H * (Dn + Dr), "q", m.keep_alive);
+    L.kv_a = one_matrix(kv_a, D, R + Dr, "kv_a", m.keep_alive);
+    L.kv_a_norm = norm_weight(kv_a_norm, R, "kv_a_norm");
+    L.uk = matrices(std::get<0>(uk), std::get<1>(uk), Dn, "uk");
+    L.uv = matrices(std::get<0>(uv), std::get<1>(uv), R, "uv");
+    if (static_cast<int64_t>(L.uk.size()) != H || L.uk[0].rows != R)
+        fail("uk must be the per-head stack [heads, kv_lora_rank, row bytes] of W_UK");
+    if (static_cast<int64_t>(L.uv.size()) != H || L.uv[0].rows != Dv)
+        fail("uv must be the per-head stack [heads, v_head_dim, row bytes] of W_UV");
+    m.keep_alive.push_back(nb::cast(std::get<0>(uk)));
+    m.keep_alive.push_back(nb::cast(std::get<0>(uv)));
+    L.o = one_matrix(o, H * Dv, D, "o", m.keep_alive);
+    return m;
 }
 
 }  // namespace
 
 void register_engine(nb::module_& m) {
+    nb::class_<MlaHandle>(m, "MlaLayer", nb::is_weak_referenceable(),
+                          "One layer's MLA weights for Engine.mla_forward (checked here once, at load).")
+        .def(nb::new_(&make_mla), nb::arg("hidden"), nb::arg("heads"), nb::arg("nope_dim"), nb::arg("rope_dim"),
+             nb::arg("kv_lora_rank"), nb::arg("v_dim"), nb::arg("q_a").none(), nb::arg("q_a_norm").none(),
+             nb::arg("q"), nb::arg("kv_a"), nb::arg("kv_a_norm"), nb::arg("uk"), nb::arg("uv"), nb::arg("o"),
+             nb::arg("eps"), nb::arg("scale"), nb::arg("rope_interleaved") = true,
+             "Weights are (bytes, ggml type id): q_a [Rq, D] with q_a_norm [Rq] (or None without a q LoRA), q [H*(Dn+Dr), "
+             "Rq or D], kv_a [R+Dr, D], kv_a_norm [R], uk [H, R, Dn], uv [H, Dv, R], o [D, H*Dv].");
+
     nb::class_<EngineHandle>(m, "Engine", "The CPU engine: a persistent thread pool and the ops that run on it.")
         .def(nb::init<int>(), nb::arg("threads"))
         .def_prop_ro("threads", [](EngineHandle& h) { return h.pool.threads(); })
@@ -241,6 +325,38 @@ void register_engine(nb::module_& m) {
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
         .def(
+            "mla_forward",
+            [](EngineHandle& h, const MlaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& c_kv,
+               const Mut& k_pe, int64_t start, F32 out, const std::string& isa) {
+                const MlaLayer& L = m.layer;
+                if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
+                    fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
+                const int64_t T = x.shape(0);
+                check_2d(Any(cos), T, L.Dr / 2, "cos");
+                check_2d(Any(sin), T, L.Dr / 2, "sin");
+                check_2d(Any(out), T, m.D, "out");
+                const GgmlType type = cache_type_of(c_kv, "c_kv");
+                if (cache_type_of(k_pe, "k_pe") != type) fail("c_kv and k_pe must share a dtype");
+                if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != L.R ||
+                    static_cast<int64_t>(k_pe.shape(1)) != L.Dr || !c_contiguous(Any(c_kv)) || !c_contiguous(Any(k_pe)))
+                    fail("c_kv must be C-contiguous [positions, " + std::to_string(L.R) + "] and k_pe [positions, " +
+                         std::to_string(L.Dr) + "]");
+                if (start < 0 || start + T > static_cast<int64_t>(std::min(c_kv.shape(0), k_pe.shape(0))))
+                    fail("the cache holds " + std::to_string(std::min(c_kv.shape(0), k_pe.shape(0))) +
+                         " positions; positions " + std::to_string(start) + ".." + std::to_string(start + T) +
+                         " do not fit (reserve the cache first)");
+                const Isa level = isa_arg(isa);
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                mla_forward(h.pool, L, x.data(), T, cos.data(), sin.data(), type,
+                            static_cast<uint8_t*>(c_kv.data()), static_cast<uint8_t*>(k_pe.data()), start, out.data(),
+                            level);
+            },
+            nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("c_kv"), nb::arg("k_pe"),
+            nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto",
+            "One layer's absorbed MLA (mla.h): x [T, D] -> out [T, D], writing the new latents into rows start..start+T "
+            "of the cache c_kv [positions, R] / k_pe [positions, Dr].")
+        .def(
             "mla_attention",
             [](EngineHandle& h, const CF32& q_lat, const CF32& q_pe, const Any& c_kv, const Any& k_pe, float scale,
                F32 out, const std::string& isa) {
@@ -253,12 +369,7 @@ void register_engine(nb::module_& m) {
                     fail("c_kv must be [positions, kv_lora_rank] and k_pe [positions, rope dim], with as many positions");
                 if (!c_contiguous(c_kv) || !c_contiguous(k_pe)) fail("c_kv and k_pe must be C-contiguous");
                 if (c_kv.dtype() != k_pe.dtype()) fail("c_kv and k_pe must share a dtype");
-                GgmlType type;
-                const auto dt = c_kv.dtype();
-                if (dt == nb::dtype<float>()) type = GgmlType::F32;
-                else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && dt.bits == 16) type = GgmlType::F16;
-                else if (dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16) type = GgmlType::BF16;
-                else fail("the cache must be float32, float16 or bfloat16");
+                const GgmlType type = cache_type_of(c_kv, "the cache");
                 const int64_t S = c_kv.shape(0);
                 if (S < T) fail("the cache holds fewer positions than there are new tokens");
                 if (out.ndim() != 3 || static_cast<int64_t>(out.shape(0)) != H || static_cast<int64_t>(out.shape(1)) != T ||

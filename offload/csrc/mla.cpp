@@ -1,0 +1,101 @@
+#include "mla.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "attention.h"
+
+namespace tandem {
+namespace {
+
+// x[0:n] *= w / rms(x), the statistic in double (torch.rms_norm's float accumulation differs in the last bits)
+void rms_norm(float* x, int64_t n, const float* w, float eps) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * w[i];
+}
+
+// rotate x[0:d] by the angles whose cos/sin [d/2] are given
+void rope(float* x, int64_t d, const float* cos, const float* sin, bool interleaved) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        float* a = interleaved ? x + 2 * i : x + i;
+        float* b = interleaved ? x + 2 * i + 1 : x + i + half;
+        const float x0 = *a, x1 = *b;
+        *a = x0 * cos[i] - x1 * sin[i];
+        *b = x0 * sin[i] + x1 * cos[i];
+    }
+}
+
+// n floats into a cache row of `type`
+void store_row(GgmlType type, const float* x, int64_t n, uint8_t* dst) {
+    if (type == GgmlType::F32) {
+        std::memcpy(dst, x, sizeof(float) * static_cast<size_t>(n));
+        return;
+    }
+    auto* h = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) h[i] = type == GgmlType::F16 ? float_to_half(x[i]) : float_to_bf16(x[i]);
+}
+
+}  // namespace
+
+void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T, const float* cos, const float* sin,
+                 GgmlType cache_type, uint8_t* c_kv, uint8_t* k_pe, int64_t start, float* out, Isa isa) {
+    const int64_t H = L.H, Dn = L.Dn, Dr = L.Dr, R = L.R, Dv = L.Dv, Dq = Dn + Dr;
+    // scratch kept per calling thread: a prefill chunk's fresh buffers (~60 MB at T=512) page-faulted
+    // in on every layer cost more than the block's arithmetic
+    // (the pool's threads reach them through these references: a thread_local named in a lambda would be theirs)
+    struct Scratch {
+        std::vector<float> q, latent, qa, q_nope, q_pe, q_lat, o_lat, v, heads;
+    };
+    thread_local Scratch scratch;
+    auto &q = scratch.q, &latent = scratch.latent, &qa = scratch.qa, &q_nope = scratch.q_nope, &q_pe = scratch.q_pe;
+    auto &q_lat = scratch.q_lat, &o_lat = scratch.o_lat, &v = scratch.v, &heads = scratch.heads;
+    q.resize(T * H * Dq), latent.resize(T * (R + Dr)), q_nope.resize(H * T * Dn), q_pe.resize(H * T * Dr);
+    q_lat.resize(H * T * R), o_lat.resize(H * T * R), v.resize(H * T * Dv), heads.resize(T * H * Dv);
+    // 1. projections of x: q (through the q LoRA when there is one) and the latent, in one pass
+    if (L.q_a.rows) {
+        qa.resize(T * L.q_a.rows);
+        const Weight ws[2] = {L.q_a, L.kv_a};
+        float* ys[2] = {qa.data(), latent.data()};
+        linear_group(pool, ws, 2, x, T, ys, isa);
+        for (int64_t t = 0; t < T; ++t) rms_norm(qa.data() + t * L.q_a.rows, L.q_a.rows, L.q_a_norm.data(), L.eps);
+        linear(pool, L.q, qa.data(), T, q.data(), isa);
+    } else {
+        const Weight ws[2] = {L.q, L.kv_a};
+        float* ys[2] = {q.data(), latent.data()};
+        linear_group(pool, ws, 2, x, T, ys, isa);
+    }
+    // 2. per new token: its latent normed and rotated into the cache, its queries split by head and the
+    // rope part rotated (q [T, H, Dq] -> q_nope [H, T, Dn], q_pe [H, T, Dr])
+    const size_t kv_stride = row_size(cache_type, R), pe_stride = row_size(cache_type, Dr);
+    pool.parallel_for(T, [&](int64_t t, int) {
+        const float *c = cos + t * (Dr / 2), *s = sin + t * (Dr / 2);
+        float* lat = latent.data() + t * (R + Dr);
+        rms_norm(lat, R, L.kv_a_norm.data(), L.eps);
+        rope(lat + R, Dr, c, s, L.rope_interleaved);
+        store_row(cache_type, lat, R, c_kv + (start + t) * kv_stride);
+        store_row(cache_type, lat + R, Dr, k_pe + (start + t) * pe_stride);
+        for (int64_t h = 0; h < H; ++h) {
+            const float* qh = q.data() + (t * H + h) * Dq;
+            float* pe = q_pe.data() + (h * T + t) * Dr;
+            std::memcpy(q_nope.data() + (h * T + t) * Dn, qh, sizeof(float) * static_cast<size_t>(Dn));
+            std::memcpy(pe, qh + Dn, sizeof(float) * static_cast<size_t>(Dr));
+            rope(pe, Dr, c, s, L.rope_interleaved);
+        }
+    });
+    // 3. absorbed attention: W_UK into the query, the latent mix, W_UV out of it
+    linear_batched(pool, L.uk.data(), H, q_nope.data(), T, q_lat.data(), isa);
+    mla_attention(pool, H, T, start + T, R, Dr, q_lat.data(), q_pe.data(), cache_type, c_kv, k_pe, L.scale,
+                  o_lat.data(), isa);
+    linear_batched(pool, L.uv.data(), H, o_lat.data(), T, v.data(), isa);
+    pool.parallel_for(T, [&](int64_t t, int) {  // [H, T, Dv] -> [T, H*Dv]
+        for (int64_t h = 0; h < H; ++h)
+            std::memcpy(heads.data() + (t * H + h) * Dv, v.data() + (h * T + t) * Dv, sizeof(float) * static_cast<size_t>(Dv));
+    });
+    // 4. the output projection
+    linear(pool, L.o, heads.data(), T, out, isa);
+}
+
+}  // namespace tandem
