@@ -1,4 +1,5 @@
-"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16, Q4_K_R16).
+"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16, Q4_K_R16,
+Q6_K_R16).
 
 A repacked matrix holds the same bytes as the plain one, 16 rows interleaved block by block. Its
 products must match the float64 reference of test_dot_kernels within the same tolerance, on every ISA
@@ -19,7 +20,8 @@ from quant import formats as F
 
 from .test_dot_kernels import ACT, ISAS, TOL, activations, dequantize_activation, raw, weights
 
-TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K)
+TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q6_K)
+KQUANTS = (QT.Q4_K, QT.Q6_K)
 f32 = np.float32
 
 
@@ -29,7 +31,12 @@ def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
     ts = F.type_size(t)
     b = w.reshape(rows // 16, 16, -1, ts).transpose(0, 2, 1, 3)  # [group, block, row j, block bytes]
     d = b[..., 0:2]
-    if t == QT.Q4_K:
+    if t == QT.Q6_K:  # block: ql [128] | qh [64] | scales [16] | d
+        scales = b[..., 192:208].transpose(0, 1, 3, 2)  # [g, b, s, j]
+        ql = b[..., 0:128].reshape(*b.shape[:3], 32, 4).transpose(0, 1, 3, 2, 4)  # [g, b, m, j, l]
+        qh = b[..., 128:192].reshape(*b.shape[:3], 16, 4).transpose(0, 1, 3, 2, 4)
+        parts = [b[..., 208:210], scales, ql, qh]
+    elif t == QT.Q4_K:
         scales = b[..., 4:16].reshape(*b.shape[:3], 3, 4).transpose(0, 1, 3, 2, 4)  # [g, b, v, j, 4]
         qs = b[..., 16:].reshape(*b.shape[:3], 4, 8, 4).transpose(0, 1, 3, 4, 2, 5)  # [g, b, i, k, j, l]
         parts = [d, b[..., 2:4], scales, qs]
@@ -54,20 +61,20 @@ def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
 
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_layout_is_the_documented_one(wtype):
-    k = 512 if wtype == QT.Q4_K else 96
+    k = 512 if wtype in KQUANTS else 96
     w = raw(F.quantize(weights(np.random.default_rng(7), 32, k), wtype))
     r = _C.repack_r16(int(wtype), w, k)
     assert r.shape == w.shape and r.dtype == np.uint8
     assert np.array_equal(r, numpy_r16(w, wtype))
     assert _C.r16_type(int(wtype)) == 1000 + int(wtype)
-    assert _C.r16_type(int(QT.Q6_K)) == int(QT.Q6_K)
+    assert _C.r16_type(int(QT.Q5_K)) == int(QT.Q5_K)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_matmul_matches_reference(wtype, isa):
     rng = np.random.default_rng(int(wtype))
-    for k in ((256, 512, 2816) if wtype == QT.Q4_K else (32, 96, 512, 2816)):
+    for k in ((256, 512, 2816) if wtype in KQUANTS else (32, 96, 512, 2816)):
         wf = weights(rng, 48, k)
         w = raw(F.quantize(wf, wtype))
         wd = F.dequantize(w, wtype).astype(np.float64)
@@ -94,7 +101,7 @@ def test_matmul_matches_reference(wtype, isa):
 def test_engine_ops_match_plain_layout(wtype):
     """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout."""
     rng = np.random.default_rng(3)
-    H, I, E, A = 256, (256 if wtype == QT.Q4_K else 96), 6, 3
+    H, I, E, A = 256, (256 if wtype in KQUANTS else 96), 6, 3
     for threads in (1, 2):
         eng = CpuEngine(threads)
         w = QuantWeight(wtype.name, raw(F.quantize(weights(rng, 64, H), wtype)), H)
@@ -128,8 +135,8 @@ def test_engine_ops_match_plain_layout(wtype):
 
 def test_prepare_weight_leaves_what_it_cannot_repack():
     rng = np.random.default_rng(5)
-    q6k = QuantWeight("Q6_K", raw(F.quantize(weights(rng, 32, 256), QT.Q6_K)), 256)
-    assert prepare_weight(q6k, force=True) is q6k
+    q5k = QuantWeight("Q5_K", raw(F.quantize(weights(rng, 32, 256), QT.Q5_K)), 256)
+    assert prepare_weight(q5k, force=True) is q5k
     ragged = QuantWeight("Q8_0", raw(F.quantize(weights(rng, 24, 64), QT.Q8_0)), 64)  # 24 rows
     assert prepare_weight(ragged, force=True) is ragged
 
@@ -140,7 +147,7 @@ def test_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         _C.repack_r16(int(QT.Q8_0), w, 64)
     with pytest.raises(ValueError, match="no row-interleaved layout"):
-        _C.repack_r16(int(QT.Q6_K), raw(F.quantize(weights(rng, 16, 256), QT.Q6_K)), 256)
+        _C.repack_r16(int(QT.Q5_K), raw(F.quantize(weights(rng, 16, 256), QT.Q5_K)), 256)
     with pytest.raises(ValueError, match="bytes"):
         _C.repack_r16(int(QT.Q8_0), w[:16], 96)
     with pytest.raises(ValueError, match="C-contiguous"):

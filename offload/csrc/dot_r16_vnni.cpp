@@ -175,7 +175,82 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
     for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
+// Q6_K, per super-block: 16 sub-blocks of 16 values, each with a signed 8-bit scale per row. Per half
+// n and quarter g the 8 quant vectors (4 low bits from ql, 2 high bits from qh, unsigned 0..63) are
+// built once for all activation rows; per activation row and sub-block s the exact integer sum
+//   isum_s = seed_s (-32 * sum of its activation quants) + 4 dpbusd
+// is scaled by the rows' scales in lanes (vpmulld) and summed over the super-block, then
+//   acc += float(sum_s sc_s * isum_s) * d_w * d_a          (llama.cpp's integer order, one row per lane)
+template <int NA>
+void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+              float* Y, size_t y_stride) {
+    constexpr size_t unit = 210 * kR16;
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* u = group + b * unit;
+        for (size_t off = 0; off < unit; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(u) + 2 * unit + off, _MM_HINT_T0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+        const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
+        __m512i isum[NA];
+        for (int t = 0; t < NA; ++t) isum[t] = _mm512_setzero_si512();
+        for (int n = 0; n < 2; ++n) {
+            for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
+                __m512i q[8];
+                for (int k = 0; k < 8; ++k) {
+                    const __m512i x = _mm512_loadu_si512(ql + 64 * (16 * n + 8 * (g & 1) + k));
+                    const __m512i h = _mm512_loadu_si512(qh + 64 * (8 * n + k));
+                    const __m512i low = _mm512_and_si512(g < 2 ? x : _mm512_srli_epi16(x, 4), nib);
+                    // bits 2g, 2g + 1 of qh to bits 4, 5 (16-bit shifts: what crosses a byte is masked off)
+                    const __m512i hb = g == 0 ? _mm512_slli_epi16(h, 4)
+                                       : g == 1 ? _mm512_slli_epi16(h, 2)
+                                       : g == 2 ? h
+                                                : _mm512_srli_epi16(h, 2);
+                    q[k] = _mm512_ternarylogic_epi32(low, hb, top, 0xF8);  // low | (hb & top)
+                }
+                const int s = 8 * n + 2 * g;
+                const __m512i sa = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 16 * s)));
+                const __m512i sb =
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 16 * (s + 1))));
+                for (int t = 0; t < NA; ++t) {
+                    const int8_t* a =
+                        reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as)[b].qs + 128 * n + 32 * g;
+                    const int32_t* sd = seed + (t * nb + b) * 16 + s;
+                    __m512i s0 = _mm512_set1_epi32(sd[0]), s1 = _mm512_set1_epi32(sd[1]);
+                    for (int k = 0; k < 4; ++k) {
+                        s0 = _mm512_dpbusd_epi32(s0, q[k], bcast32(a + 4 * k));
+                        s1 = _mm512_dpbusd_epi32(s1, q[k + 4], bcast32(a + 16 + 4 * k));
+                    }
+                    isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(s0, sa),
+                                                                         _mm512_mullo_epi32(s1, sb)));
+                }
+            }
+        }
+        for (int t = 0; t < NA; ++t)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b])),
+                                     acc[t]);
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+}
+
 }  // namespace
+
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+                  int nt, float* Y, size_t y_stride) {
+    by_tile(nt, [&](auto na) { gemm_q6k<decltype(na)::value>(nb, group, act, as, ad, seed, Y, y_stride); });
+}
+
+void prep_r16_q6k(const void* act, size_t as, int nt, int64_t nb, float* ad, int32_t* seed) {
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as);
+        for (int64_t b = 0; b < nb; ++b) {
+            ad[t * nb + b] = y[b].d;
+            for (int s = 0; s < 16; ++s) seed[(t * nb + b) * 16 + s] = -32 * y[b].bsums[s];
+        }
+    }
+}
 
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {

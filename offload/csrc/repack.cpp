@@ -16,6 +16,7 @@ GgmlType r16_of(GgmlType base) {
         case GgmlType::Q5_0: return GgmlType::Q5_0_R16;
         case GgmlType::Q8_0: return GgmlType::Q8_0_R16;
         case GgmlType::Q4_K: return GgmlType::Q4_K_R16;
+        case GgmlType::Q6_K: return GgmlType::Q6_K_R16;
         default: return base;
     }
 }
@@ -26,6 +27,7 @@ GgmlType base_of(GgmlType type) {
         case GgmlType::Q5_0_R16: return GgmlType::Q5_0;
         case GgmlType::Q8_0_R16: return GgmlType::Q8_0;
         case GgmlType::Q4_K_R16: return GgmlType::Q4_K;
+        case GgmlType::Q6_K_R16: return GgmlType::Q6_K;
         default: return type;
     }
 }
@@ -92,6 +94,20 @@ void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) 
     }
 }
 
+// Q6_K: d[16] f16 | scales [16][16] (sub-block s, lane j = scales_j[s]) | ql [32][16][4] (vector m, lane j,
+// byte l = ql_j[4m + l]) | qh [16][16][4] (vector m, lane j, byte l = qh_j[4m + l])
+void convert_unit(block_q6_K* const* rows, int64_t b, uint8_t* u, bool to_unit) {
+    auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
+        move_bytes(to_unit, unit_bytes, row_bytes, size);
+    };
+    for (int j = 0; j < kR16; ++j) {
+        move(u + 2 * j, &rows[j][b].d, 2);
+        for (int s = 0; s < 16; ++s) move(u + 32 + 16 * s + j, &rows[j][b].scales[s], 1);
+        for (int m = 0; m < 32; ++m) move(u + 288 + 64 * m + 4 * j, rows[j][b].ql + 4 * m, 4);
+        for (int m = 0; m < 16; ++m) move(u + 2336 + 64 * m + 4 * j, rows[j][b].qh + 4 * m, 4);
+    }
+}
+
 template <class Block>
 void convert_group(uint8_t* plain, size_t row_bytes, uint8_t* group, int64_t nb, bool to_unit) {
     Block* rows[kR16];
@@ -104,6 +120,7 @@ void convert(GgmlType base, uint8_t* plain, int64_t n, uint8_t* group, bool to_u
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     switch (base) {
         case GgmlType::Q4_K: return convert_group<block_q4_K>(plain, rb, group, nb, to_unit);
+        case GgmlType::Q6_K: return convert_group<block_q6_K>(plain, rb, group, nb, to_unit);
         case GgmlType::Q4_0: return convert_group<block_q4_0>(plain, rb, group, nb, to_unit);
         case GgmlType::Q5_0: return convert_group<block_q5_0>(plain, rb, group, nb, to_unit);
         case GgmlType::Q8_0: return convert_group<block_q8_0>(plain, rb, group, nb, to_unit);
@@ -133,21 +150,24 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
     const GgmlType base = base_of(type);
     const size_t rb = row_size(base, n), group_bytes = rb * kR16;
-    const bool kquant = base == GgmlType::Q4_K;
+    const bool q4k = base == GgmlType::Q4_K, q6k = base == GgmlType::Q6_K;
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa == Isa::Avx512Vnni;
-    // the activations' scales and, per block, the offset correction (32-value types) or the 8 sub-block
-    // sums the mins multiply (Q4_K): once for all the groups
+    // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
+    // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K): once for all the groups
     thread_local std::vector<float> ad;
     thread_local std::vector<int32_t> seed;
     thread_local std::vector<float> sub_sums;
     if (vnni) {
         require_isa(isa);
         ad.resize(static_cast<size_t>(n_tokens * nb));
-        if (kquant) {
+        if (q4k) {
             sub_sums.resize(static_cast<size_t>(n_tokens * nb * 8));
             detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
+        } else if (q6k) {
+            seed.resize(static_cast<size_t>(n_tokens * nb * 16));
+            detail::avx512_vnni::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
         } else {
             seed.resize(static_cast<size_t>(n_tokens * nb));
             detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
@@ -174,7 +194,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             for (int64_t g = c0; g < c1; ++g) {
                 const int64_t r0 = g * kR16;
                 if (r0 < row_begin || r0 + kR16 > row_end) continue;
-                if (kquant)
+                if (q6k)
+                    detail::avx512_vnni::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                      ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
+                                                      Y + t0 * y_stride + r0, y_stride);
+                else if (q4k)
                     detail::avx512_vnni::gemm_r16_q4k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
                                                       ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
                                                       Y + t0 * y_stride + r0, y_stride);

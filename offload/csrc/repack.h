@@ -1,4 +1,4 @@
-// Row-interleaved ("R16") layouts of Q4_0, Q5_0, Q8_0 and Q4_K, built once at load (ik_llama.cpp's
+// Row-interleaved ("R16") layouts of Q4_0, Q5_0, Q8_0, Q4_K and Q6_K, built once at load (ik_llama.cpp's
 // _R4/_R8 idea): 16 rows go together, and block b of all 16 rows is stored as one unit, so a SIMD
 // kernel puts one row per int32 lane, broadcasts 4 activation bytes to every lane, and needs no
 // transpose, no horizontal sum and no per-row scale gathering; the 16 results land contiguous in Y.
@@ -14,6 +14,9 @@
 //   d [16] f16 | dmin [16] f16 | scales [3][16][4] (vector v, lane j = scales_j[4v..4v+3]) |
 //   qs [4][8][16][4]                 pair i, vector k, lane j, byte l = qs_j[32i + 4k + l]: low nibbles
 //                                    are sub-block 2i's value 4k + l, high nibbles sub-block 2i + 1's
+// and for Q6_K, per super-block b:
+//   d [16] f16 | scales [16][16] i8 (sub-block s, lane j = scales_j[s]) |
+//   ql [32][16][4] (vector m, lane j, byte l = ql_j[4m + l]) | qh [16][16][4] (the same for qh_j)
 // Only matrices whose row count is a multiple of 16 are repacked.
 #pragma once
 
@@ -54,6 +57,11 @@ void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, 
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride);
 void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sub_sums);
+// Q6_K: 16 rows x nt <= 8 Q8_K activation rows; seed [nt][nb][16] = -32 * the activation sum of each
+// 16-value sub-block (the quants' bias), from the bsums.
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+                  const int32_t* seed, int nt, float* Y, size_t y_stride);
+void prep_r16_q6k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, int32_t* seed);
 // ad and seed for nt activation rows of nb Q8_0 blocks (see gemm_r16); off = 8, 16 or 128.
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
 }  // namespace detail::avx512_vnni
