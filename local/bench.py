@@ -136,6 +136,8 @@ class TandemTarget:
         fused = any(getattr(layer.mlp, "engine", None) for layer in self.model.model.layers)
         if "shared experts" not in spent and fused:
             spent["shared experts"] = float("nan")  # fused into the experts call
+        if any(getattr(layer.mlp, "engine_layer", None) is not None for layer in self.model.model.layers):
+            spent["router"] = float("nan")  # so is the router: one engine call per MoE layer
         spent["other"] = total - sum(v for v in spent.values() if not math.isnan(v))
         n = len(ids)
         out = {k: v / n * 1e6 for k, v in spent.items()}
@@ -152,8 +154,8 @@ class TandemTarget:
             from offload import torch_ops
         except ImportError:
             return 0.0, 0.0
-        names = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_moe", "submit_moe",
-                 "wait_moe")
+        names = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_moe", "run_moe_layer",
+                 "submit_moe", "wait_moe")
         spent = [0.0]
         originals = {name: getattr(torch_ops, name) for name in names}
 

@@ -181,9 +181,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
             target.engine_uk, target.engine_uv = spec.uk, spec.uv
         else:
             target.engine_weight = spec
-    for name, spec in plan.items():  # with all its weights on the engine, an MLA block becomes one call
+    for name, spec in plan.items():  # with all its weights on the engine, an MLA block or MoE layer is one call
         if isinstance(spec, MLAEngine):
             model.get_submodule(name).bind_engine(model.rope)
+        elif isinstance(spec, tuple):
+            model.get_submodule(name).bind_engine()
     model.checkpoint = gmodel
     model.placement = placement
     return cfg, model, gmodel

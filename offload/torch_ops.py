@@ -70,8 +70,9 @@ def _mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
     return out
 
 
-# the fused MLA layers (_C.MlaLayer) alive, by the id a custom op call names them with (the model holds them)
-_MLA_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# the fused layers (_C.MlaLayer, _C.MoeLayer) alive, by the id a custom op call names them with (the model
+# holds them)
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def mla_layer(hidden: int, heads: int, nope_dim: int, rope_dim: int, kv_lora_rank: int, v_dim: int, q_a, q_a_norm,
@@ -86,8 +87,31 @@ def mla_layer(hidden: int, heads: int, nope_dim: int, rope_dim: int, kv_lora_ran
 
     layer = _C.MlaLayer(hidden, heads, nope_dim, rope_dim, kv_lora_rank, v_dim, w(q_a), norm(q_a_norm), w(q), w(kv_a),
                         norm(kv_a_norm), w(uk), w(uv), w(o), eps, scale, rope_interleaved)
-    _MLA_LAYERS[id(layer)] = layer
+    _LAYERS[id(layer)] = layer
     return layer
+
+
+def moe_layer(gate, up, down, types, shared, shared_types, router_weight: torch.Tensor, bias, top_k: int, scoring: str,
+              topk_method: str, n_group: int, topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float):
+    """One MoE layer (router + routed and shared experts, as run_moe takes them), checked once, for
+    `run_moe_layer` (a _C.MoeLayer, which keeps the weights alive). router_weight float32 [E, H]."""
+    spec = [(_np(shared[i]), shared_types[i], _np(shared[i + 1]), shared_types[i + 1], _np(shared[i + 2]),
+             shared_types[i + 2]) for i in range(0, len(shared), 3)]
+    router = (router_weight.detach().float().contiguous().numpy(), 0)
+    bias = None if bias is None else bias.detach().float().contiguous().numpy()
+    layer = _C.MoeLayer(_np(gate), types[0], _np(up), types[1], _np(down), types[2], spec, router, bias, top_k, scoring,
+                        topk_method, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    _LAYERS[id(layer)] = layer
+    return layer
+
+
+def _moe_layer(layer, x, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(x, dtype=torch.float32)
+    ids = torch.empty(x.shape[0], top_k, dtype=torch.int64)
+    weights = torch.empty(x.shape[0], top_k, dtype=torch.float32)
+    e = engine()
+    e._engine.moe_layer(layer, _np(x.contiguous()), out.numpy(), ids.numpy(), weights.numpy(), e.isa)
+    return out, weights, ids
 
 
 def _mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int) -> torch.Tensor:
@@ -164,12 +188,26 @@ def mla_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_kv: tor
                 start: int, layer: int) -> torch.Tensor:
     """One layer's absorbed MLA (offload/csrc/mla.h): x [T, D] float32 -> [T, D]; the new latents go into
     rows start..start+T of c_kv [positions, R] / k_pe [positions, Dr]; `layer` is id() of an mla_layer()."""
-    return _mla_forward(_MLA_LAYERS[layer], x, cos, sin, c_kv, k_pe, start)
+    return _mla_forward(_LAYERS[layer], x, cos, sin, c_kv, k_pe, start)
 
 
 @mla_forward.register_fake
 def _(x, cos, sin, c_kv, k_pe, start, layer):
     return torch.empty_like(x, dtype=torch.float32)
+
+
+@torch.library.custom_op("tandem::moe_layer", mutates_args=())
+def moe_layer_op(x: torch.Tensor, top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One MoE layer: route x [T, H] float32 and run its experts -> (out [T, H], weights [T, top_k] float32,
+    ids [T, top_k] int64); `layer` is id() of a moe_layer()."""
+    return _moe_layer(_LAYERS[layer], x, top_k)
+
+
+@moe_layer_op.register_fake
+def _(x, top_k, layer):
+    T = x.shape[0]
+    return (torch.empty_like(x, dtype=torch.float32), x.new_empty(T, top_k, dtype=torch.float32),
+            x.new_empty(T, top_k, dtype=torch.int64))
 
 
 # ---- what the model code calls: the custom op under torch.compile, the engine directly in eager mode
@@ -198,6 +236,12 @@ def run_mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.tandem.mla_forward(x, cos, sin, c_kv, k_pe, start, id(layer))
     return _mla_forward(layer, x, cos, sin, c_kv, k_pe, start)
+
+
+def run_moe_layer(layer, x, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.moe_layer(x, top_k, id(layer))
+    return _moe_layer(layer, x, top_k)
 
 
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:

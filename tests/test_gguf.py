@@ -267,7 +267,7 @@ def test_engine_runs_gguf_from_the_blocks(name, converted):
     path = converted[name]["q8_0"]
     fast, slow = local.load(path, device="cpu"), local.load(path, device="cpu", engine=False)
     moes = [m for m in fast.model.modules() if isinstance(m, MoE)]
-    assert moes and all(m.engine is not None for m in moes)
+    assert moes and all(m.engine is not None and m.engine_layer is not None for m in moes)  # router too
     assert all(p.is_meta for m in moes for p in m.experts.parameters())
     assert fast.model.lm_head.engine_weight is not None
     ids = seq(5)

@@ -78,6 +78,8 @@ class MoE(nn.Module):
         # GGUF on the CPU: (gate, up, down stacks, their ggml types, shared [gate, up, down, ...], types)
         # for one fused engine call per layer; the per-expert modules are then never loaded
         self.engine: tuple | None = None
+        # ...and with the router there too, the whole layer is one engine call (offload.torch_ops.moe_layer)
+        self.engine_layer = None
         # hybrid: the routed experts run on the CPU engine while the shared ones (and the routed experts
         # listed in gpu_experts) run here in torch; engine_skip masks the latter out of the engine call
         self.overlap = False
@@ -92,7 +94,27 @@ class MoE(nn.Module):
             skip[self.gpu_experts] = 1
             self.engine_skip = skip
 
+    def bind_engine(self) -> bool:
+        """Make the layer (router included) one CPU engine call when its experts are on the engine and the
+        router's logits are float32; returns whether it did."""
+        g = self.gate
+        if self.engine is None or self.overlap or g.weight.dtype != torch.float32:
+            return False
+        from offload.torch_ops import moe_layer
+
+        self.engine_layer = moe_layer(*self.engine, g.weight, getattr(g, "e_score_correction_bias", None), g.top_k,
+                                      g.scoring, g.topk_method, g.n_group, g.topk_group, g.norm_topk_prob,
+                                      g.routed_scaling_factor)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine_layer is not None and x.device.type == "cpu":
+            from offload.torch_ops import run_moe_layer
+
+            out, _, ids = run_moe_layer(self.engine_layer, x.float().contiguous(), self.gate.top_k)
+            if self.expert_counts is not None:
+                self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
+            return out.to(x.dtype)
         weights, ids = self.gate(x)  # [T, A], [T, A]
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)

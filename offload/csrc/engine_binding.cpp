@@ -23,6 +23,7 @@
 #include "mla.h"
 #include "pages.h"
 #include "repack.h"
+#include "router.h"
 
 namespace nb = nanobind;
 using namespace tandem;
@@ -111,6 +112,26 @@ struct MoeCall {
     Isa isa;
 };
 
+// The routed experts (gate/up [E, I, bytes], down [E, H, bytes]) and the shared ones, for hidden size H.
+void expert_stacks(const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
+                   const std::vector<SharedSpec>& shared, int64_t H, std::vector<Expert>& experts,
+                   std::vector<Expert>& shared_out) {
+    if (gate.ndim() != 3) fail("gate must be the 3-D expert stack [experts, intermediate, row bytes]");
+    const int64_t E = gate.shape(0), I = gate.shape(1);
+    auto g = matrices(gate, gate_type, H, "gate"), u = matrices(up, up_type, H, "up"), d = matrices(down, down_type, I, "down");
+    if (static_cast<int64_t>(u.size()) != E || static_cast<int64_t>(d.size()) != E || u[0].rows != I || d[0].rows != H)
+        fail("up must be [experts, intermediate, ...] and down [experts, hidden, ...] like gate");
+    for (int64_t e = 0; e < E; ++e) experts.push_back(Expert{g[e], u[e], d[e]});
+    for (size_t s = 0; s < shared.size(); ++s) {
+        const auto& [sg, sgt, su, sut, sd, sdt] = shared[s];
+        auto a = matrices(sg, sgt, H, "shared gate"), b = matrices(su, sut, H, "shared up");
+        if (a.size() != 1 || b.size() != 1 || a[0].rows != b[0].rows) fail("shared gate/up must be 2-D [intermediate, ...]");
+        auto dd = matrices(sd, sdt, a[0].rows, "shared down");
+        if (dd.size() != 1 || dd[0].rows != H) fail("shared down must be 2-D [hidden, ...]");
+        shared_out.push_back(Expert{a[0], b[0], dd[0]});
+    }
+}
+
 MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type, const Any& up,
                     int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
                     const std::optional<U8>& skip, const F32& out, const std::string& isa) {
@@ -122,21 +143,8 @@ MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const An
     c.A = static_cast<int>(ids.shape(1));
     check_2d(Any(weights), c.T, c.A, "weights");
     check_2d(Any(out), c.T, c.H, "out");
-    if (gate.ndim() != 3) fail("gate must be the 3-D expert stack [experts, intermediate, row bytes]");
-    c.E = gate.shape(0);
-    const int64_t I = gate.shape(1);
-    auto g = matrices(gate, gate_type, c.H, "gate"), u = matrices(up, up_type, c.H, "up"), d = matrices(down, down_type, I, "down");
-    if (static_cast<int64_t>(u.size()) != c.E || static_cast<int64_t>(d.size()) != c.E || u[0].rows != I || d[0].rows != c.H)
-        fail("up must be [experts, intermediate, ...] and down [experts, hidden, ...] like gate");
-    for (int64_t e = 0; e < c.E; ++e) c.experts.push_back(Expert{g[e], u[e], d[e]});
-    for (size_t s = 0; s < shared.size(); ++s) {
-        const auto& [sg, sgt, su, sut, sd, sdt] = shared[s];
-        auto a = matrices(sg, sgt, c.H, "shared gate"), b = matrices(su, sut, c.H, "shared up");
-        if (a.size() != 1 || b.size() != 1 || a[0].rows != b[0].rows) fail("shared gate/up must be 2-D [intermediate, ...]");
-        auto dd = matrices(sd, sdt, a[0].rows, "shared down");
-        if (dd.size() != 1 || dd[0].rows != c.H) fail("shared down must be 2-D [hidden, ...]");
-        c.shared.push_back(Expert{a[0], b[0], dd[0]});
-    }
+    expert_stacks(gate, gate_type, up, up_type, down, down_type, shared, c.H, c.experts, c.shared);
+    c.E = static_cast<int64_t>(c.experts.size());
     const int64_t* id = ids.data();
     for (int64_t i = 0; i < c.T * c.A; ++i)
         if (id[i] < -1 || id[i] >= c.E)
@@ -295,9 +303,66 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
     return m;
 }
 
+// One MoE layer's router, routed and shared experts, checked once at load (Engine.moe_layer).
+struct MoeHandle {
+    Router router;
+    std::vector<Expert> experts, shared;
+    int64_t H = 0;
+    std::vector<nb::object> keep_alive;
+};
+
+MoeHandle make_moe(const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
+                   const std::vector<SharedSpec>& shared, const WeightArg& router, const std::optional<CF32>& bias,
+                   int top_k, const std::string& scoring, const std::string& method, int n_group, int topk_group,
+                   bool norm_topk, float scaling) {
+    MoeHandle m;
+    const Any& rw = std::get<0>(router);
+    if (rw.ndim() != 2) fail("router must be a 2-D matrix [experts, hidden]");
+    m.H = rw.shape(1);
+    expert_stacks(gate, gate_type, up, up_type, down, down_type, shared, m.H, m.experts, m.shared);
+    const int64_t E = static_cast<int64_t>(m.experts.size());
+    Router& r = m.router;
+    auto rws = matrices(rw, std::get<1>(router), m.H, "router");
+    if (rws[0].rows != E) fail("router has " + std::to_string(rws[0].rows) + " rows for " + std::to_string(E) + " experts");
+    r.w = rws[0];
+    if (top_k < 1 || top_k > E) fail("top_k must be 1.." + std::to_string(E));
+    r.top_k = top_k;
+    if (scoring == "softmax") r.scoring = Router::Scoring::Softmax;
+    else if (scoring == "sigmoid") r.scoring = Router::Scoring::Sigmoid;
+    else fail("scoring '" + scoring + "' is not softmax or sigmoid");
+    if (method == "greedy") r.method = Router::Method::Greedy;
+    else if (method == "group_limited_greedy") r.method = Router::Method::GroupLimited;
+    else if (method == "noaux_tc") r.method = Router::Method::NoAuxTc;
+    else fail("topk_method '" + method + "' is not greedy, group_limited_greedy or noaux_tc");
+    if (n_group < 1 || E % n_group || topk_group < 1 || topk_group > n_group)
+        fail("n_group must divide the " + std::to_string(E) + " experts and topk_group be 1..n_group");
+    if (r.method == Router::Method::NoAuxTc && E / n_group < 2) fail("noaux_tc needs at least 2 experts per group");
+    if (r.method != Router::Method::Greedy &&
+        static_cast<int64_t>(topk_group) * (E / n_group) < top_k)
+        fail("the kept groups hold fewer experts than top_k");
+    r.n_group = n_group, r.topk_group = topk_group, r.norm_topk = norm_topk, r.scaling = scaling;
+    if (r.method == Router::Method::NoAuxTc) {
+        if (!bias || bias->ndim() != 1 || static_cast<int64_t>(bias->shape(0)) != E)
+            fail("noaux_tc needs the correction bias, float32 [" + std::to_string(E) + "]");
+        r.bias.assign(bias->data(), bias->data() + E);
+    }
+    m.keep_alive = {nb::cast(gate), nb::cast(up), nb::cast(down), nb::cast(rw)};
+    for (const auto& sp : shared)
+        for (const Any* a : {&std::get<0>(sp), &std::get<2>(sp), &std::get<4>(sp)}) m.keep_alive.push_back(nb::cast(*a));
+    return m;
+}
+
 }  // namespace
 
 void register_engine(nb::module_& m) {
+    nb::class_<MoeHandle>(m, "MoeLayer", nb::is_weak_referenceable(),
+                          "One MoE layer (router, routed and shared experts) for Engine.moe_layer, checked once.")
+        .def(nb::new_(&make_moe), nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"),
+             nb::arg("down"), nb::arg("down_type"), nb::arg("shared"), nb::arg("router"), nb::arg("bias").none(),
+             nb::arg("top_k"), nb::arg("scoring"), nb::arg("topk_method"), nb::arg("n_group") = 1,
+             nb::arg("topk_group") = 1, nb::arg("norm_topk_prob") = false, nb::arg("routed_scaling_factor") = 1.0f,
+             "Expert stacks as Engine.moe takes them; router (bytes [E, H], ggml type id); bias [E] for noaux_tc.");
+
     nb::class_<MlaHandle>(m, "MlaLayer", nb::is_weak_referenceable(),
                           "One layer's MLA weights for Engine.mla_forward (checked here once, at load).")
         .def(nb::new_(&make_mla), nb::arg("hidden"), nb::arg("heads"), nb::arg("nope_dim"), nb::arg("rope_dim"),
@@ -324,6 +389,26 @@ void register_engine(nb::module_& m) {
             },
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
+        .def(
+            "moe_layer",
+            [](EngineHandle& h, const MoeHandle& m, const CF32& x, F32 out, nb::ndarray<int64_t, nb::device::cpu, nb::c_contig> ids,
+               F32 weights, const std::string& isa) {
+                if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.H)
+                    fail("x must be float32 [tokens, " + std::to_string(m.H) + "]");
+                const int64_t T = x.shape(0), A = m.router.top_k;
+                check_2d(Any(out), T, m.H, "out");
+                check_2d(Any(ids), T, A, "ids");
+                check_2d(Any(weights), T, A, "weights");
+                const Isa level = isa_arg(isa);
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                route(h.pool, m.router, x.data(), T, ids.data(), weights.data(), level);
+                moe(h.pool, x.data(), T, m.H, ids.data(), weights.data(), static_cast<int>(A), m.experts.data(),
+                    static_cast<int64_t>(m.experts.size()), m.shared.data(), static_cast<int>(m.shared.size()), nullptr,
+                    out.data(), level);
+            },
+            nb::arg("layer"), nb::arg("x"), nb::arg("out"), nb::arg("ids"), nb::arg("weights"), nb::arg("isa") = "auto",
+            "One MoE layer: route x [T, H] (ids, weights [T, top_k] are written), then the fused experts -> out.")
         .def(
             "mla_forward",
             [](EngineHandle& h, const MlaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& c_kv,
