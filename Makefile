@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 PROMPT ?= The meaning of life is
 # CPU build of torch, already on disk here; a bare `torch` may pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 
 .PHONY: setup run test clean
+
+# llama-cpp-python (the tests' reference, the bench's peer) is built for this CPU's instruction sets but
+# without AMX, whose buffer type crashes llama.cpp on deepseek2 models; a cached AMX build is rebuilt.
 
 setup: $(VENV)/.installed
 
@@ -15,6 +19,9 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard offload/csrc/*)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "nanobind>=2.4"
+	CMAKE_ARGS="$$($(PY) local/llama_cpp_peer.py cmake-args)" $(PY) -m pip install -q "$(LLAMA_CPP_SPEC)"
+	$(PY) local/llama_cpp_peer.py check || CMAKE_ARGS="$$($(PY) local/llama_cpp_peer.py cmake-args)" \
+		$(PY) -m pip install -q --no-cache-dir --force-reinstall --no-deps "$(LLAMA_CPP_SPEC)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 

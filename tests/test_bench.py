@@ -82,3 +82,29 @@ def test_bench_cli_json_and_errors(tiny_gguf, capsys):
     assert main(["bench", str(tiny_gguf), "-p", "0"]) == 1
     assert main(["bench", "--synthetic", "deepseek-v3", "--experts", "7"]) == 1
     assert "--experts 7" in capsys.readouterr().err
+
+
+def test_llama_cpp_build_args_never_enable_amx():
+    """The peer is built with this CPU's instruction sets named one by one, never AMX (whose buffer type
+    crashes llama.cpp on deepseek2 graphs), and an AMX build is refused with the command that fixes it."""
+    from local.llama_cpp_peer import build_problem, cmake_args, cpu_flags
+
+    spr = cpu_flags("processor: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512cd avx512vl avx512dq "
+                    "avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16\n")
+    args = cmake_args(spr, "x86_64").split()
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AMX_INT8=OFF" in args and "-DGGML_AVX512_VNNI=ON" in args
+    assert not any("AMX" in a and a.endswith("=ON") for a in args)
+    avx2 = cmake_args(cpu_flags("flags : sse4_2 avx avx2 fma f16c\n"), "x86_64").split()
+    assert "-DGGML_AVX2=ON" in avx2 and "-DGGML_AVX512=OFF" in avx2 and "-DGGML_AVX512_VNNI=OFF" in avx2
+    assert cmake_args(set(), "aarch64") == "-DGGML_NATIVE=ON"
+
+    class Lib:
+        def __init__(self, info):
+            self.info = info
+
+        def llama_print_system_info(self):
+            return self.info
+
+    assert build_problem(Lib(b"CPU : AVX2 = 1 | AVX512_VNNI = 1 | REPACK = 1 |")) is None
+    problem = build_problem(Lib(b"CPU : AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |"))
+    assert "AMX" in problem and "cmake-args" in problem

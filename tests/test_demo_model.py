@@ -96,14 +96,14 @@ def test_llama_cpp_agrees_on_the_demo_model(runner):
     than either is to the exact float product of the same weights: what differs is float summation
     order, which this sharp model amplifies at a near-tie (measured KL 7e-4; top-1 62/64, margins
     0.001 and 0.010)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
+    from local.llama_cpp_peer import open_llama
     from local.models.layers import Linear
     from local.models.mla import MLAttention
 
     text = HELDOUT.read_text()[2000:8000]
     ids = runner.tokenizer.encode(text)[:64]
-    llm = llama_cpp.Llama(model_path=str(BUNDLED), n_ctx=128, n_batch=128, n_threads=2, n_threads_batch=2,
-                          logits_all=True, verbose=False, n_gpu_layers=0)
+    llm = open_llama(BUNDLED, n_ctx=128, n_batch=128, n_threads=2, n_threads_batch=2, logits_all=True)
     llm.eval(ids)
     theirs = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
     llm.close()

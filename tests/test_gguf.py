@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import local
+from local.llama_cpp_peer import open_llama
 from quant.convert import convert
 from quant.gguf_file import GGUFModel
 
@@ -24,8 +25,7 @@ N_TOKENS = 64
 
 def llama_logits(path, ids: list[int], threads: int = 2) -> torch.Tensor:
     """llama.cpp's (CPU) logits [len(ids), vocab] for one sequence, through llama-cpp-python."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads,
-                          logits_all=True, verbose=False, n_gpu_layers=0)
+    llm = open_llama(path, n_ctx=256, n_batch=256, n_threads=threads, n_threads_batch=threads, logits_all=True)
     llm.eval(ids)
     out = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
     llm.close()
