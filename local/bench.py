@@ -86,6 +86,15 @@ class TandemTarget:
     @torch.inference_mode()
     def decode(self, ids: list[int]) -> float:
         cache = self.runner.new_cache(len(ids) + 1)
+        if self.runner.fixed_decode:  # --cuda-graph: the runner's replayed step, captured before the clock
+            step = self.runner.decoder(cache)
+            step(ids[0])
+            cache.length = 0
+            t0 = time.perf_counter()
+            for i in ids:
+                step(i)
+            self._sync()
+            return time.perf_counter() - t0
         tokens = [torch.tensor([i], device=self.device) for i in ids]
         t0 = time.perf_counter()
         for tok in tokens:
@@ -188,14 +197,13 @@ class LlamaCppTarget:
     name = "llama.cpp"
 
     def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int):
-        try:
-            import llama_cpp
-        except ImportError:
-            raise RuntimeError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
-                               "(CMAKE_ARGS=-DGGML_NATIVE=ON builds it for this CPU)") from None
+        from .llama_cpp_peer import open_llama
+
+        self.llm = open_llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_batch,
+                              n_ubatch=n_batch)
+        import llama_cpp
+
         self.lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                   n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=0, verbose=False)
         self.ctx = self.llm._ctx.ctx
         self.n_batch = n_batch
 
@@ -228,7 +236,7 @@ class LlamaCppTarget:
 # ---------------------------------------------------------------- the run
 
 def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None = None, device: str = "cpu",
-              compare: str | None = None, chunk: int = 512, log=None) -> dict:
+              compare: str | None = None, chunk: int = 512, log=None, cuda_graph: bool = False) -> dict:
     """Rows pp{p} and tg{n} (+ the peer's), measured read bandwidth, achieved bandwidth, RSS, and a
     per-stage breakdown of one decode step."""
     from offload import _C
@@ -247,7 +255,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
         raise ValueError("-p, -n and -r must be at least 1")
 
     log(f"loading {path.name} ({threads} threads)")
-    runner = load(path, device=device, threads=threads)
+    runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph)
     vocab = runner.config.vocab_size
     rng = np.random.default_rng(1234)
     prompt = rng.integers(2, vocab, size=p).tolist()

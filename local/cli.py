@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 DIM, RESET = "\033[2m", "\033[0m"
+CUDA_GRAPH_HELP = "decode steps replay a CUDA graph (CUDA devices; attention spans the whole --ctx cache)"
 
 
 def cmd_run(args) -> int:
     from . import SamplingParams, load
 
     runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
-                  kv_cache_dtype=args.kv_cache_dtype, ctx=args.ctx, chunk=args.chunk)
+                  kv_cache_dtype=args.kv_cache_dtype, ctx=args.ctx, chunk=args.chunk,
+                  cuda_graph=args.cuda_graph)
     params = SamplingParams(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
@@ -47,7 +49,8 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     from tui import ChatApp
 
-    ChatApp(args.model, system=args.system, device=args.device, threads=args.threads, ctx=args.ctx).run()
+    ChatApp(args.model, system=args.system, device=args.device, threads=args.threads, ctx=args.ctx,
+            cuda_graph=args.cuda_graph).run()
     return 0
 
 
@@ -64,7 +67,8 @@ def cmd_bench(args) -> int:
     elif not model:
         raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic deepseek-v2-lite|deepseek-v3")
     result = run_bench(model, p=args.n_prompt, n=args.n_gen, r=args.repetitions, threads=args.threads,
-                       device=args.device, compare=args.compare, chunk=args.chunk)
+                       device=args.device, compare=args.compare, chunk=args.chunk,
+                       cuda_graph=args.cuda_graph)
     print(main_json(result) if args.json else render(result))
     return 0
 
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     r.add_argument("-c", "--ctx", type=int, default=None, help="context length; the KV cache is preallocated for it")
     r.add_argument("--chunk", type=int, default=512, help="prompt tokens per prefill pass (default 512)")
+    r.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     r.set_defaults(func=cmd_run)
 
     ch = sub.add_parser("chat", help="the terminal chat UI (live throughput, reasoning, expert routing)")
@@ -164,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ch.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ch.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: the model's)")
+    ch.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="prompt and decode throughput (llama-bench style), optionally vs llama.cpp")
@@ -174,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     b.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
     b.add_argument("--chunk", type=int, default=512, help="prefill chunk, tokens (default 512)")
+    b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     b.add_argument("--compare", default=None, choices=["llama.cpp"],
                    help="also run llama.cpp (llama-cpp-python) on the same file and print the ratios")
     b.add_argument("--synthetic", default=None, choices=["deepseek-v2-lite", "deepseek-v3"],

@@ -7,7 +7,7 @@ events: incremental detokenization, R1-style <think>…</think> reasoning split,
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +64,16 @@ class TokenStep:
 @torch.inference_mode()
 def generate_tokens(model, cache: KVCache, prompt_ids: list[int], params: SamplingParams,
                     eos_ids: Iterable[int] = (), max_context: int | None = None,
-                    prefill_chunk: int = 512) -> Iterator[TokenStep]:
+                    prefill_chunk: int = 512,
+                    step: Callable[[int], torch.Tensor] | None = None) -> Iterator[TokenStep]:
     """Prefill the prompt in chunks, then decode one token at a time; yields each token with timing.
-    Stops at EOS (unless params.ignore_eos), after params.max_tokens, or at max_context."""
+    Stops at EOS (unless params.ignore_eos), after params.max_tokens, or at max_context.
+    step(token) -> logits [1, V] runs one decode step (default: the model's forward; --cuda-graph: a
+    local.decode_step.DecodeStep)."""
     device = model.model.embed_tokens.weight.device
+    if step is None:
+        def step(token: int) -> torch.Tensor:
+            return model(torch.tensor([token], device=device), cache)
     eos = set() if params.ignore_eos else set(eos_ids)
     generator = None
     if params.seed is not None:
@@ -91,7 +97,7 @@ def generate_tokens(model, cache: KVCache, prompt_ids: list[int], params: Sampli
             return
         history = torch.cat((history, torch.tensor([token])))
         if n + 1 < params.max_tokens:
-            logits = model(torch.tensor([token], device=device), cache)
+            logits = step(token)
 
 
 class TextStream:

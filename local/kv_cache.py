@@ -42,12 +42,18 @@ class KVCache:
             new[name][:, : self.length] = old[:, : self.length]
         self.buffers, self.capacity = new, capacity
 
-    def update(self, layer: int, start: int, **values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Write values [T, *shape] at positions start..start+T of `layer`; return views [start+T, *shape]."""
+    def update(self, layer: int, start: int | torch.Tensor, **values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write values [T, *shape] at positions start..start+T of `layer`; return views [start+T, *shape].
+        With start a tensor [1] on the device (a fixed-shape step), the write is an index_copy_ and the
+        views span the whole capacity (attention_mask(..., start) hides what lies past the new tokens)."""
         out = {}
         for name, v in values.items():
-            end = start + v.shape[0]
             buf = self.buffers[name][layer]
+            if isinstance(start, torch.Tensor):
+                buf.index_copy_(0, start + torch.arange(v.shape[0], device=buf.device), v.to(self.dtype))
+                out[name] = buf
+                continue
+            end = start + v.shape[0]
             buf[start:end] = v.to(self.dtype)
             out[name] = buf[:end]
         return out

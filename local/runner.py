@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -79,6 +79,9 @@ class Runner:
         self.max_context = config.max_position_embeddings
         self.ctx: int | None = None  # --ctx: the cache is preallocated for this many positions
         self.prefill_chunk = 512  # --chunk: prompt tokens per forward pass
+        # --cuda-graph: decode through a fixed-shape step (local.decode_step), captured into a CUDA graph on a
+        # GPU; on the CPU it runs eagerly (how its logic is tested)
+        self.fixed_decode = False
 
     # ---- what the model is (for `tandem chat`'s header and the bench)
     def describe(self) -> dict:
@@ -137,6 +140,15 @@ class Runner:
     def new_cache(self, capacity: int):
         return self.model.new_cache(capacity=capacity, dtype=self.kv_cache_dtype)
 
+    def decoder(self, cache) -> Callable[[int], torch.Tensor]:
+        """One decode step on `cache`: token id -> logits [1, V], advancing the cache (a DecodeStep, CUDA-graph
+        replayed on a GPU, with fixed_decode; the model's forward otherwise)."""
+        if self.fixed_decode:
+            from .decode_step import DecodeStep
+
+            return DecodeStep(self.model, cache)
+        return lambda token: self.model(torch.tensor([token], device=self.device), cache)
+
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), vocab] for a fresh sequence: no cache reuse, no sampling."""
@@ -177,7 +189,7 @@ class Runner:
         text = TextStream(params.stop, in_reasoning)
         n, stats, finish = 0, Stats(prompt_tokens=len(ids)), "length"
         for step in generate_tokens(self.model, cache, ids, params, self.eos_ids, self.max_context,
-                                    prefill_chunk=self.prefill_chunk):
+                                    prefill_chunk=self.prefill_chunk, step=self.decoder(cache)):
             n += 1
             ttft = stats.ttft_seconds or (time.perf_counter() - t0)
             stats = Stats(len(ids), n, step.prompt_seconds, step.decode_seconds, ttft)
@@ -204,7 +216,7 @@ class Runner:
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
          dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None,
          engine: bool = True, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
-         routing=None, ctx: int | None = None, chunk: int = 512) -> Runner:
+         routing=None, ctx: int | None = None, chunk: int = 512, cuda_graph: bool = False) -> Runner:
     """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
     directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model.
 
@@ -217,7 +229,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     default on a CUDA device. gpu_experts / routing (local.routing.RoutingStats): keep each MoE layer's
     N busiest routed experts on the device too.
     ctx: context length; the latent KV cache is preallocated for it (default: the model's maximum,
-    allocated as a conversation needs it). chunk: prompt tokens per prefill pass."""
+    allocated as a conversation needs it). chunk: prompt tokens per prefill pass.
+    cuda_graph: decode steps replay a CUDA graph (a CUDA device; attention then spans the whole cache of
+    each conversation, so keep ctx to what it needs)."""
     if ctx is not None and ctx < 2:
         raise ValueError(f"--ctx {ctx} is too small")
     if chunk < 1:
@@ -231,6 +245,8 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, and this run is on {dev}; leave it out on the CPU")
     cache_dtype = None if kv_cache_dtype in (None, "auto") else resolve_dtype(kv_cache_dtype, dev)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf_loader import load_gguf
@@ -242,18 +258,19 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
         tokenizer = tokenizer_from_gguf(gguf.kv, str(path))
         extra = [gguf.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return _configure(Runner(path, config, model, tokenizer, dev, threads,
-                                 eos_token_ids(path, config, tokenizer, extra), cache_dtype), ctx, chunk)
+                                 eos_token_ids(path, config, tokenizer, extra), cache_dtype), ctx, chunk, cuda_graph)
     if not path.is_dir():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory "
                          "(config.json + *.safetensors + tokenizer files)")
     config, model = load_hf(path, resolve_dtype(dtype, dev), dev, progress=progress)
     tokenizer = Tokenizer.from_pretrained(path)
     return _configure(Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer),
-                             cache_dtype), ctx, chunk)
+                             cache_dtype), ctx, chunk, cuda_graph)
 
 
-def _configure(runner: Runner, ctx: int | None, chunk: int) -> Runner:
+def _configure(runner: Runner, ctx: int | None, chunk: int, cuda_graph: bool) -> Runner:
     if ctx is not None:
         runner.ctx = runner.max_context = min(ctx, runner.config.max_position_embeddings)
     runner.prefill_chunk = chunk
+    runner.fixed_decode = cuda_graph
     return runner

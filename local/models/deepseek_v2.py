@@ -136,16 +136,27 @@ class CausalLM(nn.Module):
         return KVCache(self.config.num_hidden_layers, self.cache_streams(), dtype or p.dtype,
                        device or p.device, capacity)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """ids [T] int64 continuing the cached sequence -> logits [T, V] (or [1, V] with last_only)."""
-        T, start = ids.shape[0], cache.length
-        cache.reserve(start + T)
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [T] int64 continuing the cached sequence -> logits [T, V] (or [1, V] with last_only).
+
+        position: a fixed-shape step (local.decode_step, what a CUDA graph replays): the first new position
+        as a tensor [1] on the device; the cache must hold it already, and its length is the caller's to
+        advance. Attention then spans the whole cache, positions past the new tokens masked."""
+        T = ids.shape[0]
+        if position is None:
+            start = cache.length
+            cache.reserve(start + T)
+            positions = torch.arange(start, start + T, device=ids.device)
+        else:
+            start = position
+            positions = position + torch.arange(T, device=ids.device)
         x = self.model.embed_tokens(ids)  # [T, D]
-        positions = torch.arange(start, start + T, device=ids.device)
         cos_sin = self.rope.cos_sin(positions)
         for layer in self.model.layers:
             x = layer(x, self.rope, cos_sin, cache, start)
-        cache.length = start + T
+        if position is None:
+            cache.length = start + T
         x = self.model.norm(x[-1:] if last_only else x)
         return self.lm_head(x)
 

@@ -26,10 +26,20 @@ def cache_precision(cache_dtype: torch.dtype, compute_dtype: torch.dtype) -> str
     return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(cache_dtype)
 
 
-def attention_mask(T: int, S: int, device) -> torch.Tensor:
-    """Additive causal mask [T, S] for T new tokens that end at position S-1."""
-    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+def attention_mask(T: int, S: int, device, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive causal mask [T, S] for T new tokens that end at position S-1, or, with `start` (a tensor
+    [1]: a fixed-shape step over the whole cache), that sit at positions start..start+T-1."""
+    if start is not None:
+        allowed = (torch.arange(S, device=device)[None, :]
+                   <= start + torch.arange(T, device=device)[:, None])
+    else:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
     return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def needs_mask(T: int, start) -> bool:
+    """Whether attention over the cache's views needs a mask: several new tokens, or a fixed-shape step."""
+    return T > 1 or isinstance(start, torch.Tensor)
 
 
 class MLAttention(nn.Module):
@@ -94,9 +104,12 @@ class MLAttention(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, rope: Rope, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
-        if self.engine_layer is not None and x.device.type == "cpu":
+        if self.engine_layer is not None and x.device.type == "cpu" and not isinstance(start, torch.Tensor):
             return self._engine_forward(x, cos_sin, cache, start)
         T = x.shape[0]
+        if isinstance(start, torch.Tensor) and self.engine_uk is not None:
+            raise RuntimeError("a fixed-shape decode step (--cuda-graph) attends in torch, over the whole cache; this "
+                               "model's attention runs on the CPU engine (load it on a GPU, or hybrid)")
         H, Dn, Dr, R = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -111,7 +124,8 @@ class MLAttention(nn.Module):
         past = cache.update(self.layer_idx, start, c_kv=c_kv, k_pe=k_pe)
         c_kv, k_pe = past["c_kv"], past["k_pe"]  # [S, R], [S, Dr], in the cache's dtype
         S = c_kv.shape[0]
-        mask = attention_mask(T, S, x.device) if T > 1 and self.engine_uk is None else None
+        fixed = start if isinstance(start, torch.Tensor) else None
+        mask = attention_mask(T, S, x.device, fixed) if needs_mask(T, start) and self.engine_uk is None else None
         if T <= ABSORB_MAX_TOKENS or self.absorb_always:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:

@@ -85,6 +85,7 @@ class MoE(nn.Module):
         self.overlap = False
         self.gpu_experts: list[int] = []
         self.engine_skip: torch.Tensor | None = None
+        self.staged = None  # offload.overlap.StagedExperts: the decode-step engine call, made on first use
 
     def set_overlap(self, gpu_experts: list[int]) -> None:
         self.overlap = True
@@ -112,12 +113,10 @@ class MoE(nn.Module):
             from offload.torch_ops import run_moe_layer
 
             out, _, ids = run_moe_layer(self.engine_layer, x.float().contiguous(), self.gate.top_k)
-            if self.expert_counts is not None:
-                self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
+            self._count(ids)
             return out.to(x.dtype)
         weights, ids = self.gate(x)  # [T, A], [T, A]
-        if self.expert_counts is not None:
-            self.expert_counts += torch.bincount(ids.flatten(), minlength=len(self.experts)).to(self.expert_counts)
+        self._count(ids)
         if self.engine is not None and self.overlap:
             return self._overlapped(x, weights, ids)
         if self.engine is not None:  # routed + shared experts in one CPU engine call
@@ -128,6 +127,12 @@ class MoE(nn.Module):
                           gate, up, down, types, shared, shared_types)
             return out.to(x.dtype)
         return self._torch_experts(x, weights, ids, torch.unique(ids).tolist())
+
+    def _count(self, ids: torch.Tensor) -> None:
+        """Routing statistics, without a host sync (bincount would read the ids' maximum back)."""
+        if self.expert_counts is not None:
+            flat = ids.flatten().to(self.expert_counts.device)
+            self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
 
     def _torch_experts(self, x, weights, ids, experts) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -141,12 +146,24 @@ class MoE(nn.Module):
 
     def _overlapped(self, x, weights, ids) -> torch.Tensor:
         """Routed experts on the CPU engine while the shared (+ device-resident routed) experts run here."""
-        from offload.overlap import overlapped_moe
+        from offload.overlap import StagedExperts, overlapped_moe
 
-        def local() -> torch.Tensor:
-            if self.gpu_experts:
-                here = [e for e in torch.unique(ids).tolist() if e in self.gpu_experts]
-                return self._torch_experts(x, weights, ids, here)
-            return self.shared_experts(x) if hasattr(self, "shared_experts") else torch.zeros_like(x)
+        if x.shape[0] == 1:  # a decode step: stream-ordered, no host sync (CUDA-graph capturable)
+            if self.staged is None:
+                self.staged = StagedExperts(self.engine[:4], self.engine_skip, x.shape[1], ids.shape[1], x.device)
+            return self.staged(x, weights, ids, lambda: self._device_side(x, weights, ids, sync_free=True))
+        return overlapped_moe(x, weights, ids, self.engine[:4], self.engine_skip,
+                              lambda: self._device_side(x, weights, ids))
 
-        return overlapped_moe(x, weights, ids, self.engine[:4], self.engine_skip, local)
+    def _device_side(self, x, weights, ids, sync_free: bool = False) -> torch.Tensor:
+        """Shared experts + the routed experts kept on the device. sync_free: each device expert runs on every
+        token with its routing weight (0 where not picked) instead of reading the picked ids back."""
+        if self.gpu_experts and not sync_free:
+            return self._torch_experts(x, weights, ids, [e for e in torch.unique(ids).tolist() if e in self.gpu_experts])
+        out = torch.zeros_like(x)
+        for e in self.gpu_experts:  # ascending, as the reference sums them
+            w = (weights * (ids == e)).sum(-1, keepdim=True)  # [T, 1]
+            out += self.experts[e](x) * w.to(x.dtype)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out

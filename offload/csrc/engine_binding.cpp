@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,6 +25,7 @@
 #include "pages.h"
 #include "repack.h"
 #include "router.h"
+#include "stream.h"
 
 namespace nb = nanobind;
 using namespace tandem;
@@ -352,6 +354,68 @@ MoeHandle make_moe(const Any& gate, int gate_type, const Any& up, int up_type, c
     return m;
 }
 
+// One MoE layer's routed experts behind fixed staging buffers (pinned host memory when the model is on a
+// GPU): x [T, H], ids / weights [T, A] and out [T, H] never move, so the host functions that start
+// (staged_submit) and join (staged_wait) the call can be enqueued on a GPU stream and replayed by a CUDA
+// graph. The stream writes the inputs before the first and reads out after the second. A host function
+// cannot raise: an error is kept for check().
+struct StagedMoe {
+    EngineHandle* engine = nullptr;
+    MoeCall call;
+    std::vector<nb::object> keep_alive;  // the engine, the buffers and the weights
+    std::mutex error_mutex;
+    std::string error;
+
+    void record(const std::string& what) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (error.empty()) error = what;
+    }
+    ~StagedMoe() {
+        try {
+            if (engine) engine->pool.wait();
+        } catch (...) {
+        }
+    }
+};
+
+void staged_submit(void* arg) noexcept {
+    auto* s = static_cast<StagedMoe*>(arg);
+    const MoeCall& c = s->call;
+    for (int64_t i = 0; i < c.T * c.A; ++i)  // the ids were written after the object was checked
+        if (c.ids[i] < -1 || c.ids[i] >= c.E) {
+            s->record("staged MoE: ids holds " + std::to_string(c.ids[i]) + ", outside -1 (skip) .. " +
+                      std::to_string(c.E - 1) + "; the layer's routed experts were skipped");
+            std::fill(c.out, c.out + c.T * c.H, 0.0f);
+            return;
+        }
+    try {
+        s->engine->pool.submit([s] { run_moe(s->engine->pool, s->call); });
+    } catch (const std::exception& e) {
+        s->record(std::string("staged MoE: ") + e.what());
+    }
+}
+
+void staged_wait(void* arg) noexcept {
+    auto* s = static_cast<StagedMoe*>(arg);
+    try {
+        s->engine->pool.wait();
+    } catch (const std::exception& e) {
+        s->record(std::string("staged MoE: ") + e.what());
+    }
+}
+
+void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& ids, const CF32& weights, F32 out,
+                 const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
+                 const std::optional<U8>& skip, const std::string& isa) {
+    MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, {}, skip, out, isa);
+    EngineHandle* handle = &nb::cast<EngineHandle&>(engine);
+    auto* s = new (self) StagedMoe();
+    s->engine = handle;
+    s->call = std::move(c);
+    s->keep_alive = {engine, nb::cast(x), nb::cast(ids), nb::cast(weights), nb::cast(out), nb::cast(gate),
+                     nb::cast(up), nb::cast(down)};
+}
+
 }  // namespace
 
 void register_engine(nb::module_& m) {
@@ -371,6 +435,47 @@ void register_engine(nb::module_& m) {
              nb::arg("eps"), nb::arg("scale"), nb::arg("rope_interleaved") = true,
              "Weights are (bytes, ggml type id): q_a [Rq, D] with q_a_norm [Rq] (or None without a q LoRA), q [H*(Dn+Dr), "
              "Rq or D], kv_a [R+Dr, D], kv_a_norm [R], uk [H, R, Dn], uv [H, Dv, R], o [D, H*Dv].");
+
+    m.def("cuda_driver_available", &cuda_driver_available,
+          "Whether the CUDA driver (libcuda.so.1) is there, for StagedMoe.launch / launch_wait.");
+
+    nb::class_<StagedMoe>(m, "StagedMoe",
+                          "One MoE layer's routed experts over fixed staging buffers, started and joined by host "
+                          "functions: enqueued on a CUDA stream (launch / launch_wait, capturable in a CUDA graph) "
+                          "or called here (submit / wait).")
+        .def("__init__", &make_staged, nb::arg("engine"), nb::arg("x"), nb::arg("ids"), nb::arg("weights"),
+             nb::arg("out"), nb::arg("gate"), nb::arg("gate_type"), nb::arg("up"), nb::arg("up_type"), nb::arg("down"),
+             nb::arg("down_type"), nb::arg("skip").none() = nb::none(), nb::arg("isa") = "auto",
+             "Buffers x [T, H], weights [T, A] float32, ids [T, A] int64 (filled with -1 until written), out [T, H]; "
+             "expert stacks as Engine.moe takes them; skip [E] uint8 leaves experts out.")
+        .def(
+            "launch",
+            [](StagedMoe& s, uintptr_t stream) { launch_host_fn(stream, &staged_submit, &s); }, nb::arg("stream"),
+            "Enqueue the start of the call on a CUDA stream (a cudaStream_t as an int: torch's Stream.cuda_stream).")
+        .def(
+            "launch_wait",
+            [](StagedMoe& s, uintptr_t stream) { launch_host_fn(stream, &staged_wait, &s); }, nb::arg("stream"),
+            "Enqueue the join: the stream's later work (the copy of out) waits for the CPU experts.")
+        .def(
+            "submit", [](StagedMoe& s) { staged_submit(&s); }, "Start the call now (what launch enqueues).")
+        .def(
+            "wait",
+            [](StagedMoe& s) {
+                nb::gil_scoped_release release;
+                staged_wait(&s);
+            },
+            "Join it now (what launch_wait enqueues).")
+        .def(
+            "check",
+            [](StagedMoe& s) {
+                std::string error;
+                {
+                    std::lock_guard<std::mutex> lock(s.error_mutex);
+                    std::swap(error, s.error);
+                }
+                if (!error.empty()) throw std::runtime_error(error);
+            },
+            "Raise the error a host function kept since the last check (RuntimeError), if any.");
 
     nb::class_<EngineHandle>(m, "Engine", "The CPU engine: a persistent thread pool and the ops that run on it.")
         .def(nb::init<int>(), nb::arg("threads"))
