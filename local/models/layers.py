@@ -155,10 +155,14 @@ class Rope:
         self.inv_freq, self.attention_scaling = rope_inv_freq(spec, dim)
         self.interleaved = interleaved
         self.dim = dim
+        self._inv_on: dict[torch.device, torch.Tensor] = {}  # inv_freq per device: no copy per step (nor in a graph)
 
     def cos_sin(self, positions: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, dim/2] in fp32 for integer positions [T]."""
-        inv = self.inv_freq.to(device or positions.device)
+        dev = torch.device(device or positions.device)
+        inv = self._inv_on.get(dev)
+        if inv is None:
+            inv = self._inv_on[dev] = self.inv_freq.to(dev)
         freqs = positions.to(inv.device).float()[:, None] * inv[None, :]
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
