@@ -40,7 +40,6 @@ class StagedExperts:
     def __init__(self, spec: tuple, skip: torch.Tensor | None, hidden: int, top_k: int, device: torch.device):
         gate, up, down, types = spec
         self.buf = _staging(hidden, top_k, device)
-        self.device = device
         b = self.buf
         self.call = _C.StagedMoe(engine()._engine, _np(b["x"]), _np(b["ids"]), _np(b["weights"]), _np(b["out"]),
                                  _np(gate), types[0], _np(up), types[1], _np(down), types[2], _np(skip), engine().isa)
@@ -49,17 +48,26 @@ class StagedExperts:
                  local: Callable[[], torch.Tensor]) -> torch.Tensor:
         """x [1, H] on the device, weights / ids [1, A] -> local() + the routed experts, on x's device."""
         b, cuda = self.buf, x.device.type == "cuda"
+        if cuda and not torch.cuda.is_current_stream_capturing():
+            self.call.check()  # an earlier step's error (host functions cannot raise), once the stream got there
         b["x"].copy_(x, non_blocking=cuda)
         b["ids"].copy_(ids, non_blocking=cuda)
         b["weights"].copy_(weights, non_blocking=cuda)
-        stream = torch.cuda.current_stream(x.device).cuda_stream if cuda else None
-        self.call.launch(stream) if cuda else self.call.submit()
-        try:
-            y = local()
-        finally:
-            self.call.launch_wait(stream) if cuda else self.call.wait()
-        if not cuda:
-            self.call.check()  # on a GPU: once the step is done (local.decode_step.DecodeStep.check)
+        if cuda:  # host functions in stream order: no host synchronisation, capturable in a CUDA graph
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            self.call.launch(stream)
+            try:
+                y = local()
+            finally:
+                self.call.launch_wait(stream)
+            # errors the host functions keep are raised later: above, or by DecodeStep.check for a graph
+        else:  # the "device" is the CPU: program order is the stream's
+            self.call.submit()
+            try:
+                y = local()
+            finally:
+                self.call.wait()
+            self.call.check()
         routed = torch.empty(b["out"].shape, dtype=torch.float32, device=x.device).copy_(b["out"], non_blocking=cuda)
         return y + routed.to(x.dtype)
 
