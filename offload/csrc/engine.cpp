@@ -7,24 +7,30 @@
 namespace tandem {
 namespace {
 
-// Rows of a weight matrix one task computes: small enough that 2+ threads balance on a decode
-// GEMV, large enough to amortize the task hand-out (a 64-row Q4_K slab of a 7168-wide matrix is 258 KB).
+// Rows of a weight matrix one task computes, at least: enough to amortize the task hand-out...
 constexpr int64_t kRowsPerTask = 64;
-// ...but at least this many weight bytes per task: short rows (MLA's 128-wide W_UK heads) in 64-row
-// tasks spent more time handing tasks out than reading.
+// ...and at least this many weight bytes: short rows (MLA's 128-wide W_UK heads) in 64-row tasks spent
+// more time handing tasks out than reading.
 constexpr size_t kTaskBytes = 32 << 10;
+// Up to this many weight bytes a task: one contiguous run streams from memory faster the longer it is
+// (2 threads, far from cache: Q4_K 21 GB/s in 64-row tasks, 25.5 in 1 MiB ones; Q8_0 28 -> 30.7).
+constexpr size_t kMaxTaskBytes = 1 << 20;
 // Below this many weight bytes x tokens a linear runs on the calling thread alone.
 constexpr size_t kInlineBytes = 64 << 10;
 
-// Rows per linear task for rows of `row_stride` bytes: kRowsPerTask, or kTaskBytes' worth (a multiple of 16).
-int64_t task_rows(size_t row_stride) {
+// Rows per linear task for `total` rows of `row_stride` bytes on `threads` threads: as long as
+// kMaxTaskBytes allows while every thread still gets four tasks (balance), at least kRowsPerTask and
+// kTaskBytes' worth; a multiple of 16.
+int64_t task_rows(size_t row_stride, int64_t total, int threads) {
     const int64_t by_bytes = static_cast<int64_t>((kTaskBytes + row_stride - 1) / row_stride + 15) / 16 * 16;
-    return std::max<int64_t>(kRowsPerTask, by_bytes);
+    const int64_t least = std::max<int64_t>(kRowsPerTask, by_bytes);
+    const int64_t most = std::max<int64_t>(least, static_cast<int64_t>(kMaxTaskBytes / row_stride) / 16 * 16);
+    return std::clamp<int64_t>(total / (4 * static_cast<int64_t>(threads)) / 16 * 16, least, most);
 }
 
 // MoE slabs (rows per task) for `work` rows in all on `threads` threads: up to 256 rows (longer
-// contiguous streams measured ~12% faster at T=1 than 64-row slabs on V2-Lite), but at least four
-// tasks per thread so the threads stay balanced; a multiple of 32.
+// contiguous streams measured ~12% faster at T=1 than 64-row slabs on V2-Lite; 1024 rows measured no
+// better), but at least four tasks per thread so the threads stay balanced; a multiple of 32.
 int64_t slab_rows(int64_t work, int threads) {
     return std::clamp<int64_t>(work / (4 * static_cast<int64_t>(threads)) / 32 * 32, 32, 256);
 }
@@ -64,7 +70,7 @@ void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* 
         return;
     }
     quantize_rows(pool, act_type(w0), X, B * T, K, A.data(), a_stride);
-    const int64_t rows = task_rows(w0.row_stride), per = (N + rows - 1) / rows;
+    const int64_t rows = task_rows(w0.row_stride, B * N, pool.threads()), per = (N + rows - 1) / rows;
     pool.parallel_for(B * per, [&](int64_t task, int) {
         const int64_t b = task / per, r0 = (task % per) * rows, r1 = std::min(N, r0 + rows);
         matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, r0, r1, A.data() + b * T * a_stride, a_stride, T,
@@ -83,6 +89,8 @@ void linear_group(ThreadPool& pool, const Weight* ws, int n, const float* X, int
     std::vector<int64_t> first(n + 1, 0), rows(n);
     size_t bytes = 0;
     const int64_t K = ws[0].cols;
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) total += ws[i].rows;
     for (int i = 0; i < n; ++i) {
         const GgmlType fmt = act_type(ws[i]);
         auto it = std::find_if(quantized.begin(), quantized.end(), [&](const auto& q) { return q.first == fmt; });
@@ -92,7 +100,7 @@ void linear_group(ThreadPool& pool, const Weight* ws, int n, const float* X, int
             quantize_rows(pool, fmt, X, T, K, it->second.data(), act_row_bytes(ws[i]));
         }
         acts[i] = it->second.data();
-        rows[i] = task_rows(ws[i].row_stride);
+        rows[i] = task_rows(ws[i].row_stride, total, pool.threads());
         first[i + 1] = first[i] + (ws[i].rows + rows[i] - 1) / rows[i];
         bytes += static_cast<size_t>(ws[i].rows) * ws[i].row_stride;
     }
