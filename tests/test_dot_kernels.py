@@ -228,8 +228,9 @@ def act_rows():
     return np.concatenate([awkward_rows(rng), activations(rng, 9, 256), weights(rng, 9, 256)])
 
 
-def test_q8_0_is_llama_cpp_x86_rounding(act_rows):
-    ours = _C.quantize_activation("q8_0", act_rows)
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_0_is_llama_cpp_x86_rounding(act_rows, isa):
+    ours = _C.quantize_activation("q8_0", act_rows, isa)
     assert np.array_equal(ours, q8_0_half_even(act_rows))
     # quant.formats (gguf-py, quantize_row_q8_0_ref) rounds half away from zero: the same bytes but at
     # ties whose away-from-zero neighbour is odd (blocks where 127/amax is finite: beyond that both
@@ -250,12 +251,30 @@ def test_q8_0_is_llama_cpp_x86_rounding(act_rows):
     assert np.array_equal(ours.reshape(-1, 34)[:, :2], away[:, :2])  # the same d everywhere
 
 
-def test_q8_1(act_rows):
-    assert np.array_equal(_C.quantize_activation("Q8_1", act_rows), q8_0_half_even(act_rows, with_sum=True))
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_1(act_rows, isa):
+    assert np.array_equal(_C.quantize_activation("Q8_1", act_rows, isa), q8_0_half_even(act_rows, with_sum=True))
 
 
-def test_q8_k_is_bit_exact_with_quant_formats(act_rows):
-    assert np.array_equal(_C.quantize_activation("q8_K", act_rows), F.quantize(act_rows, QT.Q8_K))
+@pytest.mark.parametrize("isa", ISAS)
+def test_q8_k_is_bit_exact_with_quant_formats(act_rows, isa):
+    assert np.array_equal(_C.quantize_activation("q8_K", act_rows, isa), F.quantize(act_rows, QT.Q8_K))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_1", "q8_K"])
+def test_activation_quantizers_agree_on_non_finite_and_tiny_values(fmt):
+    """The vector quantizers give the scalar reference's bytes where the numbers are awkward: NaN (ignored
+    by the maximum), infinities, zero blocks, denormals, ties of opposite sign for Q8_K's signed max."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((12, 512)).astype(f32)
+    x[0, 5], x[1, 7], x[2, 100] = np.nan, np.inf, -np.inf
+    x[3, :32], x[4] = 0, 0
+    x[5, ::7], x[6, :256] = 1e-42, 1e-44
+    x[7, 3], x[7, 9] = 5.0, -5.0  # Q8_K keeps the sign of the first
+    x[8, 3], x[8, 9] = -5.0, 5.0
+    ref = _C.quantize_activation(fmt, x, "scalar")
+    for isa in ISAS:
+        assert np.array_equal(_C.quantize_activation(fmt, x, isa), ref), isa
 
 
 def test_f16_bf16_f32(act_rows):

@@ -183,7 +183,12 @@ void quantize_q8_k(const float* x, block_q8_K& y) {
 
 }  // namespace
 
-void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n) {
+void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa) {
+    if (isa >= Isa::Avx512 && (fmt == GgmlType::Q8_0 || fmt == GgmlType::Q8_1 || fmt == GgmlType::Q8_K)) {
+        require_isa(isa);
+        if (fmt == GgmlType::Q8_K) return detail::avx512::quantize_act_q8_k(x, dst, n);
+        return detail::avx512::quantize_act_q8_0(x, dst, n, fmt == GgmlType::Q8_1);
+    }
     switch (fmt) {
         case GgmlType::Q8_0: {
             auto* y = static_cast<block_q8_0*>(dst);

@@ -76,7 +76,8 @@ uint16_t float_to_bf16(float f);
 //   Q8_K  quantize_row_q8_K_ref: iscale = -127/max (signed max), q = min(127, nearest_int(iscale x)),
 //         d = 1/iscale (f32), bsums; an all-zero block gives d = 0, qs = 0, bsums = 0;
 //   F16 / BF16  round to nearest even. dst holds row_size(fmt, n) bytes.
-void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n);
+// isa: from Avx512 the Q8 formats are quantized 16 lanes at a time, to the same bytes.
+void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa = best_isa());
 
 // out[j] = dot(w_row, act_row_j) for j < n_act (1..8); act row j starts act_row_stride bytes after
 // row j-1. n values per row, a multiple of the block size (any n for F32/F16/BF16).

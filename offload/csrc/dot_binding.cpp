@@ -89,9 +89,10 @@ Out owned(T* data, size_t rows, size_t cols) {
 }
 
 // x float32 [T, K] -> the activation rows, quantized to fmt (GIL released by the caller).
-void quantize_rows(GgmlType fmt, const float* x, size_t T, size_t K, uint8_t* dst) {
+void quantize_rows(GgmlType fmt, const float* x, size_t T, size_t K, uint8_t* dst, tandem::Isa isa) {
     const size_t rb = tandem::row_size(fmt, static_cast<int64_t>(K));
-    for (size_t t = 0; t < T; ++t) tandem::quantize_activation_row(fmt, x + t * K, dst + t * rb, static_cast<int64_t>(K));
+    for (size_t t = 0; t < T; ++t)
+        tandem::quantize_activation_row(fmt, x + t * K, dst + t * rb, static_cast<int64_t>(K), isa);
 }
 
 const float* float_rows(const Array& x, const char* what) {
@@ -142,15 +143,16 @@ OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string&
     auto* y = new float[std::max<size_t>(1, T * N)];
     {
         nb::gil_scoped_release release;
-        quantize_rows(t.act_type, xp, T, K, act.data());
+        quantize_rows(t.act_type, xp, T, K, act.data(), isa);
         tandem::matmul_rows(wt, static_cast<int64_t>(K), weight.data(), rb, 0, static_cast<int64_t>(N), act.data(), ab,
                             static_cast<int64_t>(T), y, N, isa);
     }
     return owned<float, OutF32>(y, T, N);
 }
 
-OutU8 quantize_activation(const std::string& fmt, const Array& x) {
+OutU8 quantize_activation(const std::string& fmt, const Array& x, const std::string& isa_name) {
     const GgmlType f = activation_format(fmt);
+    const tandem::Isa isa = isa_from(isa_name);
     const tandem::TypeInfo& t = *tandem::type_info(static_cast<int>(f));
     const float* xp = float_rows(x, "x");
     const size_t T = x.shape(0), K = x.shape(1);
@@ -161,7 +163,7 @@ OutU8 quantize_activation(const std::string& fmt, const Array& x) {
     auto* out = new uint8_t[std::max<size_t>(1, T * rb)];
     {
         nb::gil_scoped_release release;
-        quantize_rows(f, xp, T, K, out);
+        quantize_rows(f, xp, T, K, out, isa);
     }
     return owned<uint8_t, OutU8>(out, T, rb);
 }
@@ -252,7 +254,7 @@ void register_dot(nb::module_& m) {
           "(or float32 / float16 / uint16-bf16 [N, K] for F32 / F16 / BF16), x float32 [T, K], quantized internally\n"
           "to the type's activation format. isa: 'auto' (best, capped by TANDEM_ISA), 'scalar', 'avx2', 'avx512'\n"
           "or 'avx512_vnni'. Returns float32 [T, N]. Single-threaded.");
-    m.def("quantize_activation", &quantize_activation, nb::arg("fmt"), nb::arg("x"),
+    m.def("quantize_activation", &quantize_activation, nb::arg("fmt"), nb::arg("x"), nb::arg("isa") = "auto",
           "x float32 [T, K] -> uint8 [T, row_bytes]: activation rows as the dot kernels take them\n"
           "(fmt q8_0, q8_1, q8_K, f16, bf16 or f32; Q8_0/Q8_1 round half to even as llama.cpp's x86 path).");
     m.def(
