@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -179,6 +180,25 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=50, help="timed MoE calls at T=1 (default 50)")
     p.add_argument("--no-peers", action="store_true", help="skip torch and kt-kernel")
     args = p.parse_args(argv)
+    if not args.json:
+        run(args)
+        return 0
+    # kt-kernel's native code prints to file descriptor 1: stdout carries the JSON alone
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = run(args)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run(args) -> dict:
+    """The measurements, each printed to stderr as it comes; the JSON object's contents."""
     threads = args.threads or default_threads()
     rng = np.random.default_rng(0)
     engine = CpuEngine(threads)
@@ -224,9 +244,7 @@ def main(argv=None) -> int:
             print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}",
                   file=sys.stderr)
         del layer
-    if args.json:
-        print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ geometries go through the same code (`tandem bench --synthetic deepseek-v2-lite 
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -108,3 +110,20 @@ def test_llama_cpp_build_args_never_enable_amx():
     assert build_problem(Lib(b"CPU : AVX2 = 1 | AVX512_VNNI = 1 | REPACK = 1 |")) is None
     problem = build_problem(Lib(b"CPU : AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |"))
     assert "AMX" in problem and "cmake-args" in problem
+
+
+def test_offload_bench_json_is_alone_on_stdout(monkeypatch, capfd):
+    """kt-kernel's native code prints to file descriptor 1: `python -m offload.bench --json` keeps stdout for
+    the JSON object and sends everything else to stderr."""
+    from offload import bench
+
+    def fake_run(args):
+        os.write(1, b"CPUInfer: Hello\n")  # what kt-kernel's C++ does
+        print("progress", file=sys.stderr)
+        return {"read_gbs": 1.0, "gemv": {}, "moe": []}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert bench.main(["--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"read_gbs": 1.0, "gemv": {}, "moe": []}
+    assert "CPUInfer: Hello" in err and "progress" in err

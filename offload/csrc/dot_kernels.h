@@ -23,7 +23,7 @@ namespace avx2 { DotKernel kernel(GgmlType wtype); ScaledDotKernel scaled_kernel
 namespace avx512 {
 DotKernel kernel(GgmlType wtype);
 ScaledDotKernel scaled_kernel(GgmlType wtype);
-// quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows (quantize_act_avx512.cpp): the same bytes
+// quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows (dot_avx512.cpp): the same bytes
 void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
 void quantize_act_q8_k(const float* x, void* dst, int64_t n);
 }
