@@ -45,7 +45,7 @@ class KVCache:
     def update(self, layer: int, start: int | torch.Tensor, **values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Write values [T, *shape] at positions start..start+T of `layer`; return views [start+T, *shape].
         With start a tensor [1] on the device (a fixed-shape step), the write is an index_copy_ and the
-        views span the whole capacity (attention_mask(..., start) hides what lies past the new tokens)."""
+        views span the whole capacity (causal_mask(..., start) hides what lies past the new tokens)."""
         out = {}
         for name, v in values.items():
             buf = self.buffers[name][layer]

@@ -37,9 +37,12 @@ def attention_mask(T: int, S: int, device, start: torch.Tensor | None = None) ->
     return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
 
 
-def needs_mask(T: int, start) -> bool:
-    """Whether attention over the cache's views needs a mask: several new tokens, or a fixed-shape step."""
-    return T > 1 or isinstance(start, torch.Tensor)
+def causal_mask(T: int, S: int, device, start: int | torch.Tensor) -> torch.Tensor | None:
+    """The mask attention over the cache's views [S] needs, or None: several new tokens (start an int), or
+    a fixed-shape step (start a tensor [1]: the views span the whole cache)."""
+    if isinstance(start, torch.Tensor):
+        return attention_mask(T, S, device, start)
+    return attention_mask(T, S, device) if T > 1 else None
 
 
 class MLAttention(nn.Module):
@@ -124,8 +127,7 @@ class MLAttention(nn.Module):
         past = cache.update(self.layer_idx, start, c_kv=c_kv, k_pe=k_pe)
         c_kv, k_pe = past["c_kv"], past["k_pe"]  # [S, R], [S, Dr], in the cache's dtype
         S = c_kv.shape[0]
-        fixed = start if isinstance(start, torch.Tensor) else None
-        mask = attention_mask(T, S, x.device, fixed) if needs_mask(T, start) and self.engine_uk is None else None
+        mask = causal_mask(T, S, x.device, start) if self.engine_uk is None else None
         if T <= ABSORB_MAX_TOKENS or self.absorb_always:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:

@@ -15,7 +15,7 @@ from ..config import BaseConfig, ConfigError, RopeSpec, rope_spec
 from .deepseek_v2 import Backbone, CausalLM
 from .layers import Linear, MLP, RMSNorm, Rope
 from .layers import quantize_activation
-from .mla import attention_mask, cache_precision, needs_mask
+from .mla import cache_precision, causal_mask
 from .moe import MoE, Router
 
 
@@ -98,9 +98,9 @@ class GQAttention(nn.Module):
         k, v = (past[n].to(q.dtype).transpose(0, 1) for n in ("k", "v"))  # [K, S, Dh]
         q = quantize_activation(q, low).transpose(0, 1).reshape(K, H // K * T, Dh)  # heads grouped by KV head
         scores = (q @ k.transpose(1, 2)) * self.scale  # [K, H/K*T, S]
-        if needs_mask(T, start):
-            fixed = start if isinstance(start, torch.Tensor) else None
-            scores = scores + attention_mask(T, k.shape[1], x.device, fixed).repeat(H // K, 1)
+        mask = causal_mask(T, k.shape[1], x.device, start)
+        if mask is not None:
+            scores = scores + mask.repeat(H // K, 1)
         p = quantize_activation(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), low)
         out = (p @ v).view(H, T, Dh).transpose(0, 1)  # [T, H, Dh]
         return self.o_proj(out.reshape(T, H * Dh))
