@@ -168,3 +168,17 @@ def test_fixed_step_refuses_attention_on_the_cpu_engine(demo):
     runner.fixed_decode = True
     with pytest.raises(RuntimeError, match="fixed-shape decode step"):
         list(runner.generate("x", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)))
+
+
+def test_fixed_step_refuses_a_full_cache(demo):
+    """A fixed-shape step cannot grow the cache (a captured graph holds its buffers): a clear error, not a write
+    past the end."""
+    from local.decode_step import DecodeStep
+
+    runner = local.load(demo, device="cpu", hybrid=True)
+    cache = runner.new_cache(2)
+    step = DecodeStep(runner.model, cache)
+    step(5)
+    step(6)
+    with pytest.raises(ValueError, match="cache holds 2 positions and is full"):
+        step(7)
