@@ -137,6 +137,34 @@ def test_moe(gtyp, dtyp, isa, T, A):
         assert err <= 2e-3, (threads, err)
 
 
+def test_moe_calls_of_changing_shapes():
+    """The op keeps its buffers from call to call (growing only): calls of other sizes and types in
+    between leave a call's result bit for bit the same, and right."""
+    rng = np.random.default_rng(3)
+    E, H, I = 8, 256, 256
+    layers = []
+    for gtyp, dtyp in (("Q4_K", "Q6_K"), ("Q8_0", "Q5_0")):
+        ws = [make_weight(rng, t, shape) for t, shape in ((gtyp, (E, I, H)), (gtyp, (E, I, H)), (dtyp, (E, H, I)))]
+        layers.append((gtyp, dtyp, ws))
+    calls = []
+    for T, A, layer in ((3, 2, 0), (128, 8, 1), (1, 6, 0), (40, 4, 1)):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = rng.integers(0, E, (T, A))
+        calls.append((x, ids, rng.random((T, A)).astype(np.float32), layers[layer]))
+    engine = CpuEngine(threads=2)
+
+    def run(i):
+        x, ids, w, (_, _, ws) = calls[i]
+        return engine.moe(x, ids, w, *(q for q, _ in ws))
+
+    first = [run(i) for i in range(len(calls))]
+    for i in reversed(range(len(calls))):
+        np.testing.assert_array_equal(run(i), first[i])
+        x, ids, w, (gtyp, dtyp, ws) = calls[i]
+        want = moe_reference(x, ids, w, *(f for _, f in ws), [], gtyp, dtyp)
+        assert np.abs(first[i] - want).max() <= 2e-3 * np.abs(want).max()
+
+
 def test_moe_skip_mask_and_async():
     rng = np.random.default_rng(2)
     E, H, I, T, A = 8, 256, 256, 5, 4

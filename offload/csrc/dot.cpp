@@ -183,6 +183,14 @@ void quantize_q8_k(const float* x, block_q8_K& y) {
 
 }  // namespace
 
+void swiglu(const float* g, const float* u, float* h, int64_t n, Isa isa) {
+    if (isa >= Isa::Avx2) {
+        require_isa(isa);
+        return detail::avx2::swiglu(g, u, h, n);
+    }
+    for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa) {
     if (isa >= Isa::Avx512 && (fmt == GgmlType::Q8_0 || fmt == GgmlType::Q8_1 || fmt == GgmlType::Q8_K)) {
         require_isa(isa);

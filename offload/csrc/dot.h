@@ -79,6 +79,12 @@ uint16_t float_to_bf16(float f);
 // isa: from Avx512 the Q8 formats are quantized 16 lanes at a time, to the same bytes.
 void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa = best_isa());
 
+// h[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], SwiGLU's product (an expert's gate and up).
+// Below Avx2 the scalar reference (libm's expf); from Avx2 8 lanes at a time with a Cephes-style exp
+// (within 2 ulp of it; NaN propagates; exp's argument clamped to [-87, 88], so silu(-inf) is -inf,
+// not NaN). h may alias g or u.
+void swiglu(const float* g, const float* u, float* h, int64_t n, Isa isa = best_isa());
+
 // out[j] = dot(w_row, act_row_j) for j < n_act (1..8); act row j starts act_row_stride bytes after
 // row j-1. n values per row, a multiple of the block size (any n for F32/F16/BF16).
 using DotKernel = void (*)(int64_t n, const void* w_row, const void* act_rows, size_t act_row_stride,

@@ -168,6 +168,22 @@ OutU8 quantize_activation(const std::string& fmt, const Array& x, const std::str
     return owned<uint8_t, OutU8>(out, T, rb);
 }
 
+OutF32 swiglu(const Array& g, const Array& u, const std::string& isa_name) {
+    const tandem::Isa isa = isa_from(isa_name);
+    const float* gp = float_rows(g, "g");
+    const float* up = float_rows(u, "u");
+    if (g.shape(0) != u.shape(0) || g.shape(1) != u.shape(1))
+        fail("g and u must have one shape, got [" + std::to_string(g.shape(0)) + ", " + std::to_string(g.shape(1)) +
+             "] and [" + std::to_string(u.shape(0)) + ", " + std::to_string(u.shape(1)) + "]");
+    const size_t T = g.shape(0), K = g.shape(1);
+    auto* out = new float[std::max<size_t>(1, T * K)];
+    {
+        nb::gil_scoped_release release;
+        for (size_t t = 0; t < T; ++t) tandem::swiglu(gp + t * K, up + t * K, out + t * K, static_cast<int64_t>(K), isa);
+    }
+    return owned<float, OutF32>(out, T, K);
+}
+
 using OutU8N = nb::ndarray<nb::numpy, uint8_t>;
 using OutAny = nb::ndarray<nb::numpy>;
 
@@ -257,6 +273,9 @@ void register_dot(nb::module_& m) {
     m.def("quantize_activation", &quantize_activation, nb::arg("fmt"), nb::arg("x"), nb::arg("isa") = "auto",
           "x float32 [T, K] -> uint8 [T, row_bytes]: activation rows as the dot kernels take them\n"
           "(fmt q8_0, q8_1, q8_K, f16, bf16 or f32; Q8_0/Q8_1 round half to even as llama.cpp's x86 path).");
+    m.def("swiglu", &swiglu, nb::arg("g"), nb::arg("u"), nb::arg("isa") = "auto",
+          "silu(g) * u for float32 [T, K] arrays, as the MoE op computes it (scalar: libm's expf; from avx2 a\n"
+          "vector exp within 2 ulp).");
     m.def(
         "activation_type",
         [](int wtype) -> std::string {

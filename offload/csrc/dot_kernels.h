@@ -19,7 +19,11 @@ struct ScaledDotKernel {
 
 // Each returns nullptr (an empty ScaledDotKernel) for a type it has no kernel for.
 namespace scalar { DotKernel kernel(GgmlType wtype); }
-namespace avx2 { DotKernel kernel(GgmlType wtype); ScaledDotKernel scaled_kernel(GgmlType wtype); }
+namespace avx2 {
+DotKernel kernel(GgmlType wtype);
+ScaledDotKernel scaled_kernel(GgmlType wtype);
+void swiglu(const float* g, const float* u, float* h, int64_t n);  // swiglu() from Isa::Avx2 (dot_avx2.cpp)
+}
 namespace avx512 {
 DotKernel kernel(GgmlType wtype);
 ScaledDotKernel scaled_kernel(GgmlType wtype);

@@ -51,8 +51,6 @@ void quantize_rows(ThreadPool& pool, GgmlType fmt, const float* X, int64_t T, in
     pool.parallel_for(T, [&](int64_t t, int) { quantize_activation_row(fmt, X + t * K, dst + t * stride, K); });
 }
 
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
-
 }  // namespace
 
 void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* X, int64_t T, float* Y, Isa isa) {
@@ -119,6 +117,26 @@ void linear_group(ThreadPool& pool, const Weight* ws, int n, const float* X, int
     });
 }
 
+namespace {
+
+// The buffers of a MoE call, kept from call to call (one set per calling thread: the Python thread, or
+// the pool's driver for an asynchronous call), growing only: allocated afresh, a T=128 call spent 7%
+// of its time in the kernel zeroing new pages.
+struct MoeScratch {
+    std::vector<uint8_t> x_q;     // the inputs quantized, per activation format [T, act bytes]
+    std::vector<uint8_t> x_jobs;  // gathered per job [pairs, act bytes of gate/up]
+    std::vector<uint8_t> h_q;     // silu(gate) * up quantized for down, per job [pairs, act bytes of down]
+    std::vector<float> work;      // per thread: gate, up and h rows of an up task, or a down task's rows
+};
+
+template <class T>
+T* grown(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
+
+}  // namespace
+
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,
          int A, const Expert* experts, int64_t E, const Expert* shared, int n_shared, const uint8_t* skip,
          float* out, Isa isa) {
@@ -127,9 +145,8 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
         const Expert* expert;
         std::vector<int64_t> tokens;
         std::vector<float> weight;
-        std::vector<uint8_t> x_q;   // gathered quantized inputs [n, act bytes of gate/up]
-        std::vector<float> h;       // silu(gate) * up [n, I]
-        std::vector<uint8_t> h_q;   // h quantized for down
+        uint8_t* x_q = nullptr;  // gathered quantized inputs [n, act bytes of gate/up]
+        uint8_t* h_q = nullptr;  // silu(gate) * up quantized for down [n, act bytes of down]
     };
     std::vector<Job> jobs;
     std::vector<int64_t> slot_of(E, -1);
@@ -139,7 +156,7 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
             if (e < 0 || (skip && skip[e])) continue;
             if (slot_of[e] < 0) {
                 slot_of[e] = static_cast<int64_t>(jobs.size());
-                jobs.push_back(Job{&experts[e], {}, {}, {}, {}, {}});
+                jobs.push_back(Job{&experts[e], {}, {}});
             }
             Job& j = jobs[slot_of[e]];
             j.tokens.push_back(t);
@@ -149,7 +166,7 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     // routed experts in ascending id order (the order the reference sums them in), shared last
     std::sort(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) { return a.expert < b.expert; });
     for (int s = 0; s < n_shared; ++s) {
-        Job j{&shared[s], {}, {}, {}, {}, {}};
+        Job j{&shared[s], {}, {}};
         for (int64_t t = 0; t < T; ++t) {
             j.tokens.push_back(t);
             j.weight.push_back(1.0f);
@@ -160,22 +177,34 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     if (jobs.empty()) return;
 
     // 2. the inputs, quantized once per activation format, gathered per expert
-    std::vector<std::pair<GgmlType, std::vector<uint8_t>>> quantized;
-    auto quantized_for = [&](const Weight& w) -> const std::vector<uint8_t>& {
-        for (auto& q : quantized)
-            if (q.first == act_type(w)) return q.second;
-        quantized.emplace_back(act_type(w), std::vector<uint8_t>(static_cast<size_t>(T) * act_row_bytes(w)));
-        quantize_rows(pool, act_type(w), X, T, H, quantized.back().second.data(), act_row_bytes(w));
-        return quantized.back().second;
-    };
+    thread_local MoeScratch scratch;
+    std::vector<std::pair<GgmlType, size_t>> formats;  // (format, offset in scratch.x_q)
+    size_t x_bytes = 0, gathered = 0, h_bytes = 0;
+    for (const Job& j : jobs) {
+        const Weight& g = j.expert->gate;
+        if (act_type(j.expert->up) != act_type(g)) throw std::invalid_argument("gate and up of an expert must share an activation format");
+        if (std::none_of(formats.begin(), formats.end(), [&](const auto& f) { return f.first == act_type(g); })) {
+            formats.emplace_back(act_type(g), x_bytes);
+            x_bytes += static_cast<size_t>(T) * act_row_bytes(g);
+        }
+        gathered += j.tokens.size() * act_row_bytes(g);
+        h_bytes += j.tokens.size() * act_row_bytes(j.expert->down);
+    }
+    uint8_t* x_q = grown(scratch.x_q, x_bytes);
+    for (const auto& [fmt, off] : formats) quantize_rows(pool, fmt, X, T, H, x_q + off, row_size(fmt, H));
+    uint8_t* x_next = grown(scratch.x_jobs, gathered);
+    uint8_t* h_next = grown(scratch.h_q, h_bytes);
     for (Job& j : jobs) {
         const Weight& g = j.expert->gate;
         const size_t rb = act_row_bytes(g);
-        const std::vector<uint8_t>& q = quantized_for(g);
-        if (act_type(j.expert->up) != act_type(g)) throw std::invalid_argument("gate and up of an expert must share an activation format");
-        j.x_q.resize(j.tokens.size() * rb);
-        for (size_t i = 0; i < j.tokens.size(); ++i) std::memcpy(&j.x_q[i * rb], &q[j.tokens[i] * rb], rb);
-        j.h.resize(j.tokens.size() * g.rows);
+        const uint8_t* q = x_q + std::find_if(formats.begin(), formats.end(), [&](const auto& f) {
+                                     return f.first == act_type(g);
+                                 })->second;
+        j.x_q = x_next;
+        for (size_t i = 0; i < j.tokens.size(); ++i) std::memcpy(j.x_q + i * rb, q + j.tokens[i] * rb, rb);
+        x_next += j.tokens.size() * rb;
+        j.h_q = h_next;
+        h_next += j.tokens.size() * act_row_bytes(j.expert->down);
     }
 
     // 3. gate and up, in slabs of rows per (expert, slab) task; silu(gate) * up, then those columns of h
@@ -185,38 +214,35 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     // gate/up rows per task, rounded up to whole blocks of the down projection's activation format,
     // so a task quantizes its own columns of h
     int64_t up_rows = slab_rows(up_work, pool.threads());
-    for (Job& j : jobs) {
-        j.h_q.resize(j.tokens.size() * act_row_bytes(j.expert->down));
+    for (const Job& j : jobs) {
         const int64_t block = type_info(static_cast<int32_t>(act_type(j.expert->down)))->block_size;
         up_rows = (up_rows + block - 1) / block * block;
     }
     std::vector<std::pair<int, int64_t>> tasks;  // (job, first row)
     for (size_t ji = 0; ji < jobs.size(); ++ji)
         for (int64_t r = 0; r < jobs[ji].expert->gate.rows; r += up_rows) tasks.emplace_back(static_cast<int>(ji), r);
-    const int64_t max_n = std::max_element(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) {
-                              return a.tokens.size() < b.tokens.size();
-                          })->tokens.size();
+    const int64_t max_n = static_cast<int64_t>(std::max_element(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) {
+                                                   return a.tokens.size() < b.tokens.size();
+                                               })->tokens.size());
     const int64_t down_rows = slab_rows(H, pool.threads());
-    const int64_t scratch_rows = std::max(up_rows * 2, down_rows);
-    std::vector<std::vector<float>> scratch(pool.threads(), std::vector<float>(static_cast<size_t>(max_n) * scratch_rows));
+    const size_t per_thread = static_cast<size_t>(std::max(max_n * up_rows * 2 + up_rows, max_n * down_rows));
+    float* work = grown(scratch.work, per_thread * static_cast<size_t>(pool.threads()));
     pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti, int thread) {
         Job& j = jobs[tasks[ti].first];
         const Weight &g = j.expert->gate, &u = j.expert->up, &d = j.expert->down;
         const int64_t n = static_cast<int64_t>(j.tokens.size()), I = g.rows;
         const int64_t r0 = tasks[ti].second, r1 = std::min(I, r0 + up_rows), rows = r1 - r0;
-        float* gy = scratch[thread].data();
+        float* gy = work + per_thread * static_cast<size_t>(thread);
         float* uy = gy + n * rows;
+        float* h = uy + n * rows;
         const size_t rb = act_row_bytes(g), db = act_row_bytes(d);
         const GgmlType dfmt = act_type(d);
         // matmul_rows writes Y[t * stride + r]; offset the output so row r0 lands in column 0
-        matmul_rows(g.type, g.cols, g.data, g.row_stride, r0, r1, j.x_q.data(), rb, n, gy - r0, rows, isa);
-        matmul_rows(u.type, u.cols, u.data, u.row_stride, r0, r1, j.x_q.data(), rb, n, uy - r0, rows, isa);
+        matmul_rows(g.type, g.cols, g.data, g.row_stride, r0, r1, j.x_q, rb, n, gy - r0, rows, isa);
+        matmul_rows(u.type, u.cols, u.data, u.row_stride, r0, r1, j.x_q, rb, n, uy - r0, rows, isa);
         for (int64_t t = 0; t < n; ++t) {
-            float* h = &j.h[t * I + r0];
-            const float* gt = gy + t * rows;
-            const float* ut = uy + t * rows;
-            for (int64_t r = 0; r < rows; ++r) h[r] = silu(gt[r]) * ut[r];
-            quantize_activation_row(dfmt, h, &j.h_q[t * db + row_size(dfmt, r0)], rows);
+            swiglu(gy + t * rows, uy + t * rows, h, rows, isa);
+            quantize_activation_row(dfmt, h, j.h_q + t * db + row_size(dfmt, r0), rows, isa);
         }
     });
 
@@ -225,11 +251,11 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     const int64_t n_slabs = (H + down_rows - 1) / down_rows;
     pool.parallel_for(n_slabs, [&](int64_t slab, int thread) {
         const int64_t r0 = slab * down_rows, r1 = std::min(H, r0 + down_rows), rows = r1 - r0;
-        float* y = scratch[thread].data();
+        float* y = work + per_thread * static_cast<size_t>(thread);
         for (Job& j : jobs) {
             const Weight& d = j.expert->down;
             const int64_t n = static_cast<int64_t>(j.tokens.size());
-            matmul_rows(d.type, d.cols, d.data, d.row_stride, r0, r1, j.h_q.data(), act_row_bytes(d), n, y - r0, rows, isa);
+            matmul_rows(d.type, d.cols, d.data, d.row_stride, r0, r1, j.h_q, act_row_bytes(d), n, y - r0, rows, isa);
             for (int64_t i = 0; i < n; ++i) {
                 float* o = out + j.tokens[i] * H + r0;
                 const float w = j.weight[i];
