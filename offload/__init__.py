@@ -18,11 +18,11 @@ def cpu_features() -> dict[str, bool]:
     return dict(_C.cpu_features())
 
 
-ISAS = ("scalar", "avx2", "avx512", "avx512_vnni")
+ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_amx")
 
 
 def best_isa() -> str:
-    """The SIMD level the kernels run at here: 'scalar', 'avx2', 'avx512' or 'avx512_vnni'
+    """The SIMD level the kernels run at here: 'scalar', 'avx2', 'avx512', 'avx512_vnni' or 'avx512_amx'
     (the highest this CPU has, capped by the TANDEM_ISA environment variable)."""
     return _C.isa()
 

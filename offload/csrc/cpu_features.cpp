@@ -9,6 +9,10 @@
 #include <cpuid.h>
 #define TANDEM_X86 1
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace tandem {
 namespace {
@@ -66,6 +70,20 @@ CpuFeatures detect() {
     return f;
 }
 
+// Linux hands out the AMX tile state (XTILEDATA, 8 KiB per thread) only to a process that asks for it;
+// without it the first tile instruction faults. Asked once; false where refused or not Linux x86-64.
+bool amx_granted() {
+#if defined(__linux__) && defined(__x86_64__)
+    static const bool granted = [] {
+        constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    return granted;
+#else
+    return false;
+#endif
+}
+
 }  // namespace
 
 const CpuFeatures& cpu_features() {
@@ -80,6 +98,7 @@ bool isa_supported(Isa isa) {
         case Isa::Avx2: return f.avx2 && f.fma && f.f16c;
         case Isa::Avx512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
         case Isa::Avx512Vnni: return isa_supported(Isa::Avx512) && f.avx512_vnni;
+        case Isa::Amx: return isa_supported(Isa::Avx512Vnni) && f.amx_tile && f.amx_int8 && amx_granted();
     }
     return false;
 }
@@ -90,21 +109,22 @@ const char* isa_name(Isa isa) {
         case Isa::Avx2: return "avx2";
         case Isa::Avx512: return "avx512";
         case Isa::Avx512Vnni: return "avx512_vnni";
+        case Isa::Amx: return "avx512_amx";
     }
     return "?";
 }
 
 static Isa named_isa(const char* name) {
-    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni})
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx})
         if (std::strcmp(name, isa_name(isa)) == 0) return isa;
     throw std::invalid_argument(std::string("unknown ISA '") + name +
-                                "'; use auto, scalar, avx2, avx512 or avx512_vnni");
+                                "''; use auto, scalar, avx2, avx512, avx512_vnni or avx512_amx");
 }
 
 Isa best_isa() {
     static const Isa best = [] {
         Isa top = Isa::Scalar;
-        for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni})
+        for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx})
             if (isa_supported(isa)) top = isa;
         const char* env = std::getenv("TANDEM_ISA");
         if (env && *env && std::strcmp(env, "auto") != 0) {

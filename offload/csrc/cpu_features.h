@@ -27,11 +27,13 @@ const CpuFeatures& cpu_features();
 
 // SIMD levels the kernels come in. Every kernel has a Scalar reference; higher levels are
 // compiled with per-function target attributes and only called when the CPU has them.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3 };
+// Amx is Avx512Vnni plus AMX-INT8 tiles (granted to the process by the kernel: arch_prctl), which only
+// the row-interleaved Q4_K kernel uses, for 6 tokens and more; everything else runs as at Avx512Vnni.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Amx = 4 };
 
 bool isa_supported(Isa isa);
 // The highest supported level, capped by the environment variable TANDEM_ISA
-// (scalar | avx2 | avx512 | avx512_vnni), read once - how tests force every variant.
+// (scalar | avx2 | avx512 | avx512_vnni | avx512_amx), read once - how tests force every variant.
 Isa best_isa();
 const char* isa_name(Isa isa);
 // "auto" -> best_isa(); otherwise the named level; throws std::invalid_argument when unknown or

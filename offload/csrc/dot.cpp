@@ -433,6 +433,7 @@ DotKernel dot_kernel(GgmlType wtype, Isa isa) {
         case Isa::Avx2: return detail::avx2::kernel(wtype);
         case Isa::Avx512: return detail::avx512::kernel(wtype);
         case Isa::Avx512Vnni:
+        case Isa::Amx:
             if (wtype == GgmlType::BF16 && cpu_features().avx512_bf16) return detail::avx512_vnni::bf16_dpbf16_kernel();
             return detail::avx512_vnni::kernel(wtype);
     }
@@ -461,7 +462,8 @@ detail::ScaledDotKernel scaled_kernel(GgmlType wtype, Isa isa) {
     switch (isa) {
         case Isa::Avx2: return detail::avx2::scaled_kernel(wtype);
         case Isa::Avx512: return detail::avx512::scaled_kernel(wtype);
-        case Isa::Avx512Vnni: return detail::avx512_vnni::scaled_kernel(wtype);
+        case Isa::Avx512Vnni:
+        case Isa::Amx: return detail::avx512_vnni::scaled_kernel(wtype);
         default: return {};
     }
 }

@@ -153,7 +153,8 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const bool q4k = base == GgmlType::Q4_K, q6k = base == GgmlType::Q6_K;
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
-    const bool vnni = isa == Isa::Avx512Vnni;
+    const bool vnni = isa >= Isa::Avx512Vnni;
+    const bool amx = isa == Isa::Amx && q4k && n_tokens >= kAmxMinTokens;
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K): once for all the groups
     thread_local std::vector<float> ad;
@@ -189,6 +190,17 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             matmul_rows(base, n, plain.data(), rb, lo - r0, hi - r0, A, a_stride, n_tokens, Y + r0, y_stride, isa);
         }
         if (!vnni) continue;
+        if (amx) {
+            int configured = -1;
+            for (int64_t g = c0; g < c1; ++g) {
+                const int64_t r0 = g * kR16;
+                if (r0 < row_begin || r0 + kR16 > row_end) continue;
+                detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, A, a_stride, ad.data(), sub_sums.data(), n_tokens,
+                                          Y + r0, y_stride, configured);
+            }
+            if (configured >= 0) detail::amx::release_tiles();
+            continue;
+        }
         for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
             const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
             for (int64_t g = c0; g < c1; ++g) {

@@ -28,6 +28,9 @@
 namespace tandem {
 
 constexpr int kR16 = 16;
+// From this many tokens the AMX Q4_K kernel beats the VNNI one (measured: 1.3x at 8 tokens, 1.9x at 16;
+// slower at 4, where a tile product is mostly empty).
+constexpr int64_t kAmxMinTokens = 8;
 
 // Q4_0 -> Q4_0_R16 etc.; the same type for a type without a row-interleaved layout.
 GgmlType r16_of(GgmlType base);
@@ -42,7 +45,8 @@ void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
 
 // Y[t * y_stride + r] = W row r . A row t for r in [row_begin, row_end), as matmul_rows, for a
 // row-interleaved W (`type` is an _R16 type; rows r at group r / 16). The VNNI kernel takes whole
-// groups; other ISAs, and groups cut by the row range, unpack the group and run the plain kernels.
+// groups (at Isa::Amx, Q4_K with kAmxMinTokens tokens or more goes to the AMX kernel); other ISAs, and
+// groups cut by the row range, unpack the group and run the plain kernels.
 void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa);
 
@@ -65,5 +69,16 @@ void prep_r16_q6k(const void* act, size_t act_stride, int nt, int64_t nb, float*
 // ad and seed for nt activation rows of nb Q8_0 blocks (see gemm_r16); off = 8, 16 or 128.
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
 }  // namespace detail::avx512_vnni
+
+namespace detail::amx {
+// Q4_K on AMX-INT8 tiles (dot_r16_amx.cpp), as avx512_vnni::gemm_r16_q4k but for all n_tokens activation
+// rows at once (tiles of up to 16; each super-block of the group unpacked once for all of them); ad and
+// sub_sums [n_tokens][nb...] from prep_r16_q4k. Needs Isa::Amx (the process granted the tile state).
+// `configured`: the token count the thread's tiles are configured for (-1 at first: configures them);
+// release_tiles() when done, so the next user (oneDNN's kernels, say) configures its own.
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+                  const float* sub_sums, int64_t n_tokens, float* Y, size_t y_stride, int& configured);
+void release_tiles();
+}  // namespace detail::amx
 
 }  // namespace tandem

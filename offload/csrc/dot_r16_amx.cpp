@@ -1,0 +1,205 @@
+// AMX-INT8 kernel for the row-interleaved Q4_K layout (repack.h): one group of 16 weight rows against
+// many activation rows, for prefill. The VNNI kernel (dot_r16_vnni.cpp) spends two instructions per 64
+// multiply-adds; a tile product does 16 x 16 x 64 of them, but a tile result must go through memory
+// and a Q4_K super-block has 8 sub-block scales per row, so a tile product per 32-value sub-block
+// would store and reload a tile every 8192 multiply-adds. Instead the 6-bit sub-block scales are folded
+// into the weights: sc = 16 h + l (h <= 3, l <= 15), so q * l and q * h (q <= 15) are bytes, and
+//   sum_j sc_j isum_j = 16 C_h + C_l,   C_x = sum over the super-block of (q * x) . a
+// two int32 tiles a super-block, exact. (q * l is one vpmullw on the byte pairs: q_even * l < 256
+// never carries into the odd byte.) The mins and the float scaling are the VNNI kernel's, per token:
+//   acc += d_a (d_w * (16 C_h + C_l) - dmin * sum_j m_j S_j)
+// which is the VNNI kernel's result wherever its float sum over the 8 sub-blocks is exact (partial sums
+// below 2^24, as in practice); beyond, this one is the exact integer rounded once.
+//
+// Tiles: 0 C_l, 1 C_h (M tokens x 16 rows int32), 2-3 A (M tokens x 64 activation bytes, straight from
+// the Q8_K rows), 4-7 B (16 x 64 bytes: a pair of sub-blocks of the 16 rows, 4 bytes per row).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "repack.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(                                                                                   \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8"))), \
+    apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8")
+#endif
+
+namespace tandem::detail::amx {
+namespace {
+
+// The tile intrinsics are asm statements the compiler cannot see into: order the vector stores that
+// build B before the tile loads that read them, and the tile stores before the vector loads of C.
+#define TANDEM_MEMORY_BARRIER asm volatile("" ::: "memory")
+
+constexpr size_t kUnit = 144 * kR16;           // one super-block of the group
+constexpr size_t kPairBytes = 1024;            // one B tile: 16 x 64 bytes
+constexpr size_t kSuperBytes = 8 * kPairBytes; // B_l and B_h of the 4 pairs
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void configure(int M) {
+    TileConfig c;
+    for (int t = 0; t < 4; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 64;  // C_l, C_h, A, A
+    for (int t = 4; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;                        // B
+    _tile_loadconfig(&c);
+}
+
+// Super-block b of the group -> its 8 B tiles (pair i: B_l at 2i, B_h at 2i + 1) and the mins as float.
+void unpack(const uint8_t* u, uint8_t* B, float* mins) {
+    const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
+    const __m512i nib = _mm512_set1_epi8(0x0F), both = _mm512_set1_epi32(0x00010001);
+    const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
+    const __m512i v2 = _mm512_loadu_si512(u + 192);
+    __m512i sc[8];  // get_scale_min_k4, one row per lane
+    for (int j = 0; j < 4; ++j) {
+        sc[j] = _mm512_and_si512(_mm512_srli_epi32(v0, 8 * j), six);
+        const __m512i hs = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j + 6), two), 4);
+        sc[j + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j), four), hs);
+        const __m512i hm = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j + 6), two), 4);
+        _mm512_store_ps(mins + 16 * j, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six)));
+        _mm512_store_ps(mins + 16 * (j + 4),
+                        _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four), hm)));
+    }
+    const uint8_t* qs = u + 256;
+    for (int i = 0; i < 4; ++i) {
+        // the weights stream from memory: each quarter prefetches its share of the unit 2 KiB ahead (as
+        // the VNNI kernels do)
+        const uintptr_t ahead = reinterpret_cast<uintptr_t>(u) + 2048;
+        for (uintptr_t p = (ahead + kUnit * i / 4 + 63) & ~uintptr_t{63}; p < ahead + kUnit * (i + 1) / 4; p += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+        // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
+        const __m512i l0 = _mm512_mullo_epi32(_mm512_and_si512(sc[2 * i], four), both);
+        const __m512i h0 = _mm512_mullo_epi32(_mm512_srli_epi32(sc[2 * i], 4), both);
+        const __m512i l1 = _mm512_mullo_epi32(_mm512_and_si512(sc[2 * i + 1], four), both);
+        const __m512i h1 = _mm512_mullo_epi32(_mm512_srli_epi32(sc[2 * i + 1], 4), both);
+        uint8_t* bl = B + (2 * i) * kPairBytes;
+        uint8_t* bh = B + (2 * i + 1) * kPairBytes;
+        for (int k = 0; k < 8; ++k) {  // B rows 0..7: sub-block 2i (low nibbles), 8..15: 2i + 1 (high)
+            const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
+            const __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+            _mm512_store_si512(bl + 64 * k, _mm512_mullo_epi16(lo, l0));
+            _mm512_store_si512(bh + 64 * k, _mm512_mullo_epi16(lo, h0));
+            _mm512_store_si512(bl + 512 + 64 * k, _mm512_mullo_epi16(hi, l1));
+            _mm512_store_si512(bh + 512 + 64 * k, _mm512_mullo_epi16(hi, h1));
+        }
+    }
+}
+
+}  // namespace
+
+namespace {
+
+// The tile products and the per-token epilogue of super-block b (unpacked at B) for M tokens from act.
+inline __attribute__((always_inline)) void super_block(int M, int64_t nb, int64_t b, const uint8_t* group,
+                                                        const uint8_t* B, const char* act, size_t as,
+                                                        const float* ad, const float* sub_sums, __m512* acc) {
+    alignas(64) int32_t C[2][16][16];
+    const char* ab = act + b * sizeof(block_q8_K) + offsetof(block_q8_K, qs);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(2, ab, as);
+    _tile_loadd(4, B, 64);
+    _tile_loadd(5, B + kPairBytes, 64);
+    _tile_dpbsud(0, 2, 4);
+    _tile_dpbsud(1, 2, 5);
+    _tile_loadd(3, ab + 64, as);
+    _tile_loadd(6, B + 2 * kPairBytes, 64);
+    _tile_loadd(7, B + 3 * kPairBytes, 64);
+    _tile_dpbsud(0, 3, 6);
+    _tile_dpbsud(1, 3, 7);
+    _tile_loadd(2, ab + 128, as);
+    _tile_loadd(4, B + 4 * kPairBytes, 64);
+    _tile_loadd(5, B + 5 * kPairBytes, 64);
+    _tile_dpbsud(0, 2, 4);
+    _tile_dpbsud(1, 2, 5);
+    _tile_loadd(3, ab + 192, as);
+    _tile_loadd(6, B + 6 * kPairBytes, 64);
+    _tile_loadd(7, B + 7 * kPairBytes, 64);
+    _tile_dpbsud(0, 3, 6);
+    _tile_dpbsud(1, 3, 7);
+    _tile_stored(0, C[0], 64);
+    _tile_stored(1, C[1], 64);
+    TANDEM_MEMORY_BARRIER;
+    const uint8_t* u = group + b * kUnit;
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+    const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
+    const float* mins = reinterpret_cast<const float*>(B + kSuperBytes);
+    for (int t = 0; t < M; ++t) {
+        const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(C[1][t]), 4),
+                                              _mm512_load_si512(C[0][t]));
+        const float* S = sub_sums + (t * nb + b) * 8;
+        __m512 sum_m = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j) sum_m = _mm512_fmadd_ps(_mm512_load_ps(mins + 16 * j), _mm512_set1_ps(S[j]), sum_m);
+        const __m512 da = _mm512_set1_ps(ad[t * nb + b]);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(isum), acc[t]);
+        acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dm, da), sum_m, acc[t]);
+    }
+}
+
+constexpr size_t kPerSuper = kSuperBytes + 8 * 16 * sizeof(float);  // B tiles, then the mins
+
+uint8_t* aligned_buffer(size_t bytes) {
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+}
+
+}  // namespace
+
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+                  const float* sub_sums, int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+    const auto* a = static_cast<const char*>(act);
+    const int64_t tiles = (n_tokens + 15) / 16;  // near-equal token tiles of at most 16
+    __m512 acc[16];
+    if (tiles == 1) {  // each super-block unpacked (8.5 KiB, stays in L1) just before its products
+        const int M = static_cast<int>(n_tokens);
+        if (configured != M) configure(configured = M);
+        uint8_t* B = aligned_buffer(kPerSuper);
+        for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+            unpack(group + b * kUnit, B, reinterpret_cast<float*>(B + kSuperBytes));
+            TANDEM_MEMORY_BARRIER;
+            super_block(M, nb, b, group, B, a, as, ad, sub_sums, acc);
+        }
+        for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+        return;
+    }
+    // several tiles: the whole group unpacked once (nb x 8.5 KiB, L2) for all of them
+    uint8_t* base = aligned_buffer(static_cast<size_t>(nb) * kPerSuper);
+    for (int64_t b = 0; b < nb; ++b)
+        unpack(group + b * kUnit, base + b * kPerSuper, reinterpret_cast<float*>(base + b * kPerSuper + kSuperBytes));
+    TANDEM_MEMORY_BARRIER;
+    for (int64_t tile = 0, t0 = 0; tile < tiles; ++tile) {
+        const int M = static_cast<int>((n_tokens - t0) / (tiles - tile));
+        if (configured != M) configure(configured = M);
+        for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b)
+            super_block(M, nb, b, group, base + b * kPerSuper, a + t0 * as, as, ad + t0 * nb, sub_sums + t0 * nb * 8,
+                        acc);
+        for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + (t0 + t) * y_stride, acc[t]);
+        t0 += M;
+    }
+}
+
+void release_tiles() { _tile_release(); }
+
+}  // namespace tandem::detail::amx
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
