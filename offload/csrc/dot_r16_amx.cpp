@@ -56,6 +56,9 @@ void configure(int M) {
     TileConfig c;
     for (int t = 0; t < 4; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 64;  // C_l, C_h, A, A
     for (int t = 4; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;                        // B
+    // GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the 64: without this the other
+    // stores may be dropped as dead, and the tile products fault on the garbage shapes
+    asm volatile("" : : "r"(&c) : "memory");
     _tile_loadconfig(&c);
 }
 
