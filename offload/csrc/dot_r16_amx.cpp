@@ -13,6 +13,12 @@
 //
 // Tiles: 0 C_l, 1 C_h (M tokens x 16 rows int32), 2-3 A (M tokens x 64 activation bytes, straight from
 // the Q8_K rows), 4-7 B (16 x 64 bytes: a pair of sub-blocks of the 16 rows, 4 bytes per row).
+//
+// Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
+// every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
+// kernel does per block: acc += float(C + seed) * (d_w * d_a), to the same bits. Two blocks are in
+// flight (tiles 0-1 C, 2-3 A with 32 bytes a row, 4-5 B of 8 rows). Q8_0's signed quants go to the
+// tiles as stored (signed x signed products, no seed); Q4_0 / Q5_0 are unpacked to unsigned quants.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -25,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "r16_prefetch.h"
 #include "repack.h"
 
 #if defined(__clang__)
@@ -80,11 +87,7 @@ void unpack(const uint8_t* u, uint8_t* B, float* mins) {
     }
     const uint8_t* qs = u + 256;
     for (int i = 0; i < 4; ++i) {
-        // the weights stream from memory: each quarter prefetches its share of the unit 2 KiB ahead (as
-        // the VNNI kernels do)
-        const uintptr_t ahead = reinterpret_cast<uintptr_t>(u) + 2048;
-        for (uintptr_t p = (ahead + kUnit * i / 4 + 63) & ~uintptr_t{63}; p < ahead + kUnit * (i + 1) / 4; p += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+        prefetch_share<kUnit, 4>(u, i);  // the weights stream from memory
         // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
         const __m512i l0 = _mm512_mullo_epi32(_mm512_and_si512(sc[2 * i], four), both);
         const __m512i h0 = _mm512_mullo_epi32(_mm512_srli_epi32(sc[2 * i], 4), both);
@@ -196,6 +199,135 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, 
                         acc);
         for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + (t0 + t) * y_stride, acc[t]);
         t0 += M;
+    }
+}
+
+namespace {
+
+constexpr size_t kBlockB = 512;  // one 32-value block of the 16 rows as a B tile: 8 x 64 bytes
+
+void configure32(int M) {
+    TileConfig c;
+    for (int t = 0; t < 2; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 64;  // C
+    for (int t = 2; t < 4; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 32;  // A
+    for (int t = 4; t < 6; ++t) c.rows[t] = 8, c.colsb[t] = 64;                        // B
+    asm volatile("" : : "r"(&c) : "memory");  // see configure()
+    _tile_loadconfig(&c);
+}
+
+// Block b's quants of the 16 rows as a B tile (Q4_0 / Q5_0: unsigned, as the VNNI kernel's unpack).
+template <GgmlType Base>
+inline __attribute__((always_inline)) void unpack32(const uint8_t* u, uint8_t* B) {
+    const uint8_t* qs = u + 2 * kR16;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    for (int m = 0; m < 4; ++m) {
+        const __m512i x = _mm512_loadu_si512(qs + 64 * m);
+        __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+        if constexpr (Base == GgmlType::Q5_0) {
+            const __m512i sixteen = _mm512_set1_epi8(16);
+            uint64_t bl, bh;
+            std::memcpy(&bl, qs + 256 + 8 * m, 8);
+            std::memcpy(&bh, qs + 256 + 8 * (m + 4), 8);
+            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bl), lo, sixteen);
+            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bh), hi, sixteen);
+        }
+        _mm512_store_si512(B + 64 * m, lo);
+        _mm512_store_si512(B + 64 * (m + 4), hi);
+    }
+}
+
+// Blocks [b, b + n) (n = 1 or 2) of M tokens: products into C tiles, then acc[t] per block.
+template <GgmlType Base>
+inline __attribute__((always_inline)) void blocks32(int M, int64_t nb, int64_t b, int n, const uint8_t* group,
+                                                     const uint8_t* B0, const uint8_t* B1, const char* act,
+                                                     size_t as, const float* ad, const int32_t* seed, __m512* acc) {
+    constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
+    alignas(64) int32_t C[2][16][16];
+    const char* ab = act + b * sizeof(block_q8_0) + offsetof(block_q8_0, qs);
+    _tile_zero(0);
+    _tile_loadd(2, ab, as);
+    _tile_loadd(4, B0, 64);
+    if constexpr (Base == GgmlType::Q8_0) _tile_dpbssd(0, 2, 4); else _tile_dpbsud(0, 2, 4);
+    if (n == 2) {
+        _tile_zero(1);
+        _tile_loadd(3, ab + sizeof(block_q8_0), as);
+        _tile_loadd(5, B1, 64);
+        if constexpr (Base == GgmlType::Q8_0) _tile_dpbssd(1, 3, 5); else _tile_dpbsud(1, 3, 5);
+        _tile_stored(1, C[1], 64);
+    }
+    _tile_stored(0, C[0], 64);
+    TANDEM_MEMORY_BARRIER;
+    for (int i = 0; i < n; ++i) {
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + (b + i) * unit)));
+        for (int t = 0; t < M; ++t) {
+            __m512i s = _mm512_load_si512(C[i][t]);
+            if constexpr (Base != GgmlType::Q8_0) s = _mm512_add_epi32(s, _mm512_set1_epi32(seed[t * nb + b + i]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b + i])),
+                                     acc[t]);
+        }
+    }
+}
+
+template <GgmlType Base>
+void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+            int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+    constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
+    const auto* a = static_cast<const char*>(act);
+    const int64_t tiles = (n_tokens + 15) / 16;
+    // the B tile of block b: Q8_0's stored quants in place, else unpacked (all blocks once when several
+    // token tiles share them, else two at a time)
+    auto stored = [&](int64_t b) { return group + b * unit + 2 * kR16; };
+    uint8_t* Bs = nullptr;
+    if constexpr (Base != GgmlType::Q8_0) {
+        Bs = aligned_buffer((tiles > 1 ? static_cast<size_t>(nb) : 2) * kBlockB);
+        if (tiles > 1) {
+            for (int64_t b = 0; b < nb; ++b) {
+                prefetch_share<unit, 1>(group + b * unit, 0);
+                unpack32<Base>(group + b * unit, Bs + b * kBlockB);
+            }
+            TANDEM_MEMORY_BARRIER;
+        }
+    }
+    __m512 acc[16];
+    for (int64_t tile = 0, t0 = 0; tile < tiles; ++tile) {
+        const int M = static_cast<int>((n_tokens - t0) / (tiles - tile));
+        if (configured != 100 + M) configure32(M), configured = 100 + M;
+        for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b += 2) {
+            const int n = nb - b >= 2 ? 2 : 1;
+            const uint8_t *B0, *B1;
+            if constexpr (Base == GgmlType::Q8_0) {
+                prefetch_share<unit, 1>(group + b * unit, 0);
+                B0 = stored(b), B1 = stored(b + n - 1);
+            } else if (tiles > 1) {
+                B0 = Bs + b * kBlockB, B1 = Bs + (b + n - 1) * kBlockB;
+            } else {
+                for (int i = 0; i < n; ++i) {
+                    prefetch_share<unit, 1>(group + (b + i) * unit, 0);
+                    unpack32<Base>(group + (b + i) * unit, Bs + i * kBlockB);
+                }
+                TANDEM_MEMORY_BARRIER;
+                B0 = Bs, B1 = Bs + kBlockB;
+            }
+            blocks32<Base>(M, nb, b, n, group, B0, B1, a + t0 * as, as, ad + t0 * nb, seed + t0 * nb, acc);
+        }
+        for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + (t0 + t) * y_stride, acc[t]);
+        t0 += M;
+    }
+}
+
+}  // namespace
+
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+              const int32_t* seed, int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+    switch (base) {
+        case GgmlType::Q4_0:
+            return gemm32<GgmlType::Q4_0>(nb, group, act, act_stride, ad, seed, n_tokens, Y, y_stride, configured);
+        case GgmlType::Q5_0:
+            return gemm32<GgmlType::Q5_0>(nb, group, act, act_stride, ad, seed, n_tokens, Y, y_stride, configured);
+        case GgmlType::Q8_0:
+            return gemm32<GgmlType::Q8_0>(nb, group, act, act_stride, ad, seed, n_tokens, Y, y_stride, configured);
+        default: return;
     }
 }
 

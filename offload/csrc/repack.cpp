@@ -154,7 +154,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    const bool amx = isa == Isa::Amx && q4k && n_tokens >= kAmxMinTokens;
+    const bool amx = isa == Isa::Amx && !q6k && n_tokens >= (q4k ? kAmxMinTokens : kAmxMinTokens32);
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K): once for all the groups
     thread_local std::vector<float> ad;
@@ -195,7 +195,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             for (int64_t g = c0; g < c1; ++g) {
                 const int64_t r0 = g * kR16;
                 if (r0 < row_begin || r0 + kR16 > row_end) continue;
-                detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, A, a_stride, ad.data(), sub_sums.data(), n_tokens,
+                if (q4k)
+                    detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, A, a_stride, ad.data(), sub_sums.data(),
+                                              n_tokens, Y + r0, y_stride, configured);
+                else
+                    detail::amx::gemm_r16(base, nb, w + g * group_bytes, A, a_stride, ad.data(), seed.data(), n_tokens,
                                           Y + r0, y_stride, configured);
             }
             if (configured >= 0) detail::amx::release_tiles();

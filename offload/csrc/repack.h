@@ -28,9 +28,10 @@
 namespace tandem {
 
 constexpr int kR16 = 16;
-// From this many tokens the AMX Q4_K kernel beats the VNNI one (measured: 1.3x at 8 tokens, 1.9x at 16;
-// slower at 4, where a tile product is mostly empty).
-constexpr int64_t kAmxMinTokens = 8;
+// From this many tokens the AMX kernels beat the VNNI ones (single thread, 256 x 2048: Q4_K 1.2x at 8
+// tokens, 1.5x at 16, slower at 4 where a tile product is mostly empty; the 32-value block types, with
+// a tile stored per block, 0.8-0.9x at 8, 1.05-1.2x at 16, 1.15-1.25x at 64).
+constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 16;
 
 // Q4_0 -> Q4_0_R16 etc.; the same type for a type without a row-interleaved layout.
 GgmlType r16_of(GgmlType base);
@@ -45,7 +46,8 @@ void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
 
 // Y[t * y_stride + r] = W row r . A row t for r in [row_begin, row_end), as matmul_rows, for a
 // row-interleaved W (`type` is an _R16 type; rows r at group r / 16). The VNNI kernel takes whole
-// groups (at Isa::Amx, Q4_K with kAmxMinTokens tokens or more goes to the AMX kernel); other ISAs, and
+// groups (at Isa::Amx, Q4_K from kAmxMinTokens tokens and Q4_0 / Q5_0 / Q8_0 from kAmxMinTokens32 go
+// to the AMX kernels); other ISAs, and
 // groups cut by the row range, unpack the group and run the plain kernels.
 void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa);
@@ -78,6 +80,10 @@ namespace detail::amx {
 // release_tiles() when done, so the next user (oneDNN's kernels, say) configures its own.
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const float* sub_sums, int64_t n_tokens, float* Y, size_t y_stride, int& configured);
+// Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
+// seed [n_tokens][nb] from prep_r16; Q8_0 ignores the seed: its signed quants need none).
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+              const int32_t* seed, int64_t n_tokens, float* Y, size_t y_stride, int& configured);
 void release_tiles();
 }  // namespace detail::amx
 
