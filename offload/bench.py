@@ -2,8 +2,9 @@
 
 Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight type on matrices far
 larger than the L3 cache; microseconds per MoE layer at T=1 and tokens/s at T=128 for a
-DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call, working
-set > L3); the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
+DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls
+go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, for every engine);
+the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
 thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the shared machine.
 """
 
@@ -84,12 +85,32 @@ LAYERS = {
     # (ffn_down_exps has 1408-wide rows: Q4_K falls back to Q5_0)
     "deepseek-v2-lite": dict(H=2048, I=1408, E=64, A=6, n_shared=2, gate="Q4_K", down="Q5_0",
                              shared_gate="Q4_K", shared_down="Q4_K"),
-    # DeepSeek-V3 shapes, 16 of the 256 experts in RAM (only the 8 selected are read per token; the
-    # working set, 16 x 3 x 7168 x 2048 weights = 0.4 GB at Q4_K, is still far beyond the L3 cache;
-    # kt-kernel packs its own copy per method from bf16, so more would not fit beside it in 24 GB)
+    # DeepSeek-V3 shapes, 16 of the 256 experts in RAM (only the 8 selected are read per token: 16 x 3 x
+    # 7168 x 2048 weights = 0.4 GB at Q4_K a layer, and copies of it beyond the L3 cache; kt-kernel packs
+    # its own copy per method from bf16, so more experts would not fit beside it in 24 GB)
     "deepseek-v3": dict(H=7168, I=2048, E=16, A=8, n_shared=1, gate="Q4_K", down="Q4_K",
                         shared_gate="Q4_K", shared_down="Q4_K", E_model=256),
 }
+
+
+def l3_bytes() -> int:
+    """The last-level cache's size as Linux reports it (64 MiB when it does not)."""
+    try:
+        text = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]]
+    except (OSError, ValueError, KeyError):
+        return 64 << 20
+
+
+def copies_beyond_l3(layer_bytes: int) -> int:
+    """How many copies of a layer the calls cycle through so their working set is 1.5x the L3 cache
+    (at least 2): one layer of V2-Lite (0.33 GB) fits a 480 MiB L3, and would be read from the cache."""
+    return max(2, -(-3 * l3_bytes() // (2 * layer_bytes)))
+
+
+def layer_bytes(layer) -> int:
+    gate, up, down, shared = layer
+    return sum(w.data.nbytes for w in (gate, up, down, *(m for s in shared for m in s)))
 
 
 def make_layer(rng, spec):
@@ -109,23 +130,24 @@ def random_route(rng, T: int, E: int, A: int):
     return ids, w / w.sum(1, keepdims=True)
 
 
-def moe_call(engine, rng, spec, layer, T: int, with_shared: bool = True):
-    """A no-argument function running one T-token call of the layer (a new random route each time)."""
-    gate, up, down, shared = layer
-    shared = shared if with_shared else []
+def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
+    """A no-argument function running one T-token call of the next layer copy in turn (a new random
+    route each time)."""
     x = rng.standard_normal((T, spec["H"]), dtype=np.float32)
     out = np.empty_like(x)
     routes = [random_route(rng, T, spec["E"], spec["A"]) for _ in range(8)]
     k = iter(range(10**9))
 
     def call():
-        ids, w = routes[next(k) % len(routes)]
-        engine.moe(x, ids, w, gate, up, down, shared=shared, out=out)
+        i = next(k)
+        gate, up, down, shared = layers[i % len(layers)]
+        ids, w = routes[i % len(routes)]
+        engine.moe(x, ids, w, gate, up, down, shared=shared if with_shared else [], out=out)
     return call
 
 
-def bench_moe_engine(engine, rng, spec, layer, T: int, repeats: int, with_shared: bool = True) -> tuple[float, float]:
-    return timed(moe_call(engine, rng, spec, layer, T, with_shared), repeats)
+def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, with_shared: bool = True) -> tuple[float, float]:
+    return timed(moe_call(engine, rng, spec, layers, T, with_shared), repeats, warmup=len(layers) + 1)
 
 
 def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
@@ -210,29 +232,33 @@ def run(args) -> dict:
         engine, probe, rng, ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"], args.gemv_mib << 20)
     result["moe"] = []
     for name, spec in LAYERS.items():
-        layer = make_layer(rng, spec)
+        layers = [make_layer(rng, spec)]
+        copies = copies_beyond_l3(layer_bytes(layers[0]))
+        layers += [make_layer(rng, spec) for _ in range(copies - 1)]
+        print(f"  {name}: {copies} copies of the layer ({copies * layer_bytes(layers[0]) / 2**20:.0f} MiB, the L3 "
+              f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
         for T, repeats in ((1, args.repeats), (128, max(3, args.repeats // 10))):
-            mean, std = bench_moe_engine(engine, rng, spec, layer, T, repeats)
-            routed, _ = bench_moe_engine(engine, rng, spec, layer, T, repeats, with_shared=False)
-            row = {"layer": name, "T": T, "us": mean * 1e6, "us_std": std * 1e6, "tokens_per_s": T / mean,
+            mean, std = bench_moe_engine(engine, rng, spec, layers, T, repeats)
+            routed, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
+            row = {"layer": name, "T": T, "copies": copies, "us": mean * 1e6, "us_std": std * 1e6, "tokens_per_s": T / mean,
                    "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed}
             if not args.no_peers:
                 row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
                 from .bench_kt import best_kt_moe
 
-                kt = best_kt_moe(spec, T, threads, rng)
+                kt = best_kt_moe(spec, T, threads, rng, copies=copies)
                 if kt is not None:
                     # kt-kernel's op runs the routed experts only: compare like with like. Its worker
                     # threads spin while its pool lives (a 1-thread pool even when idle), so the two
                     # engines cannot be timed in alternation: ours runs before and after it, and the
                     # mean of the two brackets kt-kernel's time against the drifting bandwidth
-                    kt_s, _ = timed(kt, repeats)
+                    kt_s, _ = timed(kt, repeats, warmup=copies + 1)
                     row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=kt.method, kt_kernel_threads=kt.threads)
                     del kt
                     gc.collect()
                     time.sleep(0.1)
-                    after, _ = bench_moe_engine(engine, rng, spec, layer, T, repeats, with_shared=False)
+                    after, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
                     row["routed_us_after"] = after * 1e6
                     row["kt_kernel_ratio"] = (routed + after) / 2 / kt_s
             result["moe"].append(row)
@@ -243,7 +269,7 @@ def run(args) -> dict:
                           f"{row['kt_kernel_threads']} thr)")
             print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}",
                   file=sys.stderr)
-        del layer
+        del layers
     return result
 
 

@@ -14,27 +14,32 @@ METHODS = ("AMXInt4_MOE", "AMXInt8_MOE", "AMXBF16_MOE")
 
 
 class KtMoE:
-    """One kt-kernel MoE layer (random bf16 experts packed by `method`) ready to run `T`-token calls."""
+    """`copies` kt-kernel MoE layers (random bf16 experts packed by `method`, one pool) ready to run
+    `T`-token calls, each call on the next layer in turn (so the working set can exceed the L3 cache)."""
 
-    def __init__(self, kt_kernel_ext, spec: dict, T: int, method: str, n_threads: int, rng):
+    def __init__(self, kt_kernel_ext, spec: dict, T: int, method: str, n_threads: int, rng, copies: int = 1):
         import numpy as np
         import torch
 
         H, I, E, A = spec["H"], spec["I"], spec["E"], spec["A"]
         self.method, self.threads, self.A = method, n_threads, A
-        gate = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
-        up = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
-        down = (torch.randn(E, H, I) * 0.02).to(torch.bfloat16).contiguous()
         self.cpu = kt_kernel_ext.CPUInfer(n_threads)
-        cfg = kt_kernel_ext.moe.MOEConfig(E, A, H, I, 0)
-        cfg.max_len = max(T, 128)
-        cfg.pool = self.cpu.backend_
-        cfg.gate_proj, cfg.up_proj, cfg.down_proj = gate.data_ptr(), up.data_ptr(), down.data_ptr()
-        self.moe = getattr(kt_kernel_ext.moe, method)(cfg)
-        p2l = torch.arange(E, dtype=torch.int64)
-        self.cpu.submit(self.moe.load_weights_task(p2l.data_ptr()))
-        self.cpu.sync()
-        del gate, up, down  # packed by load_weights
+        self.moes = []
+        for layer in range(copies):
+            gate = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
+            up = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
+            down = (torch.randn(E, H, I) * 0.02).to(torch.bfloat16).contiguous()
+            cfg = kt_kernel_ext.moe.MOEConfig(E, A, H, I, 0)
+            cfg.layer_idx = layer
+            cfg.max_len = max(T, 128)
+            cfg.pool = self.cpu.backend_
+            cfg.gate_proj, cfg.up_proj, cfg.down_proj = gate.data_ptr(), up.data_ptr(), down.data_ptr()
+            moe = getattr(kt_kernel_ext.moe, method)(cfg)
+            p2l = torch.arange(E, dtype=torch.int64)
+            self.cpu.submit(moe.load_weights_task(p2l.data_ptr()))
+            self.cpu.sync()
+            del gate, up, down  # packed by load_weights
+            self.moes.append(moe)
         self.qlen = torch.tensor([T], dtype=torch.int32)
         self.x = torch.randn(T, H).to(torch.bfloat16).contiguous()
         self.out = torch.empty(T, H, dtype=torch.bfloat16)
@@ -47,14 +52,15 @@ class KtMoE:
     def __call__(self) -> None:
         ids, w = self.routes[self.calls % len(self.routes)]
         self.calls += 1
-        self.cpu.submit(self.moe.forward_task(self.qlen.data_ptr(), self.A, ids.data_ptr(), w.data_ptr(),
-                                              self.x.data_ptr(), self.out.data_ptr(), False))
+        moe = self.moes[self.calls % len(self.moes)]
+        self.cpu.submit(moe.forward_task(self.qlen.data_ptr(), self.A, ids.data_ptr(), w.data_ptr(),
+                                         self.x.data_ptr(), self.out.data_ptr(), False))
         self.cpu.sync()
 
 
-def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5) -> KtMoE | None:
-    """kt-kernel's fastest method and thread count for this shape (by a short probe), or None when
-    kt-kernel is not installed. Only the winner is kept in memory."""
+def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5, copies: int = 1) -> KtMoE | None:
+    """kt-kernel's fastest method and thread count for this shape (by a short probe on one layer), then
+    `copies` layers of it; None when kt-kernel is not installed. Only the winner is kept in memory."""
     try:
         import kt_kernel  # noqa: F401
         from kt_kernel import kt_kernel_ext
@@ -74,8 +80,9 @@ def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5) -> 
                 print(f"  kt-kernel {method} ({n_threads} threads): {e}", flush=True)
                 continue
             if t < best_t:
-                best, best_t = layer, t
-            else:
-                del layer
+                best, best_t = (method, n_threads), t
+            del layer
             gc.collect()
-    return best
+    if best is None:
+        return None
+    return KtMoE(kt_kernel_ext, spec, T, best[0], best[1], rng, copies=copies)
