@@ -45,9 +45,14 @@ def random_weight(rng, typ: str, shape: tuple[int, ...]) -> QuantWeight:
     return QuantWeight(typ, data.reshape(*lead, rows, -1), cols)
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """(mean, stdev) seconds of fn() over repeats, warm-up excluded."""
+def timed(fn, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> tuple[float, float]:
+    """(mean, stdev) seconds of fn() over repeats, warm-up excluded: `warmup` calls, and more until
+    settle_s seconds went by (just after gigabytes were allocated or freed, the kernel's background
+    work - zeroing, huge-page collapsing - slowed the first calls by up to 3x)."""
+    t_end = time.perf_counter() + settle_s
     for _ in range(warmup):
+        fn()
+    while time.perf_counter() < t_end:
         fn()
     times = []
     for _ in range(repeats):
@@ -147,7 +152,7 @@ def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
 
 
 def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, with_shared: bool = True) -> tuple[float, float]:
-    return timed(moe_call(engine, rng, spec, layers, T, with_shared), repeats, warmup=len(layers) + 1)
+    return timed(moe_call(engine, rng, spec, layers, T, with_shared), repeats, warmup=len(layers) + 1, settle_s=1.0)
 
 
 def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
@@ -237,6 +242,7 @@ def run(args) -> dict:
         layers += [make_layer(rng, spec) for _ in range(copies - 1)]
         print(f"  {name}: {copies} copies of the layer ({copies * layer_bytes(layers[0]) / 2**20:.0f} MiB, the L3 "
               f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
+        timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=3.0)  # the fresh gigabytes settle
         for T, repeats in ((1, args.repeats), (128, max(3, args.repeats // 10))):
             mean, std = bench_moe_engine(engine, rng, spec, layers, T, repeats)
             routed, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
@@ -253,7 +259,7 @@ def run(args) -> dict:
                     # threads spin while its pool lives (a 1-thread pool even when idle), so the two
                     # engines cannot be timed in alternation: ours runs before and after it, and the
                     # mean of the two brackets kt-kernel's time against the drifting bandwidth
-                    kt_s, _ = timed(kt, repeats, warmup=copies + 1)
+                    kt_s, _ = timed(kt, repeats, warmup=copies + 1, settle_s=1.0)
                     row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=kt.method, kt_kernel_threads=kt.threads)
                     del kt
                     gc.collect()
