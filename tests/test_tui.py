@@ -297,6 +297,25 @@ def test_ctrl_j_starts_a_new_line_and_enter_sends():
     asyncio.run(main())
 
 
+def test_a_late_event_of_an_earlier_turn_is_dropped():
+    """The generating thread's events carry their turn: one that arrives after the next message was sent
+    (a failed turn's closing "end", say) must not finish the new reply early."""
+    async def main():
+        app = ChatApp(runner=FakeRunner(), sysinfo=FIXED_SYSTEM)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await send(pilot, app, "first")
+            earlier = app._turn
+            app.runner.delay = 0.05  # the next reply takes half a second
+            await pilot.click("#prompt")
+            await pilot.press(*"next", "enter")
+            app._events.append((earlier, ("end", False)))  # late, from the finished turn
+            await wait_for(pilot, lambda: len(app.transcript) >= 4 and not app.generating)
+            assert app.transcript[-1]["finish_reason"] == "eos"
+            assert app.transcript[-1]["content"] == "".join(FakeRunner.ANSWER)
+
+    asyncio.run(main())
+
+
 def test_a_generation_error_is_a_message_not_a_traceback():
     class Failing(FakeRunner):
         def chat(self, messages, params):

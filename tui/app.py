@@ -75,7 +75,10 @@ class ChatApp(App):
         self.context_used = 0
         self.generating = False
         self.load_error: str | None = None
+        # (turn, event) from the generating thread; a turn's events are dropped once a newer turn started
+        # (a failed turn's closing "end" can arrive after the next message was sent)
         self._events: deque = deque()
+        self._turn = 0
         self._stop = threading.Event()
         self._reply: AssistantMessage | None = None
         self._reply_tokens = 0
@@ -167,15 +170,16 @@ class ChatApp(App):
         self._stop.clear()
         self.throughput.current = None
         self._set_status("generating… (Esc stops)")
-        self._generate(system + list(self.messages), self.settings.params)
+        self._turn += 1
+        self._generate(self._turn, system + list(self.messages), self.settings.params)
 
     @work(thread=True, exclusive=True, group="generate")
-    def _generate(self, messages: list[dict], params) -> None:
+    def _generate(self, turn: int, messages: list[dict], params) -> None:
         try:
             events = self.runner.chat(messages, params)
             try:
                 for ev in events:
-                    self._events.append(ev)
+                    self._events.append((turn, ev))
                     if self._stop.is_set():
                         break
             finally:
@@ -183,8 +187,8 @@ class ChatApp(App):
                 if close:
                     close()
         except Exception as e:  # noqa: BLE001 - shown in the UI
-            self._events.append(("error", f"{type(e).__name__}: {e}"))
-        self._events.append(("end", self._stop.is_set()))
+            self._events.append((turn, ("error", f"{type(e).__name__}: {e}")))
+        self._events.append((turn, ("end", self._stop.is_set())))
 
     async def _drain(self) -> None:
         """Apply the queued events to the UI, one batch per tick."""
@@ -198,7 +202,9 @@ class ChatApp(App):
         reply = self._reply
         batch = []
         while self._events:
-            batch.append(self._events.popleft())
+            turn, ev = self._events.popleft()
+            if turn == self._turn:
+                batch.append(ev)
         for ev in batch:
             if isinstance(ev, tuple):
                 kind, value = ev
