@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 import offload
 from local.models.layers import ACTIVATION_FORMAT, quantize_activation
@@ -46,7 +46,10 @@ def test_linear(typ, isa, T):
     rng = np.random.default_rng(0)
     K, N = cols_for(typ), 37
     w, wf = make_weight(rng, typ, (N, K))
-    x = rng.standard_normal((T, K)).astype(np.float32)
+    assert_linear_matches(w, wf, rng.standard_normal((T, K)).astype(np.float32), typ, isa)
+
+
+def assert_linear_matches(w, wf, x, typ: str, isa: str) -> None:
     got = CpuEngine(threads=2, isa=isa).linear(w, x)
     want = act(x, typ) @ wf.T
     scale = np.abs(act(x, typ)) @ np.abs(wf).T
@@ -56,26 +59,17 @@ def test_linear(typ, isa, T):
     assert np.all(np.abs(got - want) <= tol * scale + 1e-6), np.abs(got - want).max()
 
 
-BLOCK_BYTES = {"Q4_0": (32, 18), "Q5_0": (32, 22), "Q8_0": (32, 34), "Q4_1": (32, 20), "Q5_1": (32, 24),
-               "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "F16": (1, 2), "BF16": (1, 2), "F32": (1, 4)}
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("typ", TYPES)
 def test_linear_long_rows(typ, isa):
     """Decode over rows of ~20 KiB, which the engine walks in slices (partial dots added, each slice
     prefetching ahead), the last slice partial; 19 rows, so no row-interleaved layout either."""
     rng = np.random.default_rng(2)
-    block, size = BLOCK_BYTES[typ]
+    block, size = GGML_QUANT_SIZES[QT[typ]]
     K = (20480 // size + 1) * block
     w, wf = make_weight(rng, typ, (19, K))
     for T in (1, 2):
-        x = rng.standard_normal((T, K)).astype(np.float32)
-        got = CpuEngine(threads=2, isa=isa).linear(w, x)
-        want = act(x, typ) @ wf.T
-        scale = np.abs(act(x, typ)) @ np.abs(wf).T
-        tol = 1e-3 if typ in ("Q4_1", "Q5_1") else 1e-5
-        assert np.all(np.abs(got - want) <= tol * scale + 1e-6), np.abs(got - want).max()
+        assert_linear_matches(w, wf, rng.standard_normal((T, K)).astype(np.float32), typ, isa)
 
 
 @pytest.mark.parametrize("typ", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16", "F32"])

@@ -275,7 +275,7 @@ void register_dot(nb::module_& m) {
           "(fmt q8_0, q8_1, q8_K, f16, bf16 or f32; Q8_0/Q8_1 round half to even as llama.cpp's x86 path).");
     m.def("swiglu", &swiglu, nb::arg("g"), nb::arg("u"), nb::arg("isa") = "auto",
           "silu(g) * u for float32 [T, K] arrays, as the MoE op computes it (scalar: libm's expf; from avx2 a\n"
-          "vector exp within 2 ulp).");
+          "vector exp; both within 4 ulp of float64).");
     m.def(
         "activation_type",
         [](int wtype) -> std::string {

@@ -110,6 +110,18 @@ void unpack(const uint8_t* u, uint8_t* B, float* mins) {
 
 namespace {
 
+// Pair i of a super-block: C_l (tile 0) += A . B_l and C_h (tile 1) += A . B_h, with the pair's 64
+// activation bytes a row in tile A and its B_l / B_h (at B, B + kPairBytes) in tiles BL / BH. A macro:
+// GCC's tile intrinsics paste their tile numbers into the instruction text, so they must be literals.
+#define TANDEM_PAIR_PRODUCTS(A, BL, BH, act, as, B) \
+    do {                                             \
+        _tile_loadd(A, act, as);                     \
+        _tile_loadd(BL, B, 64);                      \
+        _tile_loadd(BH, (B) + kPairBytes, 64);       \
+        _tile_dpbsud(0, A, BL);                      \
+        _tile_dpbsud(1, A, BH);                      \
+    } while (0)
+
 // The tile products and the per-token epilogue of super-block b (unpacked at B) for M tokens from act.
 inline __attribute__((always_inline)) void super_block(int M, int64_t nb, int64_t b, const uint8_t* group,
                                                         const uint8_t* B, const char* act, size_t as,
@@ -118,26 +130,10 @@ inline __attribute__((always_inline)) void super_block(int M, int64_t nb, int64_
     const char* ab = act + b * sizeof(block_q8_K) + offsetof(block_q8_K, qs);
     _tile_zero(0);
     _tile_zero(1);
-    _tile_loadd(2, ab, as);
-    _tile_loadd(4, B, 64);
-    _tile_loadd(5, B + kPairBytes, 64);
-    _tile_dpbsud(0, 2, 4);
-    _tile_dpbsud(1, 2, 5);
-    _tile_loadd(3, ab + 64, as);
-    _tile_loadd(6, B + 2 * kPairBytes, 64);
-    _tile_loadd(7, B + 3 * kPairBytes, 64);
-    _tile_dpbsud(0, 3, 6);
-    _tile_dpbsud(1, 3, 7);
-    _tile_loadd(2, ab + 128, as);
-    _tile_loadd(4, B + 4 * kPairBytes, 64);
-    _tile_loadd(5, B + 5 * kPairBytes, 64);
-    _tile_dpbsud(0, 2, 4);
-    _tile_dpbsud(1, 2, 5);
-    _tile_loadd(3, ab + 192, as);
-    _tile_loadd(6, B + 6 * kPairBytes, 64);
-    _tile_loadd(7, B + 7 * kPairBytes, 64);
-    _tile_dpbsud(0, 3, 6);
-    _tile_dpbsud(1, 3, 7);
+    for (int i = 0; i < 4; i += 2) {  // two pairs a round, in alternate A / B tiles
+        TANDEM_PAIR_PRODUCTS(2, 4, 5, ab + 64 * i, as, B + 2 * i * kPairBytes);
+        TANDEM_PAIR_PRODUCTS(3, 6, 7, ab + 64 * (i + 1), as, B + 2 * (i + 1) * kPairBytes);
+    }
     _tile_stored(0, C[0], 64);
     _tile_stored(1, C[1], 64);
     TANDEM_MEMORY_BARRIER;

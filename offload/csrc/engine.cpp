@@ -181,11 +181,14 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     // 2. the inputs, quantized once per activation format, gathered per expert
     thread_local MoeScratch scratch;
     std::vector<std::pair<GgmlType, size_t>> formats;  // (format, offset in scratch.x_q)
+    auto format_of = [&](const Weight& w) {
+        return std::find_if(formats.begin(), formats.end(), [&](const auto& f) { return f.first == act_type(w); });
+    };
     size_t x_bytes = 0, gathered = 0, h_bytes = 0;
     for (const Job& j : jobs) {
         const Weight& g = j.expert->gate;
         if (act_type(j.expert->up) != act_type(g)) throw std::invalid_argument("gate and up of an expert must share an activation format");
-        if (std::none_of(formats.begin(), formats.end(), [&](const auto& f) { return f.first == act_type(g); })) {
+        if (format_of(g) == formats.end()) {
             formats.emplace_back(act_type(g), x_bytes);
             x_bytes += static_cast<size_t>(T) * act_row_bytes(g);
         }
@@ -199,9 +202,7 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     for (Job& j : jobs) {
         const Weight& g = j.expert->gate;
         const size_t rb = act_row_bytes(g);
-        const uint8_t* q = x_q + std::find_if(formats.begin(), formats.end(), [&](const auto& f) {
-                                     return f.first == act_type(g);
-                                 })->second;
+        const uint8_t* q = x_q + format_of(g)->second;
         j.x_q = x_next;
         for (size_t i = 0; i < j.tokens.size(); ++i) std::memcpy(j.x_q + i * rb, q + j.tokens[i] * rb, rb);
         x_next += j.tokens.size() * rb;
