@@ -6,13 +6,17 @@
 // into the weights: sc = 16 h + l (h <= 3, l <= 15), so q * l and q * h (q <= 15) are bytes, and
 //   sum_j sc_j isum_j = 16 C_h + C_l,   C_x = sum over the super-block of (q * x) . a
 // two int32 tiles a super-block, exact. (q * l is one vpmullw on the byte pairs: q_even * l < 256
-// never carries into the odd byte.) The mins and the float scaling are the VNNI kernel's, per token:
+// never carries into the odd byte.) The mins go through vpdpwssd as integers, per token:
 //   acc += d_a (d_w * (16 C_h + C_l) - dmin * sum_j m_j S_j)
-// which is the VNNI kernel's result wherever its float sum over the 8 sub-blocks is exact (partial sums
-// below 2^24, as in practice); beyond, this one is the exact integer rounded once.
+// which is the VNNI kernel's result wherever its float sums are exact (partial sums below 2^24, as in
+// practice); beyond, this one is the exact integers rounded once.
 //
-// Tiles: 0 C_l, 1 C_h (M tokens x 16 rows int32), 2-3 A (M tokens x 64 activation bytes, straight from
-// the Q8_K rows), 4-7 B (16 x 64 bytes: a pair of sub-blocks of the 16 rows, 4 bytes per row).
+// Measured on a Sapphire Rapids class core: a tile product takes ~14 cycles, a tile store ~3 cycles a
+// row, a tile load from L2 several times one from L1, and the vector work (unpacking B, the per-token
+// epilogue) does not overlap the tile unit's. So the kernel keeps the tile traffic low: the activation
+// quants are packed by super-block (prep_q4k: each tile row one aligned cache line, a super-block's
+// rows one run), each unpacked super-block (8.5 KiB) stays in L1 while every token tile uses it, and
+// two token tiles share each B tile load (C_l 0 / 2, C_h 1 / 3, A 4 / 5, B 6-7).
 //
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
@@ -59,40 +63,52 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-void configure(int M) {
-    TileConfig c;
-    for (int t = 0; t < 4; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 64;  // C_l, C_h, A, A
-    for (int t = 4; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;                        // B
+void load_config(const TileConfig& c) {
     // GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the 64: without this the other
     // stores may be dropped as dead, and the tile products fault on the garbage shapes
     asm volatile("" : : "r"(&c) : "memory");
     _tile_loadconfig(&c);
 }
 
-// Super-block b of the group -> its 8 B tiles (pair i: B_l at 2i, B_h at 2i + 1) and the mins as float.
-void unpack(const uint8_t* u, uint8_t* B, float* mins) {
+// Q4_K tiles for a work item of Ma tokens (one token tile: C_l 0, C_h 1, A 4 / 5 in alternate pairs,
+// B_l / B_h 6-7 / 2-3) or Ma + Mb tokens (two token tiles: C_l 0 / 2, C_h 1 / 3, A 4 / 5, B 6-7).
+void configure_q4k(int Ma, int Mb) {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    c.rows[0] = c.rows[1] = c.rows[4] = static_cast<uint8_t>(Ma);
+    if (Mb > 0) c.rows[2] = c.rows[3] = c.rows[5] = static_cast<uint8_t>(Mb);
+    else c.rows[5] = static_cast<uint8_t>(Ma);
+    load_config(c);
+}
+
+// An unpacked super-block: the 8 B tiles (pair i: B_l at 2i, B_h at 2i + 1), then the mins of each
+// row, two sub-blocks to a dword (m_2i + 65536 m_2i+1, a lane per row) for vpdpwssd.
+constexpr size_t kPerSuper = kSuperBytes + 4 * 64;
+
+// Super-block u of the group -> B (kPerSuper bytes).
+void unpack(const uint8_t* u, uint8_t* B) {
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
-    const __m512i nib = _mm512_set1_epi8(0x0F), both = _mm512_set1_epi32(0x00010001);
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    auto both = [](__m512i v) { return _mm512_or_si512(v, _mm512_slli_epi32(v, 16)); };  // in both 16-bit halves
     const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
     const __m512i v2 = _mm512_loadu_si512(u + 192);
-    __m512i sc[8];  // get_scale_min_k4, one row per lane
+    __m512i sc[8], mn[8];  // get_scale_min_k4, one row per lane
     for (int j = 0; j < 4; ++j) {
         sc[j] = _mm512_and_si512(_mm512_srli_epi32(v0, 8 * j), six);
         const __m512i hs = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j + 6), two), 4);
         sc[j + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j), four), hs);
         const __m512i hm = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j + 6), two), 4);
-        _mm512_store_ps(mins + 16 * j, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six)));
-        _mm512_store_ps(mins + 16 * (j + 4),
-                        _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four), hm)));
+        mn[j] = _mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six);
+        mn[j + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four), hm);
     }
+    for (int i = 0; i < 4; ++i)
+        _mm512_store_si512(B + kSuperBytes + 64 * i, _mm512_or_si512(mn[2 * i], _mm512_slli_epi32(mn[2 * i + 1], 16)));
     const uint8_t* qs = u + 256;
     for (int i = 0; i < 4; ++i) {
         prefetch_share<kUnit, 4>(u, i);  // the weights stream from memory
         // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
-        const __m512i l0 = _mm512_mullo_epi32(_mm512_and_si512(sc[2 * i], four), both);
-        const __m512i h0 = _mm512_mullo_epi32(_mm512_srli_epi32(sc[2 * i], 4), both);
-        const __m512i l1 = _mm512_mullo_epi32(_mm512_and_si512(sc[2 * i + 1], four), both);
-        const __m512i h1 = _mm512_mullo_epi32(_mm512_srli_epi32(sc[2 * i + 1], 4), both);
+        const __m512i l0 = both(_mm512_and_si512(sc[2 * i], four)), h0 = both(_mm512_srli_epi32(sc[2 * i], 4));
+        const __m512i l1 = both(_mm512_and_si512(sc[2 * i + 1], four)), h1 = both(_mm512_srli_epi32(sc[2 * i + 1], 4));
         uint8_t* bl = B + (2 * i) * kPairBytes;
         uint8_t* bh = B + (2 * i + 1) * kPairBytes;
         for (int k = 0; k < 8; ++k) {  // B rows 0..7: sub-block 2i (low nibbles), 8..15: 2i + 1 (high)
@@ -106,9 +122,7 @@ void unpack(const uint8_t* u, uint8_t* B, float* mins) {
     }
 }
 
-}  // namespace
-
-namespace {
+using CTiles = int32_t[4][16][16];  // C_l, C_h of the first token tile, then of the second
 
 // Pair i of a super-block: C_l (tile 0) += A . B_l and C_h (tile 1) += A . B_h, with the pair's 64
 // activation bytes a row in tile A and its B_l / B_h (at B, B + kPairBytes) in tiles BL / BH. A macro:
@@ -122,38 +136,58 @@ namespace {
         _tile_dpbsud(1, A, BH);                      \
     } while (0)
 
-// The tile products and the per-token epilogue of super-block b (unpacked at B) for M tokens from act.
-inline __attribute__((always_inline)) void super_block(int M, int64_t nb, int64_t b, const uint8_t* group,
-                                                        const uint8_t* B, const char* act, size_t as,
-                                                        const float* ad, const float* sub_sums, __m512* acc) {
-    alignas(64) int32_t C[2][16][16];
-    const char* ab = act + b * sizeof(block_q8_K) + offsetof(block_q8_K, qs);
+// The tile products of one super-block (unpacked at B; ab: its activation bytes in the item's first
+// token row) for Ma tokens, or Ma + Mb in two token tiles, into C.
+template <bool Two>
+inline __attribute__((always_inline)) void products(int Ma, const uint8_t* B, const char* ab, size_t as, CTiles& C) {
     _tile_zero(0);
     _tile_zero(1);
-    for (int i = 0; i < 4; i += 2) {  // two pairs a round, in alternate A / B tiles
-        TANDEM_PAIR_PRODUCTS(2, 4, 5, ab + 64 * i, as, B + 2 * i * kPairBytes);
-        TANDEM_PAIR_PRODUCTS(3, 6, 7, ab + 64 * (i + 1), as, B + 2 * (i + 1) * kPairBytes);
+    if constexpr (Two) {
+        _tile_zero(2);
+        _tile_zero(3);
+        const char* bb = ab + Ma * as;
+        for (int i = 0; i < 4; ++i) {  // each B tile serves both token tiles
+            _tile_loadd(4, ab + 64 * i, as);
+            _tile_loadd(6, B + 2 * i * kPairBytes, 64);
+            _tile_loadd(7, B + (2 * i + 1) * kPairBytes, 64);
+            _tile_loadd(5, bb + 64 * i, as);
+            _tile_dpbsud(0, 4, 6);
+            _tile_dpbsud(1, 4, 7);
+            _tile_dpbsud(2, 5, 6);
+            _tile_dpbsud(3, 5, 7);
+        }
+        _tile_stored(2, C[2], 64);
+        _tile_stored(3, C[3], 64);
+    } else {
+        for (int i = 0; i < 4; i += 2) {  // two pairs a round, in alternate A / B tiles
+            TANDEM_PAIR_PRODUCTS(4, 6, 7, ab + 64 * i, as, B + 2 * i * kPairBytes);
+            TANDEM_PAIR_PRODUCTS(5, 2, 3, ab + 64 * (i + 1), as, B + 2 * (i + 1) * kPairBytes);
+        }
     }
     _tile_stored(0, C[0], 64);
     _tile_stored(1, C[1], 64);
-    TANDEM_MEMORY_BARRIER;
-    const uint8_t* u = group + b * kUnit;
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
-    const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
-    const float* mins = reinterpret_cast<const float*>(B + kSuperBytes);
-    for (int t = 0; t < M; ++t) {
-        const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(C[1][t]), 4),
-                                              _mm512_load_si512(C[0][t]));
-        const float* S = sub_sums + (t * nb + b) * 8;
-        __m512 sum_m = _mm512_setzero_ps();
-        for (int j = 0; j < 8; ++j) sum_m = _mm512_fmadd_ps(_mm512_load_ps(mins + 16 * j), _mm512_set1_ps(S[j]), sum_m);
-        const __m512 da = _mm512_set1_ps(ad[t * nb + b]);
-        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(isum), acc[t]);
-        acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dm, da), sum_m, acc[t]);
-    }
 }
 
-constexpr size_t kPerSuper = kSuperBytes + 8 * 16 * sizeof(float);  // B tiles, then the mins
+// acc[t] += token t's share of the super-block for M tokens, from its stored tiles C_l, C_h:
+//   d_a (d_w (16 C_h + C_l) - dmin sum_j m_j S_j)
+// dw / dm the rows' scales, mp the mins in pairs (kPerSuper), ad / sp the tokens' scale and sub-block sum
+// pairs (nb apart: ad[t * nb], sp[t * nb * 4 + i]).
+inline __attribute__((always_inline)) void epilogue(int M, __m512 dw, __m512 dm, const uint8_t* mp,
+                                                     const int32_t (*Cl)[16], const int32_t (*Ch)[16], const float* ad,
+                                                     const int32_t* sp, int64_t nb, __m512* acc) {
+    const __m512i m0 = _mm512_load_si512(mp), m1 = _mm512_load_si512(mp + 64);
+    const __m512i m2 = _mm512_load_si512(mp + 128), m3 = _mm512_load_si512(mp + 192);
+    for (int t = 0; t < M; ++t) {
+        const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), 4), _mm512_load_si512(Cl[t]));
+        const int32_t* S = sp + t * nb * 4;
+        __m512i msum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), m0, _mm512_set1_epi32(S[0]));
+        msum = _mm512_dpwssd_epi32(msum, m1, _mm512_set1_epi32(S[1]));
+        msum = _mm512_dpwssd_epi32(msum, m2, _mm512_set1_epi32(S[2]));
+        msum = _mm512_dpwssd_epi32(msum, m3, _mm512_set1_epi32(S[3]));
+        const __m512 v = _mm512_fmsub_ps(dw, _mm512_cvtepi32_ps(isum), _mm512_mul_ps(dm, _mm512_cvtepi32_ps(msum)));
+        acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(ad[t * nb]), acc[t]);
+    }
+}
 
 uint8_t* aligned_buffer(size_t bytes) {
     thread_local std::vector<uint8_t> buf;
@@ -163,39 +197,79 @@ uint8_t* aligned_buffer(size_t bytes) {
 
 }  // namespace
 
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
-                  const float* sub_sums, int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
-    const auto* a = static_cast<const char*>(act);
-    const int64_t tiles = (n_tokens + 15) / 16;  // near-equal token tiles of at most 16
-    __m512 acc[16];
-    if (tiles == 1) {  // each super-block unpacked (8.5 KiB, stays in L1) just before its products
-        const int M = static_cast<int>(n_tokens);
-        if (configured != M) configure(configured = M);
-        uint8_t* B = aligned_buffer(kPerSuper);
-        for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
+void prep_q4k(const void* act, size_t as, int64_t n_tokens, int64_t nb, float* ad, int32_t* sp, int8_t* aq) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as);
         for (int64_t b = 0; b < nb; ++b) {
-            unpack(group + b * kUnit, B, reinterpret_cast<float*>(B + kSuperBytes));
-            TANDEM_MEMORY_BARRIER;
-            super_block(M, nb, b, group, B, a, as, ad, sub_sums, acc);
+            ad[t * nb + b] = y[b].d;
+            const int16_t* bs = y[b].bsums;
+            for (int i = 0; i < 4; ++i) {
+                const auto lo = static_cast<uint16_t>(bs[4 * i] + bs[4 * i + 1]);  // |S| <= 32 * 127
+                const auto hi = static_cast<uint16_t>(bs[4 * i + 2] + bs[4 * i + 3]);
+                sp[(t * nb + b) * 4 + i] = static_cast<int32_t>(lo | static_cast<uint32_t>(hi) << 16);
+            }
+            int8_t* dst = aq + (b * n_tokens + t) * 256;
+            for (int i = 0; i < 4; ++i) _mm512_store_si512(dst + 64 * i, _mm512_loadu_si512(y[b].qs + 64 * i));
         }
-        for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
-        return;
     }
-    // several tiles: the whole group unpacked once (nb x 8.5 KiB, L2) for all of them
-    uint8_t* base = aligned_buffer(static_cast<size_t>(nb) * kPerSuper);
-    for (int64_t b = 0; b < nb; ++b)
-        unpack(group + b * kUnit, base + b * kPerSuper, reinterpret_cast<float*>(base + b * kPerSuper + kSuperBytes));
-    TANDEM_MEMORY_BARRIER;
-    for (int64_t tile = 0, t0 = 0; tile < tiles; ++tile) {
-        const int M = static_cast<int>((n_tokens - t0) / (tiles - tile));
-        if (configured != M) configure(configured = M);
-        for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b)
-            super_block(M, nb, b, group, base + b * kPerSuper, a + t0 * as, as, ad + t0 * nb, sub_sums + t0 * nb * 8,
-                        acc);
-        for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + (t0 + t) * y_stride, acc[t]);
-        t0 += M;
+}
+
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, const int32_t* sp,
+                  int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+    // Work items: per super-block, the tokens in near-equal items of up to 32 (two token tiles; one
+    // when all the tokens fit in 16), at most two item shapes, taken in alternate order per
+    // super-block so that the tile configuration changes at most once a super-block. Item i's tile
+    // products are issued before the vector work of item i - 1's epilogue and of the next super-block's
+    // unpacking (other buffers), which lets the core start on that work sooner (3-5% at 64 tokens
+    // than each item in turn; most of it still waits for the tile unit).
+    const bool two = n_tokens > 16;
+    const int64_t items = (n_tokens + 31) / 32;
+    uint8_t* Bs = aligned_buffer(2 * kPerSuper + 2 * sizeof(CTiles) + static_cast<size_t>(n_tokens) * 64);
+    uint8_t* Bbuf[2] = {Bs, Bs + kPerSuper};
+    auto* Cbuf = reinterpret_cast<CTiles*>(Bs + 2 * kPerSuper);
+    auto* acc = reinterpret_cast<__m512*>(Bs + 2 * kPerSuper + 2 * sizeof(CTiles));
+    for (int64_t t = 0; t < n_tokens; ++t) acc[t] = _mm512_setzero_ps();
+    struct Item { int64_t b = -1, t0 = 0; int Ma = 0, Mb = 0; };
+    Item prev;
+    auto finish = [&](const Item& it, const CTiles& C) {
+        const uint8_t* u = group + it.b * kUnit;
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+        const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
+        const uint8_t* mp = Bbuf[it.b & 1] + kSuperBytes;
+        const int64_t o = it.t0 * nb + it.b;
+        epilogue(it.Ma, dw, dm, mp, C[0], C[1], ad + o, sp + o * 4, nb, acc + it.t0);
+        if (it.Mb > 0)
+            epilogue(it.Mb, dw, dm, mp, C[2], C[3], ad + o + it.Ma * nb, sp + (o + it.Ma * nb) * 4, nb,
+                     acc + it.t0 + it.Ma);
+    };
+    unpack(group, Bbuf[0]);
+    int64_t n_done = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t k = 0; k < items; ++k) {
+            const int64_t p = (b & 1) ? items - 1 - k : k;
+            Item it;
+            it.b = b;
+            it.t0 = n_tokens * p / items;
+            const int n = static_cast<int>(n_tokens * (p + 1) / items - it.t0);
+            it.Ma = two ? n / 2 : n;
+            it.Mb = two ? n - n / 2 : 0;
+            const int shape = 32 * it.Ma + it.Mb;
+            if (configured != 1000 + shape) configure_q4k(it.Ma, it.Mb), configured = 1000 + shape;
+            TANDEM_MEMORY_BARRIER;
+            CTiles& C = Cbuf[n_done & 1];
+            const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
+            if (two) products<true>(it.Ma, Bbuf[b & 1], ab, 256, C);
+            else products<false>(it.Ma, Bbuf[b & 1], ab, 256, C);
+            TANDEM_MEMORY_BARRIER;
+            if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1]);  // reads the mins of prev.b's buffer
+            if (k == 0 && b + 1 < nb) unpack(group + (b + 1) * kUnit, Bbuf[(b + 1) & 1]);
+            TANDEM_MEMORY_BARRIER;
+            prev = it;
+            ++n_done;
+        }
     }
+    finish(prev, Cbuf[(n_done - 1) & 1]);
+    for (int64_t t = 0; t < n_tokens; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
 namespace {
@@ -207,8 +281,7 @@ void configure32(int M) {
     for (int t = 0; t < 2; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 64;  // C
     for (int t = 2; t < 4; ++t) c.rows[t] = static_cast<uint8_t>(M), c.colsb[t] = 32;  // A
     for (int t = 4; t < 6; ++t) c.rows[t] = 8, c.colsb[t] = 64;                        // B
-    asm volatile("" : : "r"(&c) : "memory");  // see configure()
-    _tile_loadconfig(&c);
+    load_config(c);
 }
 
 // Block b's quants of the 16 rows as a B tile (Q4_0 / Q5_0: unsigned, as the VNNI kernel's unpack).
