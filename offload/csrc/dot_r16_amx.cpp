@@ -170,22 +170,22 @@ inline __attribute__((always_inline)) void products(int Ma, const uint8_t* B, co
 
 // acc[t] += token t's share of the super-block for M tokens, from its stored tiles C_l, C_h:
 //   d_a (d_w (16 C_h + C_l) - dmin sum_j m_j S_j)
-// dw / dm the rows' scales, mp the mins in pairs (kPerSuper), ad / sp the tokens' scale and sub-block sum
-// pairs (nb apart: ad[t * nb], sp[t * nb * 4 + i]).
+// dw / dm the rows' scales, mp the mins in pairs (kPerSuper), tok the tokens' records (prep_q4k).
 inline __attribute__((always_inline)) void epilogue(int M, __m512 dw, __m512 dm, const uint8_t* mp,
-                                                     const int32_t (*Cl)[16], const int32_t (*Ch)[16], const float* ad,
-                                                     const int32_t* sp, int64_t nb, __m512* acc) {
+                                                     const int32_t (*Cl)[16], const int32_t (*Ch)[16],
+                                                     const int32_t (*tok)[16], __m512* acc) {
     const __m512i m0 = _mm512_load_si512(mp), m1 = _mm512_load_si512(mp + 64);
     const __m512i m2 = _mm512_load_si512(mp + 128), m3 = _mm512_load_si512(mp + 192);
-    for (int t = 0; t < M; ++t) {
+    for (int t = 0; t < M; ++t) {  // one index for the four arrays of 64-byte rows
         const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), 4), _mm512_load_si512(Cl[t]));
-        const int32_t* S = sp + t * nb * 4;
-        __m512i msum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), m0, _mm512_set1_epi32(S[0]));
-        msum = _mm512_dpwssd_epi32(msum, m1, _mm512_set1_epi32(S[1]));
-        msum = _mm512_dpwssd_epi32(msum, m2, _mm512_set1_epi32(S[2]));
-        msum = _mm512_dpwssd_epi32(msum, m3, _mm512_set1_epi32(S[3]));
+        __m512i msum = _mm512_madd_epi16(m0, _mm512_set1_epi32(tok[t][0]));
+        msum = _mm512_dpwssd_epi32(msum, m1, _mm512_set1_epi32(tok[t][1]));
+        msum = _mm512_dpwssd_epi32(msum, m2, _mm512_set1_epi32(tok[t][2]));
+        msum = _mm512_dpwssd_epi32(msum, m3, _mm512_set1_epi32(tok[t][3]));
         const __m512 v = _mm512_fmsub_ps(dw, _mm512_cvtepi32_ps(isum), _mm512_mul_ps(dm, _mm512_cvtepi32_ps(msum)));
-        acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(ad[t * nb]), acc[t]);
+        float da;
+        std::memcpy(&da, &tok[t][4], sizeof da);
+        acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(da), acc[t]);
     }
 }
 
@@ -197,24 +197,25 @@ uint8_t* aligned_buffer(size_t bytes) {
 
 }  // namespace
 
-void prep_q4k(const void* act, size_t as, int64_t n_tokens, int64_t nb, float* ad, int32_t* sp, int8_t* aq) {
+void prep_q4k(const void* act, size_t as, int64_t n_tokens, int64_t nb, int8_t* aq, int32_t* tok) {
     for (int64_t t = 0; t < n_tokens; ++t) {
         const auto* y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as);
         for (int64_t b = 0; b < nb; ++b) {
-            ad[t * nb + b] = y[b].d;
+            int32_t* r = tok + (b * n_tokens + t) * 16;
             const int16_t* bs = y[b].bsums;
             for (int i = 0; i < 4; ++i) {
                 const auto lo = static_cast<uint16_t>(bs[4 * i] + bs[4 * i + 1]);  // |S| <= 32 * 127
                 const auto hi = static_cast<uint16_t>(bs[4 * i + 2] + bs[4 * i + 3]);
-                sp[(t * nb + b) * 4 + i] = static_cast<int32_t>(lo | static_cast<uint32_t>(hi) << 16);
+                r[i] = static_cast<int32_t>(lo | static_cast<uint32_t>(hi) << 16);
             }
+            std::memcpy(&r[4], &y[b].d, sizeof(float));
             int8_t* dst = aq + (b * n_tokens + t) * 256;
             for (int i = 0; i < 4; ++i) _mm512_store_si512(dst + 64 * i, _mm512_loadu_si512(y[b].qs + 64 * i));
         }
     }
 }
 
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, const int32_t* sp,
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok,
                   int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
     // Work items: per super-block, the tokens in near-equal items of up to 32 (two token tiles; one
     // when all the tokens fit in 16), at most two item shapes, taken in alternate order per
@@ -236,11 +237,9 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const floa
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
         const uint8_t* mp = Bbuf[it.b & 1] + kSuperBytes;
-        const int64_t o = it.t0 * nb + it.b;
-        epilogue(it.Ma, dw, dm, mp, C[0], C[1], ad + o, sp + o * 4, nb, acc + it.t0);
-        if (it.Mb > 0)
-            epilogue(it.Mb, dw, dm, mp, C[2], C[3], ad + o + it.Ma * nb, sp + (o + it.Ma * nb) * 4, nb,
-                     acc + it.t0 + it.Ma);
+        const auto* rec = reinterpret_cast<const int32_t(*)[16]>(tok + (it.b * n_tokens + it.t0) * 16);
+        epilogue(it.Ma, dw, dm, mp, C[0], C[1], rec, acc + it.t0);
+        if (it.Mb > 0) epilogue(it.Mb, dw, dm, mp, C[2], C[3], rec + it.Ma, acc + it.t0 + it.Ma);
     };
     unpack(group, Bbuf[0]);
     int64_t n_done = 0;

@@ -160,17 +160,18 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     thread_local std::vector<float> ad;
     thread_local std::vector<int32_t> seed;
     thread_local std::vector<float> sub_sums;
-    thread_local std::vector<int32_t> sub_pairs;
-    thread_local std::vector<int8_t> packed;  // AMX Q4_K: the activation quants by super-block, 64-byte aligned
+    thread_local std::vector<uint8_t> packed;  // AMX Q4_K: the activations by super-block (prep_q4k)
     int8_t* aq = nullptr;
+    int32_t* tok = nullptr;
     if (vnni) {
         require_isa(isa);
         ad.resize(static_cast<size_t>(n_tokens * nb));
         if (q4k && amx) {
-            sub_pairs.resize(static_cast<size_t>(n_tokens * nb * 4));
-            packed.resize(static_cast<size_t>(n_tokens * nb) * 256 + 64);
+            const size_t quants = static_cast<size_t>(n_tokens * nb) * 256;
+            packed.resize(quants + static_cast<size_t>(n_tokens * nb) * 64 + 64);
             aq = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~uintptr_t{63});
-            detail::amx::prep_q4k(A, a_stride, n_tokens, nb, ad.data(), sub_pairs.data(), aq);
+            tok = reinterpret_cast<int32_t*>(aq + quants);
+            detail::amx::prep_q4k(A, a_stride, n_tokens, nb, aq, tok);
         } else if (q4k) {
             sub_sums.resize(static_cast<size_t>(n_tokens * nb * 8));
             detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
@@ -204,7 +205,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                 const int64_t r0 = g * kR16;
                 if (r0 < row_begin || r0 + kR16 > row_end) continue;
                 if (q4k)
-                    detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, aq, ad.data(), sub_pairs.data(),
+                    detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, aq, tok,
                                               n_tokens, Y + r0, y_stride, configured);
                 else
                     detail::amx::gemm_r16(base, nb, w + g * group_bytes, A, a_stride, ad.data(), seed.data(), n_tokens,

@@ -74,18 +74,18 @@ void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, f
 
 namespace detail::amx {
 // Q4_K on AMX-INT8 tiles (dot_r16_amx.cpp), as avx512_vnni::gemm_r16_q4k but for all n_tokens activation
-// rows at once (each super-block of the group unpacked once for all of them); aq, ad and sub_pairs from
-// prep_q4k. Needs Isa::Amx (the process granted the tile state).
+// rows at once (each super-block of the group unpacked once for all of them); aq and tok from prep_q4k.
+// Needs Isa::Amx (the process granted the tile state).
 // `configured`: the shape the thread's tiles are configured for (-1 at first: configures them);
 // release_tiles() when done, so the next user (oneDNN's kernels, say) configures its own.
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, const int32_t* sub_pairs,
-                  int64_t n_tokens, float* Y, size_t y_stride, int& configured);
-// From n_tokens Q8_K activation rows (nb blocks, act_stride bytes apart): ad [n_tokens][nb] the
-// scales; sub_pairs [n_tokens][nb][4] the sums of the 32-value sub-blocks' quants (from the bsums) two
-// to a dword as int16, S_2i + 65536 S_2i+1; aq [nb][n_tokens][256] the quants by super-block (64-byte
-// aligned: a tile row is one cache line, and a super-block's rows are one contiguous run).
-void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, float* ad, int32_t* sub_pairs,
-              int8_t* aq);
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+                  size_t y_stride, int& configured);
+// From n_tokens Q8_K activation rows (nb blocks, act_stride bytes apart), by super-block: aq
+// [nb][n_tokens][256] the quants (64-byte aligned: a tile row is one cache line, and a super-block's
+// rows one contiguous run); tok [nb][n_tokens][16] a 64-byte record per token: the sums of the 32-value
+// sub-blocks' quants (from the bsums) two to a dword as int16 (S_2i + 65536 S_2i+1, i < 4), then the
+// block's scale (float bits).
+void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq, int32_t* tok);
 // Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
 // seed [n_tokens][nb] from prep_r16; Q8_0 ignores the seed: its signed quants need none).
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
