@@ -260,7 +260,8 @@ def run(args) -> dict:
                     # engines cannot be timed in alternation: ours runs before and after it, and the
                     # mean of the two brackets kt-kernel's time against the drifting bandwidth
                     kt_s, _ = timed(kt, repeats, warmup=copies + 1, settle_s=1.0)
-                    row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=kt.method, kt_kernel_threads=kt.threads)
+                    row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=kt.method, kt_kernel_threads=kt.threads,
+                               kt_kernel_variant=kt.variant)
                     del kt
                     gc.collect()
                     time.sleep(0.1)
@@ -272,7 +273,7 @@ def run(args) -> dict:
             if "kt_kernel_ratio" in row:
                 peers += (f", routed {row['routed_us']:.0f}/{row['routed_us_after']:.0f} (before/after) vs kt-kernel "
                           f"{row['kt_kernel_us']:.0f} us = {row['kt_kernel_ratio']:.2f}x ({row['kt_kernel_method']}, "
-                          f"{row['kt_kernel_threads']} thr)")
+                          f"{row['kt_kernel_threads']} thr, its {row['kt_kernel_variant']} build)")
             print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}",
                   file=sys.stderr)
         del layers

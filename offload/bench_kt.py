@@ -17,12 +17,15 @@ class KtMoE:
     """`copies` kt-kernel MoE layers (random bf16 experts packed by `method`, one pool) ready to run
     `T`-token calls, each call on the next layer in turn (so the working set can exceed the L3 cache)."""
 
-    def __init__(self, kt_kernel_ext, spec: dict, T: int, method: str, n_threads: int, rng, copies: int = 1):
+    def __init__(self, kt_kernel_ext, spec: dict, T: int, method: str, n_threads: int, rng, copies: int = 1,
+                 variant: str = "?"):
         import numpy as np
         import torch
 
         H, I, E, A = spec["H"], spec["I"], spec["E"], spec["A"]
-        self.method, self.threads, self.A = method, n_threads, A
+        # variant: the build kt-kernel loaded for this CPU ('amx' runs its AMX methods on tiles; on a CPU
+        # without AMX they fall back to AVX-512)
+        self.method, self.threads, self.A, self.variant = method, n_threads, A, variant
         self.cpu = kt_kernel_ext.CPUInfer(n_threads)
         self.moes = []
         for layer in range(copies):
@@ -62,10 +65,11 @@ def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5, cop
     """kt-kernel's fastest method and thread count for this shape (by a short probe on one layer), then
     `copies` layers of it; None when kt-kernel is not installed. Only the winner is kept in memory."""
     try:
-        import kt_kernel  # noqa: F401
+        import kt_kernel
         from kt_kernel import kt_kernel_ext
     except Exception:  # not installed, or its wheel does not fit this machine
         return None
+    variant = str(getattr(kt_kernel, "__cpu_variant__", "?"))
     best, best_t = None, float("inf")
     for method in METHODS:
         for n_threads in sorted({1, threads}):
@@ -85,4 +89,4 @@ def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5, cop
             gc.collect()
     if best is None:
         return None
-    return KtMoE(kt_kernel_ext, spec, T, best[0], best[1], rng, copies=copies)
+    return KtMoE(kt_kernel_ext, spec, T, best[0], best[1], rng, copies=copies, variant=variant)
