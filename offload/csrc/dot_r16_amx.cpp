@@ -20,9 +20,10 @@
 //
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
-// kernel does per block: acc += float(C + seed) * (d_w * d_a), to the same bits. Two blocks are in
-// flight (tiles 0-1 C, 2-3 A with 32 bytes a row, 4-5 B of 8 rows). Q8_0's signed quants go to the
-// tiles as stored (signed x signed products, no seed); Q4_0 / Q5_0 are unpacked to unsigned quants.
+// kernel does per block: acc += float(C) * (d_w * d_a), the same value as the VNNI kernel's C + seed.
+// Two blocks are in flight (tiles 0-1 C, 2-3 A with 32 bytes a row, 4-5 B of 8 rows). The quants go to
+// the tiles signed (signed x signed products): Q8_0's as stored, Q4_0 / Q5_0's unpacked less their
+// offset, so no per-token offset correction is needed.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -283,21 +284,25 @@ void configure32(int M) {
     load_config(c);
 }
 
-// Block b's quants of the 16 rows as a B tile (Q4_0 / Q5_0: unsigned, as the VNNI kernel's unpack).
+// Block b's quants of the 16 rows as a B tile of signed values (Q4_0: q - 8, Q5_0: q - 16), so the
+// products need no offset correction, as Q8_0's.
 template <GgmlType Base>
 inline __attribute__((always_inline)) void unpack32(const uint8_t* u, uint8_t* B) {
     const uint8_t* qs = u + 2 * kR16;
     const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i off = _mm512_set1_epi8(Base == GgmlType::Q5_0 ? 16 : 8);
     for (int m = 0; m < 4; ++m) {
         const __m512i x = _mm512_loadu_si512(qs + 64 * m);
         __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
-        if constexpr (Base == GgmlType::Q5_0) {
-            const __m512i sixteen = _mm512_set1_epi8(16);
+        if constexpr (Base == GgmlType::Q5_0) {  // the fifth bit: q = lo + 16 * bit, so q - 16 = lo - 16 * !bit
             uint64_t bl, bh;
             std::memcpy(&bl, qs + 256 + 8 * m, 8);
             std::memcpy(&bh, qs + 256 + 8 * (m + 4), 8);
-            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bl), lo, sixteen);
-            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bh), hi, sixteen);
+            lo = _mm512_mask_sub_epi8(lo, _knot_mask64(_cvtu64_mask64(bl)), lo, off);
+            hi = _mm512_mask_sub_epi8(hi, _knot_mask64(_cvtu64_mask64(bh)), hi, off);
+        } else {
+            lo = _mm512_sub_epi8(lo, off);
+            hi = _mm512_sub_epi8(hi, off);
         }
         _mm512_store_si512(B + 64 * m, lo);
         _mm512_store_si512(B + 64 * (m + 4), hi);
@@ -308,19 +313,20 @@ inline __attribute__((always_inline)) void unpack32(const uint8_t* u, uint8_t* B
 template <GgmlType Base>
 inline __attribute__((always_inline)) void blocks32(int M, int64_t nb, int64_t b, int n, const uint8_t* group,
                                                      const uint8_t* B0, const uint8_t* B1, const char* act,
-                                                     size_t as, const float* ad, const int32_t* seed, __m512* acc) {
+                                                     size_t as, const float* ad, __m512* acc) {
+    // act: the token tile's first row in the packed quants; as: the bytes from one block to the next
     constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
     alignas(64) int32_t C[2][16][16];
-    const char* ab = act + b * sizeof(block_q8_0) + offsetof(block_q8_0, qs);
+    const char* ab = act + b * as;  // packed by block (pack32): M rows of 32 bytes, then block b + 1's
     _tile_zero(0);
-    _tile_loadd(2, ab, as);
+    _tile_loadd(2, ab, 32);
     _tile_loadd(4, B0, 64);
-    if constexpr (Base == GgmlType::Q8_0) _tile_dpbssd(0, 2, 4); else _tile_dpbsud(0, 2, 4);
+    _tile_dpbssd(0, 2, 4);
     if (n == 2) {
         _tile_zero(1);
-        _tile_loadd(3, ab + sizeof(block_q8_0), as);
+        _tile_loadd(3, ab + as, 32);
         _tile_loadd(5, B1, 64);
-        if constexpr (Base == GgmlType::Q8_0) _tile_dpbssd(1, 3, 5); else _tile_dpbsud(1, 3, 5);
+        _tile_dpbssd(1, 3, 5);
         _tile_stored(1, C[1], 64);
     }
     _tile_stored(0, C[0], 64);
@@ -328,19 +334,17 @@ inline __attribute__((always_inline)) void blocks32(int M, int64_t nb, int64_t b
     for (int i = 0; i < n; ++i) {
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + (b + i) * unit)));
         for (int t = 0; t < M; ++t) {
-            __m512i s = _mm512_load_si512(C[i][t]);
-            if constexpr (Base != GgmlType::Q8_0) s = _mm512_add_epi32(s, _mm512_set1_epi32(seed[t * nb + b + i]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b + i])),
-                                     acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[i][t])),
+                                     _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b + i])), acc[t]);
         }
     }
 }
 
 template <GgmlType Base>
-void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-            int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
     constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
-    const auto* a = static_cast<const char*>(act);
+    const auto* a = reinterpret_cast<const char*>(aq);
+    const size_t as = static_cast<size_t>(n_tokens) * 32;
     const int64_t tiles = (n_tokens + 15) / 16;
     // the B tile of block b: Q8_0's stored quants in place, else unpacked (all blocks once when several
     // token tiles share them, else two at a time)
@@ -377,7 +381,7 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
                 TANDEM_MEMORY_BARRIER;
                 B0 = Bs, B1 = Bs + kBlockB;
             }
-            blocks32<Base>(M, nb, b, n, group, B0, B1, a + t0 * as, as, ad + t0 * nb, seed + t0 * nb, acc);
+            blocks32<Base>(M, nb, b, n, group, B0, B1, a + t0 * 32, as, ad + t0 * nb, acc);
         }
         for (int t = 0; t < M; ++t) _mm512_storeu_ps(Y + (t0 + t) * y_stride, acc[t]);
         t0 += M;
@@ -386,15 +390,21 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
 
 }  // namespace
 
-void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
-              const int32_t* seed, int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * act_stride);
+        for (int64_t b = 0; b < nb; ++b)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(aq + (b * n_tokens + t) * 32),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs)));
+    }
+}
+
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens,
+              float* Y, size_t y_stride, int& configured) {
     switch (base) {
-        case GgmlType::Q4_0:
-            return gemm32<GgmlType::Q4_0>(nb, group, act, act_stride, ad, seed, n_tokens, Y, y_stride, configured);
-        case GgmlType::Q5_0:
-            return gemm32<GgmlType::Q5_0>(nb, group, act, act_stride, ad, seed, n_tokens, Y, y_stride, configured);
-        case GgmlType::Q8_0:
-            return gemm32<GgmlType::Q8_0>(nb, group, act, act_stride, ad, seed, n_tokens, Y, y_stride, configured);
+        case GgmlType::Q4_0: return gemm32<GgmlType::Q4_0>(nb, group, aq, ad, n_tokens, Y, y_stride, configured);
+        case GgmlType::Q5_0: return gemm32<GgmlType::Q5_0>(nb, group, aq, ad, n_tokens, Y, y_stride, configured);
+        case GgmlType::Q8_0: return gemm32<GgmlType::Q8_0>(nb, group, aq, ad, n_tokens, Y, y_stride, configured);
         default: return;
     }
 }

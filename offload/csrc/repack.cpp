@@ -182,6 +182,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             seed.resize(static_cast<size_t>(n_tokens * nb));
             detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
                                           seed.data());
+            if (amx) {
+                packed.resize(static_cast<size_t>(n_tokens * nb) * 32 + 64);
+                aq = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~uintptr_t{63});
+                detail::amx::pack32(A, a_stride, n_tokens, nb, aq);
+            }
         }
     }
     // groups in chunks of ~256 KiB (L2): each chunk is reused by every token tile
@@ -208,7 +213,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                     detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, aq, tok,
                                               n_tokens, Y + r0, y_stride, configured);
                 else
-                    detail::amx::gemm_r16(base, nb, w + g * group_bytes, A, a_stride, ad.data(), seed.data(), n_tokens,
+                    detail::amx::gemm_r16(base, nb, w + g * group_bytes, aq, ad.data(), n_tokens,
                                           Y + r0, y_stride, configured);
             }
             if (configured >= 0) detail::amx::release_tiles();

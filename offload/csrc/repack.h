@@ -28,10 +28,11 @@
 namespace tandem {
 
 constexpr int kR16 = 16;
-// From this many tokens the AMX kernels beat the VNNI ones (single thread, 256 x 2048: Q4_K 1.2x at 8
-// tokens, 1.5x at 16, slower at 4 where a tile product is mostly empty; the 32-value block types, with
-// a tile stored per block, 0.8-0.9x at 8, 1.05-1.2x at 16, 1.15-1.25x at 64).
-constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 16;
+// From this many tokens the AMX kernels beat the VNNI ones (single thread; Q4_K, 1408 x 2048: 0.9x at
+// 6 tokens, 1.1x at 7, 1.4x at 8, 1.6x at 12, where a tile product is mostly empty below; the 32-value
+// block types, with a tile stored per block, 2048 x 1408-2048: 0.8-0.95x at 8, 1.02-1.16x at 9,
+// 1.07-1.17x at 10, 1.13-1.21x at 12 - the VNNI kernel takes 8 tokens a pass).
+constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 10;
 
 // Q4_0 -> Q4_0_R16 etc.; the same type for a type without a row-interleaved layout.
 GgmlType r16_of(GgmlType base);
@@ -86,10 +87,13 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
 // sub-blocks' quants (from the bsums) two to a dword as int16 (S_2i + 65536 S_2i+1, i < 4), then the
 // block's scale (float bits).
 void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq, int32_t* tok);
-// Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
-// seed [n_tokens][nb] from prep_r16; Q8_0 ignores the seed: its signed quants need none).
-void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
-              const int32_t* seed, int64_t n_tokens, float* Y, size_t y_stride, int& configured);
+// Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad
+// [n_tokens][nb] from prep_r16, aq from pack32; the quants are signed in the tiles, so no seed).
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens,
+              float* Y, size_t y_stride, int& configured);
+// aq [nb][n_tokens][32]: the quants of n_tokens Q8_0 activation rows (nb blocks, act_stride bytes
+// apart) by block, 32-byte aligned, so a tile row never straddles a cache line.
+void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq);
 void release_tiles();
 }  // namespace detail::amx
 
