@@ -11,7 +11,6 @@ thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing w
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -251,20 +250,18 @@ def run(args) -> dict:
             if not args.no_peers:
                 row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
-                from .bench_kt import best_kt_moe
+                from .bench_kt import measure_kt
 
-                kt = best_kt_moe(spec, T, threads, rng, copies=copies)
+                # kt-kernel's op runs the routed experts only: compare like with like. Its worker
+                # threads spin while its pool lives (a 1-thread pool even when idle), so the two
+                # engines cannot be timed in alternation: ours runs before and after it (it runs in a
+                # child process), and the mean of the two brackets kt-kernel's time against the
+                # drifting bandwidth
+                kt = measure_kt(spec, T, threads, copies, repeats)
                 if kt is not None:
-                    # kt-kernel's op runs the routed experts only: compare like with like. Its worker
-                    # threads spin while its pool lives (a 1-thread pool even when idle), so the two
-                    # engines cannot be timed in alternation: ours runs before and after it, and the
-                    # mean of the two brackets kt-kernel's time against the drifting bandwidth
-                    kt_s, _ = timed(kt, repeats, warmup=copies + 1, settle_s=1.0)
-                    row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=kt.method, kt_kernel_threads=kt.threads,
-                               kt_kernel_variant=kt.variant)
-                    del kt
-                    gc.collect()
-                    time.sleep(0.1)
+                    kt_s, method, kt_threads, variant = kt
+                    row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=method, kt_kernel_threads=kt_threads,
+                               kt_kernel_variant=variant)
                     after, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
                     row["routed_us_after"] = after * 1e6
                     row["kt_kernel_ratio"] = (routed + after) / 2 / kt_s

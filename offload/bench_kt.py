@@ -3,11 +3,16 @@
 kt-kernel 0.7.2 (PyPI wheel) pins torch 2.9.1 but its extension does not link torch: install it with
 `pip install --no-deps kt-kernel==0.7.2`. Its high-level wrapper needs CUDA; the CPU-only sequence is
 the one its own tests use (CPUInfer, MOEConfig, load_weights_task, forward_task).
+
+kt-kernel does not give back the memory of a layer it built (measured: ~0.5-1 GB of a V3-shaped layer
+stays in the process after `del` and a collection), and probing its methods builds six: `measure_kt`
+therefore runs the whole measurement in a child process, whose memory goes with it.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import time
 
 METHODS = ("AMXInt4_MOE", "AMXInt8_MOE", "AMXBF16_MOE")
@@ -90,3 +95,28 @@ def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5, cop
     if best is None:
         return None
     return KtMoE(kt_kernel_ext, spec, T, best[0], best[1], rng, copies=copies, variant=variant)
+
+
+def _measure(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: int):
+    """In the child: (seconds per call, method, threads, variant) of kt-kernel's best, or None."""
+    import numpy as np
+
+    from .bench import timed
+
+    kt = best_kt_moe(spec, T, threads, np.random.default_rng(seed), copies=copies)
+    if kt is None:
+        return None
+    seconds, _ = timed(kt, repeats, warmup=copies + 1, settle_s=1.0)
+    return seconds, kt.method, kt.threads, kt.variant
+
+
+def measure_kt(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: int = 0):
+    """kt-kernel's best method and thread count for this shape, timed over `repeats` calls that go to
+    `copies` layers in turn, all in a child process (see the module's note on memory): (seconds per
+    call, method, threads, kt-kernel's build for this CPU), or None when kt-kernel is not installed."""
+    try:
+        import kt_kernel  # noqa: F401
+    except Exception:  # not installed, or its wheel does not fit this machine
+        return None
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure, (spec, T, threads, copies, repeats, seed))

@@ -127,3 +127,39 @@ def test_offload_bench_json_is_alone_on_stdout(monkeypatch, capfd):
     out, err = capfd.readouterr()
     assert json.loads(out) == {"read_gbs": 1.0, "gemv": {}, "moe": []}
     assert "CPUInfer: Hello" in err and "progress" in err
+
+
+def test_kt_kernel_measurement_runs_in_a_child_process(monkeypatch):
+    """kt-kernel keeps the memory of every layer it built (six while probing its methods): offload.bench
+    measures it in a child process, so nothing of it stays in the benchmark's own; without kt-kernel
+    there is nothing to measure."""
+    from offload import bench_kt
+
+    monkeypatch.setitem(sys.modules, "kt_kernel", None)  # import kt_kernel fails
+    assert bench_kt.measure_kt({"H": 256, "I": 256, "E": 8, "A": 2}, 4, 2, 1, 3) is None
+    monkeypatch.delitem(sys.modules, "kt_kernel")
+
+    calls = []
+
+    class FakePool:
+        def __init__(self, n):
+            calls.append(("pool", n))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def apply(self, fn, args):
+            calls.append(("apply", fn.__name__, args))
+            return 1e-3, "AMXInt4_MOE", 1, "amx"
+
+    class Spawn:
+        Pool = FakePool
+
+    monkeypatch.setitem(sys.modules, "kt_kernel", type(sys)("kt_kernel"))
+    monkeypatch.setattr(bench_kt.multiprocessing, "get_context", lambda method: Spawn if method == "spawn" else None)
+    spec = {"H": 256, "I": 256, "E": 8, "A": 2}
+    assert bench_kt.measure_kt(spec, 4, 2, 3, 5) == (1e-3, "AMXInt4_MOE", 1, "amx")
+    assert calls == [("pool", 1), ("apply", "_measure", (spec, 4, 2, 3, 5, 0))]
