@@ -224,6 +224,13 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
     std::vector<std::pair<int, int64_t>> tasks;  // (job, first row)
     for (size_t ji = 0; ji < jobs.size(); ++ji)
         for (int64_t r = 0; r < jobs[ji].expert->gate.rows; r += up_rows) tasks.emplace_back(static_cast<int>(ji), r);
+    // the largest first (rows x tokens), so the phase ends on short tasks and no thread idles long at its
+    // end: an expert's last slab is often a fraction of the others (V2-Lite: 1024 + 384 rows)
+    auto work_of = [&](const std::pair<int, int64_t>& t) {
+        const Job& j = jobs[t.first];
+        return std::min(up_rows, j.expert->gate.rows - t.second) * static_cast<int64_t>(j.tokens.size());
+    };
+    std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& a, const auto& b) { return work_of(a) > work_of(b); });
     const int64_t max_n = static_cast<int64_t>(std::max_element(jobs.begin(), jobs.end(), [](const Job& a, const Job& b) {
                                                    return a.tokens.size() < b.tokens.size();
                                                })->tokens.size());
