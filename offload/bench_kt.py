@@ -109,22 +109,19 @@ def _measure(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: 
     kt = best_kt_moe(spec, T, threads, rng, copies=copies)
     if kt is None:
         return None
-    method, variant, best = kt.method, kt.variant, None
-    for n_threads in sorted({1, threads}, key=lambda n: n != kt.threads):
-        if n_threads != kt.threads:
-            del kt
-            gc.collect()
-            kt = KtMoE(kt_kernel_ext(), spec, T, method, n_threads, rng, copies=copies, variant=variant)
-        seconds, _ = timed(kt, repeats, warmup=copies + 1, settle_s=1.0)
-        if best is None or seconds < best[0]:
-            best = (seconds, method, n_threads, variant)
-    return best
+    from kt_kernel import kt_kernel_ext
 
+    def seconds(layers: KtMoE) -> float:
+        return timed(layers, repeats, warmup=copies + 1, settle_s=1.0)[0]
 
-def kt_kernel_ext():
-    from kt_kernel import kt_kernel_ext as ext
-
-    return ext
+    method, variant = kt.method, kt.variant
+    best = (seconds(kt), kt.threads)
+    for n_threads in sorted({1, threads} - {kt.threads}):
+        del kt
+        gc.collect()
+        kt = KtMoE(kt_kernel_ext, spec, T, method, n_threads, rng, copies=copies, variant=variant)
+        best = min(best, (seconds(kt), n_threads))
+    return best[0], method, best[1], variant
 
 
 def measure_kt(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: int = 0):

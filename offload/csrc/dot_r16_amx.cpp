@@ -341,7 +341,8 @@ inline __attribute__((always_inline)) void blocks32(int M, int64_t nb, int64_t b
 }
 
 template <GgmlType Base>
-void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens, float* Y,
+            size_t y_stride, int& configured) {
     constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
     const auto* a = reinterpret_cast<const char*>(aq);
     const size_t as = static_cast<size_t>(n_tokens) * 32;
@@ -390,12 +391,14 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
 
 }  // namespace
 
-void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq) {
+void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, float* ad, int8_t* aq) {
     for (int64_t t = 0; t < n_tokens; ++t) {
         const auto* y = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * act_stride);
-        for (int64_t b = 0; b < nb; ++b)
+        for (int64_t b = 0; b < nb; ++b) {
+            ad[t * nb + b] = _cvtsh_ss(y[b].d);
             _mm256_store_si256(reinterpret_cast<__m256i*>(aq + (b * n_tokens + t) * 32),
                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs)));
+        }
     }
 }
 

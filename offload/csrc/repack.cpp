@@ -156,36 +156,42 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const bool vnni = isa >= Isa::Avx512Vnni;
     const bool amx = isa == Isa::Amx && !q6k && n_tokens >= (q4k ? kAmxMinTokens : kAmxMinTokens32);
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
-    // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K): once for all the groups
+    // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K); for the AMX kernels, the quants
+    // packed by block instead (they need no offset correction): once for all the groups
     thread_local std::vector<float> ad;
     thread_local std::vector<int32_t> seed;
     thread_local std::vector<float> sub_sums;
-    thread_local std::vector<uint8_t> packed;  // AMX Q4_K: the activations by super-block (prep_q4k)
+    thread_local std::vector<uint8_t> packed;
+    auto packed_bytes = [&](size_t bytes) {  // 64-byte aligned
+        packed.resize(bytes + 64);
+        return reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~uintptr_t{63});
+    };
     int8_t* aq = nullptr;
     int32_t* tok = nullptr;
     if (vnni) {
         require_isa(isa);
-        ad.resize(static_cast<size_t>(n_tokens * nb));
+        const size_t blocks = static_cast<size_t>(n_tokens * nb);
         if (q4k && amx) {
-            const size_t quants = static_cast<size_t>(n_tokens * nb) * 256;
-            packed.resize(quants + static_cast<size_t>(n_tokens * nb) * 64 + 64);
-            aq = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~uintptr_t{63});
-            tok = reinterpret_cast<int32_t*>(aq + quants);
+            aq = packed_bytes(blocks * (256 + 64));
+            tok = reinterpret_cast<int32_t*>(aq + blocks * 256);
             detail::amx::prep_q4k(A, a_stride, n_tokens, nb, aq, tok);
-        } else if (q4k) {
-            sub_sums.resize(static_cast<size_t>(n_tokens * nb * 8));
-            detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
-        } else if (q6k) {
-            seed.resize(static_cast<size_t>(n_tokens * nb * 16));
-            detail::avx512_vnni::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
+        } else if (amx) {
+            ad.resize(blocks);
+            aq = packed_bytes(blocks * 32);
+            detail::amx::pack32(A, a_stride, n_tokens, nb, ad.data(), aq);
         } else {
-            seed.resize(static_cast<size_t>(n_tokens * nb));
-            detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
-                                          seed.data());
-            if (amx) {
-                packed.resize(static_cast<size_t>(n_tokens * nb) * 32 + 64);
-                aq = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(packed.data()) + 63) & ~uintptr_t{63});
-                detail::amx::pack32(A, a_stride, n_tokens, nb, aq);
+            ad.resize(blocks);
+            if (q4k) {
+                sub_sums.resize(blocks * 8);
+                detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(),
+                                                  sub_sums.data());
+            } else if (q6k) {
+                seed.resize(blocks * 16);
+                detail::avx512_vnni::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
+            } else {
+                seed.resize(blocks);
+                detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
+                                              seed.data());
             }
         }
     }

@@ -87,13 +87,13 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
 // sub-blocks' quants (from the bsums) two to a dword as int16 (S_2i + 65536 S_2i+1, i < 4), then the
 // block's scale (float bits).
 void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq, int32_t* tok);
-// Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad
-// [n_tokens][nb] from prep_r16, aq from pack32; the quants are signed in the tiles, so no seed).
+// Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
+// aq from pack32; the quants are signed in the tiles, so no seed).
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens,
               float* Y, size_t y_stride, int& configured);
-// aq [nb][n_tokens][32]: the quants of n_tokens Q8_0 activation rows (nb blocks, act_stride bytes
-// apart) by block, 32-byte aligned, so a tile row never straddles a cache line.
-void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq);
+// From n_tokens Q8_0 activation rows (nb blocks, act_stride bytes apart): ad [n_tokens][nb] the scales;
+// aq [nb][n_tokens][32] the quants by block, 32-byte aligned, so a tile row never straddles a cache line.
+void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, float* ad, int8_t* aq);
 void release_tiles();
 }  // namespace detail::amx
 
