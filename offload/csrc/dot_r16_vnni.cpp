@@ -120,7 +120,8 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
     __m512 acc[NA];
     for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
-    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i nib = _mm512_set1_epi8(0x0F), nib_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
+    const __m512 sixteenth = _mm512_set1_ps(1.0f / 16);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* u = group + b * unit;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
@@ -143,11 +144,14 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         const uint8_t* qs = u + 256;
         for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high)
             prefetch_share<unit, 4>(u, i);
+            // the high nibbles are multiplied in place (x & 0xF0 = 16 q, and 16 q * a stays exact in
+            // int32); their scale divided by 16, so the products are the same floats bit for bit
+            const __m512 sc_hi = _mm512_mul_ps(sc[2 * i + 1], sixteenth);
             __m512i lo[8], hi[8];
             for (int k = 0; k < 8; ++k) {
                 const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
                 lo[k] = _mm512_and_si512(x, nib);
-                hi[k] = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+                hi[k] = _mm512_and_si512(x, nib_hi);  // 16 x the high nibble: sc[] below carries the 1/16
             }
             for (int t = 0; t < NA; ++t) {
                 const auto& y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as)[b];
@@ -158,7 +162,7 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
                     s1 = _mm512_dpbusd_epi32(s1, hi[k], bcast32(a0 + 32 + 4 * k));
                 }
                 sum_sc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sc[2 * i], sum_sc[t]);
-                sum_sc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), sc[2 * i + 1], sum_sc[t]);
+                sum_sc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), sc_hi, sum_sc[t]);
             }
         }
         for (int t = 0; t < NA; ++t) {
