@@ -71,15 +71,18 @@ void load_config(const TileConfig& c) {
     _tile_loadconfig(&c);
 }
 
-// Q4_K tiles for a work item of Ma tokens (one token tile: C_l 0, C_h 1, A 4 / 5 in alternate pairs,
-// B_l / B_h 6-7 / 2-3) or Ma + Mb tokens (two token tiles: C_l 0 / 2, C_h 1 / 3, A 4 / 5, B 6-7).
-void configure_q4k(int Ma, int Mb) {
+// The Q4_K tiles for work items of Ma tokens (one token tile: C_l 0, C_h 1, A 4 / 5 in alternate pairs,
+// B_l / B_h 6-7 / 2-3) or Ma + Mb tokens (two token tiles: C_l 0 / 2, C_h 1 / 3, A 4 / 5, B 6-7);
+// `configured` becomes 1000 + 32 Ma + Mb.
+void configure_q4k(int Ma, int Mb, int& configured) {
+    if (configured == 1000 + 32 * Ma + Mb) return;
     TileConfig c;
     for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
     c.rows[0] = c.rows[1] = c.rows[4] = static_cast<uint8_t>(Ma);
     if (Mb > 0) c.rows[2] = c.rows[3] = c.rows[5] = static_cast<uint8_t>(Mb);
     else c.rows[5] = static_cast<uint8_t>(Ma);
     load_config(c);
+    configured = 1000 + 32 * Ma + Mb;
 }
 
 // An unpacked super-block: the 8 B tiles (pair i: B_l at 2i, B_h at 2i + 1), then the mins of each
@@ -218,14 +221,21 @@ void prep_q4k(const void* act, size_t as, int64_t n_tokens, int64_t nb, int8_t* 
 
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok,
                   int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
-    // Work items: per super-block, the tokens in near-equal items of up to 32 (two token tiles; one
-    // when all the tokens fit in 16), at most two item shapes, taken in alternate order per
-    // super-block so that the tile configuration changes at most once a super-block. Item i's tile
-    // products are issued before the vector work of item i - 1's epilogue and of the next super-block's
-    // unpacking (other buffers), which lets the core start on that work sooner (3-5% at 64 tokens
-    // than each item in turn; most of it still waits for the tile unit).
-    const bool two = n_tokens > 16;
-    const int64_t items = (n_tokens + 31) / 32;
+    // Work items: per super-block, the tokens in full items of 32 (two token tiles of 16), then the rest
+    // in one item (two tiles when over 16 tokens, else one), taken in alternate order per super-block.
+    // With more than one item the tiles are configured 16 rows high throughout (a last tile's rows past
+    // the tokens are computed from the padding after aq, and never read): a tile product of 1 row costs
+    // nearly as much as one of 16, and a configuration change as much as several. Near-equal items of
+    // exact heights (65 tokens as 3 x 2 tiles of 10-11 rows, two shapes a super-block) ran 13-17%
+    // slower at 65, 70 and 80 tokens, 20% at 33 (1024 x 7168, one thread). A single item keeps its
+    // exact heights (16 rows for 9 tokens: 4% slower). Item i's tile products are issued before the
+    // vector work of item i - 1's epilogue and of the next super-block's unpacking (other buffers),
+    // which lets the core start on that work sooner (3-5% at 64 tokens than each item in turn; most of
+    // it still waits for the tile unit).
+    const int64_t full = n_tokens / 32, rest = n_tokens % 32, items = full + (rest > 0);
+    const int one = static_cast<int>(n_tokens);
+    if (items == 1) configure_q4k(one > 16 ? one / 2 : one, one > 16 ? one - one / 2 : 0, configured);
+    else configure_q4k(16, 16, configured);
     uint8_t* Bs = aligned_buffer(2 * kPerSuper + 2 * sizeof(CTiles) + static_cast<size_t>(n_tokens) * 64);
     uint8_t* Bbuf[2] = {Bs, Bs + kPerSuper};
     auto* Cbuf = reinterpret_cast<CTiles*>(Bs + 2 * kPerSuper);
@@ -249,16 +259,14 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
             const int64_t p = (b & 1) ? items - 1 - k : k;
             Item it;
             it.b = b;
-            it.t0 = n_tokens * p / items;
-            const int n = static_cast<int>(n_tokens * (p + 1) / items - it.t0);
-            it.Ma = two ? n / 2 : n;
-            it.Mb = two ? n - n / 2 : 0;
-            const int shape = 32 * it.Ma + it.Mb;
-            if (configured != 1000 + shape) configure_q4k(it.Ma, it.Mb), configured = 1000 + shape;
+            it.t0 = 32 * p;
+            const int n = p < full ? 32 : static_cast<int>(rest);
+            it.Ma = items == 1 && n > 16 ? n / 2 : std::min(n, 16);
+            it.Mb = n - it.Ma;
             TANDEM_MEMORY_BARRIER;
             CTiles& C = Cbuf[n_done & 1];
             const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
-            if (two) products<true>(it.Ma, Bbuf[b & 1], ab, 256, C);
+            if (it.Mb > 0) products<true>(it.Ma, Bbuf[b & 1], ab, 256, C);
             else products<false>(it.Ma, Bbuf[b & 1], ab, 256, C);
             TANDEM_MEMORY_BARRIER;
             if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1]);  // reads the mins of prev.b's buffer

@@ -172,8 +172,8 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
         if (q4k && amx) {
-            aq = packed_bytes(blocks * (256 + 64));
-            tok = reinterpret_cast<int32_t*>(aq + blocks * 256);
+            aq = packed_bytes(blocks * (256 + 64) + detail::amx::kQ4kPadBytes);
+            tok = reinterpret_cast<int32_t*>(aq + blocks * 256 + detail::amx::kQ4kPadBytes);
             detail::amx::prep_q4k(A, a_stride, n_tokens, nb, aq, tok);
         } else if (amx) {
             ad.resize(blocks);

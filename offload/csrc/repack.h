@@ -75,7 +75,8 @@ void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, f
 
 namespace detail::amx {
 // Q4_K on AMX-INT8 tiles (dot_r16_amx.cpp), as avx512_vnni::gemm_r16_q4k but for all n_tokens activation
-// rows at once (each super-block of the group unpacked once for all of them); aq and tok from prep_q4k.
+// rows at once (each super-block of the group unpacked once for all of them); aq and tok from prep_q4k,
+// aq followed by kQ4kPadBytes of readable memory (its token tiles always load 16 rows).
 // Needs Isa::Amx (the process granted the tile state).
 // `configured`: the shape the thread's tiles are configured for (-1 at first: configures them);
 // release_tiles() when done, so the next user (oneDNN's kernels, say) configures its own.
@@ -87,6 +88,7 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
 // sub-blocks' quants (from the bsums) two to a dword as int16 (S_2i + 65536 S_2i+1, i < 4), then the
 // block's scale (float bits).
 void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq, int32_t* tok);
+constexpr size_t kQ4kPadBytes = 16 * 256;
 // Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
 // aq from pack32; the quants are signed in the tiles, so no seed).
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens,
