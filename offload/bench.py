@@ -3,7 +3,8 @@
 Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight type on matrices far
 larger than the L3 cache; microseconds per MoE layer at T=1 and tokens/s at T=128 for a
 DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls
-go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, for every engine);
+go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, for every engine),
+with the time the routed experts' bytes take at the measured read bandwidth (the memory roofline);
 the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
 thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the shared machine.
 """
@@ -128,6 +129,14 @@ def make_layer(rng, spec):
     return (*(prepare_weight(w) for w in (gate, up, down)), [tuple(prepare_weight(w) for w in s) for s in shared])
 
 
+def routed_bytes(spec, layer, T: int) -> float:
+    """Bytes of routed experts one T-token call reads, on average: each of the E experts' gate, up and
+    down once if any token picks it (uniform top-A routes: E (1 - (1 - A/E)^T) experts)."""
+    gate, up, down, _ = layer
+    E, A = spec["E"], spec["A"]
+    return E * (1 - (1 - A / E) ** T) * (gate.data.nbytes + up.data.nbytes + down.data.nbytes) / E
+
+
 def random_route(rng, T: int, E: int, A: int):
     ids = np.stack([rng.choice(E, A, replace=False) for _ in range(T)]).astype(np.int64)
     w = rng.random((T, A), dtype=np.float32)
@@ -242,11 +251,16 @@ def run(args) -> dict:
         print(f"  {name}: {copies} copies of the layer ({copies * layer_bytes(layers[0]) / 2**20:.0f} MiB, the L3 "
               f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
         timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=3.0)  # the fresh gigabytes settle
-        for T, repeats in ((1, args.repeats), (128, max(3, args.repeats // 10))):
+        for T, repeats in ((1, args.repeats), (128, max(10, args.repeats // 5))):
             mean, std = bench_moe_engine(engine, rng, spec, layers, T, repeats)
             routed, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
             row = {"layer": name, "T": T, "copies": copies, "us": mean * 1e6, "us_std": std * 1e6, "tokens_per_s": T / mean,
                    "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed}
+            # the memory roofline of the routed experts: their bytes at the measured read bandwidth (what
+            # decode cannot beat; a T=128 call is bound by compute instead)
+            row["routed_bytes"] = routed_bytes(spec, layers[0], T)
+            row["roofline_us"] = row["routed_bytes"] / (result["read_gbs"] * 1e3)
+            row["routed_roofline_fraction"] = row["roofline_us"] / row["routed_us"]
             if not args.no_peers:
                 row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
@@ -265,13 +279,16 @@ def run(args) -> dict:
                     after, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
                     row["routed_us_after"] = after * 1e6
                     row["kt_kernel_ratio"] = (routed + after) / 2 / kt_s
+                    row["kt_kernel_roofline_fraction"] = row["roofline_us"] / row["kt_kernel_us"]
             result["moe"].append(row)
-            peers = "".join(f", {k} {v:.0f}" for k, v in row.items() if k.endswith("_us") and k != "us")
+            peers = "".join(f", {k} {v:.0f}" for k, v in row.items()
+                            if k.endswith("_us") and k not in ("us", "roofline_us"))
             if "kt_kernel_ratio" in row:
                 peers += (f", routed {row['routed_us']:.0f}/{row['routed_us_after']:.0f} (before/after) vs kt-kernel "
                           f"{row['kt_kernel_us']:.0f} us = {row['kt_kernel_ratio']:.2f}x ({row['kt_kernel_method']}, "
                           f"{row['kt_kernel_threads']} thr, its {row['kt_kernel_variant']} build)")
-            print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}",
+            print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}; the routed "
+                  f"experts' {row['routed_bytes'] / 1e6:.1f} MB at the read bandwidth take {row['roofline_us']:.0f} us",
                   file=sys.stderr)
         del layers
     return result

@@ -163,3 +163,18 @@ def test_kt_kernel_measurement_runs_in_a_child_process(monkeypatch):
     spec = {"H": 256, "I": 256, "E": 8, "A": 2}
     assert bench_kt.measure_kt(spec, 4, 2, 3, 5) == (1e-3, "AMXInt4_MOE", 1, "amx")
     assert calls == [("pool", 1), ("apply", "_measure", (spec, 4, 2, 3, 5, 0))]
+
+
+def test_offload_bench_roofline_counts_the_experts_a_call_reads():
+    """The MoE rows' memory roofline: a T-token call reads each expert any token picks once, on average
+    E (1 - (1 - A/E)^T) of them; checked against routes drawn as the benchmark draws them."""
+    from offload import bench
+
+    spec = dict(H=64, I=32, E=8, A=2, n_shared=0, gate="Q8_0", down="Q8_0", shared_gate="Q8_0", shared_down="Q8_0")
+    rng = np.random.default_rng(0)
+    layer = bench.make_layer(rng, spec)
+    per_expert = sum(w.data.nbytes for w in layer[:3]) / spec["E"]
+    assert bench.routed_bytes(spec, layer, 1) == pytest.approx(2 * per_expert)
+    assert bench.routed_bytes(spec, layer, 10_000) == pytest.approx(8 * per_expert)
+    drawn = np.mean([len(np.unique(bench.random_route(rng, 3, 8, 2)[0])) for _ in range(4000)])
+    assert bench.routed_bytes(spec, layer, 3) == pytest.approx(drawn * per_expert, rel=0.02)
