@@ -1,5 +1,5 @@
 """The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16, Q4_K_R16,
-Q6_K_R16).
+Q5_K_R16, Q6_K_R16).
 
 A repacked matrix holds the same bytes as the plain one, 16 rows interleaved block by block. Its
 products must match the float64 reference of test_dot_kernels within the same tolerance, on every ISA
@@ -20,8 +20,8 @@ from quant import formats as F
 
 from .test_dot_kernels import ACT, ISAS, TOL, activations, dequantize_activation, raw, weights
 
-TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q6_K)
-KQUANTS = (QT.Q4_K, QT.Q6_K)
+TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+KQUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 f32 = np.float32
 
 
@@ -36,10 +36,22 @@ def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
         ql = b[..., 0:128].reshape(*b.shape[:3], 32, 4).transpose(0, 1, 3, 2, 4)  # [g, b, m, j, l]
         qh = b[..., 128:192].reshape(*b.shape[:3], 16, 4).transpose(0, 1, 3, 2, 4)
         parts = [b[..., 208:210], scales, ql, qh]
-    elif t == QT.Q4_K:
+    elif t in (QT.Q4_K, QT.Q5_K):  # block: d | dmin | scales [12] | (Q5_K: qh [32]) | qs [128]
+        qs_off = 48 if t == QT.Q5_K else 16
         scales = b[..., 4:16].reshape(*b.shape[:3], 3, 4).transpose(0, 1, 3, 2, 4)  # [g, b, v, j, 4]
-        qs = b[..., 16:].reshape(*b.shape[:3], 4, 8, 4).transpose(0, 1, 3, 4, 2, 5)  # [g, b, i, k, j, l]
+        qs = b[..., qs_off:].reshape(*b.shape[:3], 4, 8, 4).transpose(0, 1, 3, 4, 2, 5)  # [g, b, i, k, j, l]
         parts = [d, b[..., 2:4], scales, qs]
+        if t == QT.Q5_K:
+            qh = b[..., 16:48].astype(np.uint64)  # [g, b, j, 32]
+            words = np.zeros((*b.shape[:2], 4, 8, 2), np.uint64)
+            for i in range(4):
+                for k in range(8):
+                    for h in range(2):
+                        for j in range(16):
+                            for l in range(4):
+                                bit = (qh[..., j, 4 * k + l] >> np.uint64(2 * i + h)) & np.uint64(1)
+                                words[..., i, k, h] |= bit << np.uint64(4 * j + l)
+            parts.append(words.view(np.uint8))
     elif t == QT.Q8_0:
         qs = b[..., 2:34].reshape(*b.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)  # [g, b, k, j, l]
         parts = [d, qs]
@@ -67,7 +79,7 @@ def test_layout_is_the_documented_one(wtype):
     assert r.shape == w.shape and r.dtype == np.uint8
     assert np.array_equal(r, numpy_r16(w, wtype))
     assert _C.r16_type(int(wtype)) == 1000 + int(wtype)
-    assert _C.r16_type(int(QT.Q5_K)) == int(QT.Q5_K)
+    assert _C.r16_type(int(QT.Q5_1)) == int(QT.Q5_1)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -137,8 +149,8 @@ def test_engine_ops_match_plain_layout(wtype):
 
 def test_prepare_weight_leaves_what_it_cannot_repack():
     rng = np.random.default_rng(5)
-    q5k = QuantWeight("Q5_K", raw(F.quantize(weights(rng, 32, 256), QT.Q5_K)), 256)
-    assert prepare_weight(q5k, force=True) is q5k
+    q5_1 = QuantWeight("Q5_1", raw(F.quantize(weights(rng, 32, 256), QT.Q5_1)), 256)
+    assert prepare_weight(q5_1, force=True) is q5_1
     ragged = QuantWeight("Q8_0", raw(F.quantize(weights(rng, 24, 64), QT.Q8_0)), 64)  # 24 rows
     assert prepare_weight(ragged, force=True) is ragged
 
@@ -149,7 +161,7 @@ def test_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         _C.repack_r16(int(QT.Q8_0), w, 64)
     with pytest.raises(ValueError, match="no row-interleaved layout"):
-        _C.repack_r16(int(QT.Q5_K), raw(F.quantize(weights(rng, 16, 256), QT.Q5_K)), 256)
+        _C.repack_r16(int(QT.Q5_1), raw(F.quantize(weights(rng, 16, 256), QT.Q5_1)), 256)
     with pytest.raises(ValueError, match="bytes"):
         _C.repack_r16(int(QT.Q8_0), w[:16], 96)
     with pytest.raises(ValueError, match="C-contiguous"):

@@ -41,6 +41,7 @@ const TypeInfo kQ4_0_R16{"Q4_0_R16", 32, 18, true, GgmlType::Q8_0};
 const TypeInfo kQ5_0_R16{"Q5_0_R16", 32, 22, true, GgmlType::Q8_0};
 const TypeInfo kQ8_0_R16{"Q8_0_R16", 32, 34, true, GgmlType::Q8_0};
 const TypeInfo kQ4_K_R16{"Q4_K_R16", 256, 144, true, GgmlType::Q8_K};
+const TypeInfo kQ5_K_R16{"Q5_K_R16", 256, 176, true, GgmlType::Q8_K};
 const TypeInfo kQ6_K_R16{"Q6_K_R16", 256, 210, true, GgmlType::Q8_K};
 
 uint32_t bits_of(float f) {
@@ -76,6 +77,7 @@ const TypeInfo* type_info(int32_t type_id) {
         case GgmlType::Q5_0_R16: return &kQ5_0_R16;
         case GgmlType::Q8_0_R16: return &kQ8_0_R16;
         case GgmlType::Q4_K_R16: return &kQ4_K_R16;
+        case GgmlType::Q5_K_R16: return &kQ5_K_R16;
         case GgmlType::Q6_K_R16: return &kQ6_K_R16;
     }
     return nullptr;

@@ -113,15 +113,17 @@ void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, con
 // float), the 8 sub-blocks' nibbles unpacked once; per activation row
 //   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
 // with isum_j the exact dpbusd sum of sub-block j and S_j its activation sum (from the bsums).
-template <int NA>
+// Q5_K (Q5): the same, each nibble given its fifth bit (+16 under the qh masks) before the products.
+template <bool Q5, int NA>
 void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
               float* Y, size_t y_stride) {
-    constexpr size_t unit = 144 * kR16;
+    constexpr size_t unit = (Q5 ? 176 : 144) * kR16;
     __m512 acc[NA];
     for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
     const __m512i nib = _mm512_set1_epi8(0x0F), nib_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
     const __m512 sixteenth = _mm512_set1_ps(1.0f / 16);
+    const __m512i sixteen = _mm512_set1_epi8(16);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* u = group + b * unit;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
@@ -146,12 +148,20 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             prefetch_share<unit, 4>(u, i);
             // the high nibbles are multiplied in place (x & 0xF0 = 16 q, and 16 q * a stays exact in
             // int32); their scale divided by 16, so the products are the same floats bit for bit
-            const __m512 sc_hi = _mm512_mul_ps(sc[2 * i + 1], sixteenth);
+            const __m512 sc_hi = Q5 ? sc[2 * i + 1] : _mm512_mul_ps(sc[2 * i + 1], sixteenth);
             __m512i lo[8], hi[8];
             for (int k = 0; k < 8; ++k) {
                 const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
                 lo[k] = _mm512_and_si512(x, nib);
-                hi[k] = _mm512_and_si512(x, nib_hi);  // 16 x the high nibble: sc[] below carries the 1/16
+                if constexpr (Q5) {  // q = nibble + 16 * fifth bit (0..31), the high nibbles shifted down
+                    uint64_t bits[2];
+                    std::memcpy(bits, u + 2304 + 128 * i + 16 * k, sizeof(bits));
+                    lo[k] = _mm512_mask_add_epi8(lo[k], _cvtu64_mask64(bits[0]), lo[k], sixteen);
+                    hi[k] = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+                    hi[k] = _mm512_mask_add_epi8(hi[k], _cvtu64_mask64(bits[1]), hi[k], sixteen);
+                } else {
+                    hi[k] = _mm512_and_si512(x, nib_hi);  // 16 x the high nibble: sc_hi carries the 1/16
+                }
             }
             for (int t = 0; t < NA; ++t) {
                 const auto& y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as)[b];
@@ -254,7 +264,12 @@ void prep_r16_q6k(const void* act, size_t as, int nt, int64_t nb, float* ad, int
 
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) { gemm_q4k<decltype(na)::value>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
+    by_tile(nt, [&](auto na) { gemm_q4k<false, decltype(na)::value>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
+}
+
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+                  const float* sub_sums, int nt, float* Y, size_t y_stride) {
+    by_tile(nt, [&](auto na) { gemm_q4k<true, decltype(na)::value>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
 }
 
 void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sub_sums) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace tandem {
@@ -16,6 +17,7 @@ GgmlType r16_of(GgmlType base) {
         case GgmlType::Q5_0: return GgmlType::Q5_0_R16;
         case GgmlType::Q8_0: return GgmlType::Q8_0_R16;
         case GgmlType::Q4_K: return GgmlType::Q4_K_R16;
+        case GgmlType::Q5_K: return GgmlType::Q5_K_R16;
         case GgmlType::Q6_K: return GgmlType::Q6_K_R16;
         default: return base;
     }
@@ -27,6 +29,7 @@ GgmlType base_of(GgmlType type) {
         case GgmlType::Q5_0_R16: return GgmlType::Q5_0;
         case GgmlType::Q8_0_R16: return GgmlType::Q8_0;
         case GgmlType::Q4_K_R16: return GgmlType::Q4_K;
+        case GgmlType::Q5_K_R16: return GgmlType::Q5_K;
         case GgmlType::Q6_K_R16: return GgmlType::Q6_K;
         default: return type;
     }
@@ -80,8 +83,11 @@ void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
 
 // Q4_K: d[16] f16 | dmin[16] f16 | scales [3][16][4] (vector v, lane j = scales_j[4v..4v+3]) |
 // qs [4][8][16][4] (pair i, vector k, lane j, byte l = qs_j[32i + 4k + l]: low nibbles sub-block 2i,
-// high nibbles sub-block 2i + 1, value 4k + l)
-void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) {
+// high nibbles sub-block 2i + 1, value 4k + l); Q5_K the same, then
+// qh [4][8][2] u64 (pair i, vector k, half h: bit 4j + l = bit 2i + h of qh_j[4k + l], the fifth bit of
+// the value of lane j, byte l in the low (h = 0) or high (h = 1) nibbles of qs vector (i, k))
+template <class Block>
+void convert_unit_k(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
     auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
         move_bytes(to_unit, unit_bytes, row_bytes, size);
     };
@@ -92,7 +98,33 @@ void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) 
         for (int i = 0; i < 4; ++i)
             for (int k = 0; k < 8; ++k) move(u + 256 + 512 * i + 64 * k + 4 * j, rows[j][b].qs + 32 * i + 4 * k, 4);
     }
+    if constexpr (std::is_same_v<Block, block_q5_K>) {
+        uint8_t* words = u + 256 + 2048;
+        uint64_t w[4][8][2] = {};
+        if (to_unit) {
+            for (int i = 0; i < 4; ++i)
+                for (int k = 0; k < 8; ++k)
+                    for (int h = 0; h < 2; ++h)
+                        for (int j = 0; j < kR16; ++j)
+                            for (int l = 0; l < 4; ++l)
+                                w[i][k][h] |= static_cast<uint64_t>((rows[j][b].qh[4 * k + l] >> (2 * i + h)) & 1u)
+                                              << (4 * j + l);
+            std::memcpy(words, w, sizeof(w));
+        } else {
+            std::memcpy(w, words, sizeof(w));
+            for (int j = 0; j < kR16; ++j) std::memset(rows[j][b].qh, 0, sizeof(rows[j][b].qh));
+            for (int i = 0; i < 4; ++i)
+                for (int k = 0; k < 8; ++k)
+                    for (int h = 0; h < 2; ++h)
+                        for (int j = 0; j < kR16; ++j)
+                            for (int l = 0; l < 4; ++l)
+                                rows[j][b].qh[4 * k + l] |=
+                                    static_cast<uint8_t>(((w[i][k][h] >> (4 * j + l)) & 1u) << (2 * i + h));
+        }
+    }
 }
+void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) { convert_unit_k(rows, b, u, to_unit); }
+void convert_unit(block_q5_K* const* rows, int64_t b, uint8_t* u, bool to_unit) { convert_unit_k(rows, b, u, to_unit); }
 
 // Q6_K: d[16] f16 | scales [16][16] (sub-block s, lane j = scales_j[s]) | ql [32][16][4] (vector m, lane j,
 // byte l = ql_j[4m + l]) | qh [16][16][4] (vector m, lane j, byte l = qh_j[4m + l])
@@ -120,6 +152,7 @@ void convert(GgmlType base, uint8_t* plain, int64_t n, uint8_t* group, bool to_u
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     switch (base) {
         case GgmlType::Q4_K: return convert_group<block_q4_K>(plain, rb, group, nb, to_unit);
+        case GgmlType::Q5_K: return convert_group<block_q5_K>(plain, rb, group, nb, to_unit);
         case GgmlType::Q6_K: return convert_group<block_q6_K>(plain, rb, group, nb, to_unit);
         case GgmlType::Q4_0: return convert_group<block_q4_0>(plain, rb, group, nb, to_unit);
         case GgmlType::Q5_0: return convert_group<block_q5_0>(plain, rb, group, nb, to_unit);
@@ -150,11 +183,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
     const GgmlType base = base_of(type);
     const size_t rb = row_size(base, n), group_bytes = rb * kR16;
-    const bool q4k = base == GgmlType::Q4_K, q6k = base == GgmlType::Q6_K;
+    const bool q4k = base == GgmlType::Q4_K, q5k = base == GgmlType::Q5_K, q6k = base == GgmlType::Q6_K;
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    const bool amx = isa == Isa::Amx && !q6k && n_tokens >= (q4k ? kAmxMinTokens : kAmxMinTokens32);
+    const bool amx = isa == Isa::Amx && !q5k && !q6k && n_tokens >= (q4k ? kAmxMinTokens : kAmxMinTokens32);
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K); for the AMX kernels, the quants
     // packed by block instead (they need no offset correction): once for all the groups
@@ -181,7 +214,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             detail::amx::pack32(A, a_stride, n_tokens, nb, ad.data(), aq);
         } else {
             ad.resize(blocks);
-            if (q4k) {
+            if (q4k || q5k) {
                 sub_sums.resize(blocks * 8);
                 detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(),
                                                   sub_sums.data());
@@ -233,6 +266,10 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                 if (q6k)
                     detail::avx512_vnni::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
                                                       ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
+                                                      Y + t0 * y_stride + r0, y_stride);
+                else if (q5k)
+                    detail::avx512_vnni::gemm_r16_q5k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                      ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
                                                       Y + t0 * y_stride + r0, y_stride);
                 else if (q4k)
                     detail::avx512_vnni::gemm_r16_q4k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,

@@ -1,4 +1,4 @@
-// Row-interleaved ("R16") layouts of Q4_0, Q5_0, Q8_0, Q4_K and Q6_K, built once at load (ik_llama.cpp's
+// Row-interleaved ("R16") layouts of Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K, built once at load (ik_llama.cpp's
 // _R4/_R8 idea): 16 rows go together, and block b of all 16 rows is stored as one unit, so a SIMD
 // kernel puts one row per int32 lane, broadcasts 4 activation bytes to every lane, and needs no
 // transpose, no horizontal sum and no per-row scale gathering; the 16 results land contiguous in Y.
@@ -14,6 +14,9 @@
 //   d [16] f16 | dmin [16] f16 | scales [3][16][4] (vector v, lane j = scales_j[4v..4v+3]) |
 //   qs [4][8][16][4]                 pair i, vector k, lane j, byte l = qs_j[32i + 4k + l]: low nibbles
 //                                    are sub-block 2i's value 4k + l, high nibbles sub-block 2i + 1's
+// and for Q5_K, per super-block b, Q4_K's unit followed by
+//   qh [4][8][2] u64                 pair i, vector k, half h: bit 4j + l = the fifth bit of lane j, byte l
+//                                    of the low (h = 0) or high (h = 1) nibbles of qs vector (i, k)
 // and for Q6_K, per super-block b:
 //   d [16] f16 | scales [16][16] i8 (sub-block s, lane j = scales_j[s]) |
 //   ql [32][16][4] (vector m, lane j, byte l = ql_j[4m + l]) | qh [16][16][4] (the same for qh_j)
@@ -62,6 +65,9 @@ void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, 
 // Q4_K: 16 rows x nt <= 8 Q8_K activation rows; ad [nt][nb] the activation scales, sub_sums
 // [nt][nb][8] the sums of each 32-value sub-block's activation quants (from the bsums), for the mins.
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+                  const float* sub_sums, int nt, float* Y, size_t y_stride);
+// Q5_K_R16: as gemm_r16_q4k (the same ad and sub_sums from prep_r16_q4k), the fifth bits from qh.
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride);
 void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sub_sums);
 // Q6_K: 16 rows x nt <= 8 Q8_K activation rows; seed [nt][nb][16] = -32 * the activation sum of each
