@@ -28,7 +28,7 @@ const CpuFeatures& cpu_features();
 // SIMD levels the kernels come in. Every kernel has a Scalar reference; higher levels are
 // compiled with per-function target attributes and only called when the CPU has them.
 // Amx is Avx512Vnni plus AMX-INT8 tiles (granted to the process by the kernel: arch_prctl), which only
-// the row-interleaved kernels use (Q4_K from kAmxMinTokens tokens, Q4_0 / Q5_0 / Q8_0 from
+// the row-interleaved kernels use (Q4_K / Q5_K from kAmxMinTokens tokens, Q4_0 / Q5_0 / Q8_0 from
 // kAmxMinTokens32: repack.h); everything else runs as at Avx512Vnni.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Amx = 4 };
 

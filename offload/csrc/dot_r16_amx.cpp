@@ -1,4 +1,4 @@
-// AMX-INT8 kernel for the row-interleaved Q4_K layout (repack.h): one group of 16 weight rows against
+// AMX-INT8 kernel for the row-interleaved Q4_K and Q5_K layouts (repack.h): one group of 16 weight rows against
 // many activation rows, for prefill. The VNNI kernel (dot_r16_vnni.cpp) spends two instructions per 64
 // multiply-adds; a tile product does 16 x 16 x 64 of them, but a tile result must go through memory
 // and a Q4_K super-block has 8 sub-block scales per row, so a tile product per 32-value sub-block
@@ -9,7 +9,9 @@
 // never carries into the odd byte.) The mins go through vpdpwssd as integers, per token:
 //   acc += d_a (d_w * (16 C_h + C_l) - dmin * sum_j m_j S_j)
 // which is the VNNI kernel's result wherever its float sums are exact (partial sums below 2^24, as in
-// practice); beyond, this one is the exact integers rounded once.
+// practice); beyond, this one is the exact integers rounded once. Q5_K (q <= 31, its fifth bits added
+// while unpacking) splits its scales sc = 8 h + l instead (h, l <= 7: q * 7 = 217 still a byte), and sums
+// 8 C_h + C_l.
 //
 // Measured on a Sapphire Rapids class core: a tile product takes ~14 cycles, a tile store ~3 cycles a
 // row, a tile load from L2 several times one from L1, and the vector work (unpacking B, the per-token
@@ -54,7 +56,13 @@ namespace {
 // build B before the tile loads that read them, and the tile stores before the vector loads of C.
 #define TANDEM_MEMORY_BARRIER asm volatile("" ::: "memory")
 
-constexpr size_t kUnit = 144 * kR16;           // one super-block of the group
+// One super-block of the group: Q4_K's, or Q5_K's (Q5)
+template <bool Q5>
+constexpr size_t kUnit = (Q5 ? 176 : 144) * kR16;
+// The scale split sc = kSplit h + l (l < kSplit) that keeps q * l and q * h bytes: 16 for Q4_K's q <= 15,
+// 8 for Q5_K's q <= 31 (31 * 7 = 217)
+template <bool Q5>
+constexpr int kShift = Q5 ? 3 : 4;
 constexpr size_t kPairBytes = 1024;            // one B tile: 16 x 64 bytes
 constexpr size_t kSuperBytes = 8 * kPairBytes; // B_l and B_h of the 4 pairs
 
@@ -90,8 +98,10 @@ void configure_q4k(int Ma, int Mb, int& configured) {
 constexpr size_t kPerSuper = kSuperBytes + 4 * 64;
 
 // Super-block u of the group -> B (kPerSuper bytes).
+template <bool Q5>
 void unpack(const uint8_t* u, uint8_t* B) {
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
+    const __m512i low = _mm512_set1_epi32((1 << kShift<Q5>) - 1), sixteen = _mm512_set1_epi8(16);
     const __m512i nib = _mm512_set1_epi8(0x0F);
     auto both = [](__m512i v) { return _mm512_or_si512(v, _mm512_slli_epi32(v, 16)); };  // in both 16-bit halves
     const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
@@ -109,15 +119,22 @@ void unpack(const uint8_t* u, uint8_t* B) {
         _mm512_store_si512(B + kSuperBytes + 64 * i, _mm512_or_si512(mn[2 * i], _mm512_slli_epi32(mn[2 * i + 1], 16)));
     const uint8_t* qs = u + 256;
     for (int i = 0; i < 4; ++i) {
-        prefetch_share<kUnit, 4>(u, i);  // the weights stream from memory
+        prefetch_share<kUnit<Q5>, 4>(u, i);  // the weights stream from memory
         // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
-        const __m512i l0 = both(_mm512_and_si512(sc[2 * i], four)), h0 = both(_mm512_srli_epi32(sc[2 * i], 4));
-        const __m512i l1 = both(_mm512_and_si512(sc[2 * i + 1], four)), h1 = both(_mm512_srli_epi32(sc[2 * i + 1], 4));
+        constexpr int s = kShift<Q5>;
+        const __m512i l0 = both(_mm512_and_si512(sc[2 * i], low)), h0 = both(_mm512_srli_epi32(sc[2 * i], s));
+        const __m512i l1 = both(_mm512_and_si512(sc[2 * i + 1], low)), h1 = both(_mm512_srli_epi32(sc[2 * i + 1], s));
         uint8_t* bl = B + (2 * i) * kPairBytes;
         uint8_t* bh = B + (2 * i + 1) * kPairBytes;
         for (int k = 0; k < 8; ++k) {  // B rows 0..7: sub-block 2i (low nibbles), 8..15: 2i + 1 (high)
             const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
-            const __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+            __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+            if constexpr (Q5) {  // the fifth bits (repack.h): q = nibble + 16 under the masks
+                uint64_t bits[2];
+                std::memcpy(bits, u + 2304 + 128 * i + 16 * k, sizeof(bits));
+                lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits[0]), lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits[1]), hi, sixteen);
+            }
             _mm512_store_si512(bl + 64 * k, _mm512_mullo_epi16(lo, l0));
             _mm512_store_si512(bh + 64 * k, _mm512_mullo_epi16(lo, h0));
             _mm512_store_si512(bl + 512 + 64 * k, _mm512_mullo_epi16(hi, l1));
@@ -173,15 +190,16 @@ inline __attribute__((always_inline)) void products(int Ma, const uint8_t* B, co
 }
 
 // acc[t] += token t's share of the super-block for M tokens, from its stored tiles C_l, C_h:
-//   d_a (d_w (16 C_h + C_l) - dmin sum_j m_j S_j)
+//   d_a (d_w (2^Shift C_h + C_l) - dmin sum_j m_j S_j)
 // dw / dm the rows' scales, mp the mins in pairs (kPerSuper), tok the tokens' records (prep_q4k).
+template <int Shift>
 inline __attribute__((always_inline)) void epilogue(int M, __m512 dw, __m512 dm, const uint8_t* mp,
                                                      const int32_t (*Cl)[16], const int32_t (*Ch)[16],
                                                      const int32_t (*tok)[16], __m512* acc) {
     const __m512i m0 = _mm512_load_si512(mp), m1 = _mm512_load_si512(mp + 64);
     const __m512i m2 = _mm512_load_si512(mp + 128), m3 = _mm512_load_si512(mp + 192);
     for (int t = 0; t < M; ++t) {  // one index for the four arrays of 64-byte rows
-        const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), 4), _mm512_load_si512(Cl[t]));
+        const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), Shift), _mm512_load_si512(Cl[t]));
         __m512i msum = _mm512_madd_epi16(m0, _mm512_set1_epi32(tok[t][0]));
         msum = _mm512_dpwssd_epi32(msum, m1, _mm512_set1_epi32(tok[t][1]));
         msum = _mm512_dpwssd_epi32(msum, m2, _mm512_set1_epi32(tok[t][2]));
@@ -219,8 +237,12 @@ void prep_q4k(const void* act, size_t as, int64_t n_tokens, int64_t nb, int8_t* 
     }
 }
 
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok,
-                  int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+namespace {
+
+// Q4_K (or Q5_K: Q5) tile products for a group, the body of gemm_r16_q4k / gemm_r16_q5k.
+template <bool Q5>
+void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+            size_t y_stride, int& configured) {
     // Work items: per super-block, the tokens in full items of 32 (two token tiles of 16), then the rest
     // in one item (two tiles when over 16 tokens, else one), taken in alternate order per super-block.
     // With more than one item the tiles are configured 16 rows high throughout (a last tile's rows past
@@ -244,15 +266,15 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
     struct Item { int64_t b = -1, t0 = 0; int Ma = 0, Mb = 0; };
     Item prev;
     auto finish = [&](const Item& it, const CTiles& C) {
-        const uint8_t* u = group + it.b * kUnit;
+        const uint8_t* u = group + it.b * kUnit<Q5>;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
         const uint8_t* mp = Bbuf[it.b & 1] + kSuperBytes;
         const auto* rec = reinterpret_cast<const int32_t(*)[16]>(tok + (it.b * n_tokens + it.t0) * 16);
-        epilogue(it.Ma, dw, dm, mp, C[0], C[1], rec, acc + it.t0);
-        if (it.Mb > 0) epilogue(it.Mb, dw, dm, mp, C[2], C[3], rec + it.Ma, acc + it.t0 + it.Ma);
+        epilogue<kShift<Q5>>(it.Ma, dw, dm, mp, C[0], C[1], rec, acc + it.t0);
+        if (it.Mb > 0) epilogue<kShift<Q5>>(it.Mb, dw, dm, mp, C[2], C[3], rec + it.Ma, acc + it.t0 + it.Ma);
     };
-    unpack(group, Bbuf[0]);
+    unpack<Q5>(group, Bbuf[0]);
     int64_t n_done = 0;
     for (int64_t b = 0; b < nb; ++b) {
         for (int64_t k = 0; k < items; ++k) {
@@ -270,7 +292,7 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
             else products<false>(it.Ma, Bbuf[b & 1], ab, 256, C);
             TANDEM_MEMORY_BARRIER;
             if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1]);  // reads the mins of prev.b's buffer
-            if (k == 0 && b + 1 < nb) unpack(group + (b + 1) * kUnit, Bbuf[(b + 1) & 1]);
+            if (k == 0 && b + 1 < nb) unpack<Q5>(group + (b + 1) * kUnit<Q5>, Bbuf[(b + 1) & 1]);
             TANDEM_MEMORY_BARRIER;
             prev = it;
             ++n_done;
@@ -278,6 +300,18 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
     }
     finish(prev, Cbuf[(n_done - 1) & 1]);
     for (int64_t t = 0; t < n_tokens; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+}
+
+}  // namespace
+
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+                  size_t y_stride, int& configured) {
+    gemm_k<false>(nb, group, aq, tok, n_tokens, Y, y_stride, configured);
+}
+
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+                  size_t y_stride, int& configured) {
+    gemm_k<true>(nb, group, aq, tok, n_tokens, Y, y_stride, configured);
 }
 
 namespace {

@@ -187,7 +187,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    const bool amx = isa == Isa::Amx && !q5k && !q6k && n_tokens >= (q4k ? kAmxMinTokens : kAmxMinTokens32);
+    const bool amx = isa == Isa::Amx && !q6k && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K); for the AMX kernels, the quants
     // packed by block instead (they need no offset correction): once for all the groups
@@ -204,7 +204,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     if (vnni) {
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
-        if (q4k && amx) {
+        if ((q4k || q5k) && amx) {
             aq = packed_bytes(blocks * (256 + 64) + detail::amx::kQ4kPadBytes);
             tok = reinterpret_cast<int32_t*>(aq + blocks * 256 + detail::amx::kQ4kPadBytes);
             detail::amx::prep_q4k(A, a_stride, n_tokens, nb, aq, tok);
@@ -251,6 +251,8 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                 if (q4k)
                     detail::amx::gemm_r16_q4k(nb, w + g * group_bytes, aq, tok,
                                               n_tokens, Y + r0, y_stride, configured);
+                else if (q5k)
+                    detail::amx::gemm_r16_q5k(nb, w + g * group_bytes, aq, tok, n_tokens, Y + r0, y_stride, configured);
                 else
                     detail::amx::gemm_r16(base, nb, w + g * group_bytes, aq, ad.data(), n_tokens,
                                           Y + r0, y_stride, configured);

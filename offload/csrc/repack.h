@@ -94,6 +94,9 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
 // sub-blocks' quants (from the bsums) two to a dword as int16 (S_2i + 65536 S_2i+1, i < 4), then the
 // block's scale (float bits).
 void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, int8_t* aq, int32_t* tok);
+// Q5_K on AMX-INT8 tiles: as gemm_r16_q4k (the same aq and tok), the scales split 8 h + l.
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+                  size_t y_stride, int& configured);
 constexpr size_t kQ4kPadBytes = 16 * 256;
 // Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
 // aq from pack32; the quants are signed in the tiles, so no seed).
