@@ -242,7 +242,8 @@ def run(args) -> dict:
     result["read_gbs"] = probe.read_bandwidth()
     print(f"read bandwidth {result['read_gbs']:.1f} GB/s ({threads} threads, {best_isa()})", file=sys.stderr)
     result["gemv"], result["gemv_fraction_of_read"] = bench_gemv(
-        engine, probe, rng, ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"], args.gemv_mib << 20)
+        engine, probe, rng, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
+        args.gemv_mib << 20)
     result["moe"] = []
     for name, spec in LAYERS.items():
         layers = [make_layer(rng, spec)]

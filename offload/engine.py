@@ -16,7 +16,7 @@ from . import _C
 GGML_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
             "Q6_K": 14, "BF16": 30}
 # the engine's row-interleaved layouts (offload/csrc/repack.h), built at load from the types above
-R16_IDS = {f"{name}_R16": 1000 + GGML_IDS[name] for name in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")}
+R16_IDS = {f"{name}_R16": 1000 + GGML_IDS[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")}
 ENGINE_IDS = {**GGML_IDS, **R16_IDS}
 
 
@@ -55,7 +55,7 @@ def interleaved_layouts() -> bool:
 
 def prepare(type_id: int, data: np.ndarray, cols: int, force: bool = False) -> tuple[int, np.ndarray]:
     """(type id, bytes) the engine should compute with for a matrix (or stack) in a GGUF type: a new
-    row-interleaved copy for Q4_0 / Q5_0 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts()
+    row-interleaved copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts()
     (or force), in the same huge-page memory as `resident`; the input itself otherwise."""
     r16 = _C.r16_type(type_id)
     if r16 == type_id or data.ndim < 2 or data.shape[-2] % 16 or not (force or interleaved_layouts()):

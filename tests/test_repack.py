@@ -1,5 +1,5 @@
-"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q5_0_R16, Q8_0_R16, Q4_K_R16,
-Q5_K_R16, Q6_K_R16).
+"""The engine's row-interleaved layouts (offload/csrc/repack.h: Q4_0_R16, Q4_1_R16, Q5_0_R16, Q5_1_R16,
+Q8_0_R16, Q4_K_R16, Q5_K_R16, Q6_K_R16).
 
 A repacked matrix holds the same bytes as the plain one, 16 rows interleaved block by block. Its
 products must match the float64 reference of test_dot_kernels within the same tolerance, on every ISA
@@ -18,9 +18,9 @@ from offload import _C
 from offload.engine import CpuEngine, QuantWeight, prepare_weight
 from quant import formats as F
 
-from .test_dot_kernels import ACT, ISAS, TOL, activations, dequantize_activation, raw, weights
+from .test_dot_kernels import ACT, ISAS, TOL, activations, dequantize_activation, f16, raw, weights
 
-TYPES = (QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 KQUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 f32 = np.float32
 
@@ -55,12 +55,14 @@ def numpy_r16(w: np.ndarray, t: QT) -> np.ndarray:
     elif t == QT.Q8_0:
         qs = b[..., 2:34].reshape(*b.shape[:3], 8, 4).transpose(0, 1, 3, 2, 4)  # [g, b, k, j, l]
         parts = [d, qs]
-    else:
-        qs_off = 6 if t == QT.Q5_0 else 2
+    else:  # Q4_0: d | qs [16]; Q5_0: d | qh [4] | qs; Q4_1: d | m | qs; Q5_1: d | m | qh | qs
+        head = 4 if t in (QT.Q4_1, QT.Q5_1) else 2
+        fifth = t in (QT.Q5_0, QT.Q5_1)
+        qs_off = head + 4 * fifth
         qs = b[..., qs_off:qs_off + 16].reshape(*b.shape[:3], 4, 4).transpose(0, 1, 3, 2, 4)  # [g, b, m, j, l]
-        parts = [d, qs]
-        if t == QT.Q5_0:
-            qh = b[..., 2:6].copy().view(np.uint32)[..., 0].astype(np.uint64)  # [g, b, j]
+        parts = [d, b[..., 2:4], qs] if head == 4 else [d, qs]
+        if fifth:
+            qh = b[..., head:head + 4].copy().view(np.uint32)[..., 0].astype(np.uint64)  # [g, b, j]
             words = np.zeros((*b.shape[:2], 8), np.uint64)
             for k in range(8):
                 for j in range(16):
@@ -79,7 +81,7 @@ def test_layout_is_the_documented_one(wtype):
     assert r.shape == w.shape and r.dtype == np.uint8
     assert np.array_equal(r, numpy_r16(w, wtype))
     assert _C.r16_type(int(wtype)) == 1000 + int(wtype)
-    assert _C.r16_type(int(QT.Q5_1)) == int(QT.Q5_1)
+    assert _C.r16_type(int(QT.Q2_K)) == int(QT.Q2_K)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -91,7 +93,7 @@ def test_matmul_matches_reference(wtype, isa):
         w = raw(F.quantize(wf, wtype))
         wd = F.dequantize(w, wtype).astype(np.float64)
         mag = np.abs(wd)
-        if wtype == QT.Q4_K:  # d*sc*q and dmin*m are summed apart: rounding scales with both (test_dot_kernels)
+        if wtype in (QT.Q4_K, QT.Q4_1, QT.Q5_1):  # d*q and the min summed apart: rounding scales with both
             blocks = w.reshape(48, -1, F.type_size(wtype))
             mag = 0
             for zeroed in (slice(2, 4), slice(0, 2)):
@@ -105,6 +107,12 @@ def test_matmul_matches_reference(wtype, isa):
             x = activations(rng, n_tok, k)
             ad = dequantize_activation(ACT[wtype], _C.quantize_activation(ACT[wtype], x), k)
             y_ref, scale = ad @ wd.T, np.abs(ad) @ mag.T
+            if wtype in (QT.Q4_1, QT.Q5_1):  # m_w * s_a with s_a as Q8_1 stores it (test_dot_kernels.reference)
+                b = _C.quantize_activation(ACT[wtype], x).reshape(n_tok, -1, 36)
+                exact_s = f16(b[..., :2]) * b[..., 4:].view(np.int8).astype(np.float64).sum(-1)
+                m = f16(w.reshape(48, -1, F.type_size(wtype))[..., 2:4])
+                y_ref = y_ref + (f16(b[..., 2:4]) - exact_s) @ m.T
+                scale = scale + np.abs(f16(b[..., 2:4])) @ np.abs(m).T
             for n in (16, 48):
                 y = _C.matmul(_C.r16_type(int(wtype)), r[:n], x, isa)
                 err = np.abs(y - y_ref[:, :n])
@@ -149,8 +157,8 @@ def test_engine_ops_match_plain_layout(wtype):
 
 def test_prepare_weight_leaves_what_it_cannot_repack():
     rng = np.random.default_rng(5)
-    q5_1 = QuantWeight("Q5_1", raw(F.quantize(weights(rng, 32, 256), QT.Q5_1)), 256)
-    assert prepare_weight(q5_1, force=True) is q5_1
+    f16w = QuantWeight("F16", weights(rng, 32, 256).astype(np.float16), 256)
+    assert prepare_weight(f16w, force=True) is f16w
     ragged = QuantWeight("Q8_0", raw(F.quantize(weights(rng, 24, 64), QT.Q8_0)), 64)  # 24 rows
     assert prepare_weight(ragged, force=True) is ragged
 
@@ -161,7 +169,7 @@ def test_errors():
     with pytest.raises(ValueError, match="multiple of 16"):
         _C.repack_r16(int(QT.Q8_0), w, 64)
     with pytest.raises(ValueError, match="no row-interleaved layout"):
-        _C.repack_r16(int(QT.Q5_1), raw(F.quantize(weights(rng, 16, 256), QT.Q5_1)), 256)
+        _C.repack_r16(int(QT.F16), weights(rng, 16, 256).astype(np.float16).view(np.uint8), 256)
     with pytest.raises(ValueError, match="bytes"):
         _C.repack_r16(int(QT.Q8_0), w[:16], 96)
     with pytest.raises(ValueError, match="C-contiguous"):

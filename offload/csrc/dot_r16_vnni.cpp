@@ -103,6 +103,38 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
     for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
+// Q4_1 / Q5_1: unsigned quants (unpacked as Q4_0's / Q5_0's, no offset) and a min per row and block,
+// against Q8_1 activations (scale d_a, and s_a = d_a * sum of the block's quants):
+//   acc += float(sum_k q_k a_k) * (d_w d_a) + m_w s_a
+template <GgmlType Base, int NA>
+void gemm_min(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sa, float* Y,
+              size_t y_stride) {
+    constexpr size_t unit = (Base == GgmlType::Q5_1 ? 24 : 20) * kR16;
+    constexpr GgmlType Plain = Base == GgmlType::Q5_1 ? GgmlType::Q5_0 : GgmlType::Q4_0;
+    __m512 acc[NA];
+    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* u = group + b * unit;
+        prefetch_share<unit, 1>(u, 0);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+        const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));
+        __m512i q[8];
+        unpack<Plain>(u + 2 * kR16, q);  // the quants follow the mins as Q4_0's / Q5_0's follow their scales
+        for (int t = 0; t < NA; ++t) {
+            const int8_t* a = reinterpret_cast<const block_q8_1*>(static_cast<const char*>(act) + t * as)[b].qs;
+            __m512i s = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
+            for (int k = 0; k < 8; k += 2) {
+                s = _mm512_dpbusd_epi32(s, q[k], bcast32(a + 4 * k));
+                s2 = _mm512_dpbusd_epi32(s2, q[k + 1], bcast32(a + 4 * k + 4));
+            }
+            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s, s2)), d, acc[t]);
+            acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[t * nb + b]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+}
+
 template <GgmlType Base>
 void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
                int nt, float* Y, size_t y_stride) {
@@ -279,6 +311,28 @@ void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, flo
             ad[t * nb + b] = y[b].d;
             for (int j = 0; j < 8; ++j)
                 sub_sums[(t * nb + b) * 8 + j] = static_cast<float>(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+        }
+    }
+}
+
+void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
+                  const float* ad, const float* sa, int nt, float* Y, size_t y_stride) {
+    if (base == GgmlType::Q4_1)
+        by_tile(nt, [&](auto na) {
+            gemm_min<GgmlType::Q4_1, decltype(na)::value>(nb, group, act, act_stride, ad, sa, Y, y_stride);
+        });
+    else if (base == GgmlType::Q5_1)
+        by_tile(nt, [&](auto na) {
+            gemm_min<GgmlType::Q5_1, decltype(na)::value>(nb, group, act, act_stride, ad, sa, Y, y_stride);
+        });
+}
+
+void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sa) {
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_1*>(static_cast<const char*>(act) + t * act_stride);
+        for (int64_t b = 0; b < nb; ++b) {
+            ad[t * nb + b] = _cvtsh_ss(y[b].d);
+            sa[t * nb + b] = _cvtsh_ss(y[b].s);
         }
     }
 }

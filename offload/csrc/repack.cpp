@@ -14,6 +14,8 @@ namespace tandem {
 GgmlType r16_of(GgmlType base) {
     switch (base) {
         case GgmlType::Q4_0: return GgmlType::Q4_0_R16;
+        case GgmlType::Q4_1: return GgmlType::Q4_1_R16;
+        case GgmlType::Q5_1: return GgmlType::Q5_1_R16;
         case GgmlType::Q5_0: return GgmlType::Q5_0_R16;
         case GgmlType::Q8_0: return GgmlType::Q8_0_R16;
         case GgmlType::Q4_K: return GgmlType::Q4_K_R16;
@@ -26,6 +28,8 @@ GgmlType r16_of(GgmlType base) {
 GgmlType base_of(GgmlType type) {
     switch (type) {
         case GgmlType::Q4_0_R16: return GgmlType::Q4_0;
+        case GgmlType::Q4_1_R16: return GgmlType::Q4_1;
+        case GgmlType::Q5_1_R16: return GgmlType::Q5_1;
         case GgmlType::Q5_0_R16: return GgmlType::Q5_0;
         case GgmlType::Q8_0_R16: return GgmlType::Q8_0;
         case GgmlType::Q4_K_R16: return GgmlType::Q4_K;
@@ -50,15 +54,18 @@ void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
     auto move = [&](void* unit_bytes, const void* row_bytes, size_t size) {
         move_bytes(to_unit, unit_bytes, row_bytes, size);
     };
+    constexpr bool with_min = std::is_same_v<Block, block_q4_1> || std::is_same_v<Block, block_q5_1>;
     for (int j = 0; j < kR16; ++j) move(u + 2 * j, &rows[j][b].d, 2);
-    uint8_t* q = u + 2 * kR16;
+    if constexpr (with_min)
+        for (int j = 0; j < kR16; ++j) move(u + 2 * kR16 + 2 * j, &rows[j][b].m, 2);
+    uint8_t* q = u + 2 * kR16 * (with_min ? 2 : 1);
     if constexpr (std::is_same_v<Block, block_q8_0>) {
         for (int k = 0; k < 8; ++k)
             for (int j = 0; j < kR16; ++j) move(q + 64 * k + 4 * j, rows[j][b].qs + 4 * k, 4);
     } else {
         for (int m = 0; m < 4; ++m)
             for (int j = 0; j < kR16; ++j) move(q + 64 * m + 4 * j, rows[j][b].qs + 4 * m, 4);
-        if constexpr (std::is_same_v<Block, block_q5_0>) {
+        if constexpr (std::is_same_v<Block, block_q5_0> || std::is_same_v<Block, block_q5_1>) {
             uint64_t* words = reinterpret_cast<uint64_t*>(q + 256);  // memcpy'd below: no aliasing access
             uint64_t w[8] = {};
             uint32_t qh[kR16];
@@ -156,6 +163,8 @@ void convert(GgmlType base, uint8_t* plain, int64_t n, uint8_t* group, bool to_u
         case GgmlType::Q6_K: return convert_group<block_q6_K>(plain, rb, group, nb, to_unit);
         case GgmlType::Q4_0: return convert_group<block_q4_0>(plain, rb, group, nb, to_unit);
         case GgmlType::Q5_0: return convert_group<block_q5_0>(plain, rb, group, nb, to_unit);
+        case GgmlType::Q4_1: return convert_group<block_q4_1>(plain, rb, group, nb, to_unit);
+        case GgmlType::Q5_1: return convert_group<block_q5_1>(plain, rb, group, nb, to_unit);
         case GgmlType::Q8_0: return convert_group<block_q8_0>(plain, rb, group, nb, to_unit);
         default:
             throw std::invalid_argument(std::string("no row-interleaved layout for ") +
@@ -184,10 +193,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const GgmlType base = base_of(type);
     const size_t rb = row_size(base, n), group_bytes = rb * kR16;
     const bool q4k = base == GgmlType::Q4_K, q5k = base == GgmlType::Q5_K, q6k = base == GgmlType::Q6_K;
+    const bool with_min = base == GgmlType::Q4_1 || base == GgmlType::Q5_1;  // against Q8_1, no AMX kernel
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    const bool amx = isa == Isa::Amx && !q6k && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
+    const bool amx = isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K); for the AMX kernels, the quants
     // packed by block instead (they need no offset correction): once for all the groups
@@ -217,6 +227,10 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             if (q4k || q5k) {
                 sub_sums.resize(blocks * 8);
                 detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(),
+                                                  sub_sums.data());
+            } else if (with_min) {
+                sub_sums.resize(blocks);  // s_a
+                detail::avx512_vnni::prep_r16_min(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(),
                                                   sub_sums.data());
             } else if (q6k) {
                 seed.resize(blocks * 16);
@@ -268,6 +282,10 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                 if (q6k)
                     detail::avx512_vnni::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
                                                       ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
+                                                      Y + t0 * y_stride + r0, y_stride);
+                else if (with_min)
+                    detail::avx512_vnni::gemm_r16_min(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                      ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt,
                                                       Y + t0 * y_stride + r0, y_stride);
                 else if (q5k)
                     detail::avx512_vnni::gemm_r16_q5k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,

@@ -1,4 +1,4 @@
-// Row-interleaved ("R16") layouts of Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K, built once at load (ik_llama.cpp's
+// Row-interleaved ("R16") layouts of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, built once at load (ik_llama.cpp's
 // _R4/_R8 idea): 16 rows go together, and block b of all 16 rows is stored as one unit, so a SIMD
 // kernel puts one row per int32 lane, broadcasts 4 activation bytes to every lane, and needs no
 // transpose, no horizontal sum and no per-row scale gathering; the 16 results land contiguous in Y.
@@ -10,6 +10,7 @@
 //                                    4m + l, high nibbles 16 + 4m + l
 //   Q5_0:  qh [8] u64                word k bit 4j + l = fifth bit of quant 4k + l of row j
 //   Q8_0:  qs [8][16][4] i8          vector k, lane j, byte l = qs_j[4k + l]
+//   Q4_1 / Q5_1: d [16], then m [16] f16 (row j's block min), then Q4_0's / Q5_0's qs (and qh)
 // and for Q4_K, per super-block b:
 //   d [16] f16 | dmin [16] f16 | scales [3][16][4] (vector v, lane j = scales_j[4v..4v+3]) |
 //   qs [4][8][16][4]                 pair i, vector k, lane j, byte l = qs_j[32i + 4k + l]: low nibbles
@@ -75,6 +76,11 @@ void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float*
 void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const int32_t* seed, int nt, float* Y, size_t y_stride);
 void prep_r16_q6k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, int32_t* seed);
+// Q4_1 / Q5_1: 16 rows x nt <= 8 Q8_1 activation rows; ad [nt][nb] their scales, sa [nt][nb] their
+// d_a * sum of quants, from prep_r16_min.
+void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
+                  const float* ad, const float* sa, int nt, float* Y, size_t y_stride);
+void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sa);
 // ad and seed for nt activation rows of nb Q8_0 blocks (see gemm_r16); off = 8, 16 or 128.
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
 }  // namespace detail::avx512_vnni
