@@ -46,9 +46,11 @@ def random_weight(rng, typ: str, shape: tuple[int, ...]) -> QuantWeight:
 
 
 def timed(fn, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> tuple[float, float]:
-    """(mean, stdev) seconds of fn() over repeats, warm-up excluded: `warmup` calls, and more until
+    """(median, stdev) seconds of fn() over repeats, warm-up excluded: `warmup` calls, and more until
     settle_s seconds went by (just after gigabytes were allocated or freed, the kernel's background
-    work - zeroing, huge-page collapsing - slowed the first calls by up to 3x)."""
+    work - zeroing, huge-page collapsing - slowed the first calls by up to 3x). The median, for every
+    engine alike: on this shared machine one call in ~20 takes 1.2-1.5x the others (a V3-shaped layer at
+    T=128: 73-86 ms, with calls of 90-115 ms among them)."""
     t_end = time.perf_counter() + settle_s
     for _ in range(warmup):
         fn()
@@ -59,7 +61,7 @@ def timed(fn, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> tuple[flo
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.mean(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+    return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
 
 
 def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -> tuple[dict, dict]:
@@ -251,11 +253,11 @@ def run(args) -> dict:
         layers += [make_layer(rng, spec) for _ in range(copies - 1)]
         print(f"  {name}: {copies} copies of the layer ({copies * layer_bytes(layers[0]) / 2**20:.0f} MiB, the L3 "
               f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
-        timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=3.0)  # the fresh gigabytes settle
+        timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=5.0)  # the fresh gigabytes settle
         for T, repeats in ((1, args.repeats), (128, max(10, args.repeats // 5))):
-            mean, std = bench_moe_engine(engine, rng, spec, layers, T, repeats)
+            secs, std = bench_moe_engine(engine, rng, spec, layers, T, repeats)
             routed, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
-            row = {"layer": name, "T": T, "copies": copies, "us": mean * 1e6, "us_std": std * 1e6, "tokens_per_s": T / mean,
+            row = {"layer": name, "T": T, "copies": copies, "us": secs * 1e6, "us_std": std * 1e6, "tokens_per_s": T / secs,
                    "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed}
             # the memory roofline of the routed experts: their bytes at the measured read bandwidth (what
             # decode cannot beat; a T=128 call is bound by compute instead)
