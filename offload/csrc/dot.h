@@ -29,7 +29,8 @@ enum class GgmlType : int32_t {
     F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
     Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, BF16 = 30,
     // the engine's own row-interleaved layouts (repack.h), built at load; never in a file
-    Q4_0_R16 = 1002, Q4_1_R16 = 1003, Q5_0_R16 = 1006, Q5_1_R16 = 1007, Q8_0_R16 = 1008, Q4_K_R16 = 1012, Q5_K_R16 = 1013, Q6_K_R16 = 1014,
+    Q4_0_R16 = 1002, Q4_1_R16 = 1003, Q5_0_R16 = 1006, Q5_1_R16 = 1007, Q8_0_R16 = 1008,
+    Q4_K_R16 = 1012, Q5_K_R16 = 1013, Q6_K_R16 = 1014,
 };
 
 struct TypeInfo {

@@ -57,7 +57,8 @@ std::string upper(std::string s) {
 
 const char* kWeightTypes = "F32 (0), F16 (1), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), "
                            "Q5_K (13), Q6_K (14), BF16 (30), and the row-interleaved Q4_0_R16 (1002), Q4_1_R16 (1003), "
-                           "Q5_0_R16 (1006), Q5_1_R16 (1007), Q8_0_R16 (1008), Q4_K_R16 (1012), Q5_K_R16 (1013), Q6_K_R16 (1014)";
+                           "Q5_0_R16 (1006), Q5_1_R16 (1007), Q8_0_R16 (1008), Q4_K_R16 (1012), Q5_K_R16 (1013), "
+                           "Q6_K_R16 (1014)";
 
 const tandem::TypeInfo& weight_type(int wtype) {
     const tandem::TypeInfo* t = tandem::type_info(wtype);
@@ -225,7 +226,8 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
     const GgmlType wt = static_cast<GgmlType>(wtype), r16 = tandem::r16_of(wt);
     if (r16 == wt)
         fail(std::string(t.name) +
-             " has no row-interleaved layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K have); use the weight as it is");
+             " has no row-interleaved layout (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K have); use the "
+             "weight as it is");
     if (weight.ndim() < 2 || !is_dtype(weight, nb::dlpack::dtype_code::UInt, 8))
         fail("weight must be uint8 raw blocks [..., rows, row_bytes], got " + std::to_string(weight.ndim()) + "-D " +
              dtype_name(weight));
@@ -255,8 +257,9 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
 
 void register_dot(nb::module_& m) {
     m.def("repack_r16", &repack, nb::arg("wtype"), nb::arg("weight"), nb::arg("cols"),
-          "weight uint8 [..., rows, row_bytes] in Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K (rows a multiple of 16) -> a new array of\n"
-          "the same shape and bytes in the engine's row-interleaved layout, whose type id is r16_type(wtype).");
+          "weight uint8 [..., rows, row_bytes] in Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K (rows a\n"
+          "multiple of 16) -> a new array of the same shape and bytes in the engine's row-interleaved layout, whose\n"
+          "type id is r16_type(wtype).");
     m.def("resident_copy", &resident_copy, nb::arg("weight"),
           "A copy of a C-contiguous array (any dtype) in the engine's weight memory: 2 MiB aligned, advised\n"
           "MADV_HUGEPAGE, so streaming it takes a TLB entry per 2 MiB rather than per 4 KiB page.");

@@ -199,7 +199,8 @@ inline __attribute__((always_inline)) void epilogue(int M, __m512 dw, __m512 dm,
     const __m512i m0 = _mm512_load_si512(mp), m1 = _mm512_load_si512(mp + 64);
     const __m512i m2 = _mm512_load_si512(mp + 128), m3 = _mm512_load_si512(mp + 192);
     for (int t = 0; t < M; ++t) {  // one index for the four arrays of 64-byte rows
-        const __m512i isum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), Shift), _mm512_load_si512(Cl[t]));
+        const __m512i isum =
+            _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), Shift), _mm512_load_si512(Cl[t]));
         __m512i msum = _mm512_madd_epi16(m0, _mm512_set1_epi32(tok[t][0]));
         msum = _mm512_dpwssd_epi32(msum, m1, _mm512_set1_epi32(tok[t][1]));
         msum = _mm512_dpwssd_epi32(msum, m2, _mm512_set1_epi32(tok[t][2]));

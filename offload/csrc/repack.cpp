@@ -15,8 +15,8 @@ GgmlType r16_of(GgmlType base) {
     switch (base) {
         case GgmlType::Q4_0: return GgmlType::Q4_0_R16;
         case GgmlType::Q4_1: return GgmlType::Q4_1_R16;
-        case GgmlType::Q5_1: return GgmlType::Q5_1_R16;
         case GgmlType::Q5_0: return GgmlType::Q5_0_R16;
+        case GgmlType::Q5_1: return GgmlType::Q5_1_R16;
         case GgmlType::Q8_0: return GgmlType::Q8_0_R16;
         case GgmlType::Q4_K: return GgmlType::Q4_K_R16;
         case GgmlType::Q5_K: return GgmlType::Q5_K_R16;
@@ -29,8 +29,8 @@ GgmlType base_of(GgmlType type) {
     switch (type) {
         case GgmlType::Q4_0_R16: return GgmlType::Q4_0;
         case GgmlType::Q4_1_R16: return GgmlType::Q4_1;
-        case GgmlType::Q5_1_R16: return GgmlType::Q5_1;
         case GgmlType::Q5_0_R16: return GgmlType::Q5_0;
+        case GgmlType::Q5_1_R16: return GgmlType::Q5_1;
         case GgmlType::Q8_0_R16: return GgmlType::Q8_0;
         case GgmlType::Q4_K_R16: return GgmlType::Q4_K;
         case GgmlType::Q5_K_R16: return GgmlType::Q5_K;
@@ -197,10 +197,13 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    const bool amx = isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
+    // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
+    const bool amx =
+        isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
-    // sub-blocks) or the 8 sub-block sums the mins multiply (Q4_K); for the AMX kernels, the quants
-    // packed by block instead (they need no offset correction): once for all the groups
+    // sub-blocks), the 8 sub-block sums the mins multiply (Q4_K / Q5_K) or d_a times the sum (Q4_1 /
+    // Q5_1, from Q8_1); for the AMX kernels, the quants packed by block instead (they need no offset
+    // correction): once for all the groups
     thread_local std::vector<float> ad;
     thread_local std::vector<int32_t> seed;
     thread_local std::vector<float> sub_sums;

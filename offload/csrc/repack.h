@@ -1,5 +1,5 @@
-// Row-interleaved ("R16") layouts of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, built once at load (ik_llama.cpp's
-// _R4/_R8 idea): 16 rows go together, and block b of all 16 rows is stored as one unit, so a SIMD
+// Row-interleaved ("R16") layouts of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, built once at load
+// (ik_llama.cpp's _R4/_R8 idea): 16 rows go together, and block b of all 16 rows is stored as one unit, so a SIMD
 // kernel puts one row per int32 lane, broadcasts 4 activation bytes to every lane, and needs no
 // transpose, no horizontal sum and no per-row scale gathering; the 16 results land contiguous in Y.
 // A group holds exactly the bytes of its 16 rows (same row_size), so tensors keep their size.
