@@ -276,3 +276,37 @@ def test_engine_runs_gguf_from_the_blocks(name, converted):
     assert kl <= 1e-4 and (a - b).abs().max().item() <= 0.05, (kl, (a - b).abs().max().item())
     events = list(fast.generate(ids[:8], local.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
     assert events[-1].stats.generated_tokens == 8
+
+
+@pytest.fixture(scope="module")
+def wide_v2_lite(tmp_path_factory, tokenizer_dir):
+    """The V2-Lite variant with 256-wide rows (hidden size, expert widths), so the K-quant mixes keep
+    their Q4_K / Q5_K / Q6_K tensors instead of falling back to 32-value blocks."""
+    d = tmp_path_factory.mktemp("wide_v2_lite")
+    build_reference("v2_lite", d, tokenizer_dir, seed=5, overrides={**GGUF_INIT, "hidden_size": 256,
+                                                                     "intermediate_size": 512,
+                                                                     "moe_intermediate_size": 256})
+    return convert(d, d / "f32.gguf", "f32", progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["q4_k_m", "q5_k_m"])
+def test_llama_cpp_agrees_on_k_quant_files(recipe, wide_v2_lite, tmp_path):
+    """One K-quant mix file through both: the engine's row-interleaved kernels (Q4_K / Q5_K / Q6_K, and
+    the Q5_0 / Q5_1 / Q8_0 the mixes give ragged rows) against llama.cpp's. Mean KL as for q8_0; top-1
+    agreement >= 98% over the positions that are not near-ties (measured 98.9-99.5% on every ISA, the
+    plain kernels' included, where q8_0 on this model gives 99.5-99.7%: more rounding steps, more flips
+    of small margins). A wrong weight bit shows in the KL, which stays below 3e-4 here."""
+    path = convert(wide_v2_lite, tmp_path / f"{recipe}.gguf", recipe, progress=False)
+    types = {t.qtype.name for t in GGUFModel(path).tensors.values()}
+    assert {"Q4_K" if recipe == "q4_k_m" else "Q5_K", "Q6_K"} <= types, types
+    runner = local.load(path, device="cpu", kv_cache_dtype="float16")
+    agree = []
+    for s in range(6):
+        ids = seq(s)
+        ours, ref = runner.logits(ids), llama_logits(path, ids)
+        kl, _ = kl_top1(ours, ref)
+        assert kl <= 1e-3, (s, kl)
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) >= NEAR_TIE
+        agree += (ours.argmax(-1) == ref.argmax(-1))[clear].tolist()
+    assert np.mean(agree) >= 0.98, (np.mean(agree), len(agree))
