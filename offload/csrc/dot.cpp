@@ -3,7 +3,7 @@
 // dot_avx512_vnni.cpp); this file is compiled for baseline x86-64 and runs anywhere.
 #include "dot.h"
 
-#include <xmmintrin.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <climits>
@@ -188,6 +188,27 @@ void quantize_q8_k(const float* x, block_q8_K& y) {
 }
 
 }  // namespace
+
+namespace {
+
+// dot.cpp is built without floating-point contraction, and this has no FMA target: never fused.
+__attribute__((target("avx2"))) void axpy_avx2(float w, const float* x, float* y, int64_t n) {
+    const __m256 wv = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(wv, _mm256_loadu_ps(x + i))));
+    for (; i < n; ++i) y[i] += w * x[i];
+}
+
+}  // namespace
+
+void axpy(float w, const float* x, float* y, int64_t n, Isa isa) {
+    if (isa >= Isa::Avx2) {
+        require_isa(isa);
+        return axpy_avx2(w, x, y, n);
+    }
+    for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
 
 void swiglu(const float* g, const float* u, float* h, int64_t n, Isa isa) {
     if (isa >= Isa::Avx2) {

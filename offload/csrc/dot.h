@@ -86,6 +86,10 @@ void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n,
 // not NaN). h may alias g or u.
 void swiglu(const float* g, const float* u, float* h, int64_t n, Isa isa = best_isa());
 
+// y[i] += w * x[i] for i < n: a product, then a sum, on every ISA (no fused multiply-add), so the
+// floats do not depend on the ISA (the MoE op's weighted sum of its experts' outputs).
+void axpy(float w, const float* x, float* y, int64_t n, Isa isa = best_isa());
+
 // out[j] = dot(w_row, act_row_j) for j < n_act (1..8); act row j starts act_row_stride bytes after
 // row j-1. n values per row, a multiple of the block size (any n for F32/F16/BF16).
 using DotKernel = void (*)(int64_t n, const void* w_row, const void* act_rows, size_t act_row_stride,

@@ -266,11 +266,7 @@ void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* 
             const Weight& d = j.expert->down;
             const int64_t n = static_cast<int64_t>(j.tokens.size());
             matmul_rows(d.type, d.cols, d.data, d.row_stride, r0, r1, j.h_q, act_row_bytes(d), n, y - r0, rows, isa);
-            for (int64_t i = 0; i < n; ++i) {
-                float* o = out + j.tokens[i] * H + r0;
-                const float w = j.weight[i];
-                for (int64_t r = 0; r < rows; ++r) o[r] += w * y[i * rows + r];
-            }
+            for (int64_t i = 0; i < n; ++i) axpy(j.weight[i], y + i * rows, out + j.tokens[i] * H + r0, rows, isa);
         }
     });
 }
