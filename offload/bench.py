@@ -133,10 +133,10 @@ def make_layer(rng, spec):
 
 def routed_bytes(spec, layer, T: int) -> float:
     """Bytes of routed experts one T-token call reads, on average: each of the E experts' gate, up and
-    down once if any token picks it (uniform top-A routes: E (1 - (1 - A/E)^T) experts)."""
+    down once if any token picks it (uniform top-A routes pick a given expert with probability
+    1 - (1 - A/E)^T)."""
     gate, up, down, _ = layer
-    E, A = spec["E"], spec["A"]
-    return E * (1 - (1 - A / E) ** T) * (gate.data.nbytes + up.data.nbytes + down.data.nbytes) / E
+    return (1 - (1 - spec["A"] / spec["E"]) ** T) * (gate.data.nbytes + up.data.nbytes + down.data.nbytes)
 
 
 def random_route(rng, T: int, E: int, A: int):

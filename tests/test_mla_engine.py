@@ -18,7 +18,7 @@ from offload import torch_ops
 from quant.convert import convert
 
 from .conftest import build_reference
-from .test_gguf import NEAR_TIE, N_TOKENS, kl_top1, llama_logits, seq
+from .test_gguf import N_TOKENS, agreement_with_llama_cpp, seq
 
 ISAS = offload.supported_isas()
 MLA_DIMS = {"kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
@@ -93,17 +93,8 @@ def test_fused_model_agrees_with_llama_cpp(mla_files, name):
     path = mla_files[name]
     runner = local.load(path, device="cpu", kv_cache_dtype="float16")
     assert all(a.engine_layer is not None for a in blocks(runner))
-    agree, ties = [], 0
-    for s in range(3):
-        ids = seq(s)
-        ours, ref = runner.logits(ids), llama_logits(path, ids)
-        kl, _ = kl_top1(ours, ref)
-        assert kl <= 1e-3, (s, kl)
-        top2 = ref.topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) >= NEAR_TIE
-        ties += int((~clear).sum())
-        agree += (ours.argmax(-1) == ref.argmax(-1))[clear].tolist()
-    assert np.mean(agree) >= 0.99 and ties <= 0.15 * 3 * N_TOKENS, (np.mean(agree), ties)
+    agree, _, ties = agreement_with_llama_cpp(runner, path, 3)
+    assert agree >= 0.99 and ties <= 0.15 * 3 * N_TOKENS, (agree, ties)
 
     params = local.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     fused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]

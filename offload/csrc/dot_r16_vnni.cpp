@@ -76,6 +76,18 @@ inline void by_tile(int nt, F&& f) {
     }
 }
 
+// The integer dot of one block's 8 unpacked quant vectors with one activation row's 32 quants, per lane,
+// from `init`: two chains (one activation row alone has too little independent work to hide dpbusd's
+// latency).
+inline __attribute__((always_inline)) __m512i block_dot(const __m512i* q, const int8_t* a, __m512i init) {
+    __m512i s = init, s2 = _mm512_setzero_si512();
+    for (int k = 0; k < 8; k += 2) {
+        s = _mm512_dpbusd_epi32(s, q[k], bcast32(a + 4 * k));
+        s2 = _mm512_dpbusd_epi32(s2, q[k + 1], bcast32(a + 4 * k + 4));
+    }
+    return _mm512_add_epi32(s, s2);
+}
+
 template <GgmlType Base, int NA>
 void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
           float* Y, size_t y_stride) {
@@ -90,14 +102,9 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
         unpack<Base>(u, q);
         for (int t = 0; t < NA; ++t) {
             const int8_t* a = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as)[b].qs;
-            // two chains: one activation row alone has too little independent work to hide dpbusd's latency
-            __m512i s = _mm512_set1_epi32(seed[t * nb + b]), s2 = _mm512_setzero_si512();
-            for (int k = 0; k < 8; k += 2) {
-                s = _mm512_dpbusd_epi32(s, q[k], bcast32(a + 4 * k));
-                s2 = _mm512_dpbusd_epi32(s2, q[k + 1], bcast32(a + 4 * k + 4));
-            }
+            const __m512i s = block_dot(q, a, _mm512_set1_epi32(seed[t * nb + b]));
             const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s, s2)), d, acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
         }
     }
     for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
@@ -122,13 +129,9 @@ void gemm_min(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         unpack<Plain>(u + 2 * kR16, q);  // the quants follow the mins as Q4_0's / Q5_0's follow their scales
         for (int t = 0; t < NA; ++t) {
             const int8_t* a = reinterpret_cast<const block_q8_1*>(static_cast<const char*>(act) + t * as)[b].qs;
-            __m512i s = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
-            for (int k = 0; k < 8; k += 2) {
-                s = _mm512_dpbusd_epi32(s, q[k], bcast32(a + 4 * k));
-                s2 = _mm512_dpbusd_epi32(s2, q[k + 1], bcast32(a + 4 * k + 4));
-            }
+            const __m512i s = block_dot(q, a, _mm512_setzero_si512());
             const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s, s2)), d, acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
             acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[t * nb + b]), acc[t]);
         }
     }

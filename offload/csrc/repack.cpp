@@ -108,26 +108,21 @@ void convert_unit_k(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
     if constexpr (std::is_same_v<Block, block_q5_K>) {
         uint8_t* words = u + 256 + 2048;
         uint64_t w[4][8][2] = {};
-        if (to_unit) {
-            for (int i = 0; i < 4; ++i)
-                for (int k = 0; k < 8; ++k)
-                    for (int h = 0; h < 2; ++h)
-                        for (int j = 0; j < kR16; ++j)
-                            for (int l = 0; l < 4; ++l)
-                                w[i][k][h] |= static_cast<uint64_t>((rows[j][b].qh[4 * k + l] >> (2 * i + h)) & 1u)
-                                              << (4 * j + l);
-            std::memcpy(words, w, sizeof(w));
-        } else {
+        if (!to_unit) {
             std::memcpy(w, words, sizeof(w));
             for (int j = 0; j < kR16; ++j) std::memset(rows[j][b].qh, 0, sizeof(rows[j][b].qh));
-            for (int i = 0; i < 4; ++i)
-                for (int k = 0; k < 8; ++k)
-                    for (int h = 0; h < 2; ++h)
-                        for (int j = 0; j < kR16; ++j)
-                            for (int l = 0; l < 4; ++l)
-                                rows[j][b].qh[4 * k + l] |=
-                                    static_cast<uint8_t>(((w[i][k][h] >> (4 * j + l)) & 1u) << (2 * i + h));
         }
+        for (int i = 0; i < 4; ++i)
+            for (int k = 0; k < 8; ++k)
+                for (int h = 0; h < 2; ++h)
+                    for (int j = 0; j < kR16; ++j)
+                        for (int l = 0; l < 4; ++l) {
+                            uint8_t& qh = rows[j][b].qh[4 * k + l];
+                            const int src = 2 * i + h, dst = 4 * j + l;  // bit in qh, bit in the word
+                            if (to_unit) w[i][k][h] |= static_cast<uint64_t>((qh >> src) & 1u) << dst;
+                            else qh |= static_cast<uint8_t>(((w[i][k][h] >> dst) & 1u) << src);
+                        }
+        if (to_unit) std::memcpy(words, w, sizeof(w));
     }
 }
 void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) { convert_unit_k(rows, b, u, to_unit); }
