@@ -13,12 +13,18 @@
 // while unpacking) splits its scales sc = 8 h + l instead (h, l <= 7: q * 7 = 217 still a byte), and sums
 // 8 C_h + C_l.
 //
-// Measured on a Sapphire Rapids class core: a tile product takes ~14 cycles, a tile store ~3 cycles a
-// row, a tile load from L2 several times one from L1, and the vector work (unpacking B, the per-token
-// epilogue) does not overlap the tile unit's. So the kernel keeps the tile traffic low: the activation
-// quants are packed by super-block (prep_q4k: each tile row one aligned cache line, a super-block's
-// rows one run), each unpacked super-block (8.5 KiB) stays in L1 while every token tile uses it, and
-// two token tiles share each B tile load (C_l 0 / 2, C_h 1 / 3, A 4 / 5, B 6-7).
+// Measured on a Sapphire Rapids class core: a tile product takes ~16 cycles (5.3 ns), a tile store
+// ~3 cycles a row, a tile load from L2 several times one from L1. 512-bit vector instructions do not
+// run beside the tile products (128 independent vmulps / vpmullw / vpmaddwd zmm took their own time
+// plus the products', the ymm forms about the products' alone), and vector work far from the tile
+// products in the instruction stream waits for them: 16 products then a 32-token epilogue took longer
+// than the two apart (210 vs 104 + 72 ns), the same split in four rounds 145 ns. So the kernel keeps
+// the tile traffic low: the activation quants are packed by super-block (prep_q4k: each tile row one
+// aligned cache line, a super-block's rows one run), each unpacked super-block (8 KiB) stays in L1
+// while every token tile uses it, two token tiles share each B tile load (C_l 0 / 2, C_h 1 / 3, A 4 / 5,
+// B 6-7), and the vector work goes between rounds of tile products (gemm_k). At 64 tokens one item's
+// epilogue (~7 cycles a token) plus the unpacking still take about as long as its tile work, and with
+// the activations from L2 (as here) rather than L1 the whole is ~15% slower: where to look next.
 //
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
@@ -93,112 +99,107 @@ void configure_q4k(int Ma, int Mb, int& configured) {
     configured = 1000 + 32 * Ma + Mb;
 }
 
-// An unpacked super-block: the 8 B tiles (pair i: B_l at 2i, B_h at 2i + 1), then the mins of each
-// row, two sub-blocks to a dword (m_2i + 65536 m_2i+1, a lane per row) for vpdpwssd.
-constexpr size_t kPerSuper = kSuperBytes + 4 * 64;
+// An unpacked super-block: the 8 B tiles (pair i: B_l at 2i, B_h at 2i + 1). Its mins go apart (kMinBytes:
+// each row's, two sub-blocks to a dword, m_2i + 65536 m_2i+1, a lane per row, for vpdpwssd).
+constexpr size_t kMinBytes = 4 * 64;
 
-// Super-block u of the group -> B (kPerSuper bytes).
+// Pair i (sub-blocks 2i, 2i + 1) of super-block u of the group -> its B_l and B_h tiles in B, and for
+// i = 3 the mins of all four pairs -> mins. In parts so the tile products of another item can run
+// between them (gemm_k).
 template <bool Q5>
-void unpack(const uint8_t* u, uint8_t* B) {
+inline __attribute__((always_inline)) void unpack_pair(const uint8_t* u, int i, uint8_t* B, uint8_t* mins) {
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
     const __m512i low = _mm512_set1_epi32((1 << kShift<Q5>) - 1), sixteen = _mm512_set1_epi8(16);
     const __m512i nib = _mm512_set1_epi8(0x0F);
     auto both = [](__m512i v) { return _mm512_or_si512(v, _mm512_slli_epi32(v, 16)); };  // in both 16-bit halves
+    // get_scale_min_k4, one row per lane: sub-block j < 4 from v0 (scales) / v1 (mins), j >= 4 from v2
+    // and the top bits of v0 / v1
     const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
     const __m512i v2 = _mm512_loadu_si512(u + 192);
-    __m512i sc[8], mn[8];  // get_scale_min_k4, one row per lane
-    for (int j = 0; j < 4; ++j) {
-        sc[j] = _mm512_and_si512(_mm512_srli_epi32(v0, 8 * j), six);
-        const __m512i hs = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * j + 6), two), 4);
-        sc[j + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j), four), hs);
-        const __m512i hm = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * j + 6), two), 4);
-        mn[j] = _mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six);
-        mn[j + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * j + 4), four), hm);
+    auto scale = [&](int j) {
+        if (j < 4) return _mm512_and_si512(_mm512_srli_epi32(v0, 8 * j), six);
+        const __m512i hs = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v0, 8 * (j - 4) + 6), two), 4);
+        return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * (j - 4)), four), hs);
+    };
+    auto min = [&](int j) {
+        if (j < 4) return _mm512_and_si512(_mm512_srli_epi32(v1, 8 * j), six);
+        const __m512i hm = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v1, 8 * (j - 4) + 6), two), 4);
+        return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v2, 8 * (j - 4) + 4), four), hm);
+    };
+    if (i == 3) {
+        for (int p = 0; p < 4; ++p)
+            _mm512_store_si512(mins + 64 * p, _mm512_or_si512(min(2 * p), _mm512_slli_epi32(min(2 * p + 1), 16)));
     }
-    for (int i = 0; i < 4; ++i)
-        _mm512_store_si512(B + kSuperBytes + 64 * i, _mm512_or_si512(mn[2 * i], _mm512_slli_epi32(mn[2 * i + 1], 16)));
     const uint8_t* qs = u + 256;
-    for (int i = 0; i < 4; ++i) {
-        prefetch_share<kUnit<Q5>, 4>(u, i);  // the weights stream from memory
-        // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
-        constexpr int s = kShift<Q5>;
-        const __m512i l0 = both(_mm512_and_si512(sc[2 * i], low)), h0 = both(_mm512_srli_epi32(sc[2 * i], s));
-        const __m512i l1 = both(_mm512_and_si512(sc[2 * i + 1], low)), h1 = both(_mm512_srli_epi32(sc[2 * i + 1], s));
-        uint8_t* bl = B + (2 * i) * kPairBytes;
-        uint8_t* bh = B + (2 * i + 1) * kPairBytes;
-        for (int k = 0; k < 8; ++k) {  // B rows 0..7: sub-block 2i (low nibbles), 8..15: 2i + 1 (high)
-            const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
-            __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
-            if constexpr (Q5) {  // the fifth bits (repack.h): q = nibble + 16 under the masks
-                uint64_t bits[2];
-                std::memcpy(bits, u + 2304 + 128 * i + 16 * k, sizeof(bits));
-                lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits[0]), lo, sixteen);
-                hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits[1]), hi, sixteen);
-            }
-            _mm512_store_si512(bl + 64 * k, _mm512_mullo_epi16(lo, l0));
-            _mm512_store_si512(bh + 64 * k, _mm512_mullo_epi16(lo, h0));
-            _mm512_store_si512(bl + 512 + 64 * k, _mm512_mullo_epi16(hi, l1));
-            _mm512_store_si512(bh + 512 + 64 * k, _mm512_mullo_epi16(hi, h1));
+    prefetch_share<kUnit<Q5>, 4>(u, i);  // the weights stream from memory
+    // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
+    constexpr int s = kShift<Q5>;
+    const __m512i sc0 = scale(2 * i), sc1 = scale(2 * i + 1);
+    const __m512i l0 = both(_mm512_and_si512(sc0, low)), h0 = both(_mm512_srli_epi32(sc0, s));
+    const __m512i l1 = both(_mm512_and_si512(sc1, low)), h1 = both(_mm512_srli_epi32(sc1, s));
+    uint8_t* bl = B + (2 * i) * kPairBytes;
+    uint8_t* bh = B + (2 * i + 1) * kPairBytes;
+    for (int k = 0; k < 8; ++k) {  // B rows 0..7: sub-block 2i (low nibbles), 8..15: 2i + 1 (high)
+        const __m512i x = _mm512_loadu_si512(qs + 512 * i + 64 * k);
+        __m512i lo = _mm512_and_si512(x, nib), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nib);
+        if constexpr (Q5) {  // the fifth bits (repack.h): q = nibble + 16 under the masks
+            uint64_t bits[2];
+            std::memcpy(bits, u + 2304 + 128 * i + 16 * k, sizeof(bits));
+            lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits[0]), lo, sixteen);
+            hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits[1]), hi, sixteen);
         }
+        _mm512_store_si512(bl + 64 * k, _mm512_mullo_epi16(lo, l0));
+        _mm512_store_si512(bh + 64 * k, _mm512_mullo_epi16(lo, h0));
+        _mm512_store_si512(bl + 512 + 64 * k, _mm512_mullo_epi16(hi, l1));
+        _mm512_store_si512(bh + 512 + 64 * k, _mm512_mullo_epi16(hi, h1));
+    }
+}
+
+// Round i of an item's tile products over a super-block (unpacked at B; ab: its activation bytes in
+// the item's first token row, as: from one token row to the next). One token tile of Ma rows (Two =
+// false): C_l (tile 0) += A . B_l, C_h (tile 1) += A . B_h for pair i, in alternate A / B tiles (4, 6-7
+// and 5, 2-3) so a round's loads need not wait for the last round's products. Two token tiles (Ma rows,
+// then the rest): C_l 0 / 2, C_h 1 / 3, A 4 / 5, B_l / B_h 6-7, each B tile load serving both.
+// GCC's tile intrinsics paste their tile numbers into the instruction text, so they must be literals.
+template <bool Two>
+inline __attribute__((always_inline)) void products(int i, int Ma, const uint8_t* B, const char* ab, size_t as) {
+    const uint8_t* bl = B + 2 * i * kPairBytes;
+    if constexpr (Two) {
+        _tile_loadd(4, ab + 64 * i, as);
+        _tile_loadd(6, bl, 64);
+        _tile_loadd(7, bl + kPairBytes, 64);
+        _tile_loadd(5, ab + Ma * as + 64 * i, as);
+        _tile_dpbsud(0, 4, 6);
+        _tile_dpbsud(1, 4, 7);
+        _tile_dpbsud(2, 5, 6);
+        _tile_dpbsud(3, 5, 7);
+    } else if (i % 2 == 0) {
+        _tile_loadd(4, ab + 64 * i, as);
+        _tile_loadd(6, bl, 64);
+        _tile_loadd(7, bl + kPairBytes, 64);
+        _tile_dpbsud(0, 4, 6);
+        _tile_dpbsud(1, 4, 7);
+    } else {
+        _tile_loadd(5, ab + 64 * i, as);
+        _tile_loadd(2, bl, 64);
+        _tile_loadd(3, bl + kPairBytes, 64);
+        _tile_dpbsud(0, 5, 2);
+        _tile_dpbsud(1, 5, 3);
     }
 }
 
 using CTiles = int32_t[4][16][16];  // C_l, C_h of the first token tile, then of the second
 
-// Pair i of a super-block: C_l (tile 0) += A . B_l and C_h (tile 1) += A . B_h, with the pair's 64
-// activation bytes a row in tile A and its B_l / B_h (at B, B + kPairBytes) in tiles BL / BH. A macro:
-// GCC's tile intrinsics paste their tile numbers into the instruction text, so they must be literals.
-#define TANDEM_PAIR_PRODUCTS(A, BL, BH, act, as, B) \
-    do {                                             \
-        _tile_loadd(A, act, as);                     \
-        _tile_loadd(BL, B, 64);                      \
-        _tile_loadd(BH, (B) + kPairBytes, 64);       \
-        _tile_dpbsud(0, A, BL);                      \
-        _tile_dpbsud(1, A, BH);                      \
-    } while (0)
-
-// The tile products of one super-block (unpacked at B; ab: its activation bytes in the item's first
-// token row) for Ma tokens, or Ma + Mb in two token tiles, into C.
-template <bool Two>
-inline __attribute__((always_inline)) void products(int Ma, const uint8_t* B, const char* ab, size_t as, CTiles& C) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (Two) {
-        _tile_zero(2);
-        _tile_zero(3);
-        const char* bb = ab + Ma * as;
-        for (int i = 0; i < 4; ++i) {  // each B tile serves both token tiles
-            _tile_loadd(4, ab + 64 * i, as);
-            _tile_loadd(6, B + 2 * i * kPairBytes, 64);
-            _tile_loadd(7, B + (2 * i + 1) * kPairBytes, 64);
-            _tile_loadd(5, bb + 64 * i, as);
-            _tile_dpbsud(0, 4, 6);
-            _tile_dpbsud(1, 4, 7);
-            _tile_dpbsud(2, 5, 6);
-            _tile_dpbsud(3, 5, 7);
-        }
-        _tile_stored(2, C[2], 64);
-        _tile_stored(3, C[3], 64);
-    } else {
-        for (int i = 0; i < 4; i += 2) {  // two pairs a round, in alternate A / B tiles
-            TANDEM_PAIR_PRODUCTS(4, 6, 7, ab + 64 * i, as, B + 2 * i * kPairBytes);
-            TANDEM_PAIR_PRODUCTS(5, 2, 3, ab + 64 * (i + 1), as, B + 2 * (i + 1) * kPairBytes);
-        }
-    }
-    _tile_stored(0, C[0], 64);
-    _tile_stored(1, C[1], 64);
-}
-
-// acc[t] += token t's share of the super-block for M tokens, from its stored tiles C_l, C_h:
+// acc[t] += token t's share of the super-block for tokens [t0, t1), from its stored tiles C_l, C_h:
 //   d_a (d_w (2^Shift C_h + C_l) - dmin sum_j m_j S_j)
-// dw / dm the rows' scales, mp the mins in pairs (kPerSuper), tok the tokens' records (prep_q4k).
+// dw / dm the rows' scales, mp the mins in pairs (kMinBytes), tok the tokens' records (prep_q4k).
 template <int Shift>
-inline __attribute__((always_inline)) void epilogue(int M, __m512 dw, __m512 dm, const uint8_t* mp,
+inline __attribute__((always_inline)) void epilogue(int t0, int t1, __m512 dw, __m512 dm, const uint8_t* mp,
                                                      const int32_t (*Cl)[16], const int32_t (*Ch)[16],
                                                      const int32_t (*tok)[16], __m512* acc) {
     const __m512i m0 = _mm512_load_si512(mp), m1 = _mm512_load_si512(mp + 64);
     const __m512i m2 = _mm512_load_si512(mp + 128), m3 = _mm512_load_si512(mp + 192);
-    for (int t = 0; t < M; ++t) {  // one index for the four arrays of 64-byte rows
+    for (int t = t0; t < t1; ++t) {  // one index for the four arrays of 64-byte rows
         const __m512i isum =
             _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(Ch[t]), Shift), _mm512_load_si512(Cl[t]));
         __m512i msum = _mm512_madd_epi16(m0, _mm512_set1_epi32(tok[t][0]));
@@ -251,33 +252,45 @@ void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* t
     // nearly as much as one of 16, and a configuration change as much as several. Near-equal items of
     // exact heights (65 tokens as 3 x 2 tiles of 10-11 rows, two shapes a super-block) ran 13-17%
     // slower at 65, 70 and 80 tokens, 20% at 33 (1024 x 7168, one thread). A single item keeps its
-    // exact heights (16 rows for 9 tokens: 4% slower). Item i's tile products are issued before the
-    // vector work of item i - 1's epilogue and of the next super-block's unpacking (other buffers),
-    // which lets the core start on that work sooner (3-5% at 64 tokens than each item in turn; most of
-    // it still waits for the tile unit).
+    // exact heights (16 rows for 9 tokens: 4% slower). Item i's tile products run beside the vector
+    // work of item i - 1's epilogue and of the next super-block's unpacking (other buffers).
     const int64_t full = n_tokens / 32, rest = n_tokens % 32, items = full + (rest > 0);
     const int one = static_cast<int>(n_tokens);
     if (items == 1) configure_q4k(one > 16 ? one / 2 : one, one > 16 ? one - one / 2 : 0, configured);
     else configure_q4k(16, 16, configured);
-    uint8_t* Bs = aligned_buffer(2 * kPerSuper + 2 * sizeof(CTiles) + static_cast<size_t>(n_tokens) * 64);
-    uint8_t* Bbuf[2] = {Bs, Bs + kPerSuper};
-    auto* Cbuf = reinterpret_cast<CTiles*>(Bs + 2 * kPerSuper);
-    auto* acc = reinterpret_cast<__m512*>(Bs + 2 * kPerSuper + 2 * sizeof(CTiles));
+    uint8_t* Bs = aligned_buffer(2 * kSuperBytes + 3 * kMinBytes + 2 * sizeof(CTiles) + static_cast<size_t>(n_tokens) * 64);
+    uint8_t* Bbuf[2] = {Bs, Bs + kSuperBytes};
+    uint8_t* Mbuf = Bs + 2 * kSuperBytes;  // the mins of super-block b at b % 3: an item's epilogue may
+                                           // run beside the unpacking of the super-block after next
+    auto* Cbuf = reinterpret_cast<CTiles*>(Mbuf + 3 * kMinBytes);
+    auto* acc = reinterpret_cast<__m512*>(Cbuf + 2);
     for (int64_t t = 0; t < n_tokens; ++t) acc[t] = _mm512_setzero_ps();
     struct Item { int64_t b = -1, t0 = 0; int Ma = 0, Mb = 0; };
-    Item prev;
-    auto finish = [&](const Item& it, const CTiles& C) {
+    // Part r of 4 of item it's epilogue (its tokens [r n / 4, (r + 1) n / 4)), from its stored tiles C
+    auto finish = [&](const Item& it, const CTiles& C, int r) {
         const uint8_t* u = group + it.b * kUnit<Q5>;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
-        const uint8_t* mp = Bbuf[it.b & 1] + kSuperBytes;
+        const uint8_t* mp = Mbuf + (it.b % 3) * kMinBytes;
         const auto* rec = reinterpret_cast<const int32_t(*)[16]>(tok + (it.b * n_tokens + it.t0) * 16);
-        epilogue<kShift<Q5>>(it.Ma, dw, dm, mp, C[0], C[1], rec, acc + it.t0);
-        if (it.Mb > 0) epilogue<kShift<Q5>>(it.Mb, dw, dm, mp, C[2], C[3], rec + it.Ma, acc + it.t0 + it.Ma);
+        const int n = it.Ma + it.Mb, lo = r * n / 4, hi = (r + 1) * n / 4;
+        if (lo < it.Ma)
+            epilogue<kShift<Q5>>(lo, std::min(hi, it.Ma), dw, dm, mp, C[0], C[1], rec, acc + it.t0);
+        if (hi > it.Ma)
+            epilogue<kShift<Q5>>(std::max(lo, it.Ma) - it.Ma, hi - it.Ma, dw, dm, mp, C[2], C[3], rec + it.Ma,
+                                 acc + it.t0 + it.Ma);
     };
-    unpack<Q5>(group, Bbuf[0]);
+    for (int i = 0; i < 4; ++i) unpack_pair<Q5>(group, i, Bbuf[0], Mbuf);
+    // Each of an item's 4 rounds of tile products is followed by a quarter of the last item's epilogue
+    // and, on a super-block's first item, a quarter of the next super-block's unpacking (one pair): the
+    // tile unit runs beside the vector work only when the two are close in the instruction stream.
+    // Against the tile products of a whole item, then its vector work: 1024 x 7168 Q4_K at 32 tokens
+    // 9-11% faster, 64 tokens 1.00-1.01x; V3-shaped MoE at T=128 76.4 -> 72.5 ms, V2-Lite 25.0 -> 24.4 ms
+    // (in-process A/B, 2 threads).
+    Item prev;
     int64_t n_done = 0;
     for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* B = Bbuf[b & 1];
         for (int64_t k = 0; k < items; ++k) {
             const int64_t p = (b & 1) ? items - 1 - k : k;
             Item it;
@@ -286,20 +299,36 @@ void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* t
             const int n = p < full ? 32 : static_cast<int>(rest);
             it.Ma = items == 1 && n > 16 ? n / 2 : std::min(n, 16);
             it.Mb = n - it.Ma;
+            const bool two = it.Mb > 0, next = k == 0 && b + 1 < nb;
+            const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
+            _tile_zero(0);
+            _tile_zero(1);
+            if (two) {
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (int r = 0; r < 4; ++r) {
+                TANDEM_MEMORY_BARRIER;
+                if (two) products<true>(r, it.Ma, B, ab, 256);
+                else products<false>(r, it.Ma, B, ab, 256);
+                TANDEM_MEMORY_BARRIER;
+                if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1], r);
+                if (next) unpack_pair<Q5>(group + (b + 1) * kUnit<Q5>, r, Bbuf[(b + 1) & 1], Mbuf + ((b + 1) % 3) * kMinBytes);
+            }
             TANDEM_MEMORY_BARRIER;
             CTiles& C = Cbuf[n_done & 1];
-            const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
-            if (it.Mb > 0) products<true>(it.Ma, Bbuf[b & 1], ab, 256, C);
-            else products<false>(it.Ma, Bbuf[b & 1], ab, 256, C);
-            TANDEM_MEMORY_BARRIER;
-            if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1]);  // reads the mins of prev.b's buffer
-            if (k == 0 && b + 1 < nb) unpack<Q5>(group + (b + 1) * kUnit<Q5>, Bbuf[(b + 1) & 1]);
+            if (two) {
+                _tile_stored(2, C[2], 64);
+                _tile_stored(3, C[3], 64);
+            }
+            _tile_stored(0, C[0], 64);
+            _tile_stored(1, C[1], 64);
             TANDEM_MEMORY_BARRIER;
             prev = it;
             ++n_done;
         }
     }
-    finish(prev, Cbuf[(n_done - 1) & 1]);
+    for (int r = 0; r < 4; ++r) finish(prev, Cbuf[(n_done - 1) & 1], r);
     for (int64_t t = 0; t < n_tokens; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
