@@ -34,10 +34,10 @@ namespace tandem {
 constexpr int kR16 = 16;
 // From this many tokens the AMX kernels beat the VNNI ones (single thread; Q4_K, 1408 x 2048: 0.9x at
 // 6 tokens, 1.1x at 7, 1.4x at 8, 1.6x at 12, where a tile product is mostly empty below; the 32-value
-// block types, with a tile stored per block, 2048 x 1408-2048: 0.8-0.95x at 8, 1.02-1.16x at 9,
-// 1.07-1.17x at 10, 1.13-1.21x at 12 - the VNNI kernel takes 8 tokens a pass). Q5_K shares Q4_K's
+// block types, with a tile stored per block, 2048 x 1408-7168: 0.75-0.87x at 6, 0.84-1.02x at 8,
+// 1.03-1.23x at 9 - the VNNI kernel takes 8 tokens a pass). Q5_K shares Q4_K's
 // threshold (1408 x 2048: 1.36x at 8 tokens, 1.6-1.75x at 10-16).
-constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 10;
+constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 9;
 
 // Q4_0 -> Q4_0_R16 etc.; the same type for a type without a row-interleaved layout.
 GgmlType r16_of(GgmlType base);
