@@ -47,18 +47,23 @@ class QuantWeight:
         return self.data.shape[-2]
 
 
-def interleaved_layouts() -> bool:
-    """Whether weights are repacked into the row-interleaved layouts at load: where the engine runs its
-    VNNI kernels (best_isa, capped by TANDEM_ISA), which read them 1.5-2.8x faster than the file's blocks."""
-    return _C.isa() in ("avx512_vnni", "avx512_amx")
+def interleaved_layouts(type_id: int | None = None) -> bool:
+    """Whether weights (of type_id; None: of every type with such a layout) are repacked into the
+    row-interleaved layouts at load, by the ISA the engine runs (best_isa, capped by TANDEM_ISA): every
+    type where its VNNI kernels run, which read them 1.5-2.8x faster than the file's blocks; Q4_K alone at
+    avx2 / avx512, whose AVX2 kernel (dot_r16_avx2.cpp) is 1.2-1.8x the plain ones there."""
+    isa = _C.isa()
+    if isa in ("avx512_vnni", "avx512_amx"):
+        return True
+    return isa in ("avx2", "avx512") and type_id == GGML_IDS["Q4_K"]
 
 
 def prepare(type_id: int, data: np.ndarray, cols: int, force: bool = False) -> tuple[int, np.ndarray]:
     """(type id, bytes) the engine should compute with for a matrix (or stack) in a GGUF type: a new
-    row-interleaved copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts()
+    row-interleaved copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts(type_id)
     (or force), in the same huge-page memory as `resident`; the input itself otherwise."""
     r16 = _C.r16_type(type_id)
-    if r16 == type_id or data.ndim < 2 or data.shape[-2] % 16 or not (force or interleaved_layouts()):
+    if r16 == type_id or data.ndim < 2 or data.shape[-2] % 16 or not (force or interleaved_layouts(type_id)):
         return type_id, data
     return r16, _C.repack_r16(type_id, np.ascontiguousarray(data), cols)
 

@@ -119,13 +119,15 @@ def test_matmul_matches_reference(wtype, isa):
                 assert (err <= TOL * scale[:, :n]).all(), (wtype.name, isa, k, n_tok, n, err.max())
 
 
+@pytest.mark.parametrize("isa", ["auto"] + [i for i in ("avx2",) if i in ISAS])
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
-def test_engine_ops_match_plain_layout(wtype):
-    """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout."""
+def test_engine_ops_match_plain_layout(wtype, isa):
+    """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout, on
+    the best ISA and on AVX2 (Q4_K's AVX2 kernel; the other types unpack their groups there)."""
     rng = np.random.default_rng(3)
     H, I, E, A = 256, (256 if wtype in KQUANTS else 96), 6, 3
     for threads in (1, 2):
-        eng = CpuEngine(threads)
+        eng = CpuEngine(threads, isa=isa)
         w = QuantWeight(wtype.name, raw(F.quantize(weights(rng, 64, H), wtype)), H)
         for T in (1, 2, 7, 33, 128):
             x = activations(rng, T, H)
@@ -161,6 +163,23 @@ def test_prepare_weight_leaves_what_it_cannot_repack():
     assert prepare_weight(f16w, force=True) is f16w
     ragged = QuantWeight("Q8_0", raw(F.quantize(weights(rng, 24, 64), QT.Q8_0)), 64)  # 24 rows
     assert prepare_weight(ragged, force=True) is ragged
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="needs AVX2")
+def test_which_types_are_repacked_follows_the_isa():
+    """Every type with a layout at the VNNI levels; Q4_K alone (its AVX2 kernel) at avx2 / avx512; none
+    at scalar. In a child process: TANDEM_ISA is read once."""
+    import subprocess
+    import sys
+
+    code = ("from offload.engine import interleaved_layouts as il; "
+            "print(' '.join(str(int(il(t))) for t in (2, 6, 8, 12, 13, 14)))")
+    expect = {"scalar": "0 0 0 0 0 0", "avx2": "0 0 0 1 0 0", "avx512": "0 0 0 1 0 0",
+              "avx512_vnni": "1 1 1 1 1 1", "avx512_amx": "1 1 1 1 1 1"}
+    for isa in ISAS:
+        out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "TANDEM_ISA": isa},
+                             capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+        assert out == expect[isa], (isa, out)
 
 
 def test_errors():

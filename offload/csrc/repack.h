@@ -53,8 +53,8 @@ void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
 // Y[t * y_stride + r] = W row r . A row t for r in [row_begin, row_end), as matmul_rows, for a
 // row-interleaved W (`type` is an _R16 type; rows r at group r / 16). The VNNI kernel takes whole
 // groups (at Isa::Amx, Q4_K from kAmxMinTokens tokens and Q4_0 / Q5_0 / Q8_0 from kAmxMinTokens32 go
-// to the AMX kernels); other ISAs, and
-// groups cut by the row range, unpack the group and run the plain kernels.
+// to the AMX kernels), and at Avx2 / Avx512 the AVX2 kernel takes Q4_K's; other types at those ISAs,
+// and groups cut by the row range, unpack the group and run the plain kernels.
 void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa);
 
@@ -85,6 +85,14 @@ void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float*
 // ad and seed for nt activation rows of nb Q8_0 blocks (see gemm_r16); off = 8, 16 or 128.
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
 }  // namespace detail::avx512_vnni
+
+namespace detail::avx2 {
+// Q4_K_R16 on AVX2 (dot_r16_avx2.cpp): as avx512_vnni::gemm_r16_q4k, with ad and sub_sums from this
+// prep_r16_q4k (the same values; compiled for AVX2).
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+                  const float* sub_sums, int nt, float* Y, size_t y_stride);
+void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sub_sums);
+}  // namespace detail::avx2
 
 namespace detail::amx {
 // Q4_K on AMX-INT8 tiles (dot_r16_amx.cpp), as avx512_vnni::gemm_r16_q4k but for all n_tokens activation
