@@ -1,12 +1,13 @@
-// AVX2 kernel for the row-interleaved Q4_K layout (repack.h): one group of 16 weight rows against up to
-// 8 activation rows, for CPUs without AVX-512 VNNI. The scheme of avx512_vnni::gemm_q4k (dot_r16_vnni.cpp)
-// in 256-bit halves: lane j of a vector is row j of the half (rows 0-7 from the low 32 bytes of every
-// 64-byte run of the layout, rows 8-15 from the high ones), so per super-block and activation row
+// AVX2 kernels for the row-interleaved Q4_K, Q4_0 and Q5_0 layouts (repack.h): one group of 16 weight
+// rows against up to 8 activation rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
+// 256-bit halves: lane j of a vector is row j of the half (rows 0-7 from the low 32 bytes of every
+// 64-byte run of the layout, rows 8-15 from the high ones), vpmaddubsw on the unsigned quants (then
+// vpmaddwd by ones) where VNNI has vpdpbusd. Q4_K, per super-block and activation row:
 //   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
 // with isum_j the exact sum of sub-block j (vpmaddubsw on the unsigned nibbles, summed in int16, then
-// vpmaddwd by ones) and S_j its activation sum from the bsums. Against the plain
-// kernel (dot_simd.h's QxK, a row at a time) each broadcast activation dword serves 8 rows and the
-// nibbles are unpacked once for every activation row.
+// vpmaddwd by ones) and S_j its activation sum from the bsums. Against the plain kernels (dot_simd.h, a
+// row at a time) each broadcast activation dword serves 8 rows and the quants are unpacked once for
+// every activation row.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -74,7 +75,8 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
                 __m256i s0[NA], s1[NA];
                 for (int t = 0; t < NA; ++t) s0[t] = s1[t] = _mm256_setzero_si256();
                 for (int k = 0; k < 8; ++k) {
-                    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 512 * i + 64 * k + 32 * h));
+                    const __m256i x =
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 512 * i + 64 * k + 32 * h));
                     const __m256i lo = _mm256_and_si256(x, nib), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
                     for (int t = 0; t < NA; ++t) {
                         const int8_t* a0 =
@@ -107,7 +109,105 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
     }
 }
 
+// Byte i = 0xFF where bit i of the 32-bit word is set.
+inline __attribute__((always_inline)) __m256i bits_to_bytes(uint32_t bits) {
+    const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of the word
+        _mm256_set1_epi32(static_cast<int>(bits)),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));  // byte i -> bit i % 8
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+// Q4_0 / Q5_0: per block and half, the 8 quant vectors unsigned (Q4_0 0..15, Q5_0 0..31: the fifth bits
+// from qh, bits 32h.. of each word), then per activation row
+//   acc += float(seed + sum_k maddubs(q[k], a dword k)) * (d_w * d_a)
+// seed = -off * sum(a) taking the offset off (prep_r16). vpmaddubsw pairs stay below 2 * 31 * 128 = 7936,
+// so four vectors are summed in int16 (<= 31744) before each vpmaddwd to int32.
+template <GgmlType Base, int NA>
+void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+            float* Y, size_t y_stride) {
+    constexpr size_t unit = (Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
+    __m256 acc[NA][2];
+    for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* u = group + b * unit;
+        prefetch_share<unit, 1>(u, 0);
+        const uint8_t* qs = u + 2 * kR16;
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
+            __m256i q[8];
+            for (int m = 0; m < 4; ++m) {
+                const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * m + 32 * h));
+                q[m] = _mm256_and_si256(x, nib);
+                q[m + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+            }
+            if constexpr (Base == GgmlType::Q5_0) {
+                for (int k = 0; k < 8; ++k) {
+                    uint32_t bits;
+                    std::memcpy(&bits, qs + 256 + 8 * k + 4 * h, 4);
+                    q[k] = _mm256_or_si256(q[k], _mm256_and_si256(bits_to_bytes(bits), _mm256_set1_epi8(16)));
+                }
+            }
+            for (int t = 0; t < NA; ++t) {
+                const int8_t* a = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as)[b].qs;
+                __m256i s = _mm256_set1_epi32(seed[t * nb + b]);
+                for (int k0 = 0; k0 < 8; k0 += 4) {
+                    __m256i p = _mm256_maddubs_epi16(q[k0], bcast32(a + 4 * k0));
+                    for (int k = k0 + 1; k < k0 + 4; ++k)
+                        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q[k], bcast32(a + 4 * k)));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b])),
+                                            acc[t][h]);
+            }
+        }
+    }
+    for (int t = 0; t < NA; ++t) {
+        _mm256_storeu_ps(Y + t * y_stride, acc[t][0]);
+        _mm256_storeu_ps(Y + t * y_stride + 8, acc[t][1]);
+    }
+}
+
 }  // namespace
+
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+              const int32_t* seed, int nt, float* Y, size_t y_stride) {
+    for (int t0 = 0; t0 < nt; t0 += 4) {  // up to 4 activation rows a pass, as gemm_r16_q4k
+        const void* a = static_cast<const char*>(act) + t0 * as;
+        const float* adt = ad + t0 * nb;
+        const int32_t* st = seed + t0 * nb;
+        float* y = Y + t0 * y_stride;
+        const int n = nt - t0 < 4 ? nt - t0 : 4;
+        auto run = [&](auto base_c) {
+            constexpr GgmlType B = decltype(base_c)::value;
+            switch (n) {
+                case 1: return gemm32<B, 1>(nb, group, a, as, adt, st, y, y_stride);
+                case 2: return gemm32<B, 2>(nb, group, a, as, adt, st, y, y_stride);
+                case 3: return gemm32<B, 3>(nb, group, a, as, adt, st, y, y_stride);
+                default: return gemm32<B, 4>(nb, group, a, as, adt, st, y, y_stride);
+            }
+        };
+        if (base == GgmlType::Q5_0) run(std::integral_constant<GgmlType, GgmlType::Q5_0>{});
+        else run(std::integral_constant<GgmlType, GgmlType::Q4_0>{});
+    }
+}
+
+void prep_r16(const void* act, size_t as, int nt, int64_t nb, int off, float* ad, int32_t* seed) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as);
+        for (int64_t b = 0; b < nb; ++b) {
+            const __m256i s = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y[b].qs))), ones16);
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+            seed[t * nb + b] = -off * _mm_cvtsi128_si32(h);
+            ad[t * nb + b] = _cvtsh_ss(y[b].d);
+        }
+    }
+}
 
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {

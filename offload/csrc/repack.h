@@ -92,6 +92,10 @@ namespace detail::avx2 {
 void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride);
 void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sub_sums);
+// Q4_0_R16 / Q5_0_R16 on AVX2: as avx512_vnni::gemm_r16, with ad and seed from this prep_r16.
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
+              const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride);
+void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
 }  // namespace detail::avx2
 
 namespace detail::amx {
