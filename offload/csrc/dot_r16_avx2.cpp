@@ -1,4 +1,4 @@
-// AVX2 kernels for the row-interleaved Q4_K, Q4_0 and Q5_0 layouts (repack.h): one group of 16 weight
+// AVX2 kernels for the row-interleaved Q4_K, Q6_K, Q4_0 and Q5_0 layouts (repack.h): one group of 16 weight
 // rows against up to 8 activation rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
 // 256-bit halves: lane j of a vector is row j of the half (rows 0-7 from the low 32 bytes of every
 // 64-byte run of the layout, rows 8-15 from the high ones), vpmaddubsw on the unsigned quants (then
@@ -169,7 +169,105 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
     }
 }
 
+// Q6_K: avx512_vnni::gemm_q6k's scheme (per half n and quarter g of a super-block the 8 quant vectors,
+// unsigned 0..63, built once for all activation rows; per row and sub-block s the exact
+//   isum_s = seed_s + sum of its 4 vectors' products, scaled by the rows' scales in lanes (vpmulld),
+// summed over the super-block, then acc += float(sum) * d_w * d_a). Two vpmaddubsw pairs (<= 2 * 63 *
+// 128 = 16128 each) are summed in int16 before each vpmaddwd.
+template <int NA>
+void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+              float* Y, size_t y_stride) {
+    constexpr size_t unit = 210 * kR16;
+    __m256 acc[NA][2];
+    for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    const __m256i nib = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* u = group + b * unit;
+        const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
+        for (int h = 0; h < 2; ++h) {
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
+            __m256i isum[NA];
+            for (int t = 0; t < NA; ++t) isum[t] = _mm256_setzero_si256();
+            for (int n = 0; n < 2; ++n) {
+                for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
+                    prefetch_share<unit, 16>(u, 8 * h + 4 * n + g);
+                    __m256i q[8];
+                    for (int k = 0; k < 8; ++k) {
+                        const uint8_t* xp = ql + 64 * (16 * n + 8 * (g & 1) + k) + 32 * h;
+                        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+                        const __m256i hv =
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 64 * (8 * n + k) + 32 * h));
+                        const __m256i low = _mm256_and_si256(g < 2 ? x : _mm256_srli_epi16(x, 4), nib);
+                        // bits 2g, 2g + 1 of qh to bits 4, 5 (16-bit shifts: what crosses a byte is masked off)
+                        const __m256i hb = g == 0 ? _mm256_slli_epi16(hv, 4)
+                                           : g == 1 ? _mm256_slli_epi16(hv, 2)
+                                           : g == 2 ? hv
+                                                    : _mm256_srli_epi16(hv, 2);
+                        q[k] = _mm256_or_si256(low, _mm256_and_si256(hb, top));
+                    }
+                    const int s = 8 * n + 2 * g;
+                    auto scales = [&](int sub) {
+                        int64_t v;
+                        std::memcpy(&v, sc + 16 * sub + 8 * h, 8);
+                        return _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v));
+                    };
+                    const __m256i sa = scales(s), sb = scales(s + 1);
+                    for (int t = 0; t < NA; ++t) {
+                        const auto& y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as)[b];
+                        const int8_t* a = y.qs + 128 * n + 32 * g;
+                        const int32_t* sd = seed + (t * nb + b) * 16 + s;
+                        auto sub_sum = [&](const __m256i* qv, const int8_t* av, int32_t seed_s) {
+                            const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(qv[0], bcast32(av)),
+                                                                _mm256_maddubs_epi16(qv[1], bcast32(av + 4)));
+                            const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(qv[2], bcast32(av + 8)),
+                                                                _mm256_maddubs_epi16(qv[3], bcast32(av + 12)));
+                            const __m256i p0w = _mm256_madd_epi16(p0, ones), p1w = _mm256_madd_epi16(p1, ones);
+                            return _mm256_add_epi32(_mm256_set1_epi32(seed_s), _mm256_add_epi32(p0w, p1w));
+                        };
+                        const __m256i s0 = sub_sum(q, a, sd[0]), s1 = sub_sum(q + 4, a + 16, sd[1]);
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(s0, sa),
+                                                                             _mm256_mullo_epi32(s1, sb)));
+                    }
+                }
+            }
+            for (int t = 0; t < NA; ++t)
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]),
+                                            _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b])), acc[t][h]);
+        }
+    }
+    for (int t = 0; t < NA; ++t) {
+        _mm256_storeu_ps(Y + t * y_stride, acc[t][0]);
+        _mm256_storeu_ps(Y + t * y_stride + 8, acc[t][1]);
+    }
+}
+
 }  // namespace
+
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+                  int nt, float* Y, size_t y_stride) {
+    for (int t0 = 0; t0 < nt; t0 += 4) {  // up to 4 activation rows a pass, as gemm_r16_q4k
+        const void* a = static_cast<const char*>(act) + t0 * as;
+        const float* adt = ad + t0 * nb;
+        const int32_t* st = seed + t0 * nb * 16;
+        float* y = Y + t0 * y_stride;
+        switch (nt - t0 < 4 ? nt - t0 : 4) {
+            case 1: gemm_q6k<1>(nb, group, a, as, adt, st, y, y_stride); break;
+            case 2: gemm_q6k<2>(nb, group, a, as, adt, st, y, y_stride); break;
+            case 3: gemm_q6k<3>(nb, group, a, as, adt, st, y, y_stride); break;
+            default: gemm_q6k<4>(nb, group, a, as, adt, st, y, y_stride); break;
+        }
+    }
+}
+
+void prep_r16_q6k(const void* act, size_t as, int nt, int64_t nb, float* ad, int32_t* seed) {
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as);
+        for (int64_t b = 0; b < nb; ++b) {
+            ad[t * nb + b] = y[b].d;
+            for (int s = 0; s < 16; ++s) seed[(t * nb + b) * 16 + s] = -32 * y[b].bsums[s];
+        }
+    }
+}
 
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
               const int32_t* seed, int nt, float* Y, size_t y_stride) {

@@ -192,10 +192,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    // below VNNI, Q4_K, Q4_0 and Q5_0 have AVX2 kernels for whole groups (dot_r16_avx2.cpp); other types
-    // unpack
+    // below VNNI, Q4_K, Q6_K, Q4_0 and Q5_0 have AVX2 kernels for whole groups (dot_r16_avx2.cpp); other
+    // types unpack
     const bool avx2_32 = !vnni && isa >= Isa::Avx2 && (base == GgmlType::Q4_0 || base == GgmlType::Q5_0);
-    const bool avx2_q4k = !vnni && q4k && isa >= Isa::Avx2, avx2 = avx2_q4k || avx2_32;
+    const bool avx2_q4k = !vnni && q4k && isa >= Isa::Avx2, avx2_q6k = !vnni && q6k && isa >= Isa::Avx2;
+    const bool avx2 = avx2_q4k || avx2_q6k || avx2_32;
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
     const bool amx =
         isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
@@ -219,6 +220,12 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         ad.resize(blocks);
         sub_sums.resize(blocks * 8);
         detail::avx2::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
+    } else if (avx2_q6k) {
+        require_isa(isa);
+        const size_t blocks = static_cast<size_t>(n_tokens * nb);
+        ad.resize(blocks);
+        seed.resize(blocks * 16);
+        detail::avx2::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
     } else if (avx2_32) {
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
@@ -276,7 +283,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                 for (int64_t g = c0; g < c1; ++g) {
                     const int64_t r0 = g * kR16;
                     if (r0 < row_begin || r0 + kR16 > row_end) continue;
-                    if (avx2_q4k)
+                    if (avx2_q6k)
+                        detail::avx2::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                   ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
+                                                   Y + t0 * y_stride + r0, y_stride);
+                    else if (avx2_q4k)
                         detail::avx2::gemm_r16_q4k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
                                                    ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
                                                    Y + t0 * y_stride + r0, y_stride);

@@ -96,6 +96,10 @@ void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float*
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
               const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride);
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
+// Q6_K_R16 on AVX2: as avx512_vnni::gemm_r16_q6k, with ad and seed from this prep_r16_q6k.
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
+                  const int32_t* seed, int nt, float* Y, size_t y_stride);
+void prep_r16_q6k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, int32_t* seed);
 }  // namespace detail::avx2
 
 namespace detail::amx {
