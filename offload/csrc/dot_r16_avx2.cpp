@@ -1,4 +1,4 @@
-// AVX2 kernels for the row-interleaved Q4_K, Q6_K, Q4_0 and Q5_0 layouts (repack.h): one group of 16 weight
+// AVX2 kernels for the row-interleaved Q4_K, Q5_K, Q6_K, Q4_0 and Q5_0 layouts (repack.h): one group of 16
 // rows against up to 8 activation rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
 // 256-bit halves: lane j of a vector is row j of the half (rows 0-7 from the low 32 bytes of every
 // 64-byte run of the layout, rows 8-15 from the high ones), vpmaddubsw on the unsigned quants (then
@@ -37,14 +37,23 @@ inline __attribute__((always_inline)) __m256i bcast32(const int8_t* p) {
 }
 
 
-template <int NA>
+// Byte i = 0xFF where bit i of the 32-bit word is set.
+inline __attribute__((always_inline)) __m256i bits_to_bytes(uint32_t bits) {
+    const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of the word
+        _mm256_set1_epi32(static_cast<int>(bits)),
+        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));  // byte i -> bit i % 8
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+template <bool Q5, int NA>
 void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
               float* Y, size_t y_stride) {
-    constexpr size_t unit = 144 * kR16;
+    constexpr size_t unit = (Q5 ? 176 : 144) * kR16;
     __m256 acc[NA][2];
     for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15), two = _mm256_set1_epi32(3);
-    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i nib = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* u = group + b * unit;
         const uint8_t* qs = u + 256;
@@ -69,26 +78,37 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             __m256 sum_sc[NA];
             for (int t = 0; t < NA; ++t) sum_sc[t] = _mm256_setzero_ps();
             for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high)
-                // a sub-block's products in int16 pairs (vpmaddubsw: nibble x activation, two to a lane, at
-                // most 2 * 15 * 128 = 3840), summed over its 8 vectors (<= 30720, no overflow), then to
-                // int32 once
-                __m256i s0[NA], s1[NA];
-                for (int t = 0; t < NA; ++t) s0[t] = s1[t] = _mm256_setzero_si256();
+                // a sub-block's products in int16 pairs (vpmaddubsw: quant x activation, two to a lane, at
+                // most 2 * 15 * 128 = 3840, Q5_K 2 * 31 * 128 = 7936), summed over its 8 vectors (<= 30720)
+                // or 4 (<= 31744) in int16, then to int32
+                const __m256i ones = _mm256_set1_epi16(1);
+                __m256i s0[NA], s1[NA], w0[NA], w1[NA];
+                for (int t = 0; t < NA; ++t) s0[t] = s1[t] = w0[t] = w1[t] = _mm256_setzero_si256();
                 for (int k = 0; k < 8; ++k) {
                     const __m256i x =
                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 512 * i + 64 * k + 32 * h));
-                    const __m256i lo = _mm256_and_si256(x, nib), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+                    __m256i lo = _mm256_and_si256(x, nib), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+                    if constexpr (Q5) {  // the fifth bits (repack.h): bits 32h.. of the pair's words
+                        uint32_t bits[2];
+                        std::memcpy(&bits[0], u + 2304 + 128 * i + 16 * k + 4 * h, 4);
+                        std::memcpy(&bits[1], u + 2304 + 128 * i + 16 * k + 8 + 4 * h, 4);
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(bits_to_bytes(bits[0]), sixteen));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(bits_to_bytes(bits[1]), sixteen));
+                    }
                     for (int t = 0; t < NA; ++t) {
                         const int8_t* a0 =
                             reinterpret_cast<const block_q8_K*>(static_cast<const char*>(act) + t * as)[b].qs + 64 * i;
                         s0[t] = _mm256_add_epi16(s0[t], _mm256_maddubs_epi16(lo, bcast32(a0 + 4 * k)));
                         s1[t] = _mm256_add_epi16(s1[t], _mm256_maddubs_epi16(hi, bcast32(a0 + 32 + 4 * k)));
+                        if (Q5 && k == 3) {
+                            w0[t] = _mm256_madd_epi16(s0[t], ones), w1[t] = _mm256_madd_epi16(s1[t], ones);
+                            s0[t] = s1[t] = _mm256_setzero_si256();
+                        }
                     }
                 }
-                const __m256i ones = _mm256_set1_epi16(1);
                 for (int t = 0; t < NA; ++t) {
-                    const __m256 i0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s0[t], ones));
-                    const __m256 i1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s1[t], ones));
+                    const __m256 i0 = _mm256_cvtepi32_ps(_mm256_add_epi32(w0[t], _mm256_madd_epi16(s0[t], ones)));
+                    const __m256 i1 = _mm256_cvtepi32_ps(_mm256_add_epi32(w1[t], _mm256_madd_epi16(s1[t], ones)));
                     sum_sc[t] = _mm256_fmadd_ps(i0, sc[2 * i], sum_sc[t]);
                     sum_sc[t] = _mm256_fmadd_ps(i1, sc[2 * i + 1], sum_sc[t]);
                 }
@@ -107,15 +127,6 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         _mm256_storeu_ps(Y + t * y_stride, acc[t][0]);
         _mm256_storeu_ps(Y + t * y_stride + 8, acc[t][1]);
     }
-}
-
-// Byte i = 0xFF where bit i of the 32-bit word is set.
-inline __attribute__((always_inline)) __m256i bits_to_bytes(uint32_t bits) {
-    const __m256i spread = _mm256_shuffle_epi8(  // byte i <- byte i / 8 of the word
-        _mm256_set1_epi32(static_cast<int>(bits)),
-        _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
-    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));  // byte i -> bit i % 8
-    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
 }
 
 // Q4_0 / Q5_0: per block and half, the 8 quant vectors unsigned (Q4_0 0..15, Q5_0 0..31: the fifth bits
@@ -307,8 +318,9 @@ void prep_r16(const void* act, size_t as, int nt, int64_t nb, int off, float* ad
     }
 }
 
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
-                  const float* sub_sums, int nt, float* Y, size_t y_stride) {
+template <bool Q5>
+void gemm_r16_qxk(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
+                  int nt, float* Y, size_t y_stride) {
     // up to 4 activation rows a pass: their sums and the unpacked nibbles fit the 16 vector registers
     for (int t0 = 0; t0 < nt; t0 += 4) {
         const void* a = static_cast<const char*>(act) + t0 * as;
@@ -316,12 +328,22 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, 
         const float* st = sub_sums + t0 * nb * 8;
         float* y = Y + t0 * y_stride;
         switch (nt - t0 < 4 ? nt - t0 : 4) {
-            case 1: gemm_q4k<1>(nb, group, a, as, adt, st, y, y_stride); break;
-            case 2: gemm_q4k<2>(nb, group, a, as, adt, st, y, y_stride); break;
-            case 3: gemm_q4k<3>(nb, group, a, as, adt, st, y, y_stride); break;
-            default: gemm_q4k<4>(nb, group, a, as, adt, st, y, y_stride); break;
+            case 1: gemm_q4k<Q5, 1>(nb, group, a, as, adt, st, y, y_stride); break;
+            case 2: gemm_q4k<Q5, 2>(nb, group, a, as, adt, st, y, y_stride); break;
+            case 3: gemm_q4k<Q5, 3>(nb, group, a, as, adt, st, y, y_stride); break;
+            default: gemm_q4k<Q5, 4>(nb, group, a, as, adt, st, y, y_stride); break;
         }
     }
+}
+
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+                  const float* sub_sums, int nt, float* Y, size_t y_stride) {
+    gemm_r16_qxk<false>(nb, group, act, as, ad, sub_sums, nt, Y, y_stride);
+}
+
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+                  const float* sub_sums, int nt, float* Y, size_t y_stride) {
+    gemm_r16_qxk<true>(nb, group, act, as, ad, sub_sums, nt, Y, y_stride);
 }
 
 void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sub_sums) {

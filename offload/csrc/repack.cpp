@@ -192,10 +192,10 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    // below VNNI, Q4_K, Q6_K, Q4_0 and Q5_0 have AVX2 kernels for whole groups (dot_r16_avx2.cpp); other
-    // types unpack
+    // below VNNI, Q4_K, Q5_K, Q6_K, Q4_0 and Q5_0 have AVX2 kernels for whole groups (dot_r16_avx2.cpp);
+    // other types unpack (avx2_q4k: Q4_K or Q5_K)
     const bool avx2_32 = !vnni && isa >= Isa::Avx2 && (base == GgmlType::Q4_0 || base == GgmlType::Q5_0);
-    const bool avx2_q4k = !vnni && q4k && isa >= Isa::Avx2, avx2_q6k = !vnni && q6k && isa >= Isa::Avx2;
+    const bool avx2_q4k = !vnni && (q4k || q5k) && isa >= Isa::Avx2, avx2_q6k = !vnni && q6k && isa >= Isa::Avx2;
     const bool avx2 = avx2_q4k || avx2_q6k || avx2_32;
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
     const bool amx =
@@ -288,9 +288,9 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                                                    ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
                                                    Y + t0 * y_stride + r0, y_stride);
                     else if (avx2_q4k)
-                        detail::avx2::gemm_r16_q4k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                   ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
-                                                   Y + t0 * y_stride + r0, y_stride);
+                        (q5k ? detail::avx2::gemm_r16_q5k : detail::avx2::gemm_r16_q4k)(
+                            nb, w + g * group_bytes, a + t0 * a_stride, a_stride, ad.data() + t0 * nb,
+                            sub_sums.data() + t0 * nb * 8, nt, Y + t0 * y_stride + r0, y_stride);
                     else
                         detail::avx2::gemm_r16(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
                                                ad.data() + t0 * nb, seed.data() + t0 * nb, nt, Y + t0 * y_stride + r0,
