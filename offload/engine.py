@@ -52,11 +52,11 @@ def interleaved_layouts(type_id: int | None = None) -> bool:
     row-interleaved layouts at load, by the ISA the engine runs (best_isa, capped by TANDEM_ISA): every
     type where its VNNI kernels run, which read them 1.5-2.8x faster than the file's blocks; at avx2 /
     avx512 the types with an AVX2 kernel (dot_r16_avx2.cpp: Q4_K 1.2-1.8x the plain kernels there, Q5_K
-    1.2-1.5x, Q6_K 1.3-1.5x, Q4_0 / Q5_0 1.5-3.5x)."""
+    1.2-1.5x, Q6_K 1.3-1.5x, Q4_0 / Q5_0 1.5-3.5x, Q8_0 1.4-3.5x); Q4_1 / Q5_1 stay plain there."""
     isa = _C.isa()
     if isa in ("avx512_vnni", "avx512_amx"):
         return True
-    return isa in ("avx2", "avx512") and type_id in (GGML_IDS[t] for t in ("Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"))
+    return isa in ("avx2", "avx512") and type_id in (GGML_IDS[t] for t in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
 
 
 def prepare(type_id: int, data: np.ndarray, cols: int, force: bool = False) -> tuple[int, np.ndarray]:

@@ -123,8 +123,7 @@ def test_matmul_matches_reference(wtype, isa):
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_engine_ops_match_plain_layout(wtype, isa):
     """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout, on
-    the best ISA and on AVX2 (the AVX2 kernels of Q4_0, Q5_0, Q4_K, Q5_K and Q6_K; the other types unpack
-    their groups there)."""
+    the best ISA and on AVX2 (the AVX2 kernels; Q4_1 / Q5_1 unpack their groups there)."""
     rng = np.random.default_rng(3)
     H, I, E, A = 256, (256 if wtype in KQUANTS else 96), 6, 3
     for threads in (1, 2):
@@ -168,15 +167,15 @@ def test_prepare_weight_leaves_what_it_cannot_repack():
 
 @pytest.mark.skipif("avx2" not in ISAS, reason="needs AVX2")
 def test_which_types_are_repacked_follows_the_isa():
-    """Every type with a layout at the VNNI levels; those with an AVX2 kernel (Q4_0, Q5_0, Q4_K, Q5_K, Q6_K)
-    at avx2 / avx512; none at scalar. In a child process: TANDEM_ISA is read once."""
+    """Every type with a layout at the VNNI levels; those with an AVX2 kernel (all but Q4_1 / Q5_1) at avx2
+    / avx512; none at scalar. In a child process: TANDEM_ISA is read once."""
     import subprocess
     import sys
 
     code = ("from offload.engine import interleaved_layouts as il; "
-            "print(' '.join(str(int(il(t))) for t in (2, 6, 8, 12, 13, 14)))")
-    expect = {"scalar": "0 0 0 0 0 0", "avx2": "1 1 0 1 1 1", "avx512": "1 1 0 1 1 1",
-              "avx512_vnni": "1 1 1 1 1 1", "avx512_amx": "1 1 1 1 1 1"}
+            "print(' '.join(str(int(il(t))) for t in (2, 3, 6, 7, 8, 12, 13, 14)))")
+    expect = {"scalar": "0 0 0 0 0 0 0 0", "avx2": "1 0 1 0 1 1 1 1", "avx512": "1 0 1 0 1 1 1 1",
+              "avx512_vnni": "1 1 1 1 1 1 1 1", "avx512_amx": "1 1 1 1 1 1 1 1"}
     for isa in ISAS:
         out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "TANDEM_ISA": isa},
                              capture_output=True, text=True, check=True).stdout.split("\n")[-2]

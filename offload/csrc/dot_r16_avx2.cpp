@@ -1,5 +1,5 @@
-// AVX2 kernels for the row-interleaved Q4_K, Q5_K, Q6_K, Q4_0 and Q5_0 layouts (repack.h): one group of 16
-// rows against up to 8 activation rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
+// AVX2 kernels for the row-interleaved Q4_K, Q5_K, Q6_K, Q4_0, Q5_0 and Q8_0 layouts (repack.h): one group
+// of 16 rows against up to 8 activation rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
 // 256-bit halves: lane j of a vector is row j of the half (rows 0-7 from the low 32 bytes of every
 // 64-byte run of the layout, rows 8-15 from the high ones), vpmaddubsw on the unsigned quants (then
 // vpmaddwd by ones) where VNNI has vpdpbusd. Q4_K, per super-block and activation row:
@@ -133,11 +133,13 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
 // from qh, bits 32h.. of each word), then per activation row
 //   acc += float(seed + sum_k maddubs(q[k], a dword k)) * (d_w * d_a)
 // seed = -off * sum(a) taking the offset off (prep_r16). vpmaddubsw pairs stay below 2 * 31 * 128 = 7936,
-// so four vectors are summed in int16 (<= 31744) before each vpmaddwd to int32.
+// so four vectors are summed in int16 (<= 31744) before each vpmaddwd to int32. Q8_0's signed quants go
+// as |w| x sign(a, w) (a pair <= 2 * 128 * 127 = 32512: one vpmaddwd per vector; seed 0): as unsigned
+// (w + 128, VNNI's way) a pair would saturate.
 template <GgmlType Base, int NA>
 void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
             float* Y, size_t y_stride) {
-    constexpr size_t unit = (Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
+    constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
     __m256 acc[NA][2];
     for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -148,6 +150,22 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
             __m256i q[8];
+            if constexpr (Base == GgmlType::Q8_0) {
+                for (int k = 0; k < 8; ++k)
+                    q[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * k + 32 * h));
+                for (int t = 0; t < NA; ++t) {
+                    const int8_t* a = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as)[b].qs;
+                    __m256i s = _mm256_setzero_si256();
+                    for (int k = 0; k < 8; ++k) {
+                        const __m256i w = _mm256_sign_epi8(q[k], q[k]), x = _mm256_sign_epi8(bcast32(a + 4 * k), q[k]);
+                        const __m256i p = _mm256_maddubs_epi16(w, x);
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    }
+                    acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),
+                                                _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b])), acc[t][h]);
+                }
+                continue;
+            }
             for (int m = 0; m < 4; ++m) {
                 const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 64 * m + 32 * h));
                 q[m] = _mm256_and_si256(x, nib);
@@ -298,6 +316,7 @@ void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, 
             }
         };
         if (base == GgmlType::Q5_0) run(std::integral_constant<GgmlType, GgmlType::Q5_0>{});
+        else if (base == GgmlType::Q8_0) run(std::integral_constant<GgmlType, GgmlType::Q8_0>{});
         else run(std::integral_constant<GgmlType, GgmlType::Q4_0>{});
     }
 }

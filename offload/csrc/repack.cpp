@@ -192,9 +192,10 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    // below VNNI, Q4_K, Q5_K, Q6_K, Q4_0 and Q5_0 have AVX2 kernels for whole groups (dot_r16_avx2.cpp);
-    // other types unpack (avx2_q4k: Q4_K or Q5_K)
-    const bool avx2_32 = !vnni && isa >= Isa::Avx2 && (base == GgmlType::Q4_0 || base == GgmlType::Q5_0);
+    // below VNNI, Q4_K, Q5_K, Q6_K, Q4_0, Q5_0 and Q8_0 have AVX2 kernels for whole groups
+    // (dot_r16_avx2.cpp); Q4_1 / Q5_1 unpack (avx2_q4k: Q4_K or Q5_K)
+    const bool avx2_32 =
+        !vnni && isa >= Isa::Avx2 && (base == GgmlType::Q4_0 || base == GgmlType::Q5_0 || base == GgmlType::Q8_0);
     const bool avx2_q4k = !vnni && (q4k || q5k) && isa >= Isa::Avx2, avx2_q6k = !vnni && q6k && isa >= Isa::Avx2;
     const bool avx2 = avx2_q4k || avx2_q6k || avx2_32;
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
@@ -231,7 +232,8 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
         ad.resize(blocks);
         seed.resize(blocks);
-        detail::avx2::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(), seed.data());
+        detail::avx2::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb,
+                               base == GgmlType::Q8_0 ? 0 : offset_of(base), ad.data(), seed.data());  // Q8_0 signed
     } else if (vnni) {
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);

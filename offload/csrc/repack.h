@@ -95,7 +95,8 @@ void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float*
 // Q5_K_R16 on AVX2: as gemm_r16_q4k (the same ad and sub_sums), the fifth bits from qh.
 void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride);
-// Q4_0_R16 / Q5_0_R16 on AVX2: as avx512_vnni::gemm_r16, with ad and seed from this prep_r16.
+// Q4_0_R16 / Q5_0_R16 / Q8_0_R16 on AVX2: as avx512_vnni::gemm_r16, with ad and seed from this prep_r16
+// (off 0 for Q8_0, whose quants this kernel takes signed).
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
               const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride);
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
