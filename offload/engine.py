@@ -47,24 +47,20 @@ class QuantWeight:
         return self.data.shape[-2]
 
 
-def interleaved_layouts(type_id: int | None = None) -> bool:
-    """Whether weights (of type_id; None: of every type with such a layout) are repacked into the
-    row-interleaved layouts at load, by the ISA the engine runs (best_isa, capped by TANDEM_ISA): every
-    type where its VNNI kernels run, which read them 1.5-2.8x faster than the file's blocks; at avx2 /
-    avx512 the types with an AVX2 kernel (dot_r16_avx2.cpp: Q4_K 1.2-1.8x the plain kernels there, Q5_K
-    1.2-1.5x, Q6_K 1.3-1.5x, Q4_0 / Q5_0 1.5-3.5x, Q8_0 1.4-3.5x); Q4_1 / Q5_1 stay plain there."""
-    isa = _C.isa()
-    if isa in ("avx512_vnni", "avx512_amx"):
-        return True
-    return isa in ("avx2", "avx512") and type_id in (GGML_IDS[t] for t in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+def interleaved_layouts() -> bool:
+    """Whether weights are repacked into the row-interleaved layouts at load: on every ISA the engine runs
+    (best_isa, capped by TANDEM_ISA) but scalar. The VNNI kernels read them 1.5-2.8x faster than the
+    file's blocks; without VNNI the AVX2 ones (dot_r16_avx2.cpp) are 1.2-1.8x the plain kernels there for
+    Q4_K / Q5_K / Q6_K, 1.4-3.5x for the 32-value types."""
+    return _C.isa() != "scalar"
 
 
 def prepare(type_id: int, data: np.ndarray, cols: int, force: bool = False) -> tuple[int, np.ndarray]:
     """(type id, bytes) the engine should compute with for a matrix (or stack) in a GGUF type: a new
-    row-interleaved copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts(type_id)
+    row-interleaved copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts()
     (or force), in the same huge-page memory as `resident`; the input itself otherwise."""
     r16 = _C.r16_type(type_id)
-    if r16 == type_id or data.ndim < 2 or data.shape[-2] % 16 or not (force or interleaved_layouts(type_id)):
+    if r16 == type_id or data.ndim < 2 or data.shape[-2] % 16 or not (force or interleaved_layouts()):
         return type_id, data
     return r16, _C.repack_r16(type_id, np.ascontiguousarray(data), cols)
 

@@ -1,5 +1,5 @@
-// AVX2 kernels for the row-interleaved Q4_K, Q5_K, Q6_K, Q4_0, Q5_0 and Q8_0 layouts (repack.h): one group
-// of 16 rows against up to 8 activation rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
+// AVX2 kernels for the row-interleaved layouts (repack.h): one group of 16 rows against up to 8 activation
+// rows, for CPUs without AVX-512 VNNI. The schemes of dot_r16_vnni.cpp in
 // 256-bit halves: lane j of a vector is row j of the half (rows 0-7 from the low 32 bytes of every
 // 64-byte run of the layout, rows 8-15 from the high ones), vpmaddubsw on the unsigned quants (then
 // vpmaddwd by ones) where VNNI has vpdpbusd. Q4_K, per super-block and activation row:
@@ -136,17 +136,27 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
 // so four vectors are summed in int16 (<= 31744) before each vpmaddwd to int32. Q8_0's signed quants go
 // as |w| x sign(a, w) (a pair <= 2 * 128 * 127 = 32512: one vpmaddwd per vector; seed 0): as unsigned
 // (w + 128, VNNI's way) a pair would saturate.
+// Q4_1 / Q5_1 (kMin): Q4_0's / Q5_0's unsigned quants after the rows' mins, against Q8_1 (seed null; sa
+// [nt][nb] = d_a * the sum of the block's activation quants): acc += float(sum) * (d_w d_a) + m_w sa.
 template <GgmlType Base, int NA>
 void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-            float* Y, size_t y_stride) {
-    constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
+            float* Y, size_t y_stride, const float* sa = nullptr) {
+    constexpr bool kMin = Base == GgmlType::Q4_1 || Base == GgmlType::Q5_1;
+    constexpr bool kFifth = Base == GgmlType::Q5_0 || Base == GgmlType::Q5_1;
+    constexpr size_t unit = (Base == GgmlType::Q8_0   ? 34
+                             : Base == GgmlType::Q5_1 ? 24
+                             : Base == GgmlType::Q4_1 ? 20
+                             : Base == GgmlType::Q5_0 ? 22
+                                                      : 18) *
+                            kR16;
+    using Act = std::conditional_t<kMin, block_q8_1, block_q8_0>;
     __m256 acc[NA][2];
     for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* u = group + b * unit;
         prefetch_share<unit, 1>(u, 0);
-        const uint8_t* qs = u + 2 * kR16;
+        const uint8_t* qs = u + (kMin ? 4 : 2) * kR16;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
             __m256i q[8];
@@ -171,7 +181,7 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
                 q[m] = _mm256_and_si256(x, nib);
                 q[m + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
             }
-            if constexpr (Base == GgmlType::Q5_0) {
+            if constexpr (kFifth) {
                 for (int k = 0; k < 8; ++k) {
                     uint32_t bits;
                     std::memcpy(&bits, qs + 256 + 8 * k + 4 * h, 4);
@@ -179,8 +189,8 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
                 }
             }
             for (int t = 0; t < NA; ++t) {
-                const int8_t* a = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as)[b].qs;
-                __m256i s = _mm256_set1_epi32(seed[t * nb + b]);
+                const int8_t* a = reinterpret_cast<const Act*>(static_cast<const char*>(act) + t * as)[b].qs;
+                __m256i s = kMin ? _mm256_setzero_si256() : _mm256_set1_epi32(seed[t * nb + b]);
                 for (int k0 = 0; k0 < 8; k0 += 4) {
                     __m256i p = _mm256_maddubs_epi16(q[k0], bcast32(a + 4 * k0));
                     for (int k = k0 + 1; k < k0 + 4; ++k)
@@ -189,6 +199,11 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
                 }
                 acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b])),
                                             acc[t][h]);
+                if constexpr (kMin) {
+                    const __m128i m16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 32 + 16 * h));
+                    const __m256 mw = _mm256_cvtph_ps(m16);
+                    acc[t][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sa[t * nb + b]), acc[t][h]);
+                }
             }
         }
     }
@@ -318,6 +333,37 @@ void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, 
         if (base == GgmlType::Q5_0) run(std::integral_constant<GgmlType, GgmlType::Q5_0>{});
         else if (base == GgmlType::Q8_0) run(std::integral_constant<GgmlType, GgmlType::Q8_0>{});
         else run(std::integral_constant<GgmlType, GgmlType::Q4_0>{});
+    }
+}
+
+void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+                  const float* sa, int nt, float* Y, size_t y_stride) {
+    for (int t0 = 0; t0 < nt; t0 += 4) {  // up to 4 activation rows a pass, as gemm_r16_q4k
+        const void* a = static_cast<const char*>(act) + t0 * as;
+        const float *adt = ad + t0 * nb, *sat = sa + t0 * nb;
+        float* y = Y + t0 * y_stride;
+        const int n = nt - t0 < 4 ? nt - t0 : 4;
+        auto run = [&](auto base_c) {
+            constexpr GgmlType B = decltype(base_c)::value;
+            switch (n) {
+                case 1: return gemm32<B, 1>(nb, group, a, as, adt, nullptr, y, y_stride, sat);
+                case 2: return gemm32<B, 2>(nb, group, a, as, adt, nullptr, y, y_stride, sat);
+                case 3: return gemm32<B, 3>(nb, group, a, as, adt, nullptr, y, y_stride, sat);
+                default: return gemm32<B, 4>(nb, group, a, as, adt, nullptr, y, y_stride, sat);
+            }
+        };
+        if (base == GgmlType::Q5_1) run(std::integral_constant<GgmlType, GgmlType::Q5_1>{});
+        else run(std::integral_constant<GgmlType, GgmlType::Q4_1>{});
+    }
+}
+
+void prep_r16_min(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sa) {
+    for (int t = 0; t < nt; ++t) {
+        const auto* y = reinterpret_cast<const block_q8_1*>(static_cast<const char*>(act) + t * as);
+        for (int64_t b = 0; b < nb; ++b) {
+            ad[t * nb + b] = _cvtsh_ss(y[b].d);
+            sa[t * nb + b] = _cvtsh_ss(y[b].s);
+        }
     }
 }
 

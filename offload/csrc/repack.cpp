@@ -192,12 +192,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
-    // below VNNI, Q4_K, Q5_K, Q6_K, Q4_0, Q5_0 and Q8_0 have AVX2 kernels for whole groups
-    // (dot_r16_avx2.cpp); Q4_1 / Q5_1 unpack (avx2_q4k: Q4_K or Q5_K)
-    const bool avx2_32 =
-        !vnni && isa >= Isa::Avx2 && (base == GgmlType::Q4_0 || base == GgmlType::Q5_0 || base == GgmlType::Q8_0);
-    const bool avx2_q4k = !vnni && (q4k || q5k) && isa >= Isa::Avx2, avx2_q6k = !vnni && q6k && isa >= Isa::Avx2;
-    const bool avx2 = avx2_q4k || avx2_q6k || avx2_32;
+    // below VNNI, AVX2 kernels for whole groups (dot_r16_avx2.cpp): avx2_q4k (Q4_K or Q5_K), avx2_q6k,
+    // avx2_min (Q4_1 / Q5_1) and avx2_32 (Q4_0 / Q5_0 / Q8_0)
+    const bool avx2 = !vnni && isa >= Isa::Avx2;
+    const bool avx2_q4k = avx2 && (q4k || q5k), avx2_q6k = avx2 && q6k, avx2_min = avx2 && with_min;
+    const bool avx2_32 = avx2 && !avx2_q4k && !avx2_q6k && !avx2_min;
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
     const bool amx =
         isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
@@ -227,6 +226,12 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         ad.resize(blocks);
         seed.resize(blocks * 16);
         detail::avx2::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
+    } else if (avx2_min) {
+        require_isa(isa);
+        const size_t blocks = static_cast<size_t>(n_tokens * nb);
+        ad.resize(blocks);
+        sub_sums.resize(blocks);  // s_a
+        detail::avx2::prep_r16_min(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
     } else if (avx2_32) {
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
@@ -288,6 +293,10 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                     if (avx2_q6k)
                         detail::avx2::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
                                                    ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
+                                                   Y + t0 * y_stride + r0, y_stride);
+                    else if (avx2_min)
+                        detail::avx2::gemm_r16_min(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
+                                                   ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt,
                                                    Y + t0 * y_stride + r0, y_stride);
                     else if (avx2_q4k)
                         (q5k ? detail::avx2::gemm_r16_q5k : detail::avx2::gemm_r16_q4k)(

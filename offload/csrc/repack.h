@@ -53,8 +53,8 @@ void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
 // Y[t * y_stride + r] = W row r . A row t for r in [row_begin, row_end), as matmul_rows, for a
 // row-interleaved W (`type` is an _R16 type; rows r at group r / 16). The VNNI kernel takes whole
 // groups (at Isa::Amx, Q4_K from kAmxMinTokens tokens and Q4_0 / Q5_0 / Q8_0 from kAmxMinTokens32 go
-// to the AMX kernels), and at Avx2 / Avx512 the AVX2 kernel takes Q4_K's; other types at those ISAs,
-// and groups cut by the row range, unpack the group and run the plain kernels.
+// to the AMX kernels), at Avx2 / Avx512 the AVX2 kernels; at Scalar, and for groups cut by the row
+// range, the group is unpacked for the plain kernels.
 void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa);
 
@@ -100,6 +100,10 @@ void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t act_
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
               const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride);
 void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
+// Q4_1_R16 / Q5_1_R16 on AVX2: as avx512_vnni::gemm_r16_min, with ad and sa from this prep_r16_min.
+void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
+                  const float* ad, const float* sa, int nt, float* Y, size_t y_stride);
+void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sa);
 // Q6_K_R16 on AVX2: as avx512_vnni::gemm_r16_q6k, with ad and seed from this prep_r16_q6k.
 void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
                   const int32_t* seed, int nt, float* Y, size_t y_stride);
