@@ -50,8 +50,9 @@ class QuantWeight:
 def interleaved_layouts() -> bool:
     """Whether weights are repacked into the row-interleaved layouts at load: on every ISA the engine runs
     (best_isa, capped by TANDEM_ISA) but scalar. The VNNI kernels read them 1.5-2.8x faster than the
-    file's blocks; without VNNI the AVX2 ones (dot_r16_avx2.cpp) are 1.2-1.8x the plain kernels there for
-    Q4_K / Q5_K / Q6_K, 1.4-3.5x for the 32-value types."""
+    file's blocks; without VNNI the AVX2 ones (dot_r16_avx2.cpp) are 1.2-1.8x the plain AVX2 kernels for
+    Q4_K / Q5_K / Q6_K, 1.4-3.5x for the 32-value types (against the plain AVX-512 F/BW ones, Q5_K / Q6_K
+    about even)."""
     return _C.isa() != "scalar"
 
 
