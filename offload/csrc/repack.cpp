@@ -193,10 +193,9 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const auto* w = static_cast<const uint8_t*>(W);
     const bool vnni = isa >= Isa::Avx512Vnni;
     // below VNNI, AVX2 kernels for whole groups (dot_r16_avx2.cpp): avx2_q4k (Q4_K or Q5_K), avx2_q6k,
-    // avx2_min (Q4_1 / Q5_1) and avx2_32 (Q4_0 / Q5_0 / Q8_0)
+    // avx2_min (Q4_1 / Q5_1), and gemm_r16 for the rest (Q4_0 / Q5_0 / Q8_0)
     const bool avx2 = !vnni && isa >= Isa::Avx2;
     const bool avx2_q4k = avx2 && (q4k || q5k), avx2_q6k = avx2 && q6k, avx2_min = avx2 && with_min;
-    const bool avx2_32 = avx2 && !avx2_q4k && !avx2_q6k && !avx2_min;
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
     const bool amx =
         isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
@@ -214,31 +213,25 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     };
     int8_t* aq = nullptr;
     int32_t* tok = nullptr;
-    if (avx2_q4k) {
+    if (avx2) {
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
+        const int nt = static_cast<int>(n_tokens);
         ad.resize(blocks);
-        sub_sums.resize(blocks * 8);
-        detail::avx2::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
-    } else if (avx2_q6k) {
-        require_isa(isa);
-        const size_t blocks = static_cast<size_t>(n_tokens * nb);
-        ad.resize(blocks);
-        seed.resize(blocks * 16);
-        detail::avx2::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
-    } else if (avx2_min) {
-        require_isa(isa);
-        const size_t blocks = static_cast<size_t>(n_tokens * nb);
-        ad.resize(blocks);
-        sub_sums.resize(blocks);  // s_a
-        detail::avx2::prep_r16_min(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), sub_sums.data());
-    } else if (avx2_32) {
-        require_isa(isa);
-        const size_t blocks = static_cast<size_t>(n_tokens * nb);
-        ad.resize(blocks);
-        seed.resize(blocks);
-        detail::avx2::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb,
-                               base == GgmlType::Q8_0 ? 0 : offset_of(base), ad.data(), seed.data());  // Q8_0 signed
+        if (avx2_q4k) {
+            sub_sums.resize(blocks * 8);
+            detail::avx2::prep_r16_q4k(A, a_stride, nt, nb, ad.data(), sub_sums.data());
+        } else if (avx2_q6k) {
+            seed.resize(blocks * 16);
+            detail::avx2::prep_r16_q6k(A, a_stride, nt, nb, ad.data(), seed.data());
+        } else if (avx2_min) {
+            sub_sums.resize(blocks);  // s_a
+            detail::avx2::prep_r16_min(A, a_stride, nt, nb, ad.data(), sub_sums.data());
+        } else {  // Q8_0's quants go signed: no offset
+            seed.resize(blocks);
+            detail::avx2::prep_r16(A, a_stride, nt, nb, base == GgmlType::Q8_0 ? 0 : offset_of(base), ad.data(),
+                                   seed.data());
+        }
     } else if (vnni) {
         require_isa(isa);
         const size_t blocks = static_cast<size_t>(n_tokens * nb);
