@@ -183,6 +183,35 @@ void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst) {
     convert(base, dst, n, const_cast<uint8_t*>(group), false);  // group only read
 }
 
+namespace {
+
+// The token-tile kernels of one ISA family for whole groups (dot_r16_avx2.cpp, dot_r16_vnni.cpp: the same
+// signatures), with their activation preparation.
+struct TileKernels {
+    decltype(&detail::avx2::prep_r16_q4k) prep_q4k;  // Q4_K / Q5_K
+    decltype(&detail::avx2::prep_r16_q6k) prep_q6k;
+    decltype(&detail::avx2::prep_r16_min) prep_min;  // Q4_1 / Q5_1
+    decltype(&detail::avx2::prep_r16) prep32;        // Q4_0 / Q5_0 / Q8_0
+    decltype(&detail::avx2::gemm_r16_q4k) q4k, q5k;
+    decltype(&detail::avx2::gemm_r16_q6k) q6k;
+    decltype(&detail::avx2::gemm_r16_min) min;
+    decltype(&detail::avx2::gemm_r16) k32;
+    int q8_0_offset;  // what prep32 takes off Q8_0's quants: 0 where the kernel takes them signed
+};
+
+// below VNNI: AVX2 (and AVX-512 F/BW)
+constexpr TileKernels kAvx2Tiles = {
+    detail::avx2::prep_r16_q4k, detail::avx2::prep_r16_q6k, detail::avx2::prep_r16_min, detail::avx2::prep_r16,
+    detail::avx2::gemm_r16_q4k, detail::avx2::gemm_r16_q5k, detail::avx2::gemm_r16_q6k, detail::avx2::gemm_r16_min,
+    detail::avx2::gemm_r16,     0};
+constexpr TileKernels kVnniTiles = {
+    detail::avx512_vnni::prep_r16_q4k, detail::avx512_vnni::prep_r16_q6k, detail::avx512_vnni::prep_r16_min,
+    detail::avx512_vnni::prep_r16,     detail::avx512_vnni::gemm_r16_q4k, detail::avx512_vnni::gemm_r16_q5k,
+    detail::avx512_vnni::gemm_r16_q6k, detail::avx512_vnni::gemm_r16_min, detail::avx512_vnni::gemm_r16,
+    128};
+
+}  // namespace
+
 void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa) {
     const GgmlType base = base_of(type);
@@ -191,14 +220,13 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const bool with_min = base == GgmlType::Q4_1 || base == GgmlType::Q5_1;  // against Q8_1, no AMX kernel
     const int64_t nb = n / type_info(static_cast<int32_t>(base))->block_size;
     const auto* w = static_cast<const uint8_t*>(W);
-    const bool vnni = isa >= Isa::Avx512Vnni;
-    // below VNNI, AVX2 kernels for whole groups (dot_r16_avx2.cpp): avx2_q4k (Q4_K or Q5_K), avx2_q6k,
-    // avx2_min (Q4_1 / Q5_1), and gemm_r16 for the rest (Q4_0 / Q5_0 / Q8_0)
-    const bool avx2 = !vnni && isa >= Isa::Avx2;
-    const bool avx2_q4k = avx2 && (q4k || q5k), avx2_q6k = avx2 && q6k, avx2_min = avx2 && with_min;
+    // whole groups go to the AMX kernels (all tokens at once), or else from AVX2 up to the token-tile
+    // kernels of the ISA's family; the rest to the plain kernels, a group unpacked at a time
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
     const bool amx =
         isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
+    const bool tiles = !amx && isa >= Isa::Avx2;
+    const TileKernels& k = isa >= Isa::Avx512Vnni ? kVnniTiles : kAvx2Tiles;
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks), the 8 sub-block sums the mins multiply (Q4_K / Q5_K) or d_a times the sum (Q4_1 /
     // Q5_1, from Q8_1); for the AMX kernels, the quants packed by block instead (they need no offset
@@ -213,54 +241,35 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     };
     int8_t* aq = nullptr;
     int32_t* tok = nullptr;
-    if (avx2) {
+    const size_t blocks = static_cast<size_t>(n_tokens * nb);
+    if (amx) {
         require_isa(isa);
-        const size_t blocks = static_cast<size_t>(n_tokens * nb);
-        const int nt = static_cast<int>(n_tokens);
-        ad.resize(blocks);
-        if (avx2_q4k) {
-            sub_sums.resize(blocks * 8);
-            detail::avx2::prep_r16_q4k(A, a_stride, nt, nb, ad.data(), sub_sums.data());
-        } else if (avx2_q6k) {
-            seed.resize(blocks * 16);
-            detail::avx2::prep_r16_q6k(A, a_stride, nt, nb, ad.data(), seed.data());
-        } else if (avx2_min) {
-            sub_sums.resize(blocks);  // s_a
-            detail::avx2::prep_r16_min(A, a_stride, nt, nb, ad.data(), sub_sums.data());
-        } else {  // Q8_0's quants go signed: no offset
-            seed.resize(blocks);
-            detail::avx2::prep_r16(A, a_stride, nt, nb, base == GgmlType::Q8_0 ? 0 : offset_of(base), ad.data(),
-                                   seed.data());
-        }
-    } else if (vnni) {
-        require_isa(isa);
-        const size_t blocks = static_cast<size_t>(n_tokens * nb);
-        if ((q4k || q5k) && amx) {
+        if (q4k || q5k) {
             aq = packed_bytes(blocks * (256 + 64) + detail::amx::kQ4kPadBytes);
             tok = reinterpret_cast<int32_t*>(aq + blocks * 256 + detail::amx::kQ4kPadBytes);
             detail::amx::prep_q4k(A, a_stride, n_tokens, nb, aq, tok);
-        } else if (amx) {
+        } else {
             ad.resize(blocks);
             aq = packed_bytes(blocks * 32);
             detail::amx::pack32(A, a_stride, n_tokens, nb, ad.data(), aq);
+        }
+    } else if (tiles) {
+        require_isa(isa);
+        const int nt = static_cast<int>(n_tokens);
+        ad.resize(blocks);
+        if (q4k || q5k) {
+            sub_sums.resize(blocks * 8);
+            k.prep_q4k(A, a_stride, nt, nb, ad.data(), sub_sums.data());
+        } else if (with_min) {
+            sub_sums.resize(blocks);  // s_a
+            k.prep_min(A, a_stride, nt, nb, ad.data(), sub_sums.data());
+        } else if (q6k) {
+            seed.resize(blocks * 16);
+            k.prep_q6k(A, a_stride, nt, nb, ad.data(), seed.data());
         } else {
-            ad.resize(blocks);
-            if (q4k || q5k) {
-                sub_sums.resize(blocks * 8);
-                detail::avx512_vnni::prep_r16_q4k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(),
-                                                  sub_sums.data());
-            } else if (with_min) {
-                sub_sums.resize(blocks);  // s_a
-                detail::avx512_vnni::prep_r16_min(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(),
-                                                  sub_sums.data());
-            } else if (q6k) {
-                seed.resize(blocks * 16);
-                detail::avx512_vnni::prep_r16_q6k(A, a_stride, static_cast<int>(n_tokens), nb, ad.data(), seed.data());
-            } else {
-                seed.resize(blocks);
-                detail::avx512_vnni::prep_r16(A, a_stride, static_cast<int>(n_tokens), nb, offset_of(base), ad.data(),
-                                              seed.data());
-            }
+            seed.resize(blocks);
+            k.prep32(A, a_stride, nt, nb, base == GgmlType::Q8_0 ? k.q8_0_offset : offset_of(base), ad.data(),
+                     seed.data());
         }
     }
     // groups in chunks of ~256 KiB (L2): each chunk is reused by every token tile
@@ -272,38 +281,11 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         const int64_t c1 = std::min(g_end, c0 + chunk);
         for (int64_t g = c0; g < c1; ++g) {
             const int64_t r0 = g * kR16, lo = std::max(row_begin, r0), hi = std::min(row_end, r0 + kR16);
-            if ((vnni || avx2) && lo == r0 && hi == r0 + kR16) continue;  // below, by token tiles
+            if ((amx || tiles) && lo == r0 && hi == r0 + kR16) continue;  // below
             plain.resize(group_bytes);
             unpack_r16(base, w + g * group_bytes, n, plain.data());
             matmul_rows(base, n, plain.data(), rb, lo - r0, hi - r0, A, a_stride, n_tokens, Y + r0, y_stride, isa);
         }
-        if (avx2) {
-            for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
-                const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
-                for (int64_t g = c0; g < c1; ++g) {
-                    const int64_t r0 = g * kR16;
-                    if (r0 < row_begin || r0 + kR16 > row_end) continue;
-                    if (avx2_q6k)
-                        detail::avx2::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                   ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
-                                                   Y + t0 * y_stride + r0, y_stride);
-                    else if (avx2_min)
-                        detail::avx2::gemm_r16_min(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                   ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt,
-                                                   Y + t0 * y_stride + r0, y_stride);
-                    else if (avx2_q4k)
-                        (q5k ? detail::avx2::gemm_r16_q5k : detail::avx2::gemm_r16_q4k)(
-                            nb, w + g * group_bytes, a + t0 * a_stride, a_stride, ad.data() + t0 * nb,
-                            sub_sums.data() + t0 * nb * 8, nt, Y + t0 * y_stride + r0, y_stride);
-                    else
-                        detail::avx2::gemm_r16(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                               ad.data() + t0 * nb, seed.data() + t0 * nb, nt, Y + t0 * y_stride + r0,
-                                               y_stride);
-                }
-            }
-            continue;
-        }
-        if (!vnni) continue;
         if (amx) {
             int configured = -1;
             for (int64_t g = c0; g < c1; ++g) {
@@ -321,31 +303,24 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
             if (configured >= 0) detail::amx::release_tiles();
             continue;
         }
+        if (!tiles) continue;
         for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
             const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
             for (int64_t g = c0; g < c1; ++g) {
                 const int64_t r0 = g * kR16;
                 if (r0 < row_begin || r0 + kR16 > row_end) continue;
+                const uint8_t* grp = w + g * group_bytes;
+                const void* at = a + t0 * a_stride;
+                float* y = Y + t0 * y_stride + r0;
                 if (q6k)
-                    detail::avx512_vnni::gemm_r16_q6k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                      ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt,
-                                                      Y + t0 * y_stride + r0, y_stride);
+                    k.q6k(nb, grp, at, a_stride, ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt, y, y_stride);
                 else if (with_min)
-                    detail::avx512_vnni::gemm_r16_min(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                      ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt,
-                                                      Y + t0 * y_stride + r0, y_stride);
-                else if (q5k)
-                    detail::avx512_vnni::gemm_r16_q5k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                      ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
-                                                      Y + t0 * y_stride + r0, y_stride);
-                else if (q4k)
-                    detail::avx512_vnni::gemm_r16_q4k(nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                      ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8, nt,
-                                                      Y + t0 * y_stride + r0, y_stride);
+                    k.min(base, nb, grp, at, a_stride, ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt, y, y_stride);
+                else if (q4k || q5k)
+                    (q5k ? k.q5k : k.q4k)(nb, grp, at, a_stride, ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8,
+                                          nt, y, y_stride);
                 else
-                    detail::avx512_vnni::gemm_r16(base, nb, w + g * group_bytes, a + t0 * a_stride, a_stride,
-                                                  ad.data() + t0 * nb, seed.data() + t0 * nb, nt,
-                                                  Y + t0 * y_stride + r0, y_stride);
+                    k.k32(base, nb, grp, at, a_stride, ad.data() + t0 * nb, seed.data() + t0 * nb, nt, y, y_stride);
             }
         }
     }
