@@ -88,51 +88,40 @@ inline __attribute__((always_inline)) __m512i block_dot(const __m512i* q, const 
     return _mm512_add_epi32(s, s2);
 }
 
-template <GgmlType Base, int NA>
-void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-          float* Y, size_t y_stride) {
-    constexpr size_t unit = (Base == GgmlType::Q8_0 ? 34 : Base == GgmlType::Q5_0 ? 22 : 18) * kR16;
-    __m512 acc[NA];
-    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
-        prefetch_share<unit, 1>(u, 0);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
-        __m512i q[8];
-        unpack<Base>(u, q);
-        for (int t = 0; t < NA; ++t) {
-            const int8_t* a = reinterpret_cast<const block_q8_0*>(static_cast<const char*>(act) + t * as)[b].qs;
-            const __m512i s = block_dot(q, a, _mm512_set1_epi32(seed[t * nb + b]));
-            const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
-        }
-    }
-    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
-}
-
-// Q4_1 / Q5_1: unsigned quants (unpacked as Q4_0's / Q5_0's, no offset) and a min per row and block,
-// against Q8_1 activations (scale d_a, and s_a = d_a * sum of the block's quants):
+// Q4_0 / Q5_0 / Q8_0 against Q8_0 (seed from prep_r16), and Q4_1 / Q5_1 (kMin): unsigned quants
+// (unpacked as Q4_0's / Q5_0's, no offset) and a min per row and block, against Q8_1 activations (scale
+// d_a, and sa = d_a * sum of the block's quants, from prep_r16_min; no seed):
 //   acc += float(sum_k q_k a_k) * (d_w d_a) + m_w s_a
 template <GgmlType Base, int NA>
-void gemm_min(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sa, float* Y,
-              size_t y_stride) {
-    constexpr size_t unit = (Base == GgmlType::Q5_1 ? 24 : 20) * kR16;
-    constexpr GgmlType Plain = Base == GgmlType::Q5_1 ? GgmlType::Q5_0 : GgmlType::Q4_0;
+void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+          const float* sa, float* Y, size_t y_stride) {
+    constexpr bool kMin = Base == GgmlType::Q4_1 || Base == GgmlType::Q5_1;
+    constexpr GgmlType Plain = Base == GgmlType::Q5_1   ? GgmlType::Q5_0
+                               : Base == GgmlType::Q4_1 ? GgmlType::Q4_0
+                                                        : Base;
+    constexpr size_t unit = (Base == GgmlType::Q8_0   ? 34
+                             : Base == GgmlType::Q5_1 ? 24
+                             : Base == GgmlType::Q4_1 ? 20
+                             : Base == GgmlType::Q5_0 ? 22
+                                                      : 18) *
+                            kR16;
+    using Act = std::conditional_t<kMin, block_q8_1, block_q8_0>;
     __m512 acc[NA];
     for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* u = group + b * unit;
         prefetch_share<unit, 1>(u, 0);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
-        const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));
+        __m512 mw = _mm512_setzero_ps();
+        if constexpr (kMin) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));
         __m512i q[8];
-        unpack<Plain>(u + 2 * kR16, q);  // the quants follow the mins as Q4_0's / Q5_0's follow their scales
+        unpack<Plain>(u + (kMin ? 2 * kR16 : 0), q);  // Q4_1 / Q5_1: the quants follow the mins
         for (int t = 0; t < NA; ++t) {
-            const int8_t* a = reinterpret_cast<const block_q8_1*>(static_cast<const char*>(act) + t * as)[b].qs;
-            const __m512i s = block_dot(q, a, _mm512_setzero_si512());
+            const int8_t* a = reinterpret_cast<const Act*>(static_cast<const char*>(act) + t * as)[b].qs;
+            const __m512i s = block_dot(q, a, kMin ? _mm512_setzero_si512() : _mm512_set1_epi32(seed[t * nb + b]));
             const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
-            acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[t * nb + b]), acc[t]);
+            if constexpr (kMin) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[t * nb + b]), acc[t]);
         }
     }
     for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
@@ -141,7 +130,7 @@ void gemm_min(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
 template <GgmlType Base>
 void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
                int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) { gemm<Base, decltype(na)::value>(nb, group, act, as, ad, seed, Y, y_stride); });
+    by_tile(nt, [&](auto na) { gemm<Base, decltype(na)::value>(nb, group, act, as, ad, seed, nullptr, Y, y_stride); });
 }
 
 // Q4_K, per super-block: the 16 rows' d, dmin and 6-bit scales / mins decoded in lanes (sc_j, m_j as
@@ -320,14 +309,11 @@ void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, flo
 
 void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
                   const float* ad, const float* sa, int nt, float* Y, size_t y_stride) {
-    if (base == GgmlType::Q4_1)
-        by_tile(nt, [&](auto na) {
-            gemm_min<GgmlType::Q4_1, decltype(na)::value>(nb, group, act, act_stride, ad, sa, Y, y_stride);
-        });
-    else if (base == GgmlType::Q5_1)
-        by_tile(nt, [&](auto na) {
-            gemm_min<GgmlType::Q5_1, decltype(na)::value>(nb, group, act, act_stride, ad, sa, Y, y_stride);
-        });
+    by_tile(nt, [&](auto na) {
+        constexpr int NA = decltype(na)::value;
+        if (base == GgmlType::Q5_1) gemm<GgmlType::Q5_1, NA>(nb, group, act, act_stride, ad, nullptr, sa, Y, y_stride);
+        else gemm<GgmlType::Q4_1, NA>(nb, group, act, act_stride, ad, nullptr, sa, Y, y_stride);
+    });
 }
 
 void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sa) {
