@@ -259,7 +259,8 @@ void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* t
     const int one = static_cast<int>(n_tokens);
     if (items == 1) configure_q4k(one > 16 ? one / 2 : one, one > 16 ? one - one / 2 : 0, configured);
     else configure_q4k(16, 16, configured);
-    uint8_t* Bs = aligned_buffer(2 * kSuperBytes + 3 * kMinBytes + 2 * sizeof(CTiles) + static_cast<size_t>(n_tokens) * 64);
+    uint8_t* Bs =
+        aligned_buffer(2 * kSuperBytes + 3 * kMinBytes + 2 * sizeof(CTiles) + static_cast<size_t>(n_tokens) * 64);
     uint8_t* Bbuf[2] = {Bs, Bs + kSuperBytes};
     uint8_t* Mbuf = Bs + 2 * kSuperBytes;  // the mins of super-block b at b % 3: an item's epilogue may
                                            // run beside the unpacking of the super-block after next
@@ -314,7 +315,9 @@ void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* t
                 else products<false>(r, it.Ma, B, ab, 256);
                 TANDEM_MEMORY_BARRIER;
                 if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1], r);
-                if (next) unpack_pair<Q5>(group + (b + 1) * kUnit<Q5>, r, Bbuf[(b + 1) & 1], Mbuf + ((b + 1) % 3) * kMinBytes);
+                if (next)
+                    unpack_pair<Q5>(group + (b + 1) * kUnit<Q5>, r, Bbuf[(b + 1) & 1],
+                                    Mbuf + ((b + 1) % 3) * kMinBytes);
             }
             TANDEM_MEMORY_BARRIER;
             CTiles& C = Cbuf[n_done & 1];

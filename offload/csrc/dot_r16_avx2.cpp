@@ -48,7 +48,8 @@ inline __attribute__((always_inline)) __m256i bits_to_bytes(uint32_t bits) {
 //   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
 // with isum_j the exact sum of sub-block j and S_j its activation sum (from the bsums).
 template <bool Q5, int NA>
-__attribute__((noinline)) void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
+__attribute__((noinline))
+void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
               float* Y, size_t y_stride) {
     constexpr size_t unit = (Q5 ? 176 : 144) * kR16;
     __m256 acc[NA][2];
@@ -144,7 +145,8 @@ __attribute__((noinline)) void gemm_q4k(int64_t nb, const uint8_t* group, const 
 // Q4_1 / Q5_1 (kMin): Q4_0's / Q5_0's unsigned quants after the rows' mins, against Q8_1 (seed null; sa
 // [nt][nb] = d_a * the sum of the block's activation quants): acc += float(sum) * (d_w d_a) + m_w sa.
 template <GgmlType Base, int NA>
-__attribute__((noinline)) void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+__attribute__((noinline))
+void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
             float* Y, size_t y_stride, const float* sa = nullptr) {
     constexpr bool kMin = Base == GgmlType::Q4_1 || Base == GgmlType::Q5_1;
     constexpr bool kFifth = Base == GgmlType::Q5_0 || Base == GgmlType::Q5_1;
@@ -224,7 +226,8 @@ __attribute__((noinline)) void gemm32(int64_t nb, const uint8_t* group, const vo
 // summed over the super-block, then acc += float(sum) * d_w * d_a). Two vpmaddubsw pairs (<= 2 * 63 *
 // 128 = 16128 each) are summed in int16 before each vpmaddwd.
 template <int NA>
-__attribute__((noinline)) void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
+__attribute__((noinline))
+void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
               float* Y, size_t y_stride) {
     constexpr size_t unit = 210 * kR16;
     __m256 acc[NA][2];
