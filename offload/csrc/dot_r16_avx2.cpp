@@ -47,17 +47,20 @@ inline __attribute__((always_inline)) __m256i bits_to_bytes(uint32_t bits) {
 // Q4_K (Q5_K: Q5), per super-block, half and activation row:
 //   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
 // with isum_j the exact sum of sub-block j and S_j its activation sum (from the bsums).
-template <bool Q5, int NA>
+template <bool Q5, int NA, int G>
 __attribute__((noinline))
 void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
               float* Y, size_t y_stride) {
     constexpr size_t unit = (Q5 ? 176 : 144) * kR16;
-    __m256 acc[NA][2];
-    for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    __m256 accs[G][NA][2];
+    for (auto& acc : accs)
+        for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15), two = _mm256_set1_epi32(3);
     const __m256i nib = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
+        const int64_t b = step / G;
+        auto& acc = accs[step % G];
+        const uint8_t* u = group + (step % G * nb + b) * unit;
         const uint8_t* qs = u + 256;
         for (int h = 0; h < 2; ++h) {
             prefetch_share<unit, 2>(u, h);  // the weights stream from memory
@@ -129,9 +132,11 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             }
         }
     }
-    for (int t = 0; t < NA; ++t) {
-        _mm256_storeu_ps(Y + t * y_stride, acc[t][0]);
-        _mm256_storeu_ps(Y + t * y_stride + 8, acc[t][1]);
+    for (int gi = 0; gi < G; ++gi) {
+        for (int t = 0; t < NA; ++t) {
+            _mm256_storeu_ps(Y + kR16 * gi + t * y_stride, accs[gi][t][0]);
+            _mm256_storeu_ps(Y + kR16 * gi + t * y_stride + 8, accs[gi][t][1]);
+        }
     }
 }
 
@@ -144,7 +149,7 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
 // (w + 128, VNNI's way) a pair would saturate.
 // Q4_1 / Q5_1 (kMin): Q4_0's / Q5_0's unsigned quants after the rows' mins, against Q8_1 (seed null; sa
 // [nt][nb] = d_a * the sum of the block's activation quants): acc += float(sum) * (d_w d_a) + m_w sa.
-template <GgmlType Base, int NA>
+template <GgmlType Base, int NA, int G>
 __attribute__((noinline))
 void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
             float* Y, size_t y_stride, const float* sa = nullptr) {
@@ -157,12 +162,15 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
                                                       : 18) *
                             kR16;
     using Act = std::conditional_t<kMin, block_q8_1, block_q8_0>;
-    __m256 acc[NA][2];
-    for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    __m256 accs[G][NA][2];
+    for (auto& acc : accs)
+        for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
-        prefetch_share<unit, 1>(u, 0);
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
+        const int64_t b = step / G;
+        auto& acc = accs[step % G];
+        const uint8_t* u = group + (step % G * nb + b) * unit;
+        prefetch_share<unit, 1, kAhead32>(u, 0);
         const uint8_t* qs = u + (kMin ? 4 : 2) * kR16;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -214,9 +222,11 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
             }
         }
     }
-    for (int t = 0; t < NA; ++t) {
-        _mm256_storeu_ps(Y + t * y_stride, acc[t][0]);
-        _mm256_storeu_ps(Y + t * y_stride + 8, acc[t][1]);
+    for (int gi = 0; gi < G; ++gi) {
+        for (int t = 0; t < NA; ++t) {
+            _mm256_storeu_ps(Y + kR16 * gi + t * y_stride, accs[gi][t][0]);
+            _mm256_storeu_ps(Y + kR16 * gi + t * y_stride + 8, accs[gi][t][1]);
+        }
     }
 }
 
@@ -225,16 +235,19 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
 //   isum_s = seed_s + sum of its 4 vectors' products, scaled by the rows' scales in lanes (vpmulld),
 // summed over the super-block, then acc += float(sum) * d_w * d_a). Two vpmaddubsw pairs (<= 2 * 63 *
 // 128 = 16128 each) are summed in int16 before each vpmaddwd.
-template <int NA>
+template <int NA, int G>
 __attribute__((noinline))
 void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
               float* Y, size_t y_stride) {
     constexpr size_t unit = 210 * kR16;
-    __m256 acc[NA][2];
-    for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    __m256 accs[G][NA][2];
+    for (auto& acc : accs)
+        for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
+        const int64_t b = step / G;
+        auto& acc = accs[step % G];
+        const uint8_t* u = group + (step % G * nb + b) * unit;
         const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -287,51 +300,60 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
                                             _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b])), acc[t][h]);
         }
     }
-    for (int t = 0; t < NA; ++t) {
-        _mm256_storeu_ps(Y + t * y_stride, acc[t][0]);
-        _mm256_storeu_ps(Y + t * y_stride + 8, acc[t][1]);
-    }
-}
-
-// f(t0, std::integral_constant<int, n>) for each pass of n <= 4 activation rows from t0 over nt rows (the
-// kernels stay out of line: inlined into this loop, Q4_K's ran 0.6-0.85x as fast)
-template <class F>
-void by_pass(int nt, F&& f) {
-    for (int t0 = 0; t0 < nt; t0 += 4) {
-        switch (nt - t0 < 4 ? nt - t0 : 4) {
-            case 1: f(t0, std::integral_constant<int, 1>{}); break;
-            case 2: f(t0, std::integral_constant<int, 2>{}); break;
-            case 3: f(t0, std::integral_constant<int, 3>{}); break;
-            default: f(t0, std::integral_constant<int, 4>{}); break;
+    for (int gi = 0; gi < G; ++gi) {
+        for (int t = 0; t < NA; ++t) {
+            _mm256_storeu_ps(Y + kR16 * gi + t * y_stride, accs[gi][t][0]);
+            _mm256_storeu_ps(Y + kR16 * gi + t * y_stride + 8, accs[gi][t][1]);
         }
     }
 }
 
+// f(t0, std::integral_constant<int, n>, std::integral_constant<int, ng>) for each pass of n <= 4
+// activation rows from t0 over nt rows, over ng = 1 or 2 groups (the kernels stay out of line: inlined
+// into this loop, Q4_K's ran 0.6-0.85x as fast)
+template <int G, class F>
+void by_pass(int nt, F&& f) {
+    using G_ = std::integral_constant<int, G>;
+    for (int t0 = 0; t0 < nt; t0 += 4) {
+        switch (nt - t0 < 4 ? nt - t0 : 4) {
+            case 1: f(t0, std::integral_constant<int, 1>{}, G_{}); break;
+            case 2: f(t0, std::integral_constant<int, 2>{}, G_{}); break;
+            case 3: f(t0, std::integral_constant<int, 3>{}, G_{}); break;
+            default: f(t0, std::integral_constant<int, 4>{}, G_{}); break;
+        }
+    }
+}
+template <class F>
+void by_pass(int nt, int ng, F&& f) {
+    if (ng == 2) by_pass<2>(nt, f);
+    else by_pass<1>(nt, f);
+}
+
 template <GgmlType Base>
-void gemm32_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-                 const float* sa, int nt, float* Y, size_t y_stride) {
-    by_pass(nt, [&](int t0, auto na) {
-        gemm32<Base, decltype(na)::value>(nb, group, static_cast<const char*>(act) + t0 * as, as, ad + t0 * nb,
+void gemm32_rows(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
+                 const int32_t* seed, const float* sa, int nt, float* Y, size_t y_stride) {
+    by_pass(nt, ng, [&](int t0, auto na, auto g) {
+        gemm32<Base, na, g>(nb, group, static_cast<const char*>(act) + t0 * as, as, ad + t0 * nb,
                                           seed ? seed + t0 * nb : nullptr, Y + t0 * y_stride, y_stride,
                                           sa ? sa + t0 * nb : nullptr);
     });
 }
 
 template <bool Q5>
-void gemm_qxk_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_qxk_rows(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
                    const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    by_pass(nt, [&](int t0, auto na) {
-        gemm_q4k<Q5, decltype(na)::value>(nb, group, static_cast<const char*>(act) + t0 * as, as, ad + t0 * nb,
+    by_pass(nt, ng, [&](int t0, auto na, auto g) {
+        gemm_q4k<Q5, na, g>(nb, group, static_cast<const char*>(act) + t0 * as, as, ad + t0 * nb,
                                           sub_sums + t0 * nb * 8, Y + t0 * y_stride, y_stride);
     });
 }
 
 }  // namespace
 
-void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-                  int nt, float* Y, size_t y_stride) {
-    by_pass(nt, [&](int t0, auto na) {
-        gemm_q6k<decltype(na)::value>(nb, group, static_cast<const char*>(act) + t0 * as, as, ad + t0 * nb,
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
+                  const int32_t* seed, int nt, float* Y, size_t y_stride) {
+    by_pass(nt, ng, [&](int t0, auto na, auto g) {
+        gemm_q6k<na, g>(nb, group, static_cast<const char*>(act) + t0 * as, as, ad + t0 * nb,
                                       seed + t0 * nb * 16, Y + t0 * y_stride, y_stride);
     });
 }
@@ -346,19 +368,22 @@ void prep_r16_q6k(const void* act, size_t as, int nt, int64_t nb, float* ad, int
     }
 }
 
-void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
               const int32_t* seed, int nt, float* Y, size_t y_stride) {
     switch (base) {
-        case GgmlType::Q5_0: return gemm32_rows<GgmlType::Q5_0>(nb, group, act, as, ad, seed, nullptr, nt, Y, y_stride);
-        case GgmlType::Q8_0: return gemm32_rows<GgmlType::Q8_0>(nb, group, act, as, ad, seed, nullptr, nt, Y, y_stride);
-        default: return gemm32_rows<GgmlType::Q4_0>(nb, group, act, as, ad, seed, nullptr, nt, Y, y_stride);
+        case GgmlType::Q5_0:
+            return gemm32_rows<GgmlType::Q5_0>(nb, group, ng, act, as, ad, seed, nullptr, nt, Y, y_stride);
+        case GgmlType::Q8_0:
+            return gemm32_rows<GgmlType::Q8_0>(nb, group, ng, act, as, ad, seed, nullptr, nt, Y, y_stride);
+        default:
+            return gemm32_rows<GgmlType::Q4_0>(nb, group, ng, act, as, ad, seed, nullptr, nt, Y, y_stride);
     }
 }
 
-void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
                   const float* sa, int nt, float* Y, size_t y_stride) {
-    if (base == GgmlType::Q5_1) gemm32_rows<GgmlType::Q5_1>(nb, group, act, as, ad, nullptr, sa, nt, Y, y_stride);
-    else gemm32_rows<GgmlType::Q4_1>(nb, group, act, as, ad, nullptr, sa, nt, Y, y_stride);
+    if (base == GgmlType::Q5_1) gemm32_rows<GgmlType::Q5_1>(nb, group, ng, act, as, ad, nullptr, sa, nt, Y, y_stride);
+    else gemm32_rows<GgmlType::Q4_1>(nb, group, ng, act, as, ad, nullptr, sa, nt, Y, y_stride);
 }
 
 void prep_r16_min(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sa) {
@@ -387,14 +412,14 @@ void prep_r16(const void* act, size_t as, int nt, int64_t nb, int off, float* ad
     }
 }
 
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    gemm_qxk_rows<false>(nb, group, act, as, ad, sub_sums, nt, Y, y_stride);
+    gemm_qxk_rows<false>(nb, group, ng, act, as, ad, sub_sums, nt, Y, y_stride);
 }
 
-void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    gemm_qxk_rows<true>(nb, group, act, as, ad, sub_sums, nt, Y, y_stride);
+    gemm_qxk_rows<true>(nb, group, ng, act, as, ad, sub_sums, nt, Y, y_stride);
 }
 
 void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sub_sums) {

@@ -60,20 +60,27 @@ inline __attribute__((always_inline)) void unpack(const uint8_t* u, __m512i* q) 
     }
 }
 
-// f(std::integral_constant<int, nt>) for a token tile of nt = 1..8 rows: the kernel instantiated for it.
-template <class F>
+// f(std::integral_constant<int, nt>, std::integral_constant<int, ng>) for a token tile of nt = 1..8 rows
+// and ng = 1 or 2 groups: the kernel instantiated for them.
+template <int G, class F>
 inline void by_tile(int nt, F&& f) {
+    using G_ = std::integral_constant<int, G>;
     switch (nt) {
-        case 1: return f(std::integral_constant<int, 1>{});
-        case 2: return f(std::integral_constant<int, 2>{});
-        case 3: return f(std::integral_constant<int, 3>{});
-        case 4: return f(std::integral_constant<int, 4>{});
-        case 5: return f(std::integral_constant<int, 5>{});
-        case 6: return f(std::integral_constant<int, 6>{});
-        case 7: return f(std::integral_constant<int, 7>{});
-        case 8: return f(std::integral_constant<int, 8>{});
+        case 1: return f(std::integral_constant<int, 1>{}, G_{});
+        case 2: return f(std::integral_constant<int, 2>{}, G_{});
+        case 3: return f(std::integral_constant<int, 3>{}, G_{});
+        case 4: return f(std::integral_constant<int, 4>{}, G_{});
+        case 5: return f(std::integral_constant<int, 5>{}, G_{});
+        case 6: return f(std::integral_constant<int, 6>{}, G_{});
+        case 7: return f(std::integral_constant<int, 7>{}, G_{});
+        case 8: return f(std::integral_constant<int, 8>{}, G_{});
         default: return;
     }
+}
+template <class F>
+inline void by_tile(int nt, int ng, F&& f) {
+    if (ng == 2) by_tile<2>(nt, f);
+    else by_tile<1>(nt, f);
 }
 
 // The integer dot of one block's 8 unpacked quant vectors with one activation row's 32 quants, per lane,
@@ -92,7 +99,7 @@ inline __attribute__((always_inline)) __m512i block_dot(const __m512i* q, const 
 // (unpacked as Q4_0's / Q5_0's, no offset) and a min per row and block, against Q8_1 activations (scale
 // d_a, and sa = d_a * sum of the block's quants, from prep_r16_min; no seed):
 //   acc += float(sum_k q_k a_k) * (d_w d_a) + m_w s_a
-template <GgmlType Base, int NA>
+template <GgmlType Base, int NA, int G>
 void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
           const float* sa, float* Y, size_t y_stride) {
     constexpr bool kMin = Base == GgmlType::Q4_1 || Base == GgmlType::Q5_1;
@@ -106,11 +113,14 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
                                                       : 18) *
                             kR16;
     using Act = std::conditional_t<kMin, block_q8_1, block_q8_0>;
-    __m512 acc[NA];
-    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
-        prefetch_share<unit, 1>(u, 0);
+    __m512 accs[G][NA];
+    for (auto& acc : accs)
+        for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
+        const int64_t b = step / G;
+        __m512* acc = accs[step % G];
+        const uint8_t* u = group + (step % G * nb + b) * unit;
+        prefetch_share<unit, 1, kAhead32>(u, 0);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (kMin) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));
@@ -124,13 +134,14 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
             if constexpr (kMin) acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[t * nb + b]), acc[t]);
         }
     }
-    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+    for (int gi = 0; gi < G; ++gi)
+        for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + kR16 * gi + t * y_stride, accs[gi][t]);
 }
 
 template <GgmlType Base>
-void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-               int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) { gemm<Base, decltype(na)::value>(nb, group, act, as, ad, seed, nullptr, Y, y_stride); });
+void gemm_rows(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
+               const int32_t* seed, int nt, float* Y, size_t y_stride) {
+    by_tile(nt, ng, [&](auto na, auto g) { gemm<Base, na, g>(nb, group, act, as, ad, seed, nullptr, Y, y_stride); });
 }
 
 // Q4_K, per super-block: the 16 rows' d, dmin and 6-bit scales / mins decoded in lanes (sc_j, m_j as
@@ -138,18 +149,21 @@ void gemm_rows(int64_t nb, const uint8_t* group, const void* act, size_t as, con
 //   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
 // with isum_j the exact dpbusd sum of sub-block j and S_j its activation sum (from the bsums).
 // Q5_K (Q5): the same, each nibble given its fifth bit (+16 under the qh masks) before the products.
-template <bool Q5, int NA>
+template <bool Q5, int NA, int G>
 void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
               float* Y, size_t y_stride) {
     constexpr size_t unit = (Q5 ? 176 : 144) * kR16;
-    __m512 acc[NA];
-    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 accs[G][NA];
+    for (auto& acc : accs)
+        for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i six = _mm512_set1_epi32(63), four = _mm512_set1_epi32(15), two = _mm512_set1_epi32(3);
     const __m512i nib = _mm512_set1_epi8(0x0F), nib_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
     const __m512 sixteenth = _mm512_set1_ps(1.0f / 16);
     const __m512i sixteen = _mm512_set1_epi8(16);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
+        const int64_t b = step / G;
+        __m512* acc = accs[step % G];
+        const uint8_t* u = group + (step % G * nb + b) * unit;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
         const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
@@ -207,7 +221,8 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dm, da), sum_m[t], acc[t]);
         }
     }
-    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+    for (int gi = 0; gi < G; ++gi)
+        for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + kR16 * gi + t * y_stride, accs[gi][t]);
 }
 
 // Q6_K, per super-block: 16 sub-blocks of 16 values, each with a signed 8-bit scale per row. Per half
@@ -216,15 +231,18 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
 //   isum_s = seed_s (-32 * sum of its activation quants) + 4 dpbusd
 // is scaled by the rows' scales in lanes (vpmulld) and summed over the super-block, then
 //   acc += float(sum_s sc_s * isum_s) * d_w * d_a          (llama.cpp's integer order, one row per lane)
-template <int NA>
+template <int NA, int G>
 void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
               float* Y, size_t y_stride) {
     constexpr size_t unit = 210 * kR16;
-    __m512 acc[NA];
-    for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 accs[G][NA];
+    for (auto& acc : accs)
+        for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* u = group + b * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
+        const int64_t b = step / G;
+        __m512* acc = accs[step % G];
+        const uint8_t* u = group + (step % G * nb + b) * unit;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
         __m512i isum[NA];
@@ -266,14 +284,15 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(ad[t * nb + b])),
                                      acc[t]);
     }
-    for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
+    for (int gi = 0; gi < G; ++gi)
+        for (int t = 0; t < NA; ++t) _mm512_storeu_ps(Y + kR16 * gi + t * y_stride, accs[gi][t]);
 }
 
 }  // namespace
 
-void gemm_r16_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const int32_t* seed,
-                  int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) { gemm_q6k<decltype(na)::value>(nb, group, act, as, ad, seed, Y, y_stride); });
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
+                  const int32_t* seed, int nt, float* Y, size_t y_stride) {
+    by_tile(nt, ng, [&](auto na, auto g) { gemm_q6k<na, g>(nb, group, act, as, ad, seed, Y, y_stride); });
 }
 
 void prep_r16_q6k(const void* act, size_t as, int nt, int64_t nb, float* ad, int32_t* seed) {
@@ -286,14 +305,14 @@ void prep_r16_q6k(const void* act, size_t as, int nt, int64_t nb, float* ad, int
     }
 }
 
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_r16_q4k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) { gemm_q4k<false, decltype(na)::value>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
+    by_tile(nt, ng, [&](auto na, auto g) { gemm_q4k<false, na, g>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
 }
 
-void gemm_r16_q5k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad,
+void gemm_r16_q5k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t as, const float* ad,
                   const float* sub_sums, int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) { gemm_q4k<true, decltype(na)::value>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
+    by_tile(nt, ng, [&](auto na, auto g) { gemm_q4k<true, na, g>(nb, group, act, as, ad, sub_sums, Y, y_stride); });
 }
 
 void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, float* sub_sums) {
@@ -307,12 +326,13 @@ void prep_r16_q4k(const void* act, size_t as, int nt, int64_t nb, float* ad, flo
     }
 }
 
-void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride,
+void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride,
                   const float* ad, const float* sa, int nt, float* Y, size_t y_stride) {
-    by_tile(nt, [&](auto na) {
-        constexpr int NA = decltype(na)::value;
-        if (base == GgmlType::Q5_1) gemm<GgmlType::Q5_1, NA>(nb, group, act, act_stride, ad, nullptr, sa, Y, y_stride);
-        else gemm<GgmlType::Q4_1, NA>(nb, group, act, act_stride, ad, nullptr, sa, Y, y_stride);
+    by_tile(nt, ng, [&](auto na, auto g) {
+        constexpr int NA = decltype(na)::value, G = decltype(g)::value;
+        if (base == GgmlType::Q5_1)
+            gemm<GgmlType::Q5_1, NA, G>(nb, group, act, act_stride, ad, nullptr, sa, Y, y_stride);
+        else gemm<GgmlType::Q4_1, NA, G>(nb, group, act, act_stride, ad, nullptr, sa, Y, y_stride);
     });
 }
 
@@ -326,12 +346,15 @@ void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float*
     }
 }
 
-void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const void* act, size_t act_stride, const float* ad,
-              const int32_t* seed, int nt, float* Y, size_t y_stride) {
+void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride,
+              const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride) {
     switch (base) {
-        case GgmlType::Q4_0: return gemm_rows<GgmlType::Q4_0>(nb, group, act, act_stride, ad, seed, nt, Y, y_stride);
-        case GgmlType::Q5_0: return gemm_rows<GgmlType::Q5_0>(nb, group, act, act_stride, ad, seed, nt, Y, y_stride);
-        case GgmlType::Q8_0: return gemm_rows<GgmlType::Q8_0>(nb, group, act, act_stride, ad, seed, nt, Y, y_stride);
+        case GgmlType::Q4_0:
+            return gemm_rows<GgmlType::Q4_0>(nb, group, ng, act, act_stride, ad, seed, nt, Y, y_stride);
+        case GgmlType::Q5_0:
+            return gemm_rows<GgmlType::Q5_0>(nb, group, ng, act, act_stride, ad, seed, nt, Y, y_stride);
+        case GgmlType::Q8_0:
+            return gemm_rows<GgmlType::Q8_0>(nb, group, ng, act, act_stride, ad, seed, nt, Y, y_stride);
         default: return;
     }
 }

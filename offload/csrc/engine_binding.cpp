@@ -168,17 +168,29 @@ void run_moe(ThreadPool& pool, const MoeCall& c) {
         c.skip.empty() ? nullptr : c.skip.data(), c.out, c.isa);
 }
 
-// Streaming-read kernels for the bandwidth probe: XOR every 64-byte line into 4 independent
-// accumulators, with the widest vectors this CPU has (a scalar loop cannot saturate DRAM).
+// Streaming-read kernels for the bandwidth probe: XOR every 64-byte line into independent accumulators,
+// with the widest vectors this CPU has (a scalar loop cannot saturate DRAM), over the two halves of the
+// range at once, each prefetched kReadAhead bytes ahead. One core here reads ~13 GB/s with plain loads,
+// ~16.5 with the prefetch, ~17 with the prefetch over two streams (2 threads: 24, 31, 33 GB/s): the
+// probe is the roofline the kernels are measured against, so it reads the fastest way known, as they do.
+constexpr size_t kReadAhead = 1024 / sizeof(uint64_t);
+
 __attribute__((target("avx512f"))) uint64_t read_avx512(const uint64_t* p, size_t n) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    const size_t half = n / 2 / 16 * 16;
+    const uint64_t* q = p + half;
     size_t i = 0;
-    for (; i + 32 <= n; i += 32) {
+    for (; i + 16 <= half; i += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + i + kReadAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(p + i + 8 + kReadAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(q + i + kReadAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(q + i + 8 + kReadAhead), _MM_HINT_T0);
         a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
         a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 8));
-        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 16));
-        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 24));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(q + i));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(q + i + 8));
     }
+    for (i = 2 * half; i + 8 <= n; i += 8) a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
     a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
     uint64_t out[8];
     _mm512_storeu_si512(out, a0);
@@ -187,13 +199,19 @@ __attribute__((target("avx512f"))) uint64_t read_avx512(const uint64_t* p, size_
 
 __attribute__((target("avx2"))) uint64_t read_avx2(const uint64_t* p, size_t n) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    const size_t half = n / 2 / 8 * 8;
+    const uint64_t* q = p + half;
     size_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 8 <= half; i += 8) {  // a 64-byte line from each stream
+        _mm_prefetch(reinterpret_cast<const char*>(p + i + kReadAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(q + i + kReadAhead), _MM_HINT_T0);
         a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
         a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 4)));
-        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 8)));
-        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 12)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + 4)));
     }
+    for (i = 2 * half; i + 4 <= n; i += 4)
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
     a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
     uint64_t out[4];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), a0);

@@ -272,8 +272,9 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                      seed.data());
         }
     }
-    // groups in chunks of ~256 KiB (L2): each chunk is reused by every token tile
-    const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>((size_t{256} << 10) / group_bytes));
+    // groups in chunks of ~256 KiB (L2), an even number of them: each chunk is reused by every token tile,
+    // and the token-tile kernels take the groups in pairs
+    const int64_t chunk = std::max<int64_t>(2, static_cast<int64_t>((size_t{256} << 10) / group_bytes) / 2 * 2);
     const int64_t g_begin = row_begin / kR16, g_end = (row_end + kR16 - 1) / kR16;
     thread_local std::vector<uint8_t> plain;
     const auto* a = static_cast<const char*>(A);
@@ -306,21 +307,24 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         if (!tiles) continue;
         for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
             const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
-            for (int64_t g = c0; g < c1; ++g) {
+            const int64_t f0 = std::max(c0, (row_begin + kR16 - 1) / kR16), f1 = std::min(c1, row_end / kR16);
+            for (int64_t g = f0; g < f1; g += 2) {  // the whole groups, two at a time while two are left
+                const int ng = g + 1 < f1 ? 2 : 1;
                 const int64_t r0 = g * kR16;
-                if (r0 < row_begin || r0 + kR16 > row_end) continue;
                 const uint8_t* grp = w + g * group_bytes;
                 const void* at = a + t0 * a_stride;
                 float* y = Y + t0 * y_stride + r0;
                 if (q6k)
-                    k.q6k(nb, grp, at, a_stride, ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt, y, y_stride);
+                    k.q6k(nb, grp, ng, at, a_stride, ad.data() + t0 * nb, seed.data() + t0 * nb * 16, nt, y, y_stride);
                 else if (with_min)
-                    k.min(base, nb, grp, at, a_stride, ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt, y, y_stride);
+                    k.min(base, nb, grp, ng, at, a_stride, ad.data() + t0 * nb, sub_sums.data() + t0 * nb, nt, y,
+                          y_stride);
                 else if (q4k || q5k)
-                    (q5k ? k.q5k : k.q4k)(nb, grp, at, a_stride, ad.data() + t0 * nb, sub_sums.data() + t0 * nb * 8,
-                                          nt, y, y_stride);
+                    (q5k ? k.q5k : k.q4k)(nb, grp, ng, at, a_stride, ad.data() + t0 * nb,
+                                          sub_sums.data() + t0 * nb * 8, nt, y, y_stride);
                 else
-                    k.k32(base, nb, grp, at, a_stride, ad.data() + t0 * nb, seed.data() + t0 * nb, nt, y, y_stride);
+                    k.k32(base, nb, grp, ng, at, a_stride, ad.data() + t0 * nb, seed.data() + t0 * nb, nt, y,
+                          y_stride);
             }
         }
     }
