@@ -61,9 +61,14 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         const int64_t b = step / G;
         auto& acc = accs[step % G];
         const uint8_t* u = group + (step % G * nb + b) * unit;
+        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
+        // the next pair's second group instead, which the next call would otherwise start reading cold
+        const uintptr_t wrap_at =
+            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
+        const uintptr_t wrap_by = 2 * nb * unit;
         const uint8_t* qs = u + 256;
         for (int h = 0; h < 2; ++h) {
-            prefetch_share<unit, 2>(u, h);  // the weights stream from memory
+            prefetch_share<unit, 2>(u, h, wrap_at, wrap_by);  // the weights stream from memory
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
             const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 32 + 16 * h)));
             const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 64 + 32 * h));
@@ -170,7 +175,12 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
         const int64_t b = step / G;
         auto& acc = accs[step % G];
         const uint8_t* u = group + (step % G * nb + b) * unit;
-        prefetch_share<unit, 1, kAhead32>(u, 0);
+        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
+        // the next pair's second group instead, which the next call would otherwise start reading cold
+        const uintptr_t wrap_at =
+            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
+        const uintptr_t wrap_by = 2 * nb * unit;
+        prefetch_share<unit, 1, kAhead32>(u, 0, wrap_at, wrap_by);
         const uint8_t* qs = u + (kMin ? 4 : 2) * kR16;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -248,6 +258,11 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         const int64_t b = step / G;
         auto& acc = accs[step % G];
         const uint8_t* u = group + (step % G * nb + b) * unit;
+        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
+        // the next pair's second group instead, which the next call would otherwise start reading cold
+        const uintptr_t wrap_at =
+            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
+        const uintptr_t wrap_by = 2 * nb * unit;
         const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -255,7 +270,7 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             for (int t = 0; t < NA; ++t) isum[t] = _mm256_setzero_si256();
             for (int n = 0; n < 2; ++n) {
                 for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
-                    prefetch_share<unit, 16>(u, 8 * h + 4 * n + g);
+                    prefetch_share<unit, 16>(u, 8 * h + 4 * n + g, wrap_at, wrap_by);
                     __m256i q[8];
                     for (int k = 0; k < 8; ++k) {
                         const uint8_t* xp = ql + 64 * (16 * n + 8 * (g & 1) + k) + 32 * h;

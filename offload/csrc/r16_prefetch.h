@@ -19,12 +19,16 @@ namespace tandem::detail {
 // groups in pairs).
 constexpr uintptr_t kAhead = 2048, kAhead32 = 1024;
 
+// Lines at or past wrap_at are taken wrap_by further on (kernels reading two groups side by side: the
+// first group's stream continues into the next pair's second group; +4-13% at 1 token, 512 MiB matrices
+// of 1024-8192 columns, 2 threads; a V3-shaped MoE layer at T=1 7.14 -> 6.39 ms).
 template <size_t Unit, int N, uintptr_t Ahead = kAhead>
-inline __attribute__((always_inline)) void prefetch_share(const uint8_t* u, int i) {
+inline __attribute__((always_inline)) void prefetch_share(const uint8_t* u, int i, uintptr_t wrap_at = UINTPTR_MAX,
+                                                          uintptr_t wrap_by = 0) {
     const uintptr_t base = reinterpret_cast<uintptr_t>(u) + Ahead;
     const uintptr_t end = base + Unit * (i + 1) / N;
     for (uintptr_t a = (base + Unit * i / N + 63) & ~uintptr_t(63); a < end; a += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a < wrap_at ? a : a + wrap_by), _MM_HINT_T0);
 }
 
 }  // namespace tandem::detail
