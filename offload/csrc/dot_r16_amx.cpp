@@ -132,7 +132,7 @@ inline __attribute__((always_inline)) void unpack_pair(const uint8_t* u, int i, 
             _mm512_store_si512(mins + 64 * p, _mm512_or_si512(min(2 * p), _mm512_slli_epi32(min(2 * p + 1), 16)));
     }
     const uint8_t* qs = u + 256;
-    prefetch_share<kUnit<Q5>, 4>(u, i);  // the weights stream from memory
+    prefetch_share<kUnit<Q5>, 4, kAheadAmx>(u, i);  // the weights stream from memory
     // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
     constexpr int s = kShift<Q5>;
     const __m512i sc0 = scale(2 * i), sc1 = scale(2 * i + 1);
@@ -447,7 +447,7 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
         Bs = aligned_buffer((tiles > 1 ? static_cast<size_t>(nb) : 4) * kBlockB);
         if (tiles > 1) {
             for (int64_t b = 0; b < nb; ++b) {
-                prefetch_share<unit, 1>(group + b * unit, 0);
+                prefetch_share<unit, 1, kAheadAmx>(group + b * unit, 0);
                 unpack32<Base>(group + b * unit, Bs + b * kBlockB);
             }
             TANDEM_MEMORY_BARRIER;
@@ -471,7 +471,7 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
         auto unpack_pair = [&](int64_t b, int64_t p) {
             uint8_t* Bp = Bs + (p & 1) * 2 * kBlockB;
             for (int64_t i = b; i < std::min(nb, b + 2); ++i) {
-                prefetch_share<unit, 1>(group + i * unit, 0);
+                prefetch_share<unit, 1, kAheadAmx>(group + i * unit, 0);
                 unpack32<Base>(group + i * unit, Bp + (i - b) * kBlockB);
             }
         };
@@ -480,7 +480,7 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
             const int n = nb - b >= 2 ? 2 : 1;
             const uint8_t *B0, *B1;
             if constexpr (Base == GgmlType::Q8_0) {
-                prefetch_share<unit, 1>(group + b * unit, 0);
+                prefetch_share<unit, 1, kAheadAmx>(group + b * unit, 0);
                 B0 = stored(b), B1 = stored(b + n - 1);
             } else if (tiles > 1) {
                 B0 = Bs + b * kBlockB, B1 = Bs + (b + n - 1) * kBlockB;

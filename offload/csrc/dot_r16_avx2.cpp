@@ -180,7 +180,7 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
         const uintptr_t wrap_at =
             G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
         const uintptr_t wrap_by = 2 * nb * unit;
-        prefetch_share<unit, 1, kAhead32>(u, 0, wrap_at, wrap_by);
+        prefetch_share<unit, 1>(u, 0, wrap_at, wrap_by);
         const uint8_t* qs = u + (kMin ? 4 : 2) * kR16;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));

@@ -125,7 +125,7 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
         const uintptr_t wrap_at =
             G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
         const uintptr_t wrap_by = 2 * nb * unit;
-        prefetch_share<unit, 1, kAhead32>(u, 0, wrap_at, wrap_by);
+        prefetch_share<unit, 1>(u, 0, wrap_at, wrap_by);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (kMin) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));

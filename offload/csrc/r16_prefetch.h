@@ -14,10 +14,10 @@
 
 namespace tandem::detail {
 
-// 2 KiB ahead for the K-quants (Q6_K's steps load its high bits up to 2.8 KiB into a 3.3 KiB unit: 1 KiB
-// ahead read it 13% slower); the 32-value types' small units read 4-6% faster at 1 KiB (2 threads,
-// groups in pairs).
-constexpr uintptr_t kAhead = 2048, kAhead32 = 1024;
+// 3 KiB ahead for the token-tile kernels (their groups in pairs, the prefetches wrapped as below): 2-15%
+// faster than 2 KiB (1 KiB for the 32-value types) at 1 token on every type, 0.91-0.94x at 4 KiB for
+// Q4_K. The AMX kernels stay at 2 KiB: 1, 4 and 8 KiB were 3-8% slower there (MoE at T=128).
+constexpr uintptr_t kAhead = 3072, kAheadAmx = 2048;
 
 // Lines at or past wrap_at are taken wrap_by further on (kernels reading two groups side by side: the
 // first group's stream continues into the next pair's second group; +4-13% at 1 token, 512 MiB matrices
