@@ -18,12 +18,13 @@ def cpu_features() -> dict[str, bool]:
     return dict(_C.cpu_features())
 
 
-ISAS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_amx")
+ISAS = ("scalar", "avx2", "avx_vnni", "avx512", "avx512_vnni", "avx512_amx")
 
 
 def best_isa() -> str:
-    """The SIMD level the kernels run at here: 'scalar', 'avx2', 'avx512', 'avx512_vnni' or 'avx512_amx'
-    (the highest this CPU has, capped by the TANDEM_ISA environment variable)."""
+    """The SIMD level the kernels run at here: 'scalar', 'avx2', 'avx_vnni' (AVX2 + AVX-VNNI), 'avx512',
+    'avx512_vnni' or 'avx512_amx' (the highest this CPU has, capped by the TANDEM_ISA environment variable).
+    The levels are in this order, but an AVX-512 CPU may lack avx_vnni."""
     return _C.isa()
 
 

@@ -21,7 +21,7 @@ from tests.test_formats import awkward, c_quantize, ggml, random_bit_patterns, r
 f32 = np.float32
 TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_K")
-# the quantizer variants: avx512_vnni runs the avx512 quantizers
+# the quantizer variants: avx512_vnni runs the avx512 quantizers, avx_vnni the avx2 ones
 ISAS = [isa for isa in ("scalar", "avx2", "avx512") if isa in offload.supported_isas()]
 
 
@@ -145,7 +145,7 @@ def test_qtype_spellings_and_variants():
     assert offload._C.quant_types()["Q6_K"] == int(QT.Q6_K)
     for qtype in TYPES:
         for isa in offload.supported_isas():
-            expect = {"scalar": "scalar", "avx2": "avx2"}.get(isa, "avx512")
+            expect = {"scalar": "scalar", "avx2": "avx2", "avx_vnni": "avx2"}.get(isa, "avx512")
             assert offload._C.quantize_variant(int(QT[qtype]), isa) == expect
 
 

@@ -119,7 +119,7 @@ def test_matmul_matches_reference(wtype, isa):
                 assert (err <= TOL * scale[:, :n]).all(), (wtype.name, isa, k, n_tok, n, err.max())
 
 
-@pytest.mark.parametrize("isa", ["auto"] + [i for i in ("avx2",) if i in ISAS])
+@pytest.mark.parametrize("isa", ["auto"] + [i for i in ("avx2", "avx_vnni") if i in ISAS])
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_engine_ops_match_plain_layout(wtype, isa):
     """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout, on

@@ -96,6 +96,7 @@ bool isa_supported(Isa isa) {
     switch (isa) {
         case Isa::Scalar: return true;
         case Isa::Avx2: return f.avx2 && f.fma && f.f16c;
+        case Isa::AvxVnni: return isa_supported(Isa::Avx2) && f.avx_vnni;
         case Isa::Avx512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
         case Isa::Avx512Vnni: return isa_supported(Isa::Avx512) && f.avx512_vnni;
         case Isa::Amx: return isa_supported(Isa::Avx512Vnni) && f.amx_tile && f.amx_int8 && amx_granted();
@@ -107,6 +108,7 @@ const char* isa_name(Isa isa) {
     switch (isa) {
         case Isa::Scalar: return "scalar";
         case Isa::Avx2: return "avx2";
+        case Isa::AvxVnni: return "avx_vnni";
         case Isa::Avx512: return "avx512";
         case Isa::Avx512Vnni: return "avx512_vnni";
         case Isa::Amx: return "avx512_amx";
@@ -115,22 +117,20 @@ const char* isa_name(Isa isa) {
 }
 
 static Isa named_isa(const char* name) {
-    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx})
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx})
         if (std::strcmp(name, isa_name(isa)) == 0) return isa;
     throw std::invalid_argument(std::string("unknown ISA '") + name +
-                                "''; use auto, scalar, avx2, avx512, avx512_vnni or avx512_amx");
+                                "'; use auto, scalar, avx2, avx_vnni, avx512, avx512_vnni or avx512_amx");
 }
 
 Isa best_isa() {
     static const Isa best = [] {
-        Isa top = Isa::Scalar;
-        for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx})
-            if (isa_supported(isa)) top = isa;
         const char* env = std::getenv("TANDEM_ISA");
-        if (env && *env && std::strcmp(env, "auto") != 0) {
-            Isa cap = named_isa(env);
-            if (static_cast<int>(cap) < static_cast<int>(top)) top = cap;
-        }
+        const Isa cap = env && *env && std::strcmp(env, "auto") != 0 ? named_isa(env) : Isa::Amx;
+        Isa top = Isa::Scalar;  // the highest supported level at or below the cap: not simply the cap, as
+                                // an AVX-512 CPU may lack AvxVnni
+        for (Isa isa : {Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx})
+            if (isa_supported(isa) && static_cast<int>(isa) <= static_cast<int>(cap)) top = isa;
         return top;
     }();
     return best;

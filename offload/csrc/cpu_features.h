@@ -30,11 +30,15 @@ const CpuFeatures& cpu_features();
 // Amx is Avx512Vnni plus AMX-INT8 tiles (granted to the process by the kernel: arch_prctl), which only
 // the row-interleaved kernels use (Q4_K / Q5_K from kAmxMinTokens tokens, Q4_0 / Q5_0 / Q8_0 from
 // kAmxMinTokens32: repack.h); everything else runs as at Avx512Vnni.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Amx = 4 };
+// AvxVnni is Avx2 plus AVX-VNNI (the 256-bit vpdpbusd; Intel client cores from Alder Lake on), which only
+// the row-interleaved kernels use. It is not below Avx512 in features (an AVX-512 F/BW CPU may lack it),
+// only in order: code asks for it by equality, and `isa >= Isa::Avx512` still means AVX-512.
+enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Avx512Vnni = 4, Amx = 5 };
 
 bool isa_supported(Isa isa);
-// The highest supported level, capped by the environment variable TANDEM_ISA
-// (scalar | avx2 | avx512 | avx512_vnni | avx512_amx), read once - how tests force every variant.
+// The highest supported level, capped by the environment variable TANDEM_ISA (scalar | avx2 | avx_vnni |
+// avx512 | avx512_vnni | avx512_amx: the highest supported level at or below it), read once - how tests
+// force every variant.
 Isa best_isa();
 const char* isa_name(Isa isa);
 // "auto" -> best_isa(); otherwise the named level; throws std::invalid_argument when unknown or

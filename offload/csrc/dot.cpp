@@ -457,7 +457,8 @@ DotKernel dot_kernel(GgmlType wtype, Isa isa) {
     require_isa(isa);
     switch (isa) {
         case Isa::Scalar: return detail::scalar::kernel(wtype);
-        case Isa::Avx2: return detail::avx2::kernel(wtype);
+        case Isa::Avx2:
+        case Isa::AvxVnni: return detail::avx2::kernel(wtype);
         case Isa::Avx512: return detail::avx512::kernel(wtype);
         case Isa::Avx512Vnni:
         case Isa::Amx:
@@ -487,7 +488,8 @@ namespace {
 
 detail::ScaledDotKernel scaled_kernel(GgmlType wtype, Isa isa) {
     switch (isa) {
-        case Isa::Avx2: return detail::avx2::scaled_kernel(wtype);
+        case Isa::Avx2:
+        case Isa::AvxVnni: return detail::avx2::scaled_kernel(wtype);
         case Isa::Avx512: return detail::avx512::scaled_kernel(wtype);
         case Isa::Avx512Vnni:
         case Isa::Amx: return detail::avx512_vnni::scaled_kernel(wtype);

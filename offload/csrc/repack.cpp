@@ -204,6 +204,12 @@ constexpr TileKernels kAvx2Tiles = {
     detail::avx2::prep_r16_q4k, detail::avx2::prep_r16_q6k, detail::avx2::prep_r16_min, detail::avx2::prep_r16,
     detail::avx2::gemm_r16_q4k, detail::avx2::gemm_r16_q5k, detail::avx2::gemm_r16_q6k, detail::avx2::gemm_r16_min,
     detail::avx2::gemm_r16,     0};
+// AVX2 with AVX-VNNI: the same kernels, vpdpbusd in 256 bits
+constexpr TileKernels kAvxVnniTiles = {
+    detail::avx_vnni::prep_r16_q4k, detail::avx_vnni::prep_r16_q6k, detail::avx_vnni::prep_r16_min,
+    detail::avx_vnni::prep_r16,     detail::avx_vnni::gemm_r16_q4k, detail::avx_vnni::gemm_r16_q5k,
+    detail::avx_vnni::gemm_r16_q6k, detail::avx_vnni::gemm_r16_min, detail::avx_vnni::gemm_r16,
+    0};
 constexpr TileKernels kVnniTiles = {
     detail::avx512_vnni::prep_r16_q4k, detail::avx512_vnni::prep_r16_q6k, detail::avx512_vnni::prep_r16_min,
     detail::avx512_vnni::prep_r16,     detail::avx512_vnni::gemm_r16_q4k, detail::avx512_vnni::gemm_r16_q5k,
@@ -226,7 +232,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const bool amx =
         isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
     const bool tiles = !amx && isa >= Isa::Avx2;
-    const TileKernels& k = isa >= Isa::Avx512Vnni ? kVnniTiles : kAvx2Tiles;
+    const TileKernels& k = isa >= Isa::Avx512Vnni ? kVnniTiles : isa == Isa::AvxVnni ? kAvxVnniTiles : kAvx2Tiles;
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
     // sub-blocks), the 8 sub-block sums the mins multiply (Q4_K / Q5_K) or d_a times the sum (Q4_1 /
     // Q5_1, from Q8_1); for the AMX kernels, the quants packed by block instead (they need no offset

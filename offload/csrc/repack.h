@@ -90,28 +90,11 @@ void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, f
 }  // namespace detail::avx512_vnni
 
 namespace detail::avx2 {
-// Q4_K_R16 on AVX2 (dot_r16_avx2.cpp): as avx512_vnni::gemm_r16_q4k, with ad and sub_sums from this
-// prep_r16_q4k (the same values; compiled for AVX2).
-void gemm_r16_q4k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride, const float* ad,
-                  const float* sub_sums, int nt, float* Y, size_t y_stride);
-void prep_r16_q4k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sub_sums);
-// Q5_K_R16 on AVX2: as gemm_r16_q4k (the same ad and sub_sums), the fifth bits from qh.
-void gemm_r16_q5k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride, const float* ad,
-                  const float* sub_sums, int nt, float* Y, size_t y_stride);
-// Q4_0_R16 / Q5_0_R16 / Q8_0_R16 on AVX2: as avx512_vnni::gemm_r16, with ad and seed from this prep_r16
-// (off 0 for Q8_0, whose quants this kernel takes signed).
-void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride,
-              const float* ad, const int32_t* seed, int nt, float* Y, size_t y_stride);
-void prep_r16(const void* act, size_t act_stride, int nt, int64_t nb, int off, float* ad, int32_t* seed);
-// Q4_1_R16 / Q5_1_R16 on AVX2: as avx512_vnni::gemm_r16_min, with ad and sa from this prep_r16_min.
-void gemm_r16_min(GgmlType base, int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride,
-                  const float* ad, const float* sa, int nt, float* Y, size_t y_stride);
-void prep_r16_min(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, float* sa);
-// Q6_K_R16 on AVX2: as avx512_vnni::gemm_r16_q6k, with ad and seed from this prep_r16_q6k.
-void gemm_r16_q6k(int64_t nb, const uint8_t* group, int ng, const void* act, size_t act_stride, const float* ad,
-                  const int32_t* seed, int nt, float* Y, size_t y_stride);
-void prep_r16_q6k(const void* act, size_t act_stride, int nt, int64_t nb, float* ad, int32_t* seed);
+#include "r16_256_kernels.h"
 }  // namespace detail::avx2
+namespace detail::avx_vnni {
+#include "r16_256_kernels.h"
+}  // namespace detail::avx_vnni
 
 namespace detail::amx {
 // Q4_K on AMX-INT8 tiles (dot_r16_amx.cpp), as avx512_vnni::gemm_r16_q4k but for all n_tokens activation
