@@ -1,5 +1,6 @@
-// Software prefetch for the row-interleaved kernels (dot_r16_vnni.cpp, dot_r16_amx.cpp), which stream
-// each 16-row group from memory once: kAhead bytes ahead of the loads, spread over the kernel's steps.
+// Software prefetch for the row-interleaved kernels (dot_r16_vnni.cpp, dot_r16_simd256.h, dot_r16_amx.cpp),
+// which stream each 16-row group from memory once: kAhead bytes ahead of the loads, spread over the
+// kernel's steps.
 // Step i of N in a unit of Unit bytes at u prefetches the cache lines that start within its share of
 // the unit, so each line of the group's stream is prefetched once, a few at a time. (Prefetching
 // whole units in a burst at the top of each, or nothing, left Q4_K / Q6_K at 74-80% of a plain-load
