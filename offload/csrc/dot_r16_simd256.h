@@ -42,8 +42,9 @@ inline __attribute__((always_inline)) __m256i bcast32(const int8_t* p) {
 
 constexpr bool kVnni = TANDEM_R16_VNNI;
 
-// acc + the products of q's unsigned and a's signed bytes, four to an int32 lane: vpdpbusd on AVX-VNNI;
-// never called in the AVX2 build
+// acc + the products of q's unsigned and a's signed bytes, four to an int32 lane: vpdpbusd on AVX-VNNI,
+// vpmaddubsw + vpmaddwd in the AVX2 build (one vector only there: a pair must stay below 2^15, as Q8_0's
+// |w| x sign(a, w) does; the other kernels sum several vectors in int16 first, without this)
 inline __attribute__((always_inline)) __m256i dpbusd(__m256i acc, __m256i q, __m256i a) {
 #if TANDEM_R16_VNNI
     return _mm256_dpbusd_avx_epi32(acc, q, a);
@@ -74,18 +75,14 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i six = _mm256_set1_epi32(63), four = _mm256_set1_epi32(15), two = _mm256_set1_epi32(3);
     const __m256i nib = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
-    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
-        const int64_t b = step / G;
-        auto& acc = accs[step % G];
-        const uint8_t* u = group + (step % G * nb + b) * unit;
-        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
-        // the next pair's second group instead, which the next call would otherwise start reading cold
-        const uintptr_t wrap_at =
-            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
-        const uintptr_t wrap_by = 2 * nb * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side
+        const GroupStep<unit, G> pos(group, nb, step);
+        const int64_t b = pos.b;
+        auto& acc = accs[pos.gi];
+        const uint8_t* u = pos.u;
         const uint8_t* qs = u + 256;
         for (int h = 0; h < 2; ++h) {
-            prefetch_share<unit, 2>(u, h, wrap_at, wrap_by);  // the weights stream from memory
+            prefetch_share<unit, 2>(u, h, pos.wrap);  // the weights stream from memory
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
             const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 32 + 16 * h)));
             const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 64 + 32 * h));
@@ -194,16 +191,12 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
     for (auto& acc : accs)
         for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
-        const int64_t b = step / G;
-        auto& acc = accs[step % G];
-        const uint8_t* u = group + (step % G * nb + b) * unit;
-        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
-        // the next pair's second group instead, which the next call would otherwise start reading cold
-        const uintptr_t wrap_at =
-            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
-        const uintptr_t wrap_by = 2 * nb * unit;
-        prefetch_share<unit, 1>(u, 0, wrap_at, wrap_by);
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side
+        const GroupStep<unit, G> pos(group, nb, step);
+        const int64_t b = pos.b;
+        auto& acc = accs[pos.gi];
+        const uint8_t* u = pos.u;
+        prefetch_share<unit, 1>(u, 0, pos.wrap);
         const uint8_t* qs = u + (kMin ? 4 : 2) * kR16;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -238,12 +231,15 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
             for (int t = 0; t < NA; ++t) {
                 const int8_t* a = reinterpret_cast<const Act*>(static_cast<const char*>(act) + t * as)[b].qs;
                 __m256i s = kMin ? _mm256_setzero_si256() : _mm256_set1_epi32(seed[t * nb + b]);
-                for (int k = 0; k < 8 && kVnni; ++k) s = dpbusd(s, q[k], bcast32(a + 4 * k));
-                for (int k0 = 0; k0 < 8 && !kVnni; k0 += 4) {
-                    __m256i p = _mm256_maddubs_epi16(q[k0], bcast32(a + 4 * k0));
-                    for (int k = k0 + 1; k < k0 + 4; ++k)
-                        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q[k], bcast32(a + 4 * k)));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                if constexpr (kVnni) {
+                    for (int k = 0; k < 8; ++k) s = dpbusd(s, q[k], bcast32(a + 4 * k));
+                } else {
+                    for (int k0 = 0; k0 < 8; k0 += 4) {
+                        __m256i p = _mm256_maddubs_epi16(q[k0], bcast32(a + 4 * k0));
+                        for (int k = k0 + 1; k < k0 + 4; ++k)
+                            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(q[k], bcast32(a + 4 * k)));
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    }
                 }
                 acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(ad[t * nb + b])),
                                             acc[t][h]);
@@ -277,15 +273,11 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
     for (auto& acc : accs)
         for (int t = 0; t < NA; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
-    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
-        const int64_t b = step / G;
-        auto& acc = accs[step % G];
-        const uint8_t* u = group + (step % G * nb + b) * unit;
-        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
-        // the next pair's second group instead, which the next call would otherwise start reading cold
-        const uintptr_t wrap_at =
-            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
-        const uintptr_t wrap_by = 2 * nb * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side
+        const GroupStep<unit, G> pos(group, nb, step);
+        const int64_t b = pos.b;
+        auto& acc = accs[pos.gi];
+        const uint8_t* u = pos.u;
         const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -293,7 +285,7 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             for (int t = 0; t < NA; ++t) isum[t] = _mm256_setzero_si256();
             for (int n = 0; n < 2; ++n) {
                 for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
-                    prefetch_share<unit, 16>(u, 8 * h + 4 * n + g, wrap_at, wrap_by);
+                    prefetch_share<unit, 16>(u, 8 * h + 4 * n + g, pos.wrap);
                     __m256i q[8];
                     for (int k = 0; k < 8; ++k) {
                         const uint8_t* xp = ql + 64 * (16 * n + 8 * (g & 1) + k) + 32 * h;

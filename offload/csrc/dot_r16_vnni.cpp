@@ -116,16 +116,12 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
     __m512 accs[G][NA];
     for (auto& acc : accs)
         for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
-        const int64_t b = step / G;
-        __m512* acc = accs[step % G];
-        const uint8_t* u = group + (step % G * nb + b) * unit;
-        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
-        // the next pair's second group instead, which the next call would otherwise start reading cold
-        const uintptr_t wrap_at =
-            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
-        const uintptr_t wrap_by = 2 * nb * unit;
-        prefetch_share<unit, 1>(u, 0, wrap_at, wrap_by);
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side
+        const GroupStep<unit, G> pos(group, nb, step);
+        const int64_t b = pos.b;
+        __m512* acc = accs[pos.gi];
+        const uint8_t* u = pos.u;
+        prefetch_share<unit, 1>(u, 0, pos.wrap);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (kMin) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));
@@ -165,15 +161,11 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
     const __m512i nib = _mm512_set1_epi8(0x0F), nib_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
     const __m512 sixteenth = _mm512_set1_ps(1.0f / 16);
     const __m512i sixteen = _mm512_set1_epi8(16);
-    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
-        const int64_t b = step / G;
-        __m512* acc = accs[step % G];
-        const uint8_t* u = group + (step % G * nb + b) * unit;
-        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
-        // the next pair's second group instead, which the next call would otherwise start reading cold
-        const uintptr_t wrap_at =
-            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
-        const uintptr_t wrap_by = 2 * nb * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side
+        const GroupStep<unit, G> pos(group, nb, step);
+        const int64_t b = pos.b;
+        __m512* acc = accs[pos.gi];
+        const uint8_t* u = pos.u;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 32)));
         const __m512i v0 = _mm512_loadu_si512(u + 64), v1 = _mm512_loadu_si512(u + 128);
@@ -193,7 +185,7 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         for (int t = 0; t < NA; ++t) sum_sc[t] = sum_m[t] = _mm512_setzero_ps();
         const uint8_t* qs = u + 256;
         for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high)
-            prefetch_share<unit, 4>(u, i, wrap_at, wrap_by);
+            prefetch_share<unit, 4>(u, i, pos.wrap);
             // the high nibbles are multiplied in place (x & 0xF0 = 16 q, and 16 q * a stays exact in
             // int32); their scale divided by 16, so the products are the same floats bit for bit
             const __m512 sc_hi = Q5 ? sc[2 * i + 1] : _mm512_mul_ps(sc[2 * i + 1], sixteenth);
@@ -249,22 +241,18 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
     for (auto& acc : accs)
         for (int t = 0; t < NA; ++t) acc[t] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side: G streams
-        const int64_t b = step / G;
-        __m512* acc = accs[step % G];
-        const uint8_t* u = group + (step % G * nb + b) * unit;
-        // the first group's prefetches past its end would fetch the second group, read beside it: they go to
-        // the next pair's second group instead, which the next call would otherwise start reading cold
-        const uintptr_t wrap_at =
-            G == 2 && step % G == 0 ? reinterpret_cast<uintptr_t>(group) + nb * unit : UINTPTR_MAX;
-        const uintptr_t wrap_by = 2 * nb * unit;
+    for (int64_t step = 0; step < G * nb; ++step) {  // the G groups' block b side by side
+        const GroupStep<unit, G> pos(group, nb, step);
+        const int64_t b = pos.b;
+        __m512* acc = accs[pos.gi];
+        const uint8_t* u = pos.u;
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
         __m512i isum[NA];
         for (int t = 0; t < NA; ++t) isum[t] = _mm512_setzero_si512();
         for (int n = 0; n < 2; ++n) {
             for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
-                prefetch_share<unit, 8>(u, 4 * n + g, wrap_at, wrap_by);
+                prefetch_share<unit, 8>(u, 4 * n + g, pos.wrap);
                 __m512i q[8];
                 for (int k = 0; k < 8; ++k) {
                     const __m512i x = _mm512_loadu_si512(ql + 64 * (16 * n + 8 * (g & 1) + k));
