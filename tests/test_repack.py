@@ -123,7 +123,7 @@ def test_matmul_matches_reference(wtype, isa):
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
 def test_engine_ops_match_plain_layout(wtype, isa):
     """linear (all T) and the fused MoE (experts and shared expert repacked) against the plain layout, on
-    the best ISA and on AVX2 (the AVX2 kernels, dot_r16_avx2.cpp)."""
+    the best ISA, on AVX2 and on AVX-VNNI (the 256-bit kernels of dot_r16_simd256.h, in both builds)."""
     rng = np.random.default_rng(3)
     H, I, E, A = 256, (256 if wtype in KQUANTS else 96), 6, 3
     for threads in (1, 2):
