@@ -4,6 +4,11 @@ kt-kernel 0.7.2 (PyPI wheel) pins torch 2.9.1 but its extension does not link to
 `pip install --no-deps kt-kernel==0.7.2`. Its high-level wrapper needs CUDA; the CPU-only sequence is
 the one its own tests use (CPUInfer, MOEConfig, load_weights_task, forward_task).
 
+Its methods raced for "its fastest": the AMX ones that pack bf16 experts themselves (AMXInt4, AMXInt4_1
+with a zero point, AMXInt8, AMXBF16) and LLAMAFILE, its GGUF path (`moe.MOE`), which takes the blocks of
+the same types the engine runs, as a GGUF file holds them. LLAMAFILE needs I % 256 == 0 (it refuses
+V2-Lite's 1408); on a V3-shaped layer it was kt-kernel's fastest at T=1 here (20.8 ms, AMXInt4 24 ms).
+
 kt-kernel does not give back the memory of a layer it built (measured: ~0.5-1 GB of a V3-shaped layer
 stays in the process after `del` and a collection), and probing its methods builds six: `measure_kt`
 therefore runs the whole measurement in a child process, whose memory goes with it.
@@ -13,14 +18,18 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
-METHODS = ("AMXInt4_MOE", "AMXInt8_MOE", "AMXBF16_MOE")
+METHODS = ("AMXInt4_MOE", "AMXInt4_1_MOE", "AMXInt8_MOE", "AMXBF16_MOE", "LLAMAFILE")
 
 
 class KtMoE:
-    """`copies` kt-kernel MoE layers (random bf16 experts packed by `method`, one pool) ready to run
-    `T`-token calls, each call on the next layer in turn (so the working set can exceed the L3 cache)."""
+    """`copies` kt-kernel MoE layers (random bf16 experts packed by `method`, or for LLAMAFILE random GGUF
+    blocks of the spec's types, one pool) ready to run `T`-token calls, each call on the next layer in turn
+    (so the working set can exceed the L3 cache)."""
 
     def __init__(self, kt_kernel_ext, spec: dict, T: int, method: str, n_threads: int, rng, copies: int = 1,
                  variant: str = "?"):
@@ -33,20 +42,38 @@ class KtMoE:
         self.method, self.threads, self.A, self.variant = method, n_threads, A, variant
         self.cpu = kt_kernel_ext.CPUInfer(n_threads)
         self.moes = []
+        gguf = method == "LLAMAFILE"
+        self.blocks = []
+        self.gpu_mask = torch.zeros(E, dtype=torch.bool)  # no expert on a GPU
         for layer in range(copies):
-            gate = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
-            up = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
-            down = (torch.randn(E, H, I) * 0.02).to(torch.bfloat16).contiguous()
-            cfg = kt_kernel_ext.moe.MOEConfig(E, A, H, I, 0)
+            if gguf:  # the blocks as a GGUF file holds them, the engine's types
+                from .bench import random_weight
+
+                gate, up, down = (torch.from_numpy(random_weight(rng, t, shape).data)
+                                  for t, shape in ((spec["gate"], (E, I, H)), (spec["gate"], (E, I, H)),
+                                                   (spec["down"], (E, H, I))))
+                # it reads them in place, as from a GGUF file's memory map: freed, they crashed it
+                self.blocks.append((gate, up, down))
+            else:
+                gate = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
+                up = (torch.randn(E, I, H) * 0.02).to(torch.bfloat16).contiguous()
+                down = (torch.randn(E, H, I) * 0.02).to(torch.bfloat16).contiguous()
+            cfg = kt_kernel_ext.moe.MOEConfig(E, A, H, I, self.gpu_mask.data_ptr() if gguf else 0)
             cfg.layer_idx = layer
             cfg.max_len = max(T, 128)
             cfg.pool = self.cpu.backend_
             cfg.gate_proj, cfg.up_proj, cfg.down_proj = gate.data_ptr(), up.data_ptr(), down.data_ptr()
-            moe = getattr(kt_kernel_ext.moe, method)(cfg)
+            if gguf:  # as kt-kernel's LlamafileMoEWrapper sets them
+                ggml = kt_kernel_ext.kvcache.ggml_type
+                cfg.gate_type = cfg.up_type = getattr(ggml, spec["gate"])
+                cfg.down_type = getattr(ggml, spec["down"])
+                cfg.hidden_type = ggml.BF16
+                cfg.m_block, cfg.group_min_len, cfg.group_max_len = 32, 10, max(T, 128)
+            moe = (kt_kernel_ext.moe.MOE if gguf else getattr(kt_kernel_ext.moe, method))(cfg)
             p2l = torch.arange(E, dtype=torch.int64)
             self.cpu.submit(moe.load_weights_task(p2l.data_ptr()))
             self.cpu.sync()
-            del gate, up, down  # packed by load_weights
+            del gate, up, down  # packed by load_weights (LLAMAFILE's kept in self.blocks)
             self.moes.append(moe)
         self.qlen = torch.tensor([T], dtype=torch.int32)
         self.x = torch.randn(T, H).to(torch.bfloat16).contiguous()
@@ -132,5 +159,12 @@ def measure_kt(spec: dict, T: int, threads: int, copies: int, repeats: int, seed
         import kt_kernel  # noqa: F401
     except Exception:  # not installed, or its wheel does not fit this machine
         return None
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure, (spec, T, threads, copies, repeats, seed))
+    # a pool of one process rather than multiprocessing.Pool, whose apply waits forever when its process
+    # dies (kt-kernel's native code can crash it): this one raises BrokenProcessPool
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_measure, spec, T, threads, copies, repeats, seed).result()
+        except BrokenProcessPool:
+            print("  kt-kernel's process died (its native code crashed, or the kernel killed it for memory): "
+                  "no kt-kernel figure for this row", file=sys.stderr, flush=True)
+            return None

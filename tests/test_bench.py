@@ -129,10 +129,13 @@ def test_offload_bench_json_is_alone_on_stdout(monkeypatch, capfd):
     assert "CPUInfer: Hello" in err and "progress" in err
 
 
-def test_kt_kernel_measurement_runs_in_a_child_process(monkeypatch):
-    """kt-kernel keeps the memory of every layer it built (six while probing its methods): offload.bench
+def test_kt_kernel_measurement_runs_in_a_child_process(monkeypatch, capsys):
+    """kt-kernel keeps the memory of every layer it built (several while probing its methods): offload.bench
     measures it in a child process, so nothing of it stays in the benchmark's own; without kt-kernel
-    there is nothing to measure."""
+    there is nothing to measure, and a child that dies (kt-kernel's native code crashed) costs the row
+    its kt-kernel figure instead of hanging the benchmark (multiprocessing.Pool's apply waits forever)."""
+    from concurrent.futures.process import BrokenProcessPool
+
     from offload import bench_kt
 
     monkeypatch.setitem(sys.modules, "kt_kernel", None)  # import kt_kernel fails
@@ -141,28 +144,41 @@ def test_kt_kernel_measurement_runs_in_a_child_process(monkeypatch):
 
     calls = []
 
-    class FakePool:
-        def __init__(self, n):
-            calls.append(("pool", n))
+    class Future:
+        def __init__(self, value):
+            self.value = value
 
-        def __enter__(self):
-            return self
+        def result(self):
+            if isinstance(self.value, BaseException):
+                raise self.value
+            return self.value
 
-        def __exit__(self, *exc):
-            return False
+    def executor(outcome):
+        class FakeExecutor:
+            def __init__(self, n, mp_context):
+                calls.append(("pool", n, mp_context.get_start_method()))
 
-        def apply(self, fn, args):
-            calls.append(("apply", fn.__name__, args))
-            return 1e-3, "AMXInt4_MOE", 1, "amx"
+            def __enter__(self):
+                return self
 
-    class Spawn:
-        Pool = FakePool
+            def __exit__(self, *exc):
+                return False
+
+            def submit(self, fn, *args):
+                calls.append(("submit", fn.__name__, args))
+                return Future(outcome)
+
+        return FakeExecutor
 
     monkeypatch.setitem(sys.modules, "kt_kernel", type(sys)("kt_kernel"))
-    monkeypatch.setattr(bench_kt.multiprocessing, "get_context", lambda method: Spawn if method == "spawn" else None)
+    monkeypatch.setattr(bench_kt, "ProcessPoolExecutor", executor((1e-3, "AMXInt4_MOE", 1, "amx")))
     spec = {"H": 256, "I": 256, "E": 8, "A": 2}
     assert bench_kt.measure_kt(spec, 4, 2, 3, 5) == (1e-3, "AMXInt4_MOE", 1, "amx")
-    assert calls == [("pool", 1), ("apply", "_measure", (spec, 4, 2, 3, 5, 0))]
+    assert calls == [("pool", 1, "spawn"), ("submit", "_measure", (spec, 4, 2, 3, 5, 0))]
+
+    monkeypatch.setattr(bench_kt, "ProcessPoolExecutor", executor(BrokenProcessPool("died")))
+    assert bench_kt.measure_kt(spec, 4, 2, 3, 5) is None
+    assert "kt-kernel's process died" in capsys.readouterr().err
 
 
 def test_offload_bench_roofline_counts_the_experts_a_call_reads():
@@ -178,3 +194,71 @@ def test_offload_bench_roofline_counts_the_experts_a_call_reads():
     assert bench.routed_bytes(spec, layer, 10_000) == pytest.approx(8 * per_expert)
     drawn = np.mean([len(np.unique(bench.random_route(rng, 3, 8, 2)[0])) for _ in range(4000)])
     assert bench.routed_bytes(spec, layer, 3) == pytest.approx(drawn * per_expert, rel=0.02)
+
+
+def test_kt_kernel_llamafile_gets_gguf_blocks_of_the_engines_types(monkeypatch):
+    """kt-kernel's GGUF path (LLAMAFILE, its `moe.MOE`) is one of the methods raced for its fastest: it
+    gets the layer's GGUF blocks of the types the engine runs (the bytes a GGUF file holds), kept alive
+    while the layer lives (it reads them in place), and those types by name; the bf16 methods get their
+    own bf16 experts. Checked on a stand-in for kt-kernel."""
+    from offload import bench, bench_kt
+
+    blocks = []
+
+    def random_weight(rng, typ, shape):
+        w = real(rng, typ, shape)
+        blocks.append((typ, shape, w.data.nbytes))
+        return w
+
+    real = bench.random_weight
+    monkeypatch.setattr(bench, "random_weight", random_weight)
+    assert "LLAMAFILE" in bench_kt.METHODS and "AMXInt4_MOE" in bench_kt.METHODS
+    built = []
+
+    class Config:
+        def __init__(self, E, A, H, I, gpu_mask):
+            self.shape, self.gpu_mask = (E, A, H, I), gpu_mask
+
+    class Moe:
+        def __init__(self, cfg):
+            self.cfg = dict(vars(cfg))
+            built.append(self)
+
+        def load_weights_task(self, p2l):
+            return ("load", p2l)
+
+    class Ext:
+        class moe:
+            MOEConfig = Config
+            MOE = AMXInt4_MOE = Moe
+
+        class kvcache:
+            class ggml_type:
+                Q4_K, Q6_K, BF16 = 12, 14, 30
+
+        class CPUInfer:
+            backend_ = "pool"
+
+            def __init__(self, n):
+                self.tasks = []
+
+            def submit(self, task):
+                self.tasks.append(task)
+
+            def sync(self):
+                pass
+
+    spec = dict(H=512, I=256, E=4, A=2, gate="Q4_K", down="Q6_K")
+    rng = np.random.default_rng(0)
+    layer = bench_kt.KtMoE(Ext, spec, 3, "LLAMAFILE", 1, rng)
+    cfg = built[-1].cfg
+    # kt-kernel reads them in place: the layer keeps them alive
+    assert [t.data_ptr() for t in layer.blocks[0]] == [cfg["gate_proj"], cfg["up_proj"], cfg["down_proj"]]
+    assert (cfg["gate_type"], cfg["up_type"], cfg["down_type"], cfg["hidden_type"]) == (12, 12, 14, 30)
+    assert cfg["gpu_mask"] != 0 and cfg["gate_proj"] and cfg["up_proj"] and cfg["down_proj"]
+    assert cfg["max_len"] >= 3 and cfg["group_max_len"] >= 3
+    assert blocks == [("Q4_K", (4, 256, 512), 4 * 256 * 2 * 144), ("Q4_K", (4, 256, 512), 4 * 256 * 2 * 144),
+                      ("Q6_K", (4, 512, 256), 4 * 512 * 210)]
+    bench_kt.KtMoE(Ext, spec, 3, "AMXInt4_MOE", 1, rng)
+    cfg = built[-1].cfg
+    assert "gate_type" not in cfg and cfg["gpu_mask"] == 0 and len(blocks) == 3
