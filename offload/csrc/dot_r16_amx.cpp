@@ -25,6 +25,15 @@
 // B 6-7), and the vector work goes between rounds of tile products (gemm_k). At 64 tokens one item's
 // epilogue (~7 cycles a token) plus the unpacking still take about as long as its tile work, and with
 // the activations from L2 (as here) rather than L1 the whole is ~15% slower: where to look next.
+// On a later machine (AMX under KVM, ~3.3 GHz) microbenchmarks put the limit elsewhere. Work that stays
+// in registers does run beside the tile unit: 128 zmm vpmullw cost nothing next to a round of 4 tile
+// loads and 4 products (21 ns with them or without). Memory work does not. The round's 4 tile loads (64
+// lines, ~10 ns) hold the load ports, and vector loads and stores placed beside them add their own
+// time. In gemm_k, at 64 tokens (4096 x 7168, one thread, ~180 ns per group, super-block and token
+// tile), taking one part out at a time saved: tile loads and products 57 ns, epilogue 61 ns, unpacking
+// 55 ns, tile stores 10 ns. The parts nearly add up. With only the loops and the tile stores left it ran
+// at 30 ns. Tried with no gain: ymm unpacking, the 4 broadcasts of a token's sub-block sums as one
+// load, and other prefetch hints and distances. Serving A from L1 saved ~10%.
 //
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
