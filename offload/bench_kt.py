@@ -7,10 +7,11 @@ the one its own tests use (CPUInfer, MOEConfig, load_weights_task, forward_task)
 Its methods raced for "its fastest": the AMX ones that pack bf16 experts themselves (AMXInt4, AMXInt4_1
 with a zero point, AMXInt8, AMXBF16) and LLAMAFILE, its GGUF path (`moe.MOE`), which takes the blocks of
 the same types the engine runs, as a GGUF file holds them. LLAMAFILE needs I % 256 == 0 (it refuses
-V2-Lite's 1408); on a V3-shaped layer it was kt-kernel's fastest at T=1 here (20.8 ms, AMXInt4 24 ms).
+V2-Lite's 1408). Measured here, on the V3-shaped layer at T=1: LLAMAFILE 20.8 ms and AMXInt4 24 ms (one
+thread), AMXInt4_1 16.0 ms (two threads); AMXInt4_1 was the fastest at T=1 on V2-Lite too.
 
 kt-kernel does not give back the memory of a layer it built (measured: ~0.5-1 GB of a V3-shaped layer
-stays in the process after `del` and a collection), and probing its methods builds six: `measure_kt`
+stays in the process after `del` and a collection), and probing its methods builds ten: `measure_kt`
 therefore runs the whole measurement in a child process, whose memory goes with it.
 """
 
