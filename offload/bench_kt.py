@@ -69,7 +69,7 @@ class KtMoE:
                 cfg.gate_type = cfg.up_type = getattr(ggml, spec["gate"])
                 cfg.down_type = getattr(ggml, spec["down"])
                 cfg.hidden_type = ggml.BF16
-                cfg.m_block, cfg.group_min_len, cfg.group_max_len = 32, 10, max(T, 128)
+                cfg.m_block, cfg.group_min_len, cfg.group_max_len = 32, 10, cfg.max_len
             moe = (kt_kernel_ext.moe.MOE if gguf else getattr(kt_kernel_ext.moe, method))(cfg)
             p2l = torch.arange(E, dtype=torch.int64)
             self.cpu.submit(moe.load_weights_task(p2l.data_ptr()))
