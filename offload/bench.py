@@ -3,8 +3,9 @@
 Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight type on matrices far
 larger than the L3 cache; microseconds per MoE layer at T=1 and tokens/s at T=128 for a
 DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls
-go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, for every engine),
-with the time the routed experts' bytes take at the measured read bandwidth (the memory roofline);
+go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, and each timed call
+runs right after a streaming read of 1.5x the L3 cache, for every engine), with the time the routed
+experts' bytes take at the read bandwidth of the moment (the memory roofline: those reads' rate);
 the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
 thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the shared machine.
 """
@@ -64,9 +65,10 @@ def timed(fn, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> tuple[flo
     return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
 
 
-def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -> tuple[dict, dict]:
+def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int) -> tuple[dict, dict]:
     """GB/s per type (median of 10 calls), and its fraction of a plain streaming read of as many bytes
-    timed in alternation with it (the shared machine's bandwidth swings from second to second)."""
+    timed in alternation with it on the same threads (the shared machine's bandwidth swings from second
+    to second)."""
     out, fraction = {}, {}
     cols = 8192
     for typ in types:
@@ -76,7 +78,7 @@ def bench_gemv(engine: CpuEngine, probe_engine, rng, types, target_bytes: int) -
         x = rng.standard_normal((1, cols), dtype=np.float32)
         y = np.empty((1, w.rows), np.float32)
         buf = np.ones(w.data.nbytes, dtype=np.uint8)
-        med = interleaved({"read": lambda: probe_engine.read_pass(buf), "gemv": lambda: engine.linear(w, x, y)},
+        med = interleaved({"read": lambda: engine.read_pass(buf), "gemv": lambda: engine.linear(w, x, y)},
                           repeats=10)
         read = buf.nbytes / med["read"] / 1e9
         out[typ] = w.data.nbytes / med["gemv"] / 1e9
@@ -161,8 +163,47 @@ def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
     return call
 
 
-def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, with_shared: bool = True) -> tuple[float, float]:
-    return timed(moe_call(engine, rng, spec, layers, T, with_shared), repeats, warmup=len(layers) + 1, settle_s=1.0)
+def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0) -> tuple[list, list]:
+    """Seconds of `repeats` calls of `call`, each run right after `read()` (a streaming read of 1.5x the
+    L3 cache, timed apart), and the seconds of those reads; warm-up as `timed`. No call finds its experts
+    in the cache: at T=1 a call reads only the few experts its token picks (31 MB on V2-Lite), and merely
+    cycling through copies of the layer left some of them in this machine's 480 MiB L3 cache (V2-Lite's
+    routed experts at T=1: 1006-1049 us, against 1143-1216 us with a read before each call)."""
+    timed(call, 1, warmup=warmup, settle_s=settle_s)
+    calls, reads = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        read()
+        t1 = time.perf_counter()
+        call()
+        calls.append(time.perf_counter() - t1)
+        reads.append(t1 - t0)
+    return calls, reads
+
+
+def one_thread_reader(buf):
+    """read() for `after_reads` before a peer's calls: a streaming read of buf on a one-thread engine,
+    which runs it on the calling thread and leaves no worker spinning beside the peer."""
+    reader = CpuEngine(1)
+    return lambda: reader.read_pass(buf)
+
+
+def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, buf) -> tuple[float, float]:
+    """(median, stdev) seconds of a T-token call of the whole layer, shared experts included, each call
+    after a read of `buf` on the engine's own threads."""
+    calls, _ = after_reads(moe_call(engine, rng, spec, layers, T), lambda: engine.read_pass(buf), repeats,
+                           warmup=len(layers) + 1)
+    return statistics.median(calls), statistics.stdev(calls)
+
+
+def bench_routed(engine, rng, spec, layers, T: int, repeats: int, buf) -> tuple[float, float]:
+    """Median seconds of a T-token call of the routed experts alone, each after a read of `buf` on the
+    engine's own threads, and those reads' GB/s: the memory roofline of the same moment (the bandwidth
+    swings between about 38 and 71 GB/s from minute to minute here; the figure measured at the start of
+    the run is minutes old by then)."""
+    calls, reads = after_reads(moe_call(engine, rng, spec, layers, T, with_shared=False),
+                               lambda: engine.read_pass(buf), repeats, warmup=len(layers) + 1)
+    return statistics.median(calls), buf.nbytes / statistics.median(reads) / 1e9
 
 
 def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
@@ -178,7 +219,7 @@ def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int) -> float:
+def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int, read) -> float:
     """The same layer in torch bf16 (weights dequantized to bf16; only the selected experts are read)."""
     import torch
 
@@ -206,7 +247,7 @@ def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int) -> float:
         if spec["n_shared"]:
             out += (torch.nn.functional.silu(x @ sg.T) * (x @ su.T)) @ sd.T
         return out
-    return timed(call, repeats)[0]
+    return statistics.median(after_reads(call, read, repeats, warmup=2, settle_s=0.0)[0])
 
 
 def main(argv=None) -> int:
@@ -240,13 +281,13 @@ def run(args) -> dict:
     rng = np.random.default_rng(0)
     engine = CpuEngine(threads)
     result = {"threads": threads, "isa": best_isa()}
-    probe = _C.Engine(threads)
-    result["read_gbs"] = probe.read_bandwidth()
+    result["read_gbs"] = _C.Engine(threads).read_bandwidth()
     print(f"read bandwidth {result['read_gbs']:.1f} GB/s ({threads} threads, {best_isa()})", file=sys.stderr)
     result["gemv"], result["gemv_fraction_of_read"] = bench_gemv(
-        engine, probe, rng, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
+        engine, rng, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
         args.gemv_mib << 20)
     result["moe"] = []
+    read_buf = np.ones(3 * l3_bytes() // 2, np.uint8)  # read before each timed MoE call
     for name, spec in LAYERS.items():
         layers = [make_layer(rng, spec)]
         copies = copies_beyond_l3(layer_bytes(layers[0]))
@@ -255,17 +296,18 @@ def run(args) -> dict:
               f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
         timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=5.0)  # the fresh gigabytes settle
         for T, repeats in ((1, args.repeats), (128, max(10, args.repeats // 5))):
-            secs, std = bench_moe_engine(engine, rng, spec, layers, T, repeats)
-            routed, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
+            secs, std = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf)
+            routed, read_gbs = bench_routed(engine, rng, spec, layers, T, repeats, read_buf)
             row = {"layer": name, "T": T, "copies": copies, "us": secs * 1e6, "us_std": std * 1e6, "tokens_per_s": T / secs,
-                   "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed}
-            # the memory roofline of the routed experts: their bytes at the measured read bandwidth (what
-            # decode cannot beat; a T=128 call is bound by compute instead)
+                   "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed, "read_gbs": read_gbs}
+            # the memory roofline of the routed experts: their bytes at the rate of the reads between their
+            # calls (what decode cannot beat; a T=128 call is bound by compute instead)
             row["routed_bytes"] = routed_bytes(spec, layers[0], T)
-            row["roofline_us"] = row["routed_bytes"] / (result["read_gbs"] * 1e3)
+            row["roofline_us"] = row["routed_bytes"] / (read_gbs * 1e3)
             row["routed_roofline_fraction"] = row["roofline_us"] / row["routed_us"]
             if not args.no_peers:
-                row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads) * 1e6
+                row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads,
+                                                       one_thread_reader(read_buf)) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
                 from .bench_kt import measure_kt
 
@@ -279,10 +321,12 @@ def run(args) -> dict:
                     kt_s, method, kt_threads, variant = kt
                     row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=method, kt_kernel_threads=kt_threads,
                                kt_kernel_variant=variant)
-                    after, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, with_shared=False)
-                    row["routed_us_after"] = after * 1e6
+                    after, read_after = bench_routed(engine, rng, spec, layers, T, repeats, read_buf)
+                    row["routed_us_after"], row["read_gbs_after"] = after * 1e6, read_after
                     row["kt_kernel_ratio"] = (routed + after) / 2 / kt_s
-                    row["kt_kernel_roofline_fraction"] = row["roofline_us"] / row["kt_kernel_us"]
+                    # its roofline at the mean of the read rates measured just before and after it
+                    kt_roofline_us = row["routed_bytes"] / ((read_gbs + read_after) / 2 * 1e3)
+                    row["kt_kernel_roofline_fraction"] = kt_roofline_us / row["kt_kernel_us"]
             result["moe"].append(row)
             peers = "".join(f", {k} {v:.0f}" for k, v in row.items()
                             if k.endswith("_us") and k not in ("us", "roofline_us"))
@@ -291,9 +335,11 @@ def run(args) -> dict:
                           f"{row['kt_kernel_us']:.0f} us = {row['kt_kernel_ratio']:.2f}x ({row['kt_kernel_method']}, "
                           f"{row['kt_kernel_threads']} thr, its {row['kt_kernel_variant']} build)")
             print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}; the routed "
-                  f"experts' {row['routed_bytes'] / 1e6:.1f} MB at the read bandwidth take {row['roofline_us']:.0f} us",
+                  f"experts' {row['routed_bytes'] / 1e6:.1f} MB at the {read_gbs:.1f} GB/s read between their calls "
+                  f"take {row['roofline_us']:.0f} us ({100 * row['routed_roofline_fraction']:.0f}% of it reached)",
                   file=sys.stderr)
         del layers
+    del read_buf
     return result
 
 

@@ -127,11 +127,14 @@ def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5, cop
 
 def _measure(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: int):
     """In the child: (seconds per call, method, threads, variant) of kt-kernel's best, or None. The probe
-    (one warm layer) picks the method; each thread count is then timed on the `copies` layers, since
-    its spinning workers make the faster count differ between a warm layer and cold ones."""
+    (one warm layer) picks the method; each thread count is then timed on the `copies` layers, each call
+    right after a streaming read of 1.5x the L3 cache as the engine's calls are, since its spinning
+    workers make the faster count differ between a warm layer and cold ones."""
+    import statistics
+
     import numpy as np
 
-    from .bench import timed
+    from .bench import after_reads, l3_bytes, one_thread_reader
 
     rng = np.random.default_rng(seed)
     kt = best_kt_moe(spec, T, threads, rng, copies=copies)
@@ -139,8 +142,10 @@ def _measure(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: 
         return None
     from kt_kernel import kt_kernel_ext
 
+    read = one_thread_reader(np.ones(3 * l3_bytes() // 2, np.uint8))  # before each call, as for the engine
+
     def seconds(layers: KtMoE) -> float:
-        return timed(layers, repeats, warmup=copies + 1, settle_s=1.0)[0]
+        return statistics.median(after_reads(layers, read, repeats, warmup=copies + 1)[0])
 
     method, variant = kt.method, kt.variant
     best = (seconds(kt), kt.threads)

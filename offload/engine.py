@@ -129,3 +129,8 @@ class CpuEngine:
 
     def wait(self) -> None:
         self._engine.wait()
+
+    def read_pass(self, buf: np.ndarray) -> float:
+        """Seconds for one streaming read of a uint8 buffer on this engine's threads: the memory roofline's
+        probe, timed on the pool that runs the ops (another pool's workers would still be spinning)."""
+        return self._engine.read_pass(buf)

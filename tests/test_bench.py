@@ -196,6 +196,64 @@ def test_offload_bench_roofline_counts_the_experts_a_call_reads():
     assert bench.routed_bytes(spec, layer, 3) == pytest.approx(drawn * per_expert, rel=0.02)
 
 
+def test_offload_bench_times_each_moe_call_after_a_read_beyond_l3(monkeypatch):
+    """Every timed MoE call runs right after a streaming read of 1.5x the L3 cache (at T=1 a call reads
+    so few experts that cycling through layer copies left some in the cache), and each row's roofline
+    takes the rate of those reads, on the engine's own threads: the bandwidth of the same moment, not the
+    figure measured minutes earlier at the start of the run. Checked on stand-ins with a fake clock."""
+    from offload import bench
+
+    clock = [0.0]
+    events = []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    class Engine:
+        def moe(self, x, ids, w, gate, up, down, shared, out):
+            events.append(("moe", gate, len(shared)))
+            clock[0] += 0.002
+
+        def read_pass(self, buf):
+            events.append(("read",))
+            clock[0] += 0.010
+            return 0.010
+
+    spec = {"H": 8, "E": 4, "A": 2}
+    layers = [("g0", "u0", "d0", ["s"]), ("g1", "u1", "d1", ["s"])]
+    buf = np.zeros(5_000_000, np.uint8)
+    rng = np.random.default_rng(0)
+    routed, read_gbs = bench.bench_routed(Engine(), rng, spec, layers, 1, 8, buf)
+    assert routed == pytest.approx(0.002)
+    assert read_gbs == pytest.approx(5_000_000 / 0.010 / 1e9)
+    assert all(e[2] == 0 for e in events if e[0] == "moe")  # the routed experts alone
+    assert [e[0] for e in events[-16:]] == ["read", "moe"] * 8
+    assert {e[1] for e in events[-16:] if e[0] == "moe"} == {"g0", "g1"}  # the layer copies in turn
+
+    events.clear()
+    median, std = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 6, buf)
+    assert median == pytest.approx(0.002) and std == pytest.approx(0, abs=1e-12)
+    assert all(e[2] == 1 for e in events if e[0] == "moe")  # the shared expert too
+    assert [e[0] for e in events[-12:]] == ["read", "moe"] * 6
+
+
+def test_offload_bench_peers_read_on_one_thread(monkeypatch):
+    """The read before each call of a peer (torch, kt-kernel) runs on a one-thread engine: on the calling
+    thread, with no worker left spinning beside the peer's threads."""
+    from offload import bench
+
+    assert bench.one_thread_reader(np.ones(1 << 20, np.uint8))() > 0
+    made = []
+
+    class Engine:
+        def __init__(self, threads):
+            made.append(threads)
+
+        def read_pass(self, buf):
+            return buf.nbytes
+
+    monkeypatch.setattr(bench, "CpuEngine", Engine)
+    assert bench.one_thread_reader(np.ones(100, np.uint8))() == 100 and made == [1]
+
+
 def test_kt_kernel_llamafile_gets_gguf_blocks_of_the_engines_types(monkeypatch):
     """kt-kernel's GGUF path (LLAMAFILE, its `moe.MOE`) is one of the methods raced for its fastest: it
     gets the layer's GGUF blocks of the types the engine runs (the bytes a GGUF file holds), kept alive
