@@ -4,8 +4,9 @@ Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight ty
 larger than the L3 cache; microseconds per MoE layer at T=1 and tokens/s at T=128 for a
 DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls
 go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, and each timed call
-runs right after a streaming read of 1.5x the L3 cache, for every engine), with the time the routed
-experts' bytes take at the read bandwidth of the moment (the memory roofline: those reads' rate);
+finds its experts out of the cache, after a streaming read of 1.5x the L3 cache and an untimed call of
+another copy, for every engine), with the time the routed experts' bytes take at the read bandwidth of
+the moment (the memory roofline: those reads' rate);
 the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
 thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the shared machine.
 """
@@ -164,20 +165,24 @@ def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
 
 
 def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0) -> tuple[list, list]:
-    """Seconds of `repeats` calls of `call`, each run right after `read()` (a streaming read of 1.5x the
-    L3 cache, timed apart), and the seconds of those reads; warm-up as `timed`. No call finds its experts
-    in the cache: at T=1 a call reads only the few experts its token picks (31 MB on V2-Lite), and merely
-    cycling through copies of the layer left some of them in this machine's 480 MiB L3 cache (V2-Lite's
-    routed experts at T=1: 1006-1049 us, against 1143-1216 us with a read before each call)."""
+    """Seconds of `repeats` calls of `call` (each on the next layer copy), each found cold as in decode,
+    and the seconds of the reads that made them so; warm-up as `timed`. Before each timed call, `read()`
+    (a streaming read of 1.5x the L3 cache) evicts every expert, then one untimed call (on the copy
+    before) brings back the code and buffers but not the experts the timed call reads. At T=1 a call
+    reads only the few experts its token picks (31 MB on V2-Lite), and merely cycling through copies of
+    the layer left some of them in this machine's 480 MiB L3 cache: V2-Lite's routed experts took
+    1012 us that way, 1113-1127 us this way. A read alone, right before the timed call, also evicts the
+    code: 1143-1185 us (a cold 64-row GEMV 72 us instead of 21)."""
     timed(call, 1, warmup=warmup, settle_s=settle_s)
     calls, reads = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         read()
+        reads.append(time.perf_counter() - t0)
+        call()
         t1 = time.perf_counter()
         call()
         calls.append(time.perf_counter() - t1)
-        reads.append(t1 - t0)
     return calls, reads
 
 
@@ -220,24 +225,27 @@ def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
 
 
 def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int, read) -> float:
-    """The same layer in torch bf16 (weights dequantized to bf16; only the selected experts are read)."""
+    """The same layer in torch bf16 (weights dequantized to bf16; only the selected experts are read),
+    two copies called in turn, so the untimed call before each timed one (`after_reads`) reads the other."""
     import torch
 
     torch.set_num_threads(threads)
     H, I, E, A = spec["H"], spec["I"], spec["E"], spec["A"]
-    g = torch.randn(E, I, H, dtype=torch.bfloat16) * 0.02
-    u = torch.randn(E, I, H, dtype=torch.bfloat16) * 0.02
-    d = torch.randn(E, H, I, dtype=torch.bfloat16) * 0.02
     si = I * spec["n_shared"]
-    sg, su, sd = (torch.randn(si, H, dtype=torch.bfloat16) * 0.02, torch.randn(si, H, dtype=torch.bfloat16) * 0.02,
-                  torch.randn(H, si, dtype=torch.bfloat16) * 0.02)
+
+    def bf16(*shape):
+        return torch.randn(*shape, dtype=torch.bfloat16) * 0.02
+
+    copies = [(bf16(E, I, H), bf16(E, I, H), bf16(E, H, I), bf16(si, H), bf16(si, H), bf16(H, si)) for _ in range(2)]
     x = torch.randn(T, H, dtype=torch.bfloat16)
     routes = [random_route(rng, T, E, A) for _ in range(8)]
     k = iter(range(10**9))
 
     @torch.inference_mode()
     def call():
-        ids, w = routes[next(k) % len(routes)]
+        i = next(k)
+        g, u, d, sg, su, sd = copies[i % 2]
+        ids, w = routes[i % len(routes)]
         ids, w = torch.from_numpy(ids), torch.from_numpy(w).to(torch.bfloat16)
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
