@@ -219,10 +219,14 @@ void swiglu(const float* g, const float* u, float* h, int64_t n, Isa isa) {
 }
 
 void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa) {
-    if (isa >= Isa::Avx512 && (fmt == GgmlType::Q8_0 || fmt == GgmlType::Q8_1 || fmt == GgmlType::Q8_K)) {
+    if (isa >= Isa::Avx2 && (fmt == GgmlType::Q8_0 || fmt == GgmlType::Q8_1 || fmt == GgmlType::Q8_K)) {
         require_isa(isa);
-        if (fmt == GgmlType::Q8_K) return detail::avx512::quantize_act_q8_k(x, dst, n);
-        return detail::avx512::quantize_act_q8_0(x, dst, n, fmt == GgmlType::Q8_1);
+        if (isa >= Isa::Avx512) {
+            if (fmt == GgmlType::Q8_K) return detail::avx512::quantize_act_q8_k(x, dst, n);
+            return detail::avx512::quantize_act_q8_0(x, dst, n, fmt == GgmlType::Q8_1);
+        }
+        if (fmt == GgmlType::Q8_K) return detail::avx2::quantize_act_q8_k(x, dst, n);
+        return detail::avx2::quantize_act_q8_0(x, dst, n, fmt == GgmlType::Q8_1);
     }
     switch (fmt) {
         case GgmlType::Q8_0: {

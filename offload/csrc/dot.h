@@ -77,7 +77,7 @@ uint16_t float_to_bf16(float f);
 //   Q8_K  quantize_row_q8_K_ref: iscale = -127/max (signed max), q = min(127, nearest_int(iscale x)),
 //         d = 1/iscale (f32), bsums; an all-zero block gives d = 0, qs = 0, bsums = 0;
 //   F16 / BF16  round to nearest even. dst holds row_size(fmt, n) bytes.
-// isa: from Avx512 the Q8 formats are quantized 16 lanes at a time, to the same bytes.
+// isa: from Avx2 the Q8 formats are quantized 8 lanes at a time, from Avx512 16, to the same bytes.
 void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa = best_isa());
 
 // h[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i], SwiGLU's product (an expert's gate and up).

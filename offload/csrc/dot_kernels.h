@@ -23,6 +23,9 @@ namespace avx2 {
 DotKernel kernel(GgmlType wtype);
 ScaledDotKernel scaled_kernel(GgmlType wtype);
 void swiglu(const float* g, const float* u, float* h, int64_t n);  // swiglu() from Isa::Avx2 (dot_avx2.cpp)
+// quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows below AVX-512 (dot_avx2.cpp): the same bytes
+void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
+void quantize_act_q8_k(const float* x, void* dst, int64_t n);
 }
 namespace avx512 {
 DotKernel kernel(GgmlType wtype);

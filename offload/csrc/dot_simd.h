@@ -99,6 +99,67 @@ TANDEM_INLINE __m512i dpbusd8(__m512i s, const __m512i* q, const __m512i* aq) {
 #endif
 #endif
 
+// The activation quantizers' float lanes (dot_avx2.cpp, dot_avx512.cpp): 8 (AVX2) or 16 (AVX-512).
+struct Lanes8 {
+    static constexpr int N = 8;
+    using F = __m256;
+    static F load(const float* p) { return _mm256_loadu_ps(p); }
+    static F abs(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+    static F max(F a, F b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+    static F zero() { return _mm256_setzero_ps(); }
+    static float hmax(F v) {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    }
+    static unsigned equal(F a, float b) {
+        return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(b), _CMP_EQ_OQ)));
+    }
+};
+#if TANDEM_DOT_LEVEL >= 3
+struct Lanes16 {
+    static constexpr int N = 16;
+    using F = __m512;
+    static F load(const float* p) { return _mm512_loadu_ps(p); }
+    static F abs(F v) { return _mm512_abs_ps(v); }
+    static F max(F a, F b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+    static F zero() { return _mm512_setzero_ps(); }
+    static float hmax(F v) { return _mm512_reduce_max_ps(v); }
+    static unsigned equal(F a, float b) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_EQ_OQ); }
+};
+#endif
+
+// max |x| over n values (a multiple of L::N), NaN left out (maxps returns its second operand), as the
+// scalar quantizers' running max
+template <class L>
+TANDEM_INLINE float max_magnitude(const float* x, int n) {
+    typename L::F acc = L::zero();
+    for (int k = 0; k < n; k += L::N) acc = L::max(L::abs(L::load(x + k)), acc);
+    return L::hmax(acc);
+}
+
+// The signed value of the first of n values whose magnitude is amax (Q8_K's max, as the scalar loop
+// keeps it); 0 when there is none
+template <class L>
+TANDEM_INLINE float first_of_magnitude(const float* x, int n, float amax) {
+    for (int k = 0; k < n; k += L::N)
+        if (const unsigned hit = L::equal(L::abs(L::load(x + k)), amax)) return x[k + __builtin_ctz(hit)];
+    return 0.0f;
+}
+
+// Block i of a Q8_0 (or Q8_1) row: its d (and s = d * the sum of its quants) written; where its quants go
+TANDEM_INLINE int8_t* q8_block_head(void* dst, int64_t i, bool q8_1, float d, int32_t sum) {
+    if (q8_1) {
+        auto* y = static_cast<block_q8_1*>(dst) + i;
+        y->d = float_to_half(d);
+        y->s = float_to_half(d * static_cast<float>(sum));
+        return y->qs;
+    }
+    auto* y = static_cast<block_q8_0*>(dst) + i;
+    y->d = float_to_half(d);
+    return y->qs;
+}
+
 // Byte j = 0xFF where bit j of the 32-bit word at p is set.
 TANDEM_INLINE __m256i bits_to_bytes(const uint8_t* p) {
     uint32_t bits;
