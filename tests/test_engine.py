@@ -131,6 +131,24 @@ def test_moe(gtyp, dtyp, isa, T, A):
         assert err <= 2e-3, (threads, err)
 
 
+@pytest.mark.parametrize("T", [1, 33])
+def test_moe_does_not_depend_on_the_thread_count(T):
+    """Every output row is summed by one task, experts in job order, and each activation block is
+    quantized whole by one task, however the rows are split: 1, 2 and 3 threads give the same bits
+    (H = 512 splits into down slabs of 192, 192 and 128 rows on 3 threads)."""
+    rng = np.random.default_rng(4)
+    E, H, I, A = 8, 512, 768, 3
+    g, _ = make_weight(rng, "Q4_K", (E, I, H))
+    u, _ = make_weight(rng, "Q4_K", (E, I, H))
+    d, _ = make_weight(rng, "Q6_K", (E, H, I))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(-1, E, (T, A))
+    weights = rng.random((T, A)).astype(np.float32)
+    got = [CpuEngine(threads=n).moe(x, ids, weights, g, u, d) for n in (1, 2, 3)]
+    assert np.abs(got[0]).max() > 0
+    assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+
+
 def test_moe_calls_of_changing_shapes():
     """The op keeps its buffers from call to call (growing only): calls of other sizes and types in
     between leave a call's result bit for bit the same, and right."""
