@@ -37,12 +37,15 @@ int64_t slab_rows(int64_t work, int threads) {
     return std::clamp<int64_t>(work / (4 * static_cast<int64_t>(threads)) / 32 * 32, 32, 1024);
 }
 
-// MoE down-projection slabs: one per thread (a multiple of 32 rows). Every down task reads a fragment of
-// each expert and packs that expert's activations again, so fewer, longer slabs pay off more than the
-// balance of four a thread: against slab_rows' (V2-Lite 256 rows, V3 896), cold-cache A/Bs in one
-// process gave V2-Lite 0.93-0.97x at T=1 and 0.94x at T=128, V3 1.00-1.01x at T=1 and 0.99x at T=128.
+// MoE down-projection slabs: the fewest that split `H` rows evenly over the threads with at most 1024 rows
+// each (a multiple of 32; 1024 also bounds a thread's [tokens x rows] output buffer). Every down task
+// reads a fragment of each expert and packs that expert's activations again, so fewer, longer slabs pay
+// off more than slab_rows' four a thread: V2-Lite's 2048 rows as 2 x 1024 instead of 8 x 256 ran
+// 0.93-0.97x at T=1 and 0.94x at T=128 (cold-cache A/Bs in one process); V3's 7168 stay 8 x 896 (as
+// 2 x 3584 they ran 1.00-1.01x at T=1, 0.99x at T=128).
 int64_t down_slab_rows(int64_t H, int threads) {
-    return ((H + threads - 1) / threads + 31) / 32 * 32;
+    const int64_t per_thread = (H + threads - 1) / threads, slabs = threads * ((per_thread + 1023) / 1024);
+    return ((H + slabs - 1) / slabs + 31) / 32 * 32;
 }
 
 size_t act_row_bytes(const Weight& w) {
