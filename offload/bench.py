@@ -296,6 +296,7 @@ def run(args) -> dict:
         args.gemv_mib << 20)
     result["moe"] = []
     read_buf = np.ones(3 * l3_bytes() // 2, np.uint8)  # read before each timed MoE call
+    peer_read = one_thread_reader(read_buf)
     for name, spec in LAYERS.items():
         layers = [make_layer(rng, spec)]
         copies = copies_beyond_l3(layer_bytes(layers[0]))
@@ -314,8 +315,7 @@ def run(args) -> dict:
             row["roofline_us"] = row["routed_bytes"] / (read_gbs * 1e3)
             row["routed_roofline_fraction"] = row["roofline_us"] / row["routed_us"]
             if not args.no_peers:
-                row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads,
-                                                       one_thread_reader(read_buf)) * 1e6
+                row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads, peer_read) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
                 from .bench_kt import measure_kt
 
@@ -347,7 +347,7 @@ def run(args) -> dict:
                   f"take {row['roofline_us']:.0f} us ({100 * row['routed_roofline_fraction']:.0f}% of it reached)",
                   file=sys.stderr)
         del layers
-    del read_buf
+    del read_buf, peer_read
     return result
 
 

@@ -128,8 +128,9 @@ def best_kt_moe(spec: dict, T: int, threads: int, rng, probe_calls: int = 5, cop
 def _measure(spec: dict, T: int, threads: int, copies: int, repeats: int, seed: int):
     """In the child: (seconds per call, method, threads, variant) of kt-kernel's best, or None. The probe
     (one warm layer) picks the method; each thread count is then timed on the `copies` layers, each call
-    right after a streaming read of 1.5x the L3 cache as the engine's calls are, since its spinning
-    workers make the faster count differ between a warm layer and cold ones."""
+    found cold as the engine's are (`after_reads`: a read of 1.5x the L3 cache, then an untimed call of
+    another copy), since its spinning workers make the faster count differ between a warm layer and cold
+    ones."""
     import statistics
 
     import numpy as np
