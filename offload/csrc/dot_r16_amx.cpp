@@ -33,7 +33,12 @@
 // tile), taking one part out at a time saved: tile loads and products 57 ns, epilogue 61 ns, unpacking
 // 55 ns, tile stores 10 ns. The parts nearly add up. With only the loops and the tile stores left it ran
 // at 30 ns. Tried with no gain: ymm unpacking, the 4 broadcasts of a token's sub-block sums as one
-// load, and other prefetch hints and distances. Serving A from L1 saved ~10%.
+// load, and other prefetch hints and distances. Serving A from L1 saved ~10%, but the practical way to
+// do it, two groups' super-block b in turn (the second's A tiles still in L1), gained 1-3% here at 32-128
+// tokens and nothing in a V3-shaped MoE at T=128 (65.4 vs 65.3 ms); prefetching the next super-block's A
+// into L1 beside the rounds cost 4-9%. Keeping acc in registers instead of memory would save 3-4% at most
+// (measured by dropping its load and store). Running each item's epilogue one item later, so its C loads
+// are further from the tile stores (three C buffers, four mins), cost ~5%.
 //
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
