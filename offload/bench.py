@@ -193,22 +193,15 @@ def one_thread_reader(buf):
     return lambda: reader.read_pass(buf)
 
 
-def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, buf) -> tuple[float, float]:
-    """(median, stdev) seconds of a T-token call of the whole layer, shared experts included, each call
-    after a read of `buf` on the engine's own threads."""
-    calls, _ = after_reads(moe_call(engine, rng, spec, layers, T), lambda: engine.read_pass(buf), repeats,
-                           warmup=len(layers) + 1)
-    return statistics.median(calls), statistics.stdev(calls)
-
-
-def bench_routed(engine, rng, spec, layers, T: int, repeats: int, buf) -> tuple[float, float]:
-    """Median seconds of a T-token call of the routed experts alone, each after a read of `buf` on the
-    engine's own threads, and those reads' GB/s: the memory roofline of the same moment (the bandwidth
-    swings between about 38 and 71 GB/s from minute to minute here; the figure measured at the start of
-    the run is minutes old by then)."""
-    calls, reads = after_reads(moe_call(engine, rng, spec, layers, T, with_shared=False),
-                               lambda: engine.read_pass(buf), repeats, warmup=len(layers) + 1)
-    return statistics.median(calls), buf.nbytes / statistics.median(reads) / 1e9
+def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, buf,
+                     with_shared: bool = True) -> tuple[float, float, float]:
+    """(median, stdev) seconds of a T-token call of the layer (the routed experts alone without
+    `with_shared`), each call after a read of `buf` on the engine's own threads, and those reads' GB/s:
+    the memory roofline of the same moment (the bandwidth swings between about 38 and 71 GB/s from
+    minute to minute here; the figure measured at the start of the run is minutes old by then)."""
+    calls, reads = after_reads(moe_call(engine, rng, spec, layers, T, with_shared), lambda: engine.read_pass(buf),
+                               repeats, warmup=len(layers) + 1)
+    return statistics.median(calls), statistics.stdev(calls), buf.nbytes / statistics.median(reads) / 1e9
 
 
 def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
@@ -305,8 +298,8 @@ def run(args) -> dict:
               f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
         timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=5.0)  # the fresh gigabytes settle
         for T, repeats in ((1, args.repeats), (128, max(10, args.repeats // 5))):
-            secs, std = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf)
-            routed, read_gbs = bench_routed(engine, rng, spec, layers, T, repeats, read_buf)
+            secs, std, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf)
+            routed, _, read_gbs = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf, with_shared=False)
             row = {"layer": name, "T": T, "copies": copies, "us": secs * 1e6, "us_std": std * 1e6, "tokens_per_s": T / secs,
                    "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed, "read_gbs": read_gbs}
             # the memory roofline of the routed experts: their bytes at the rate of the reads between their
@@ -329,7 +322,8 @@ def run(args) -> dict:
                     kt_s, method, kt_threads, variant = kt
                     row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=method, kt_kernel_threads=kt_threads,
                                kt_kernel_variant=variant)
-                    after, read_after = bench_routed(engine, rng, spec, layers, T, repeats, read_buf)
+                    after, _, read_after = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf,
+                                                            with_shared=False)
                     row["routed_us_after"], row["read_gbs_after"] = after * 1e6, read_after
                     row["kt_kernel_ratio"] = (routed + after) / 2 / kt_s
                     # its roofline at the mean of the read rates measured just before and after it

@@ -223,7 +223,7 @@ def test_offload_bench_times_each_moe_call_after_a_read_beyond_l3(monkeypatch):
     layers = [("g0", "u0", "d0", ["s"]), ("g1", "u1", "d1", ["s"])]
     buf = np.zeros(5_000_000, np.uint8)
     rng = np.random.default_rng(0)
-    routed, read_gbs = bench.bench_routed(Engine(), rng, spec, layers, 1, 8, buf)
+    routed, _, read_gbs = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 8, buf, with_shared=False)
     assert routed == pytest.approx(0.002)
     assert read_gbs == pytest.approx(5_000_000 / 0.010 / 1e9)
     assert all(e[2] == 0 for e in events if e[0] == "moe")  # the routed experts alone
@@ -232,7 +232,7 @@ def test_offload_bench_times_each_moe_call_after_a_read_beyond_l3(monkeypatch):
         assert events[i + 1][1] != events[i + 2][1]
 
     events.clear()
-    median, std = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 6, buf)
+    median, std, _ = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 6, buf)
     assert median == pytest.approx(0.002) and std == pytest.approx(0, abs=1e-12)
     assert all(e[2] == 1 for e in events if e[0] == "moe")  # the shared expert too
     assert [e[0] for e in events[-18:]] == ["read", "moe", "moe"] * 6
