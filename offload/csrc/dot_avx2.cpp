@@ -97,12 +97,8 @@ void quantize_act_q8_k(const float* x, void* dst, int64_t n) {
     auto* y = static_cast<block_q8_K*>(dst);
     for (int64_t i = 0; i < n / 256; ++i, ++y) {
         const float* xb = x + 256 * i;
-        const float amax = max_magnitude<Lanes8>(xb, 256);
-        if (amax == 0.0f) {
-            std::memset(y, 0, sizeof(*y));
-            continue;
-        }
-        const float iscale = -127.0f / first_of_magnitude<Lanes8>(xb, 256, amax);
+        float iscale;
+        if (!q8k_iscale<Lanes8>(xb, y, iscale)) continue;
         const __m256 is = _mm256_set1_ps(iscale);
         const __m256i top = _mm256_set1_epi32(127), byte = _mm256_set1_epi32(0xFF);
         for (int k = 0; k < 8; ++k) {  // 32 values at a time, each truncated to its low byte as the scalar cast

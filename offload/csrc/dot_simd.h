@@ -147,6 +147,20 @@ TANDEM_INLINE float first_of_magnitude(const float* x, int n, float amax) {
     return 0.0f;
 }
 
+// Q8_K block y's scale for its 256 values xb: iscale = -127 / the signed value of its first element of
+// the largest magnitude, as the scalar quantizer takes it; false, and y all zeros (d = 0, qs = 0, bsums =
+// 0), for an all-zero block. A max of +-inf gives iscale -0, still a block to quantize.
+template <class L>
+TANDEM_INLINE bool q8k_iscale(const float* xb, block_q8_K* y, float& iscale) {
+    const float amax = max_magnitude<L>(xb, 256);
+    if (amax == 0.0f) {
+        std::memset(y, 0, sizeof(*y));
+        return false;
+    }
+    iscale = -127.0f / first_of_magnitude<L>(xb, 256, amax);
+    return true;
+}
+
 // Block i of a Q8_0 (or Q8_1) row: its d (and s = d * the sum of its quants) written; where its quants go
 TANDEM_INLINE int8_t* q8_block_head(void* dst, int64_t i, bool q8_1, float d, int32_t sum) {
     if (q8_1) {
