@@ -72,6 +72,20 @@ def test_linear_long_rows(typ, isa):
         assert_linear_matches(w, wf, rng.standard_normal((T, K)).astype(np.float32), typ, isa)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("typ", ["F16", "BF16", "F32"])
+def test_linear_float_decode_pairs(typ, isa):
+    """Decode of the float types reads rows two at a time, from the two halves of a task (two streams):
+    every pairing (2-6 rows, an odd count's last row alone) with ragged row lengths (vector tails of
+    1..31 values, rows shorter than one vector)."""
+    rng = np.random.default_rng(3)
+    for K in (1, 15, 33, 47, 100):
+        for N in (2, 3, 6):
+            w, wf = make_weight(rng, typ, (N, K))
+            for T in (1, 2):
+                assert_linear_matches(w, wf, rng.standard_normal((T, K)).astype(np.float32), typ, isa)
+
+
 @pytest.mark.parametrize("typ", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16", "F32"])
 @pytest.mark.parametrize("T", [1, 3, 33])
 def test_linear_batched(typ, T):

@@ -17,10 +17,17 @@ struct ScaledDotKernel {
                            float* act_d) = nullptr;
 };
 
+// Two weight rows against the same one or two activation rows (n_act 1..2): out0[j] = dot(w0, act_j),
+// out1[j] = dot(w1, act_j). Decode reads the float types' rows two at a time, far apart: two streams side
+// by side keep more of the memory bandwidth busy than one (matmul_rows).
+using DotKernel2 = void (*)(int64_t n, const void* w0, const void* w1, const void* act_rows, size_t act_row_stride,
+                            int n_act, float* out0, float* out1);
+
 // Each returns nullptr (an empty ScaledDotKernel) for a type it has no kernel for.
 namespace scalar { DotKernel kernel(GgmlType wtype); }
 namespace avx2 {
 DotKernel kernel(GgmlType wtype);
+DotKernel2 kernel2(GgmlType wtype);  // F32 / F16 / BF16
 ScaledDotKernel scaled_kernel(GgmlType wtype);
 void swiglu(const float* g, const float* u, float* h, int64_t n);  // swiglu() from Isa::Avx2 (dot_avx2.cpp)
 // quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows below AVX-512 (dot_avx2.cpp): the same bytes
@@ -29,6 +36,7 @@ void quantize_act_q8_k(const float* x, void* dst, int64_t n);
 }
 namespace avx512 {
 DotKernel kernel(GgmlType wtype);
+DotKernel2 kernel2(GgmlType wtype);  // F32 / F16 / BF16
 ScaledDotKernel scaled_kernel(GgmlType wtype);
 // quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows (dot_avx512.cpp): the same bytes
 void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
@@ -36,8 +44,10 @@ void quantize_act_q8_k(const float* x, void* dst, int64_t n);
 }
 namespace avx512_vnni {
 DotKernel kernel(GgmlType wtype);
+DotKernel2 kernel2(GgmlType wtype);  // F32 / F16 / BF16
 ScaledDotKernel scaled_kernel(GgmlType wtype);
 DotKernel bf16_dpbf16_kernel();  // BF16 x BF16 with _mm512_dpbf16_ps: only where the CPU has AVX512_BF16
+DotKernel2 bf16_dpbf16_kernel2();
 }
 
 }  // namespace tandem::detail

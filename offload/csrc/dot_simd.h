@@ -211,6 +211,14 @@ void by_rows(int64_t n, const void* w, const void* a, size_t as, int n_act, floa
     }
 }
 
+// The two-row form (DotKernel2) for the one or two activation rows of decode.
+template <class K>
+void by_rows2(int64_t n, const void* w0, const void* w1, const void* a, size_t as, int n_act, float* out0,
+              float* out1) {
+    if (n_act == 1) K::template run2<1>(n, w0, w1, a, as, out0, out1);
+    else if (n_act == 2) K::template run2<2>(n, w0, w1, a, as, out0, out1);
+}
+
 // ---------------------------------------------------------------------------------------- 32-value blocks
 // Each unpacker gives the block's 32 quants in element order: signed values for the symmetric types
 // (kSigned), unsigned 0..31 for the _1 types, whose min m enters as m_w * s_a.
@@ -1056,44 +1064,64 @@ struct CvtBF16 {
 };
 #endif
 
+// NW weight rows (1, or 2 read side by side in decode: dot_kernel2) against NA activation rows.
 template <class C>
 struct Floats {
-    template <int NA>
-    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+    template <int NA, int NW>
+    static void rows(int64_t n, const void* const* vw, const void* va, size_t as, float* const* out) {
         using T = typename C::T;
-        constexpr int U = NA == 1 ? 4 : NA == 2 ? 2 : 1;  // independent accumulators per row
-        const T* w = static_cast<const T*>(vw);
-        VecF acc[NA][U];
-        for (int r = 0; r < NA; ++r)
-            for (int u = 0; u < U; ++u) acc[r][u] = fzero();
+        constexpr int U = NA * NW == 1 ? 4 : NA * NW == 2 ? 2 : 1;  // independent accumulators per row pair
+        const T* w[NW];
+        for (int k = 0; k < NW; ++k) w[k] = static_cast<const T*>(vw[k]);
+        VecF acc[NW][NA][U];
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r)
+                for (int u = 0; u < U; ++u) acc[k][r][u] = fzero();
         int64_t i = 0;
         for (; i + U * kLanes <= n; i += U * kLanes)
             for (int u = 0; u < U; ++u) {
-                const VecF wv = C::load(w + i + u * kLanes);
-                for (int r = 0; r < NA; ++r)
-                    acc[r][u] = fmadd(wv, C::load(act_row<T>(va, as, r) + i + u * kLanes), acc[r][u]);
+                VecF wv[NW];
+                for (int k = 0; k < NW; ++k) wv[k] = C::load(w[k] + i + u * kLanes);
+                for (int r = 0; r < NA; ++r) {
+                    const VecF av = C::load(act_row<T>(va, as, r) + i + u * kLanes);
+                    for (int k = 0; k < NW; ++k) acc[k][r][u] = fmadd(wv[k], av, acc[k][r][u]);
+                }
             }
-        for (; i + kLanes <= n; i += kLanes) {
-            const VecF wv = C::load(w + i);
-            for (int r = 0; r < NA; ++r) acc[r][0] = fmadd(wv, C::load(act_row<T>(va, as, r) + i), acc[r][0]);
-        }
+        for (; i + kLanes <= n; i += kLanes)
+            for (int r = 0; r < NA; ++r) {
+                const VecF av = C::load(act_row<T>(va, as, r) + i);
+                for (int k = 0; k < NW; ++k) acc[k][r][0] = fmadd(C::load(w[k] + i), av, acc[k][r][0]);
+            }
 #if TANDEM_DOT_LEVEL >= 3
         if (i < n) {
             const auto m = static_cast<__mmask16>((1u << (n - i)) - 1);  // n - i < 16
-            const VecF wv = C::load(w + i, m);
-            for (int r = 0; r < NA; ++r) acc[r][0] = fmadd(wv, C::load(act_row<T>(va, as, r) + i, m), acc[r][0]);
+            for (int r = 0; r < NA; ++r) {
+                const VecF av = C::load(act_row<T>(va, as, r) + i, m);
+                for (int k = 0; k < NW; ++k) acc[k][r][0] = fmadd(C::load(w[k] + i, m), av, acc[k][r][0]);
+            }
         }
 #endif
-        for (int r = 0; r < NA; ++r) {
-            VecF s = acc[r][0];
-            for (int u = 1; u < U; ++u) s = fadd(s, acc[r][u]);
-            float total = fsum(s);
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) {
+                VecF s = acc[k][r][0];
+                for (int u = 1; u < U; ++u) s = fadd(s, acc[k][r][u]);
+                float total = fsum(s);
 #if TANDEM_DOT_LEVEL < 3
-            const T* a = act_row<T>(va, as, r);
-            for (int64_t j = i; j < n; ++j) total += C::scalar(w[j]) * C::scalar(a[j]);
+                const T* a = act_row<T>(va, as, r);
+                for (int64_t j = i; j < n; ++j) total += C::scalar(w[k][j]) * C::scalar(a[j]);
 #endif
-            out[r] = total;
-        }
+                out[k][r] = total;
+            }
+    }
+    template <int NA>
+    static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
+        rows<NA, 1>(n, &vw, va, as, &out);
+    }
+    template <int NA>
+    static void run2(int64_t n, const void* w0, const void* w1, const void* va, size_t as, float* out0, float* out1) {
+        const void* w[2] = {w0, w1};
+        float* out[2] = {out0, out1};
+        rows<NA, 2>(n, w, va, as, out);
     }
 };
 
@@ -1135,6 +1163,15 @@ DotKernel kernel(GgmlType wtype) {
         case GgmlType::Q4_K: return &by_rows<QxK<false>>;
         case GgmlType::Q5_K: return &by_rows<QxK<true>>;
         case GgmlType::Q6_K: return &by_rows<Q6K>;
+        default: return nullptr;
+    }
+}
+
+DotKernel2 kernel2(GgmlType wtype) {
+    switch (wtype) {
+        case GgmlType::F32: return &by_rows2<Floats<CvtF32>>;
+        case GgmlType::F16: return &by_rows2<Floats<CvtF16>>;
+        case GgmlType::BF16: return &by_rows2<Floats<CvtBF16>>;
         default: return nullptr;
     }
 }
