@@ -11,6 +11,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "dot_kernels.h"
 #include "repack.h"
@@ -596,6 +597,24 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
         return matmul_rows_r16(wtype, n, W, row_begin, row_end, A, a_stride, n_tokens, Y, y_stride, isa);
     const DotKernel kernel = checked_kernel(wtype, isa);
     const detail::DotKernel2 kernel2 = dot_kernel2(wtype, isa);
+    const auto* w = static_cast<const char*>(W);
+    // BF16 from a few tokens on: whole 16-row groups on AMX-BF16 tiles, straight from the rows (the rest
+    // below). 4096 x 4096, 2 threads: 128 tokens 4.3 ms against 35.7 ms by rows with dpbf16 (torch's bf16
+    // matmul 3.0 ms); 8 tokens 0.83 against 2.3 ms.
+    if (wtype == GgmlType::BF16 && isa == Isa::Amx && cpu_features().amx_bf16 &&
+        n_tokens >= detail::amx::kAmxBf16MinTokens && row_end - row_begin >= 16) {
+        const int64_t groups = (row_end - row_begin) / 16;
+        thread_local std::vector<uint16_t> buf;
+        buf.resize(static_cast<size_t>((n + 31) / 32 * ((n_tokens + 15) / 16)) * detail::amx::kBf16Tile + 32);
+        auto* packed = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+        detail::amx::pack_bf16(A, a_stride, n_tokens, n, packed);
+        int configured = -1;
+        detail::amx::gemm_bf16(n, reinterpret_cast<const uint8_t*>(w + row_begin * w_row_stride), w_row_stride, groups,
+                               packed, n_tokens, Y + row_begin, y_stride, configured);
+        detail::amx::release_tiles();
+        row_begin += groups * 16;
+        if (row_begin == row_end) return;
+    }
     // Rows in chunks of ~256 KiB of weights (L2): each chunk is reused by every token tile, and each
     // tile (<= 8 activation rows) by every row of the chunk.
     const int64_t chunk = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<size_t>(1, row_size(wtype, n)));
@@ -608,7 +627,6 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
     const int64_t nb = n / qk::QK8_0;
     const bool use_scaled = scaled.dot && kMaxActRows * per_block * nb <= kMaxScaleFloats;
     alignas(64) float act_d[kMaxScaleFloats];  // 96 KiB of stack, touched only when used; whole cache lines
-    const auto* w = static_cast<const char*>(W);
     const auto* a = static_cast<const char*>(A);
     float out[kMaxActRows];
     const bool decode = n_tokens <= 2;

@@ -1,5 +1,5 @@
-// AMX-INT8 kernel for the row-interleaved Q4_K and Q5_K layouts (repack.h): one group of 16 weight rows against
-// many activation rows, for prefill. The VNNI kernel (dot_r16_vnni.cpp) spends two instructions per 64
+// AMX kernels for prefill. First AMX-INT8 for the row-interleaved Q4_K and Q5_K layouts (repack.h): one group of
+// 16 weight rows against many activation rows. The VNNI kernel (dot_r16_vnni.cpp) spends two instructions per 64
 // multiply-adds; a tile product does 16 x 16 x 64 of them, but a tile result must go through memory
 // and a Q4_K super-block has 8 sub-block scales per row, so a tile product per 32-value sub-block
 // would store and reload a tile every 8192 multiply-adds. Instead the 6-bit sub-block scales are folded
@@ -45,6 +45,11 @@
 // twice int8's bytes and come from L2. The dequantizing (cvt, fma, vcvtne2ps2bf16 and vpermw per 32 weights)
 // added ~100 ns more, so 190-300 ns in all against this kernel's ~180.
 //
+// BF16 weights (gemm_bf16) need no unpacking: AMX-BF16 tiles take 16 rows of 32 values straight from the
+// row-major weights as the A operand (the rows' last partial 32 values from a zero-padded copy), the
+// activations are packed once per call as the B operand (pack_bf16: pairs of values per token, gathered),
+// and four C tiles (two row groups by two token tiles) accumulate in f32 over all of K.
+//
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
 // kernel does per block: acc += float(C) * (d_w * d_a), the same value as the VNNI kernel's C + seed.
@@ -59,6 +64,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -69,10 +75,10 @@
 
 #if defined(__clang__)
 #pragma clang attribute push(                                                                                   \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8"))), \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8,amx-bf16"))), \
     apply_to = function)
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8,amx-bf16")
 #endif
 
 namespace tandem::detail::amx {
@@ -543,6 +549,113 @@ void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq,
         case GgmlType::Q5_0: return gemm32<GgmlType::Q5_0>(nb, group, aq, ad, n_tokens, Y, y_stride, configured);
         case GgmlType::Q8_0: return gemm32<GgmlType::Q8_0>(nb, group, aq, ad, n_tokens, Y, y_stride, configured);
         default: return;
+    }
+}
+
+void pack_bf16(const void* act, size_t act_stride, int64_t n_tokens, int64_t n, uint16_t* packed) {
+    const int64_t steps = (n + 31) / 32, full = n / 32, tiles = (n_tokens + 15) / 16;
+    const bool gather = act_stride <= static_cast<size_t>(INT32_MAX / 16);  // the byte offsets as int32
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(gather ? act_stride : 0)));
+    for (int64_t j = 0; j < tiles; ++j) {
+        const int nt = static_cast<int>(std::min<int64_t>(16, n_tokens - 16 * j));
+        const char* a = static_cast<const char*>(act) + 16 * j * act_stride;
+        const auto m = static_cast<__mmask16>((1u << nt) - 1);
+        for (int64_t s = 0; s < steps; ++s) {
+            uint16_t* dst = packed + (s * tiles + j) * kBf16Tile;
+            if (s < full && gather) {  // row p of the tile: pair p (values 2p, 2p + 1) of each token, a dword
+                for (int p = 0; p < 16; ++p)
+                    _mm512_storeu_si512(dst + 32 * p, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows,
+                                                                                  a + 64 * s + 4 * p, 1));
+                continue;
+            }
+            std::memset(dst, 0, kBf16Tile * sizeof(uint16_t));  // zeros past n and n_tokens
+            for (int t = 0; t < nt; ++t) {
+                const auto* x = reinterpret_cast<const uint16_t*>(a + t * act_stride);
+                for (int64_t k = 32 * s; k < std::min(n, 32 * s + 32); ++k)
+                    dst[(k % 32 / 2) * 32 + 2 * t + k % 2] = x[k];
+            }
+        }
+    }
+}
+
+namespace {
+
+// Products over all of K for rows a (and b: Two rows) of 16 and token tiles j (and j + 1: Two tokens),
+// into C tiles 0 / 1 (row group a, tokens j / j + 1) and 2 / 3 (b); A tiles 4 / 5, B tiles 6 / 7.
+// Steps past `full` (a partial last one) read the rows from the zero-padded copies in tail.
+template <bool TwoRows, bool TwoTok>
+void bf16_block(const uint8_t* wa, const uint8_t* wb, size_t ws, int64_t full, int64_t steps, const uint16_t* pk,
+                int64_t tiles, const uint8_t* tail, float (*C)[16][16]) {
+    _tile_zero(0);
+    if (TwoTok) _tile_zero(1);
+    if (TwoRows) _tile_zero(2);
+    if (TwoRows && TwoTok) _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
+        const bool in = s < full;
+        const uint16_t* b = pk + s * tiles * kBf16Tile;
+        _tile_loadd(4, in ? wa + 64 * s : tail, in ? ws : 64);
+        _tile_loadd(6, b, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (TwoTok) {
+            _tile_loadd(7, b + kBf16Tile, 64);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (TwoRows) {
+            _tile_loadd(5, in ? wb + 64 * s : tail + 1024, in ? ws : 64);
+            _tile_dpbf16ps(2, 5, 6);
+            if (TwoTok) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, C[0], 64);
+    if (TwoTok) _tile_stored(1, C[1], 64);
+    if (TwoRows) _tile_stored(2, C[2], 64);
+    if (TwoRows && TwoTok) _tile_stored(3, C[3], 64);
+}
+
+}  // namespace
+
+void gemm_bf16(int64_t n, const uint8_t* W, size_t w_stride, int64_t groups, const uint16_t* packed,
+               int64_t n_tokens, float* Y, size_t y_stride, int& configured) {
+    if (configured != 2000) {
+        TileConfig c;
+        for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+        load_config(c);
+        configured = 2000;
+    }
+    const int64_t full = n / 32, steps = (n + 31) / 32, tiles = (n_tokens + 15) / 16;
+    alignas(64) uint8_t tail[2][16][64];
+    alignas(64) float C[4][16][16];
+    for (int64_t g = 0; g < groups; g += 2) {
+        const bool two_rows = g + 1 < groups;
+        const uint8_t* wa = W + g * 16 * w_stride;
+        const uint8_t* wb = wa + 16 * w_stride;
+        if (steps > full) {  // the rows' last partial 32 values, zero-padded
+            std::memset(tail, 0, sizeof tail);
+            const size_t bytes = static_cast<size_t>(n - 32 * full) * 2;
+            for (int r = 0; r < 16; ++r) {
+                std::memcpy(tail[0][r], wa + r * w_stride + 64 * full, bytes);
+                if (two_rows) std::memcpy(tail[1][r], wb + r * w_stride + 64 * full, bytes);
+            }
+        }
+        for (int64_t j = 0; j < tiles; j += 2) {
+            const bool two_tok = j + 1 < tiles;
+            const uint16_t* pk = packed + j * kBf16Tile;
+            TANDEM_MEMORY_BARRIER;
+            if (two_rows && two_tok) bf16_block<true, true>(wa, wb, w_stride, full, steps, pk, tiles, tail[0][0], C);
+            else if (two_rows) bf16_block<true, false>(wa, wb, w_stride, full, steps, pk, tiles, tail[0][0], C);
+            else if (two_tok) bf16_block<false, true>(wa, wb, w_stride, full, steps, pk, tiles, tail[0][0], C);
+            else bf16_block<false, false>(wa, wb, w_stride, full, steps, pk, tiles, tail[0][0], C);
+            TANDEM_MEMORY_BARRIER;
+            // C[2 rb + tt][r][t]: row r of group g + rb, token 16 (j + tt) + t
+            for (int rb = 0; rb < (two_rows ? 2 : 1); ++rb)
+                for (int tt = 0; tt < (two_tok ? 2 : 1); ++tt) {
+                    const int64_t t0 = 16 * (j + tt), nt = std::min<int64_t>(16, n_tokens - t0);
+                    float* y = Y + t0 * y_stride + (g + rb) * 16;
+                    for (int64_t t = 0; t < nt; ++t)
+                        for (int r = 0; r < 16; ++r) y[t * y_stride + r] = C[2 * rb + tt][r][t];
+                }
+        }
     }
 }
 

@@ -122,6 +122,17 @@ void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq,
 // From n_tokens Q8_0 activation rows (nb blocks, act_stride bytes apart): ad [n_tokens][nb] the scales;
 // aq [nb][n_tokens][32] the quants by block, 32-byte aligned, so a tile row never straddles a cache line.
 void pack32(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, float* ad, int8_t* aq);
+// BF16 weights on AMX-BF16 tiles (needs Isa::Amx and cpu_features().amx_bf16): Y[t * y_stride + r] =
+// dot(W row r, activation row t) for the rows of `groups` whole 16-row groups from W (row-major bf16, w_stride
+// bytes apart, read in place as the tiles' A operand: no repacked copy) and n_tokens activation rows of n
+// values, packed by pack_bf16 as the B operand: [ceil(n / 32) steps][ceil(n_tokens / 16) token tiles]
+// kBf16Tile values (16 pairs of k, each for 16 tokens), zeros past n and n_tokens. Accumulates in f32 over
+// all of K, so there is no epilogue but the store.
+constexpr size_t kBf16Tile = 512;
+constexpr int64_t kAmxBf16MinTokens = 8;
+void pack_bf16(const void* act, size_t act_stride, int64_t n_tokens, int64_t n, uint16_t* packed);
+void gemm_bf16(int64_t n, const uint8_t* W, size_t w_stride, int64_t groups, const uint16_t* packed,
+               int64_t n_tokens, float* Y, size_t y_stride, int& configured);
 void release_tiles();
 }  // namespace detail::amx
 
