@@ -20,12 +20,16 @@ constexpr size_t kInlineBytes = 64 << 10;
 
 // Rows per linear task for `total` rows of `row_stride` bytes on `threads` threads: as long as
 // kMaxTaskBytes allows while every thread still gets four tasks (balance), at least kRowsPerTask and
-// kTaskBytes' worth; a multiple of 16.
-int64_t task_rows(size_t row_stride, int64_t total, int threads) {
+// kTaskBytes' worth; a multiple of 16. For more than 2 tokens (prefill) two tasks a thread: each task
+// prepares all T activation rows for its kernels (packs them for AMX), and 1 MiB tasks did that 32 times
+// for a 4096 x 4096 BF16 matrix (2 threads, 128 tokens: BF16 4.0 -> 3.1 ms, Q8_0 5.9 -> 5.0, Q4_K 2.9 -> 2.6).
+int64_t task_rows(size_t row_stride, int64_t total, int threads, int64_t T) {
     const int64_t by_bytes = static_cast<int64_t>((kTaskBytes + row_stride - 1) / row_stride + 15) / 16 * 16;
     const int64_t least = std::max<int64_t>(kRowsPerTask, by_bytes);
     const int64_t most = std::max<int64_t>(least, static_cast<int64_t>(kMaxTaskBytes / row_stride) / 16 * 16);
-    return std::clamp<int64_t>(total / (4 * static_cast<int64_t>(threads)) / 16 * 16, least, most);
+    const int64_t rows = std::clamp<int64_t>(total / (4 * static_cast<int64_t>(threads)) / 16 * 16, least, most);
+    if (T <= 2) return rows;
+    return std::max(rows, (total / (2 * static_cast<int64_t>(threads)) + 15) / 16 * 16);
 }
 
 // MoE slabs (rows per task) for `work` rows in all on `threads` threads: up to 1024 rows, but at least
@@ -81,7 +85,7 @@ void linear_batched(ThreadPool& pool, const Weight* ws, int64_t B, const float* 
         return;
     }
     quantize_rows(pool, act_type(w0), X, B * T, K, A.data(), a_stride);
-    const int64_t rows = task_rows(w0.row_stride, B * N, pool.threads()), per = (N + rows - 1) / rows;
+    const int64_t rows = task_rows(w0.row_stride, B * N, pool.threads(), T), per = (N + rows - 1) / rows;
     pool.parallel_for(B * per, [&](int64_t task, int) {
         const int64_t b = task / per, r0 = (task % per) * rows, r1 = std::min(N, r0 + rows);
         matmul_rows(w0.type, K, ws[b].data, ws[b].row_stride, r0, r1, A.data() + b * T * a_stride, a_stride, T,
@@ -111,7 +115,7 @@ void linear_group(ThreadPool& pool, const Weight* ws, int n, const float* X, int
             quantize_rows(pool, fmt, X, T, K, it->second.data(), act_row_bytes(ws[i]));
         }
         acts[i] = it->second.data();
-        rows[i] = task_rows(ws[i].row_stride, total, pool.threads());
+        rows[i] = task_rows(ws[i].row_stride, total, pool.threads(), T);
         first[i + 1] = first[i] + (ws[i].rows + rows[i] - 1) / rows[i];
         bytes += static_cast<size_t>(ws[i].rows) * ws[i].row_stride;
     }
