@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 import offload
 from local.models.layers import ACTIVATION_FORMAT, quantize_activation
-from offload.engine import CpuEngine, QuantWeight
+from offload.engine import CpuEngine, QuantWeight, prepare_weight
 from quant.formats import dequantize, quantize
 
 TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
@@ -153,6 +153,29 @@ def test_moe(gtyp, dtyp, isa, T, A):
     want = moe_reference(x, ids, weights, gf, uf, df, [(sgf, suf, sdf)], gtyp, dtyp)
     for threads in (1, 2):
         got = CpuEngine(threads=threads, isa=isa).moe(x, ids, weights, g, u, d, shared=[(sg, su, sd)])
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 2e-3, (threads, err)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("gtyp,dtyp", [("Q4_K", "Q6_K"), ("Q4_K", "Q5_0"), ("Q8_0", "Q8_0"), ("Q5_K", "Q4_0")])
+@pytest.mark.parametrize("T,A", [(3, 2), (33, 4), (128, 6)])
+def test_moe_row_interleaved(gtyp, dtyp, isa, T, A):
+    """Experts in the row-interleaved layouts the loader gives them (test_moe's are in the file's blocks):
+    the token-tile kernels, and on AMX the tile kernels from 8 tokens an expert, on 1 and 2 threads."""
+    rng = np.random.default_rng(5)
+    E, H, I = 8, 256, 256
+    g, gf = make_weight(rng, gtyp, (E, I, H))
+    u, uf = make_weight(rng, gtyp, (E, I, H))
+    d, df = make_weight(rng, dtyp, (E, H, I))
+    g, u, d = (prepare_weight(w, force=True) for w in (g, u, d))
+    assert all(w.type.endswith("_R16") for w in (g, u, d))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = np.stack([rng.choice(E, A, replace=False) for _ in range(T)])
+    weights = rng.random((T, A)).astype(np.float32)
+    want = moe_reference(x, ids, weights, gf, uf, df, [], gtyp, dtyp)
+    for threads in (1, 2):
+        got = CpuEngine(threads=threads, isa=isa).moe(x, ids, weights, g, u, d)
         err = np.abs(got - want).max() / np.abs(want).max()
         assert err <= 2e-3, (threads, err)
 
