@@ -90,11 +90,11 @@ def test_linear_float_decode_pairs(typ, isa):
 def test_linear_bf16_prefill(isa):
     """BF16 from 8 tokens on (AMX-BF16 tiles where the CPU has them): whole 16-row groups in pairs or alone,
     the rows past the last whole group, rows whose length is no multiple of 32 (odd too), token counts
-    around the 16-token tiles."""
+    around the 16-token tiles and past a 256-token block."""
     rng = np.random.default_rng(4)
     for K, N in ((31, 16), (33, 17), (47, 48), (100, 70), (512, 37)):
         w, wf = make_weight(rng, "BF16", (N, K))
-        for T in (8, 15, 16, 17, 40):
+        for T in (8, 15, 16, 17, 40, 300):
             assert_linear_matches(w, wf, rng.standard_normal((T, K)).astype(np.float32), "BF16", isa)
 
 
