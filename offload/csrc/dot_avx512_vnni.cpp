@@ -67,13 +67,6 @@ struct Bf16Dpbf16 {
     TANDEM_BF16_TARGET static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
         rows<NA, 1>(n, &vw, va, as, &out);
     }
-    template <int NA>
-    TANDEM_BF16_TARGET static void run2(int64_t n, const void* w0, const void* w1, const void* va, size_t as,
-                                        float* out0, float* out1) {
-        const void* w[2] = {w0, w1};
-        float* out[2] = {out0, out1};
-        rows<NA, 2>(n, w, va, as, out);
-    }
 };
 
 }  // namespace

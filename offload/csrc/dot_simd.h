@@ -211,12 +211,15 @@ void by_rows(int64_t n, const void* w, const void* a, size_t as, int n_act, floa
     }
 }
 
-// The two-row form (DotKernel2) for the one or two activation rows of decode.
+// The two-row form (DotKernel2) for the one or two activation rows of decode, from a kernel's
+// rows<NA, NW> (NW weight rows against NA activation rows).
 template <class K>
 void by_rows2(int64_t n, const void* w0, const void* w1, const void* a, size_t as, int n_act, float* out0,
               float* out1) {
-    if (n_act == 1) K::template run2<1>(n, w0, w1, a, as, out0, out1);
-    else if (n_act == 2) K::template run2<2>(n, w0, w1, a, as, out0, out1);
+    const void* w[2] = {w0, w1};
+    float* out[2] = {out0, out1};
+    if (n_act == 1) K::template rows<1, 2>(n, w, a, as, out);
+    else if (n_act == 2) K::template rows<2, 2>(n, w, a, as, out);
 }
 
 // ---------------------------------------------------------------------------------------- 32-value blocks
@@ -1116,12 +1119,6 @@ struct Floats {
     template <int NA>
     static void run(int64_t n, const void* vw, const void* va, size_t as, float* out) {
         rows<NA, 1>(n, &vw, va, as, &out);
-    }
-    template <int NA>
-    static void run2(int64_t n, const void* w0, const void* w1, const void* va, size_t as, float* out0, float* out1) {
-        const void* w[2] = {w0, w1};
-        float* out[2] = {out0, out1};
-        rows<NA, 2>(n, w, va, as, out);
     }
 };
 
