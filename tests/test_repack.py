@@ -157,6 +157,33 @@ def test_engine_ops_match_plain_layout(wtype, isa):
             assert err.max() < 2e-2 and np.sum(err >= 1e-4) <= max(1, T // 4), (T, err)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_q6k_every_scale_and_quant(isa):
+    """Q6_K blocks of random bytes whose 16 x 16 sub-block scales take each of the 256 int8 values once per
+    super-block, quants 0..63 alike: the AMX kernel splits every scale into three base-7 digits and
+    multiplies byte pairs in 16-bit words (dot_r16_amx.cpp), so each scale and quant must come out exact,
+    at one token tile and at several (9 / 16 / 17 / 40 tokens), on every ISA."""
+    rng = np.random.default_rng(6)
+    k, rows = 512, 32
+    nb = k // 256
+    w = rng.integers(0, 256, (rows, nb, 210), dtype=np.uint8)
+    for g in range(rows // 16):
+        for b in range(nb):
+            perm = rng.permutation(256).astype(np.int16) - 128  # every int8 scale once in 16 rows x 16
+            w[16 * g:16 * g + 16, b, 192:208] = perm.reshape(16, 16).astype(np.int8).view(np.uint8)
+    w[..., 208:210] = (rng.random((rows, nb)) * 1e-3 + 1e-4).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    w = w.reshape(rows, -1)
+    wd = F.dequantize(w, QT.Q6_K).astype(np.float64)
+    r = _C.repack_r16(int(QT.Q6_K), w, k)
+    for n_tok in (1, 8, 9, 16, 17, 40):
+        x = activations(rng, n_tok, k)
+        ad = dequantize_activation("Q8_K", _C.quantize_activation("Q8_K", x), k)
+        y_ref, scale = ad @ wd.T, np.abs(ad) @ np.abs(wd).T
+        y = _C.matmul(_C.r16_type(int(QT.Q6_K)), r, x, isa)
+        err = np.abs(y - y_ref)
+        assert (err <= TOL * scale).all(), (isa, n_tok, err.max())
+
+
 def test_prepare_weight_leaves_what_it_cannot_repack():
     rng = np.random.default_rng(5)
     f16w = QuantWeight("F16", weights(rng, 32, 256).astype(np.float16), 256)

@@ -50,6 +50,15 @@
 // activations are packed once per call as the B operand (pack_bf16: pairs of values per token, transposed),
 // and four C tiles (two row groups by two token tiles) accumulate in f32 over all of K.
 //
+// Q6_K (gemm_r16_q6k): its int8 sub-block scales cannot fold into bytes beside 6-bit quants, so each is split
+// into three base-7 digits, three B tiles and three C tiles a step, exact (the comment at unpack_q6k). Against
+// the VNNI kernel, 2 threads: 4096 x 4096 at 64 tokens 4.51 -> 2.16-2.19 ms, at 128 tokens 8.72 -> 3.52-3.66
+// ms (Q4_K: 1.37 and 2.61 ms); a V3-shaped MoE layer with Q6_K down experts at T=128 115.5 -> 78.2 ms. With 7 of the 8
+// tiles holding C, A and B, no B tile alternates between steps, and one token tile goes per item. At 64 tokens
+// (7168 x 2048, one thread) a unit takes ~270 ns: tile loads, products and stores ~165 (the 12 products alone
+// would be ~62), the epilogue ~55, the unpacking ~50; at 8-16 tokens the unpacking (~170 ns a super-block,
+// its 48 vpmullw among them) is what keeps it behind the VNNI kernel below kAmxMinTokensQ6.
+//
 // Q4_0 / Q5_0 / Q8_0 (32-value blocks, an f16 scale per row and block) cannot fold their scales, so
 // every block is one tile product with K = 32 whose tile is stored and scaled per token, as the VNNI
 // kernel does per block: acc += float(C) * (d_w * d_a), the same value as the VNNI kernel's C + seed.
@@ -370,6 +379,183 @@ void gemm_r16_q4k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
 void gemm_r16_q5k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
                   size_t y_stride, int& configured) {
     gemm_k<true>(nb, group, aq, tok, n_tokens, Y, y_stride, configured);
+}
+
+namespace {
+
+// Q6_K: 6-bit quants q with an int8 scale per 16-value sub-block, value = d sc (q - 32). Its scales do not
+// fold into bytes beside q - 32 (up to 32 x 128), so each is split into three balanced base-7 digits,
+// sc = e0 + 7 e1 + 49 e2 (|e| <= 3), and (q - 32) e, within +-96, is a signed byte: three B tiles a K step,
+// three C tiles a token tile, summed as C0 + 7 (C1 + 7 C2), exact. The signed products need no offset
+// correction; the digit products take one vpmullw and one vpsubb a digit per 64 bytes (unpack_q6k).
+constexpr size_t kUnitQ6 = 210 * kR16;
+constexpr size_t kStepQ6 = 3 * kPairBytes;  // a K step's B tiles, one a digit
+constexpr size_t kSuperQ6 = 4 * kStepQ6;
+using CTiles3 = int32_t[3][16][16];
+
+// C 0-2, A 3 / 4 (alternate K steps), B 5-7, token tiles of M rows
+void configure_q6k(int M, int& configured) {
+    if (configured == 2000 + M) return;
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    for (int t = 0; t < 5; ++t) c.rows[t] = static_cast<uint8_t>(M);
+    load_config(c);
+    configured = 2000 + M;
+}
+
+// K step i (values 64 i .. 64 i + 63) of super-block u of the group -> its B tiles at B: B_x row r (values
+// 64 i + 4 r .. + 3), lane j = (q - 32) e_x of row j's sub-block 4 i + r / 4.
+// The byte products: for a word v = (q_e + 1) + 256 q_o (q_e + 1 in 1..64) and a digit e in -3..3,
+// (v e) mod 2^16 has low byte (q_e + 1) e and high byte q_o e - [e < 0] (the low product's borrow, always
+// there for e < 0 and never for e >= 0), mod 256; less the bytes of 8225 e mod 2^16 (low 33 e, high
+// 32 e - [e < 0]), byte by byte, they are (q_e - 32) e and (q_o - 32) e.
+// Rows k and 8 + k for k in [4 half, 4 half + 4): sub-blocks 4 i + half and 4 i + 2 + half.
+inline __attribute__((always_inline)) void unpack_q6k(const uint8_t* u, int i, int half, uint8_t* B) {
+    prefetch_share<kUnitQ6, 8, kAheadAmx>(u, 2 * i + half);
+    const __m512i seven = _mm512_set1_epi16(7), inv7 = _mm512_set1_epi16(4681), k8225 = _mm512_set1_epi16(8225);
+    const __m512i words = _mm512_set4_epi32(0x0d0c0d0c, 0x09080908, 0x05040504, 0x01000100);
+    const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), one = _mm512_set1_epi16(1);
+    // per sub-block g of the step, digit x: E the digit (a word, twice in each row's dword), C 8225 e
+    __m512i E[4][3], C[4][3];
+    for (int g = half; g < 4; g += 2) {
+        const __m512i sc = _mm512_shuffle_epi8(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 32 + 16 * (4 * i + g)))),
+            words);
+        const __m512i s1 = _mm512_mulhrs_epi16(sc, inv7);  // round(sc / 7): |sc| <= 128, exact
+        const __m512i s2 = _mm512_mulhrs_epi16(s1, inv7);
+        E[g][0] = _mm512_sub_epi16(sc, _mm512_mullo_epi16(s1, seven));
+        E[g][1] = _mm512_sub_epi16(s1, _mm512_mullo_epi16(s2, seven));
+        E[g][2] = s2;
+        for (int x = 0; x < 3; ++x) C[g][x] = _mm512_mullo_epi16(E[g][x], k8225);
+    }
+    const int h = i / 2;
+    const uint8_t* ql = u + 288 + 64 * 16 * h;
+    const uint8_t* qh = u + 2336 + 64 * 8 * h;
+    for (int k = 4 * half; k < 4 * half + 4; ++k) {  // rows k (ql vector 16 h + k) and 8 + k (16 h + 8 + k), qh vector 8 h + k
+        const __m512i l0 = _mm512_loadu_si512(ql + 64 * k), l1 = _mm512_loadu_si512(ql + 64 * (8 + k));
+        const __m512i hb = _mm512_loadu_si512(qh + 64 * k);
+        __m512i qa, qb;  // (q_l & 15) | (2 bits of qh) << 4
+        if (i % 2 == 0) {
+            qa = _mm512_ternarylogic_epi32(l0, _mm512_and_si512(_mm512_slli_epi16(hb, 4), two), nib, 0xEC);
+            qb = _mm512_ternarylogic_epi32(l1, _mm512_and_si512(_mm512_slli_epi16(hb, 2), two), nib, 0xEC);
+        } else {
+            qa = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l0, 4), _mm512_and_si512(hb, two), nib, 0xEC);
+            qb = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l1, 4), _mm512_and_si512(_mm512_srli_epi16(hb, 2), two),
+                                           nib, 0xEC);
+        }
+        qa = _mm512_add_epi16(qa, one);
+        qb = _mm512_add_epi16(qb, one);
+        for (int x = 0; x < 3; ++x) {
+            uint8_t* bx = B + x * kPairBytes;
+            _mm512_store_si512(bx + 64 * k, _mm512_sub_epi8(_mm512_mullo_epi16(qa, E[k / 4][x]), C[k / 4][x]));
+            _mm512_store_si512(bx + 64 * (8 + k),
+                               _mm512_sub_epi8(_mm512_mullo_epi16(qb, E[2 + k / 4][x]), C[2 + k / 4][x]));
+        }
+    }
+}
+
+// A K step's tile products for a token tile: C_x (tile x) += A . B_x, A in tile 3 or 4 (Alt)
+template <bool Alt>
+inline __attribute__((always_inline)) void products_q6k(const uint8_t* B, const char* ab) {
+    if constexpr (Alt) _tile_loadd(4, ab, 256);
+    else _tile_loadd(3, ab, 256);
+    _tile_loadd(5, B, 64);
+    _tile_loadd(6, B + kPairBytes, 64);
+    _tile_loadd(7, B + 2 * kPairBytes, 64);
+    if constexpr (Alt) {
+        _tile_dpbssd(0, 4, 5);
+        _tile_dpbssd(1, 4, 6);
+        _tile_dpbssd(2, 4, 7);
+    } else {
+        _tile_dpbssd(0, 3, 5);
+        _tile_dpbssd(1, 3, 6);
+        _tile_dpbssd(2, 3, 7);
+    }
+}
+
+// acc[t] += d_a d_w (C0 + 7 (C1 + 7 C2)) for tokens [t0, t1) of a token tile, from its stored tiles
+inline __attribute__((always_inline)) void epilogue_q6k(int t0, int t1, __m512 dw, const CTiles3& C,
+                                                         const int32_t (*tok)[16], __m512* acc) {
+    for (int t = t0; t < t1; ++t) {
+        const __m512i c2 = _mm512_load_si512(C[2][t]);
+        const __m512i x = _mm512_add_epi32(_mm512_load_si512(C[1][t]), _mm512_sub_epi32(_mm512_slli_epi32(c2, 3), c2));
+        const __m512i isum = _mm512_add_epi32(_mm512_load_si512(C[0][t]), _mm512_sub_epi32(_mm512_slli_epi32(x, 3), x));
+        float da;
+        std::memcpy(&da, &tok[t][4], sizeof da);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(da)), acc[t]);
+    }
+}
+
+}  // namespace
+
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+                  size_t y_stride, int& configured) {
+    // Work items: the token tiles of each super-block, in alternate order per super-block; with more than
+    // one, all 16 rows high (as gemm_k). An item's 4 rounds (K steps) of tile products each go beside a
+    // quarter of the last item's epilogue and, on a super-block's first item, a K step of the next
+    // super-block's unpacking.
+    const int64_t items = (n_tokens + 15) / 16;
+    configure_q6k(items == 1 ? static_cast<int>(n_tokens) : 16, configured);
+    uint8_t* Bs = aligned_buffer(2 * kSuperQ6 + 2 * sizeof(CTiles3) + static_cast<size_t>(n_tokens) * 64);
+    uint8_t* Bbuf[2] = {Bs, Bs + kSuperQ6};
+    auto* Cbuf = reinterpret_cast<CTiles3*>(Bs + 2 * kSuperQ6);
+    auto* acc = reinterpret_cast<__m512*>(Cbuf + 2);
+    for (int64_t t = 0; t < n_tokens; ++t) acc[t] = _mm512_setzero_ps();
+    struct Item { int64_t b = -1, t0 = 0; int n = 0; };
+    auto finish = [&](const Item& it, const CTiles3& C, int r) {
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + it.b * kUnitQ6)));
+        const auto* rec = reinterpret_cast<const int32_t(*)[16]>(tok + (it.b * n_tokens + it.t0) * 16);
+        epilogue_q6k(r * it.n / 4, (r + 1) * it.n / 4, dw, C, rec, acc + it.t0);
+    };
+    for (int i = 0; i < 8; ++i) unpack_q6k(group, i / 2, i % 2, Bbuf[0] + i / 2 * kStepQ6);
+    Item prev;
+    int64_t n_done = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* B = Bbuf[b & 1];
+        for (int64_t k = 0; k < items; ++k) {
+            const int64_t p = (b & 1) ? items - 1 - k : k;
+            Item it;
+            it.b = b;
+            it.t0 = 16 * p;
+            it.n = static_cast<int>(std::min<int64_t>(16, n_tokens - it.t0));
+            // the next super-block's unpacking: beside the first item's rounds, or in halves beside the
+            // first two items'
+            const int split = items > 1 ? 2 : 1;
+            const bool next = k < split && b + 1 < nb;
+            const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            for (int r = 0; r < 4; ++r) {
+                TANDEM_MEMORY_BARRIER;
+                if (r & 1) products_q6k<true>(B + r * kStepQ6, ab + 64 * r);
+                else products_q6k<false>(B + r * kStepQ6, ab + 64 * r);
+                TANDEM_MEMORY_BARRIER;
+                if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1], r);
+                if (next) {
+                    const uint8_t* u1 = group + (b + 1) * kUnitQ6;
+                    uint8_t* B1 = Bbuf[(b + 1) & 1];
+                    if (split == 1) {
+                        unpack_q6k(u1, r, 0, B1 + r * kStepQ6);
+                        unpack_q6k(u1, r, 1, B1 + r * kStepQ6);
+                    } else {
+                        const int h = 4 * static_cast<int>(k) + r;  // half-step h of 8
+                        unpack_q6k(u1, h / 2, h % 2, B1 + h / 2 * kStepQ6);
+                    }
+                }
+            }
+            TANDEM_MEMORY_BARRIER;
+            CTiles3& C = Cbuf[n_done & 1];
+            _tile_stored(0, C[0], 64);
+            _tile_stored(1, C[1], 64);
+            _tile_stored(2, C[2], 64);
+            TANDEM_MEMORY_BARRIER;
+            prev = it;
+            ++n_done;
+        }
+    }
+    for (int r = 0; r < 4; ++r) finish(prev, Cbuf[(n_done - 1) & 1], r);
+    for (int64_t t = 0; t < n_tokens; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
 namespace {

@@ -229,8 +229,8 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     // whole groups go to the AMX kernels (all tokens at once), or else from AVX2 up to the token-tile
     // kernels of the ISA's family; the rest to the plain kernels, a group unpacked at a time
     // (an AMX kernel for Q4_1 / Q5_1, with the min added per block and token, was 0.8-1.1x the VNNI one)
-    const bool amx =
-        isa == Isa::Amx && !q6k && !with_min && n_tokens >= (q4k || q5k ? kAmxMinTokens : kAmxMinTokens32);
+    const bool amx = isa == Isa::Amx && !with_min &&
+                     n_tokens >= (q4k || q5k ? kAmxMinTokens : q6k ? kAmxMinTokensQ6 : kAmxMinTokens32);
     const bool tiles = !amx && isa >= Isa::Avx2;
     const TileKernels& k = isa >= Isa::Avx512Vnni ? kVnniTiles : isa == Isa::AvxVnni ? kAvxVnniTiles : kAvx2Tiles;
     // the activations' scales and, per block, the offset correction (32-value types, and Q6_K's 16
@@ -250,7 +250,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const size_t blocks = static_cast<size_t>(n_tokens * nb);
     if (amx) {
         require_isa(isa);
-        if (q4k || q5k) {
+        if (q4k || q5k || q6k) {
             aq = packed_bytes(blocks * (256 + 64) + detail::amx::kQ4kPadBytes);
             tok = reinterpret_cast<int32_t*>(aq + blocks * 256 + detail::amx::kQ4kPadBytes);
             detail::amx::prep_q4k(A, a_stride, n_tokens, nb, aq, tok);
@@ -303,6 +303,8 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
                                               n_tokens, Y + r0, y_stride, configured);
                 else if (q5k)
                     detail::amx::gemm_r16_q5k(nb, w + g * group_bytes, aq, tok, n_tokens, Y + r0, y_stride, configured);
+                else if (q6k)
+                    detail::amx::gemm_r16_q6k(nb, w + g * group_bytes, aq, tok, n_tokens, Y + r0, y_stride, configured);
                 else
                     detail::amx::gemm_r16(base, nb, w + g * group_bytes, aq, ad.data(), n_tokens,
                                           Y + r0, y_stride, configured);

@@ -36,8 +36,9 @@ constexpr int kR16 = 16;
 // 6 tokens, 1.1x at 7, 1.4x at 8, 1.6x at 12, where a tile product is mostly empty below; the 32-value
 // block types, with a tile stored per block, 2048 x 1408-7168: 0.75-0.87x at 6, 0.84-1.02x at 8,
 // 1.03-1.23x at 9 - the VNNI kernel takes 8 tokens a pass). Q5_K shares Q4_K's
-// threshold (1408 x 2048: 1.36x at 8 tokens, 1.6-1.75x at 10-16).
-constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 9;
+// threshold (1408 x 2048: 1.36x at 8 tokens, 1.6-1.75x at 10-16). Q6_K, with three tiles a step (7168 x 2048
+// and 2048 x 7168, one thread): 0.85-0.9x at 8 tokens, 1.15-1.2x at 9, 1.2-1.5x at 16, 1.6-1.8x at 32.
+constexpr int64_t kAmxMinTokens = 8, kAmxMinTokens32 = 9, kAmxMinTokensQ6 = 9;
 
 // Q4_0 -> Q4_0_R16 etc.; the same type for a type without a row-interleaved layout.
 GgmlType r16_of(GgmlType base);
@@ -52,9 +53,9 @@ void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
 
 // Y[t * y_stride + r] = W row r . A row t for r in [row_begin, row_end), as matmul_rows, for a
 // row-interleaved W (`type` is an _R16 type; rows r at group r / 16). The VNNI kernel takes whole
-// groups (at Isa::Amx, Q4_K from kAmxMinTokens tokens and Q4_0 / Q5_0 / Q8_0 from kAmxMinTokens32 go
-// to the AMX kernels), at Avx2 / Avx512 the AVX2 kernels; at Scalar, and for groups cut by the row
-// range, the group is unpacked for the plain kernels.
+// groups (at Isa::Amx, Q4_K / Q5_K from kAmxMinTokens tokens, Q6_K from kAmxMinTokensQ6 and Q4_0 / Q5_0 /
+// Q8_0 from kAmxMinTokens32 go to the AMX kernels), at Avx2 / Avx512 the AVX2 kernels; at Scalar, and for
+// groups cut by the row range, the group is unpacked for the plain kernels.
 void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin, int64_t row_end, const void* A,
                      size_t a_stride, int64_t n_tokens, float* Y, size_t y_stride, Isa isa);
 
@@ -115,6 +116,9 @@ void prep_q4k(const void* act, size_t act_stride, int64_t n_tokens, int64_t nb, 
 void gemm_r16_q5k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
                   size_t y_stride, int& configured);
 constexpr size_t kQ4kPadBytes = 16 * 256;
+// Q6_K on AMX-INT8 tiles: as gemm_r16_q4k (the same aq and tok; of tok only the scales), for Q6_K_R16
+void gemm_r16_q6k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
+                  size_t y_stride, int& configured);
 // Q4_0 / Q5_0 / Q8_0 on AMX-INT8 tiles: as avx512_vnni::gemm_r16 for all n_tokens rows at once (ad and
 // aq from pack32; the quants are signed in the tiles, so no seed).
 void gemm_r16(GgmlType base, int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad, int64_t n_tokens,
