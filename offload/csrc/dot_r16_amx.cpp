@@ -275,6 +275,37 @@ void prep_q4k(const void* act, size_t as, int64_t n_tokens, int64_t nb, int8_t* 
 
 namespace {
 
+// The schedule of the K-quant kernels' work items (an item: a super-block b and some token tiles): per
+// super-block, its items k < items in alternate order (make(b, p) builds item p), each in 4 rounds of tile
+// products (round(it, r); round 0 starts from zeroed C tiles), and after each round a quarter of the last
+// item's epilogue (finish(prev, its stored C, r)) and unpack(b + 1, k, r), the kernel's share of the next
+// super-block's unpacking; then the item's C tiles stored (store(it, C)), in alternate buffers of Cbuf. The
+// tile unit runs beside the vector work only when the two are close in the instruction stream.
+template <class Item, class CT, class Make, class Round, class Store, class Finish, class Unpack>
+inline __attribute__((always_inline)) void run_items(int64_t nb, int64_t items, CT* Cbuf, Make make, Round round,
+                                                      Store store, Finish finish, Unpack unpack) {
+    Item prev;
+    int64_t n_done = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t k = 0; k < items; ++k) {
+            const Item it = make(b, (b & 1) ? items - 1 - k : k);
+            for (int r = 0; r < 4; ++r) {
+                TANDEM_MEMORY_BARRIER;
+                round(it, r);
+                TANDEM_MEMORY_BARRIER;
+                if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1], r);
+                if (b + 1 < nb) unpack(b + 1, k, r);
+            }
+            TANDEM_MEMORY_BARRIER;
+            store(it, Cbuf[n_done & 1]);
+            TANDEM_MEMORY_BARRIER;
+            prev = it;
+            ++n_done;
+        }
+    }
+    for (int r = 0; r < 4; ++r) finish(prev, Cbuf[(n_done - 1) & 1], r);
+}
+
 // Q4_K (or Q5_K: Q5) tile products for a group, the body of gemm_r16_q4k / gemm_r16_q5k.
 template <bool Q5>
 void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
@@ -316,56 +347,45 @@ void gemm_k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* t
                                  acc + it.t0 + it.Ma);
     };
     for (int i = 0; i < 4; ++i) unpack_pair<Q5>(group, i, Bbuf[0], Mbuf);
-    // Each of an item's 4 rounds of tile products is followed by a quarter of the last item's epilogue
-    // and, on a super-block's first item, a quarter of the next super-block's unpacking (one pair): the
-    // tile unit runs beside the vector work only when the two are close in the instruction stream.
-    // Against the tile products of a whole item, then its vector work: 1024 x 7168 Q4_K at 32 tokens
+    // The next super-block's unpacking a pair a round beside its first item (run_items). Against the tile
+    // products of a whole item, then its vector work: 1024 x 7168 Q4_K at 32 tokens
     // 9-11% faster, 64 tokens 1.00-1.01x; V3-shaped MoE at T=128 76.4 -> 72.5 ms, V2-Lite 25.0 -> 24.4 ms
     // (in-process A/B, 2 threads).
-    Item prev;
-    int64_t n_done = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* B = Bbuf[b & 1];
-        for (int64_t k = 0; k < items; ++k) {
-            const int64_t p = (b & 1) ? items - 1 - k : k;
-            Item it;
-            it.b = b;
-            it.t0 = 32 * p;
-            const int n = p < full ? 32 : static_cast<int>(rest);
-            it.Ma = items == 1 && n > 16 ? n / 2 : std::min(n, 16);
-            it.Mb = n - it.Ma;
-            const bool two = it.Mb > 0, next = k == 0 && b + 1 < nb;
-            const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
+    auto make = [&](int64_t b, int64_t p) {
+        Item it;
+        it.b = b;
+        it.t0 = 32 * p;
+        const int n = p < full ? 32 : static_cast<int>(rest);
+        it.Ma = items == 1 && n > 16 ? n / 2 : std::min(n, 16);
+        it.Mb = n - it.Ma;
+        return it;
+    };
+    auto round = [&](const Item& it, int r) {
+        const uint8_t* B = Bbuf[it.b & 1];
+        const char* ab = reinterpret_cast<const char*>(aq + (it.b * n_tokens + it.t0) * 256);
+        if (r == 0) {
             _tile_zero(0);
             _tile_zero(1);
-            if (two) {
+            if (it.Mb > 0) {
                 _tile_zero(2);
                 _tile_zero(3);
             }
-            for (int r = 0; r < 4; ++r) {
-                TANDEM_MEMORY_BARRIER;
-                if (two) products<true>(r, it.Ma, B, ab, 256);
-                else products<false>(r, it.Ma, B, ab, 256);
-                TANDEM_MEMORY_BARRIER;
-                if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1], r);
-                if (next)
-                    unpack_pair<Q5>(group + (b + 1) * kUnit<Q5>, r, Bbuf[(b + 1) & 1],
-                                    Mbuf + ((b + 1) % 3) * kMinBytes);
-            }
-            TANDEM_MEMORY_BARRIER;
-            CTiles& C = Cbuf[n_done & 1];
-            if (two) {
-                _tile_stored(2, C[2], 64);
-                _tile_stored(3, C[3], 64);
-            }
-            _tile_stored(0, C[0], 64);
-            _tile_stored(1, C[1], 64);
-            TANDEM_MEMORY_BARRIER;
-            prev = it;
-            ++n_done;
         }
-    }
-    for (int r = 0; r < 4; ++r) finish(prev, Cbuf[(n_done - 1) & 1], r);
+        if (it.Mb > 0) products<true>(r, it.Ma, B, ab, 256);
+        else products<false>(r, it.Ma, B, ab, 256);
+    };
+    auto store = [&](const Item& it, CTiles& C) {
+        if (it.Mb > 0) {
+            _tile_stored(2, C[2], 64);
+            _tile_stored(3, C[3], 64);
+        }
+        _tile_stored(0, C[0], 64);
+        _tile_stored(1, C[1], 64);
+    };
+    auto unpack = [&](int64_t b, int64_t k, int r) {  // beside the rounds of a super-block's first item
+        if (k == 0) unpack_pair<Q5>(group + b * kUnit<Q5>, r, Bbuf[b & 1], Mbuf + (b % 3) * kMinBytes);
+    };
+    run_items<Item>(nb, items, Cbuf, make, round, store, finish, unpack);
     for (int64_t t = 0; t < n_tokens; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
@@ -490,10 +510,8 @@ inline __attribute__((always_inline)) void epilogue_q6k(int t0, int t1, __m512 d
 
 void gemm_r16_q6k(int64_t nb, const uint8_t* group, const int8_t* aq, const int32_t* tok, int64_t n_tokens, float* Y,
                   size_t y_stride, int& configured) {
-    // Work items: the token tiles of each super-block, in alternate order per super-block; with more than
-    // one, all 16 rows high (as gemm_k). An item's 4 rounds (K steps) of tile products each go beside a
-    // quarter of the last item's epilogue and, on a super-block's first item, a K step of the next
-    // super-block's unpacking.
+    // Work items (run_items): one token tile of a super-block each, its 4 rounds the K steps; with more
+    // than one, all 16 rows high (as gemm_k).
     const int64_t items = (n_tokens + 15) / 16;
     configure_q6k(items == 1 ? static_cast<int>(n_tokens) : 16, configured);
     uint8_t* Bs = aligned_buffer(2 * kSuperQ6 + 2 * sizeof(CTiles3) + static_cast<size_t>(n_tokens) * 64);
@@ -508,53 +526,46 @@ void gemm_r16_q6k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
         epilogue_q6k(r * it.n / 4, (r + 1) * it.n / 4, dw, C, rec, acc + it.t0);
     };
     for (int i = 0; i < 8; ++i) unpack_q6k(group, i / 2, i % 2, Bbuf[0] + i / 2 * kStepQ6);
-    Item prev;
-    int64_t n_done = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* B = Bbuf[b & 1];
-        for (int64_t k = 0; k < items; ++k) {
-            const int64_t p = (b & 1) ? items - 1 - k : k;
-            Item it;
-            it.b = b;
-            it.t0 = 16 * p;
-            it.n = static_cast<int>(std::min<int64_t>(16, n_tokens - it.t0));
-            // the next super-block's unpacking: beside the first item's rounds, or in halves beside the
-            // first two items'
-            const int split = items > 1 ? 2 : 1;
-            const bool next = k < split && b + 1 < nb;
-            const char* ab = reinterpret_cast<const char*>(aq + (b * n_tokens + it.t0) * 256);
+    auto make = [&](int64_t b, int64_t p) {
+        Item it;
+        it.b = b;
+        it.t0 = 16 * p;
+        it.n = static_cast<int>(std::min<int64_t>(16, n_tokens - it.t0));
+        return it;
+    };
+    auto round = [&](const Item& it, int r) {
+        const uint8_t* B = Bbuf[it.b & 1] + r * kStepQ6;
+        const char* ab = reinterpret_cast<const char*>(aq + (it.b * n_tokens + it.t0) * 256) + 64 * r;
+        if (r == 0) {
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
-            for (int r = 0; r < 4; ++r) {
-                TANDEM_MEMORY_BARRIER;
-                if (r & 1) products_q6k<true>(B + r * kStepQ6, ab + 64 * r);
-                else products_q6k<false>(B + r * kStepQ6, ab + 64 * r);
-                TANDEM_MEMORY_BARRIER;
-                if (prev.b >= 0) finish(prev, Cbuf[(n_done - 1) & 1], r);
-                if (next) {
-                    const uint8_t* u1 = group + (b + 1) * kUnitQ6;
-                    uint8_t* B1 = Bbuf[(b + 1) & 1];
-                    if (split == 1) {
-                        unpack_q6k(u1, r, 0, B1 + r * kStepQ6);
-                        unpack_q6k(u1, r, 1, B1 + r * kStepQ6);
-                    } else {
-                        const int h = 4 * static_cast<int>(k) + r;  // half-step h of 8
-                        unpack_q6k(u1, h / 2, h % 2, B1 + h / 2 * kStepQ6);
-                    }
-                }
-            }
-            TANDEM_MEMORY_BARRIER;
-            CTiles3& C = Cbuf[n_done & 1];
-            _tile_stored(0, C[0], 64);
-            _tile_stored(1, C[1], 64);
-            _tile_stored(2, C[2], 64);
-            TANDEM_MEMORY_BARRIER;
-            prev = it;
-            ++n_done;
         }
-    }
-    for (int r = 0; r < 4; ++r) finish(prev, Cbuf[(n_done - 1) & 1], r);
+        if (r & 1) products_q6k<true>(B, ab);
+        else products_q6k<false>(B, ab);
+    };
+    auto store = [&](const Item&, CTiles3& C) {
+        _tile_stored(0, C[0], 64);
+        _tile_stored(1, C[1], 64);
+        _tile_stored(2, C[2], 64);
+    };
+    // the next super-block's unpacking: beside the first item's rounds, or in halves beside the first two
+    // items' (at 8-16 tokens the halves, a pattern's registers for two sub-blocks instead of four, ran
+    // 1.15-1.2x faster)
+    const int split = items > 1 ? 2 : 1;
+    auto unpack = [&](int64_t b, int64_t k, int r) {
+        const uint8_t* u = group + b * kUnitQ6;
+        uint8_t* B = Bbuf[b & 1];
+        if (k >= split) return;
+        if (split == 1) {
+            unpack_q6k(u, r, 0, B + r * kStepQ6);
+            unpack_q6k(u, r, 1, B + r * kStepQ6);
+        } else {
+            const int h = 4 * static_cast<int>(k) + r;  // half-step h of 8
+            unpack_q6k(u, h / 2, h % 2, B + h / 2 * kStepQ6);
+        }
+    };
+    run_items<Item>(nb, items, Cbuf, make, round, store, finish, unpack);
     for (int64_t t = 0; t < n_tokens; ++t) _mm512_storeu_ps(Y + t * y_stride, acc[t]);
 }
 
