@@ -1,7 +1,7 @@
 """`python -m offload.bench [--json]`: the CPU engine against the memory roofline and its peers.
 
 Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight type on matrices far
-larger than the L3 cache; microseconds per MoE layer at T=1 and tokens/s at T=128 for a
+larger than the L3 cache (rows of 8192 values, and Q4_K / Q6_K / Q8_0 again with rows of 2048); microseconds per MoE layer at T=1 and tokens/s at T=128 for a
 DeepSeek-V2-Lite layer and a DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls
 go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, and each timed call
 finds its experts out of the cache, after a streaming read of 1.5x the L3 cache and an untimed call of
@@ -66,12 +66,11 @@ def timed(fn, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> tuple[flo
     return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
 
 
-def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int) -> tuple[dict, dict]:
-    """GB/s per type (median of 10 calls), and its fraction of a plain streaming read of as many bytes
-    timed in alternation with it on the same threads (the shared machine's bandwidth swings from second
-    to second)."""
+def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int, cols: int = 8192) -> tuple[dict, dict]:
+    """GB/s per type (median of 10 calls) on rows of `cols` values, and its fraction of a plain streaming
+    read of as many bytes timed in alternation with it on the same threads (the shared machine's bandwidth
+    swings from second to second)."""
     out, fraction = {}, {}
-    cols = 8192
     for typ in types:
         probe = random_weight(rng, typ, (1, cols))
         rows = max(64, target_bytes // probe.data.nbytes)
@@ -85,7 +84,7 @@ def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int) -> tuple[dict, 
         out[typ] = w.data.nbytes / med["gemv"] / 1e9
         fraction[typ] = out[typ] / read
         del buf
-        print(f"  gemv {w.type:<8} {w.data.nbytes / 2**20:7.0f} MiB  {out[typ]:6.1f} GB/s  "
+        print(f"  gemv {w.type:<8} K={cols:<5} {w.data.nbytes / 2**20:5.0f} MiB  {out[typ]:6.1f} GB/s  "
               f"({100 * fraction[typ]:.0f}% of the {read:.1f} GB/s read in alternation with it)", file=sys.stderr)
     return out, fraction
 
@@ -287,6 +286,10 @@ def run(args) -> dict:
     result["gemv"], result["gemv_fraction_of_read"] = bench_gemv(
         engine, rng, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
         args.gemv_mib << 20)
+    # the same at DeepSeek-V2-Lite's hidden size: short rows stream slower (Q4_K ~87% of the read at 2048
+    # columns against ~96-100% at 8192), and most of a V2-Lite decode reads rows of 2048 or 1408
+    result["gemv_k2048"], result["gemv_k2048_fraction_of_read"] = bench_gemv(
+        engine, rng, ["Q4_K", "Q6_K", "Q8_0"], args.gemv_mib << 20, cols=2048)
     result["moe"] = []
     read_buf = np.ones(3 * l3_bytes() // 2, np.uint8)  # read before each timed MoE call
     peer_read = one_thread_reader(read_buf)

@@ -181,6 +181,25 @@ def test_kt_kernel_measurement_runs_in_a_child_process(monkeypatch, capsys):
     assert "kt-kernel's process died" in capsys.readouterr().err
 
 
+def test_offload_bench_gemv_reads_rows_of_the_length_asked():
+    """The GEMV rows: each type's matrix has rows of `cols` values (8192, and 2048 for the short-row
+    figures), about target_bytes of them, in the layout the loader gives it, and its GB/s and share of
+    the read come back per type."""
+    from offload import bench
+    from offload.engine import CpuEngine
+
+    engine = CpuEngine(1)
+    seen = []
+    real = engine.linear
+    engine.linear = lambda w, x, y: (seen.append((w.type, w.cols, w.rows, x.shape)), real(w, x, y))[1]
+    gbs, fraction = bench.bench_gemv(engine, np.random.default_rng(0), ["Q4_K", "Q8_0"], 1 << 20, cols=2048)
+    assert set(gbs) == set(fraction) == {"Q4_K", "Q8_0"}
+    assert all(v > 0 for v in gbs.values()) and all(v > 0 for v in fraction.values())
+    assert {(t, c, x) for t, c, _, x in seen} == {("Q4_K_R16", 2048, (1, 2048)), ("Q8_0_R16", 2048, (1, 2048))}
+    rows = {t: r for t, _, r, _ in seen}
+    assert rows["Q4_K_R16"] == (1 << 20) // 1152 // 16 * 16 and rows["Q8_0_R16"] == (1 << 20) // 2176 // 16 * 16
+
+
 def test_offload_bench_roofline_counts_the_experts_a_call_reads():
     """The MoE rows' memory roofline: a T-token call reads each expert any token picks once, on average
     E (1 - (1 - A/E)^T) of them; checked against routes drawn as the benchmark draws them."""
