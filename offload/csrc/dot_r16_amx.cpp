@@ -453,7 +453,8 @@ inline __attribute__((always_inline)) void unpack_q6k(const uint8_t* u, int i, i
     const int h = i / 2;
     const uint8_t* ql = u + 288 + 64 * 16 * h;
     const uint8_t* qh = u + 2336 + 64 * 8 * h;
-    for (int k = 4 * half; k < 4 * half + 4; ++k) {  // rows k (ql vector 16 h + k) and 8 + k (16 h + 8 + k), qh vector 8 h + k
+    // rows k (ql vector 16 h + k) and 8 + k (ql vector 16 h + 8 + k), both with qh vector 8 h + k
+    for (int k = 4 * half; k < 4 * half + 4; ++k) {
         const __m512i l0 = _mm512_loadu_si512(ql + 64 * k), l1 = _mm512_loadu_si512(ql + 64 * (8 + k));
         const __m512i hb = _mm512_loadu_si512(qh + 64 * k);
         __m512i qa, qb;  // (q_l & 15) | (2 bits of qh) << 4
