@@ -3,12 +3,13 @@
 Prints, in one run: the machine's read bandwidth; decode GEMV GB/s per weight type on matrices far
 larger than the L3 cache (rows of 8192 values, and Q4_K / Q6_K / Q8_0 again with rows of 2048);
 microseconds per MoE layer at T=1 and tokens/s at T=128 for a DeepSeek-V2-Lite layer and a
-DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls go to enough copies of the layer in turn that the working set is 1.5x the L3 cache, and each timed call
-finds its experts out of the cache, after a streaming read of 1.5x the L3 cache and an untimed call of
-another copy, for every engine), with the time the routed experts' bytes take at the read bandwidth of
-the moment (the memory roofline: those reads' rate);
-the same layers through torch bf16 and through kt-kernel's CPU MoE (its best method and
-thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the shared machine.
+DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls go to enough copies of the
+layer in turn that the working set is 1.5x the L3 cache, and each timed call finds its experts out of
+the cache, after a streaming read of 1.5x the L3 cache and an untimed call of another copy, for every
+engine), with the time the routed experts' bytes take at the read bandwidth of the moment (the memory
+roofline: those reads' rate); the same layers through torch bf16 and through kt-kernel's CPU MoE (its
+best method and thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the
+shared machine.
 """
 
 from __future__ import annotations
