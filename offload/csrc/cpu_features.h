@@ -28,8 +28,8 @@ const CpuFeatures& cpu_features();
 // SIMD levels the kernels come in. Every kernel has a Scalar reference; higher levels are
 // compiled with per-function target attributes and only called when the CPU has them.
 // Amx is Avx512Vnni plus AMX-INT8 tiles (granted to the process by the kernel: arch_prctl), which only
-// the row-interleaved kernels use (Q4_K / Q5_K from kAmxMinTokens tokens, Q4_0 / Q5_0 / Q8_0 from
-// kAmxMinTokens32: repack.h), and BF16 weights from kAmxBf16MinTokens where the CPU has AMX-BF16 too;
+// the row-interleaved kernels use (Q4_K / Q5_K from kAmxMinTokens tokens, Q6_K from kAmxMinTokensQ6, Q4_0 /
+// Q5_0 / Q8_0 from kAmxMinTokens32: repack.h), and BF16 weights from kAmxBf16MinTokens where the CPU has AMX-BF16 too;
 // everything else runs as at Avx512Vnni.
 // AvxVnni is Avx2 plus AVX-VNNI (the 256-bit vpdpbusd; Intel client cores from Alder Lake on), which only
 // the row-interleaved kernels use. It is not below Avx512 in features (an AVX-512 F/BW CPU may lack it),

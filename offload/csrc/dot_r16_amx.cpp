@@ -415,14 +415,15 @@ constexpr size_t kStepQ6 = 3 * kPairBytes;  // a K step's B tiles, one a digit
 constexpr size_t kSuperQ6 = 4 * kStepQ6;
 using CTiles3 = int32_t[3][16][16];
 
-// C 0-2, A 3 / 4 (alternate K steps), B 5-7, token tiles of M rows
+// C 0-2, A 3 / 4 (alternate K steps), B 5-7, token tiles of M rows; `configured` becomes 3000 + M (apart
+// from the other kernels' shape ids: gemm_k's 1000 + 32 Ma + Mb, gemm32's 100 + M, gemm_bf16's 2000)
 void configure_q6k(int M, int& configured) {
-    if (configured == 2000 + M) return;
+    if (configured == 3000 + M) return;
     TileConfig c;
     for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
     for (int t = 0; t < 5; ++t) c.rows[t] = static_cast<uint8_t>(M);
     load_config(c);
-    configured = 2000 + M;
+    configured = 3000 + M;
 }
 
 // K step i (values 64 i .. 64 i + 63) of super-block u of the group -> its B tiles at B: B_x row r (values
@@ -557,9 +558,9 @@ void gemm_r16_q6k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
     // 1.15-1.2x faster)
     const int split = items > 1 ? 2 : 1;
     auto unpack = [&](int64_t b, int64_t k, int r) {
+        if (k >= split) return;
         const uint8_t* u = group + b * kUnitQ6;
         uint8_t* B = Bbuf[b & 1];
-        if (k >= split) return;
         if (split == 1) {
             unpack_q6k(u, r, 0, B + r * kStepQ6);
             unpack_q6k(u, r, 1, B + r * kStepQ6);
