@@ -268,6 +268,47 @@ def test_moe_bad_ids():
         CpuEngine(threads=1).moe(x, np.array([[0, 9], [1, 2]]), np.ones((2, 2), np.float32), g, g, d)
 
 
+BAD_OUTS = {  # outputs the engine cannot write its results into in place, and what it says
+    "float64": (lambda shape: np.zeros(shape, np.float64), "is float64"),
+    "column slice": (lambda shape: np.zeros((*shape[:-1], shape[-1] + 3), np.float32)[..., :shape[-1]],
+                     "not C-contiguous"),
+    "Fortran order": (lambda shape: np.zeros(shape, np.float32, order="F"), "not C-contiguous"),
+    "read-only": (lambda shape: np.broadcast_to(np.zeros(shape[-1], np.float32), shape), "read-only|incompatible"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_OUTS)
+def test_outputs_not_writable_in_place_are_refused(bad):
+    """An `out` the results cannot land in as they are is an error, at the Python API and at the C++ boundary
+    alike. (nanobind would otherwise hand a converted temporary copy to the engine, and `out` would keep
+    its old contents without a word.)"""
+    make, match = BAD_OUTS[bad]
+    rng = np.random.default_rng(6)
+    w, _ = make_weight(rng, "Q4_K", (16, 256))
+    g, _ = make_weight(rng, "Q8_0", (4, 64, 64))
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    xm = rng.standard_normal((3, 64)).astype(np.float32)
+    ids, weights = np.array([[0, 1], [2, 3], [1, -1]]), np.ones((3, 2), np.float32)
+    e = CpuEngine(threads=1)
+    err = (ValueError, TypeError) if bad == "read-only" else ValueError  # nanobind refuses it before our check
+    with pytest.raises(ValueError, match=match):
+        e.linear(w, x, out=make((3, 16)))
+    with pytest.raises(err, match=match):
+        e._engine.linear(w.type_id, w.data, x, make((3, 16)))
+    with pytest.raises(ValueError, match=match):
+        e.moe(xm, ids, weights, g, g, g, out=make((3, 64)))
+    with pytest.raises(err, match=match):
+        e._engine.moe(xm, ids, weights, g.data, g.type_id, g.data, g.type_id, g.data, g.type_id, [], None,
+                      make((3, 64)))
+    with pytest.raises(ValueError, match=match):
+        e.linear_batched(g, rng.standard_normal((4, 3, 64)).astype(np.float32), out=make((4, 3, 64)))
+    with pytest.raises(err, match=match):
+        e._engine.mla_attention(np.zeros((2, 1, 8), np.float32), np.zeros((2, 1, 4), np.float32),
+                                np.zeros((3, 8), np.float32), np.zeros((3, 4), np.float32), 1.0, make((2, 1, 8)))
+    out = np.full((3, 16), np.nan, np.float32)  # a good one is written
+    assert e.linear(w, x, out=out) is out and np.isfinite(out).all()
+
+
 def test_torch_custom_ops():
     """torch.ops.tandem.linear / moe agree with the engine and pass torch's op checks."""
     from offload import torch_ops  # noqa: F401 - registers the ops

@@ -12,11 +12,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -33,8 +35,10 @@ using namespace tandem;
 namespace {
 
 using Any = nb::ndarray<nb::ro, nb::device::cpu>;
-using Mut = nb::ndarray<nb::device::cpu>;  // written in place (a KV cache)
-using F32 = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
+// Written in place (outputs, a KV cache): taken as they come and checked here (`written`). With a dtype or
+// layout in the type, nanobind would hand a mismatched array (float64, a column slice) over as a converted
+// temporary copy, and the results would be lost without a word.
+using Mut = nb::ndarray<nb::device::cpu>;
 using CF32 = nb::ndarray<nb::ro, float, nb::device::cpu, nb::c_contig>;
 using I64 = nb::ndarray<nb::ro, int64_t, nb::device::cpu, nb::c_contig>;
 using U8 = nb::ndarray<nb::ro, uint8_t, nb::device::cpu, nb::c_contig>;
@@ -42,6 +46,8 @@ using U8 = nb::ndarray<nb::ro, uint8_t, nb::device::cpu, nb::c_contig>;
 [[noreturn]] void fail(const std::string& msg) { throw nb::value_error(msg.c_str()); }
 
 bool c_contiguous(const Any& a) {
+    for (size_t i = 0; i < a.ndim(); ++i)
+        if (a.shape(i) == 0) return true;  // no element to place
     int64_t expect = 1;
     for (int i = static_cast<int>(a.ndim()) - 1; i >= 0; --i) {
         if (a.shape(i) > 1 && a.stride(i) != expect) return false;
@@ -94,6 +100,35 @@ void check_2d(const Any& a, int64_t r, int64_t c, const char* what) {
         fail(std::string(what) + " must have shape [" + std::to_string(r) + ", " + std::to_string(c) + "]");
 }
 
+std::string dtype_name(nb::dlpack::dtype dt) {
+    using Code = nb::dlpack::dtype_code;
+    const char* kind = dt.code == static_cast<uint8_t>(Code::Int)     ? "int"
+                       : dt.code == static_cast<uint8_t>(Code::UInt)  ? "uint"
+                       : dt.code == static_cast<uint8_t>(Code::Float) ? "float"
+                       : dt.code == static_cast<uint8_t>(Code::Bfloat) ? "bfloat"
+                       : dt.code == static_cast<uint8_t>(Code::Bool)  ? "bool"
+                                                                      : "complex";
+    return kind + std::to_string(dt.bits);
+}
+
+// The data of an array the call writes: of dtype T (float32 or int64), the given shape, C-contiguous.
+template <class T>
+T* written(const Mut& a, std::initializer_list<int64_t> shape, const char* what) {
+    std::string dims;
+    for (int64_t d : shape) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+    const char* type = std::is_same_v<T, float> ? "float32" : "int64";
+    bool same = a.ndim() == shape.size();
+    for (size_t i = 0; same && i < shape.size(); ++i) same = static_cast<int64_t>(a.shape(i)) == shape.begin()[i];
+    if (!same) fail(std::string(what) + " must have shape [" + dims + "]");
+    if (a.dtype() != nb::dtype<T>())
+        fail(std::string(what) + " is " + dtype_name(a.dtype()) + "; the results are written into it in place, so it " +
+             "must be " + type + " (allocate it as " + type + ", or leave it out)");
+    if (!c_contiguous(Any(a)))
+        fail(std::string(what) + " is not C-contiguous; the results are written into it in place (pass a contiguous " +
+             "array, e.g. numpy.empty([" + dims + "], " + type + "), or leave it out)");
+    return static_cast<T*>(a.data());
+}
+
 struct EngineHandle {
     explicit EngineHandle(int threads) : pool(threads) {}
     ThreadPool pool;
@@ -136,7 +171,7 @@ void expert_stacks(const Any& gate, int gate_type, const Any& up, int up_type, c
 
 MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type, const Any& up,
                     int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
-                    const std::optional<U8>& skip, const F32& out, const std::string& isa) {
+                    const std::optional<U8>& skip, const Mut& out, const std::string& isa) {
     MoeCall c{};
     if (x.ndim() != 2) fail("x must be [tokens, hidden] float32");
     c.T = x.shape(0);
@@ -144,7 +179,7 @@ MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const An
     if (ids.ndim() != 2 || static_cast<int64_t>(ids.shape(0)) != c.T) fail("ids must be [tokens, top_k] int64");
     c.A = static_cast<int>(ids.shape(1));
     check_2d(Any(weights), c.T, c.A, "weights");
-    check_2d(Any(out), c.T, c.H, "out");
+    c.out = written<float>(out, {c.T, c.H}, "out");
     expert_stacks(gate, gate_type, up, up_type, down, down_type, shared, c.H, c.experts, c.shared);
     c.E = static_cast<int64_t>(c.experts.size());
     const int64_t* id = ids.data();
@@ -158,7 +193,6 @@ MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const An
     c.x = x.data();
     c.ids = id;
     c.w = weights.data();
-    c.out = out.data();
     c.isa = isa_arg(isa);
     return c;
 }
@@ -422,7 +456,7 @@ void staged_wait(void* arg) noexcept {
     }
 }
 
-void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& ids, const CF32& weights, F32 out,
+void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& ids, const CF32& weights, const Mut& out,
                  const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
                  const std::optional<U8>& skip, const std::string& isa) {
     MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, {}, skip, out, isa);
@@ -500,49 +534,49 @@ void register_engine(nb::module_& m) {
         .def_prop_ro("threads", [](EngineHandle& h) { return h.pool.threads(); })
         .def(
             "linear",
-            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, F32 out, const std::string& isa) {
+            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, const Mut& out, const std::string& isa) {
                 if (x.ndim() != 2) fail("x must be [tokens, in_features] float32");
                 auto w = matrices(weight, wtype, x.shape(1), "weight");
                 if (w.size() != 1) fail("weight must be a 2-D matrix");
-                check_2d(Any(out), x.shape(0), w[0].rows, "out");
+                float* y = written<float>(out, {static_cast<int64_t>(x.shape(0)), w[0].rows}, "out");
                 const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                linear(h.pool, w[0], x.data(), x.shape(0), out.data(), level);
+                linear(h.pool, w[0], x.data(), x.shape(0), y, level);
             },
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
         .def(
             "moe_layer",
-            [](EngineHandle& h, const MoeHandle& m, const CF32& x, F32 out, nb::ndarray<int64_t, nb::device::cpu, nb::c_contig> ids,
-               F32 weights, const std::string& isa) {
+            [](EngineHandle& h, const MoeHandle& m, const CF32& x, const Mut& out, const Mut& ids, const Mut& weights,
+               const std::string& isa) {
                 if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.H)
                     fail("x must be float32 [tokens, " + std::to_string(m.H) + "]");
                 const int64_t T = x.shape(0), A = m.router.top_k;
-                check_2d(Any(out), T, m.H, "out");
-                check_2d(Any(ids), T, A, "ids");
-                check_2d(Any(weights), T, A, "weights");
+                float* y = written<float>(out, {T, m.H}, "out");
+                int64_t* id = written<int64_t>(ids, {T, A}, "ids");
+                float* wt = written<float>(weights, {T, A}, "weights");
                 const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                route(h.pool, m.router, x.data(), T, ids.data(), weights.data(), level);
-                moe(h.pool, x.data(), T, m.H, ids.data(), weights.data(), static_cast<int>(A), m.experts.data(),
+                route(h.pool, m.router, x.data(), T, id, wt, level);
+                moe(h.pool, x.data(), T, m.H, id, wt, static_cast<int>(A), m.experts.data(),
                     static_cast<int64_t>(m.experts.size()), m.shared.data(), static_cast<int>(m.shared.size()), nullptr,
-                    out.data(), level);
+                    y, level);
             },
             nb::arg("layer"), nb::arg("x"), nb::arg("out"), nb::arg("ids"), nb::arg("weights"), nb::arg("isa") = "auto",
             "One MoE layer: route x [T, H] (ids, weights [T, top_k] are written), then the fused experts -> out.")
         .def(
             "mla_forward",
             [](EngineHandle& h, const MlaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& c_kv,
-               const Mut& k_pe, int64_t start, F32 out, const std::string& isa) {
+               const Mut& k_pe, int64_t start, const Mut& out, const std::string& isa) {
                 const MlaLayer& L = m.layer;
                 if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
                     fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
                 const int64_t T = x.shape(0);
                 check_2d(Any(cos), T, L.Dr / 2, "cos");
                 check_2d(Any(sin), T, L.Dr / 2, "sin");
-                check_2d(Any(out), T, m.D, "out");
+                float* y = written<float>(out, {T, m.D}, "out");
                 const GgmlType type = cache_type_of(c_kv, "c_kv");
                 if (cache_type_of(k_pe, "k_pe") != type) fail("c_kv and k_pe must share a dtype");
                 if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != L.R ||
@@ -557,8 +591,7 @@ void register_engine(nb::module_& m) {
                 h.pool.wait();
                 nb::gil_scoped_release release;
                 mla_forward(h.pool, L, x.data(), T, cos.data(), sin.data(), type,
-                            static_cast<uint8_t*>(c_kv.data()), static_cast<uint8_t*>(k_pe.data()), start, out.data(),
-                            level);
+                            static_cast<uint8_t*>(c_kv.data()), static_cast<uint8_t*>(k_pe.data()), start, y, level);
             },
             nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("c_kv"), nb::arg("k_pe"),
             nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto",
@@ -567,7 +600,7 @@ void register_engine(nb::module_& m) {
         .def(
             "mla_attention",
             [](EngineHandle& h, const CF32& q_lat, const CF32& q_pe, const Any& c_kv, const Any& k_pe, float scale,
-               F32 out, const std::string& isa) {
+               const Mut& out, const std::string& isa) {
                 if (q_lat.ndim() != 3 || q_pe.ndim() != 3 || q_pe.shape(0) != q_lat.shape(0) ||
                     q_pe.shape(1) != q_lat.shape(1))
                     fail("q_lat must be float32 [heads, tokens, kv_lora_rank] and q_pe [heads, tokens, rope dim]");
@@ -580,37 +613,32 @@ void register_engine(nb::module_& m) {
                 const GgmlType type = cache_type_of(c_kv, "the cache");
                 const int64_t S = c_kv.shape(0);
                 if (S < T) fail("the cache holds fewer positions than there are new tokens");
-                if (out.ndim() != 3 || static_cast<int64_t>(out.shape(0)) != H || static_cast<int64_t>(out.shape(1)) != T ||
-                    static_cast<int64_t>(out.shape(2)) != R)
-                    fail("out must have q_lat's shape");
+                float* y = written<float>(out, {H, T, R}, "out (q_lat's shape)");
                 const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
                 mla_attention(h.pool, H, T, S, R, Dr, q_lat.data(), q_pe.data(), type,
-                              static_cast<const uint8_t*>(c_kv.data()), static_cast<const uint8_t*>(k_pe.data()), scale,
-                              out.data(), level);
+                              static_cast<const uint8_t*>(c_kv.data()), static_cast<const uint8_t*>(k_pe.data()), scale, y,
+                              level);
             },
             nb::arg("q_lat"), nb::arg("q_pe"), nb::arg("c_kv"), nb::arg("k_pe"), nb::arg("scale"), nb::arg("out"),
             nb::arg("isa") = "auto",
             "MLA attention in latent space: softmax(scale (q_lat c_kv^T + q_pe k_pe^T), causal) c_kv -> out.")
         .def(
             "linear_batched",
-            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, F32 out, const std::string& isa) {
+            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, const Mut& out, const std::string& isa) {
                 if (x.ndim() != 3) fail("x must be [batch, tokens, in_features] float32");
                 if (weight.ndim() != 3) fail("weight must be a 3-D stack [batch, out_features, row bytes]");
                 auto w = matrices(weight, wtype, x.shape(2), "weight");
                 if (static_cast<int64_t>(w.size()) != static_cast<int64_t>(x.shape(0)))
                     fail("weight holds " + std::to_string(w.size()) + " matrices but x has a batch of " +
                          std::to_string(x.shape(0)));
-                if (out.ndim() != 3 || out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1) ||
-                    static_cast<int64_t>(out.shape(2)) != w[0].rows)
-                    fail("out must have shape [" + std::to_string(x.shape(0)) + ", " + std::to_string(x.shape(1)) +
-                         ", " + std::to_string(w[0].rows) + "]");
+                float* y = written<float>(
+                    out, {static_cast<int64_t>(x.shape(0)), static_cast<int64_t>(x.shape(1)), w[0].rows}, "out");
                 const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                linear_batched(h.pool, w.data(), static_cast<int64_t>(w.size()), x.data(), x.shape(1), out.data(),
-                               level);
+                linear_batched(h.pool, w.data(), static_cast<int64_t>(w.size()), x.data(), x.shape(1), y, level);
             },
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             "out[b] = x[b] @ weight[b]^T for a stack of matrices in one GGUF type (MLA's per-head W_UK / W_UV).")
@@ -618,7 +646,7 @@ void register_engine(nb::module_& m) {
             "moe",
             [](EngineHandle& h, const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type,
                const Any& up, int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
-               const std::optional<U8>& skip, F32 out, const std::string& isa, bool async) {
+               const std::optional<U8>& skip, const Mut& out, const std::string& isa, bool async) {
                 MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip, out, isa);
                 h.pool.wait();
                 if (async) {
