@@ -339,9 +339,48 @@ def test_torch_custom_ops():
 def test_mla_attention(isa, dtype, T, S):
     """The engine's latent-space attention against the torch formula (causal, the new tokens last),
     with the cache's rounding of q and p as llama.cpp applies it."""
+    check_mla_attention(isa, dtype, T, S, H=5, R=72, scale=0.13)  # R not a multiple of 16: SIMD tails run too
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,S,R,scale", [(1, 700, 200, 0.13), (9, 530, 200, 0.13), (17, 90, 40, 0.13),
+                                         (2, 300, 72, 40.0)])
+def test_mla_attention_all_heads_at_once(isa, dtype, T, S, R, scale):
+    """The shapes of the all-heads path: positions in several slabs and 16-position blocks of the mix,
+    several column slices of it with a tail past the whole vectors (R 200 = 128 + 64 + 8 at AVX-512), new
+    tokens in more than one tile of 8, and (scale 40) scores spread so far that most probabilities
+    underflow the vectorized exp."""
+    check_mla_attention(isa, dtype, T, S, H=16, R=R, scale=scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mla_attention_rounds_p_to_the_cache_type(isa, dtype):
+    """With one-hot cache rows the output is p itself: the probabilities rounded to the cache's precision,
+    value by value (a vectorized exp may move a value next to a rounding boundary by one step, rarely;
+    without the rounding nearly every value would differ)."""
+    H, T, S, R, Dr = 16, 1, 45, 64, 16
+    g = torch.Generator().manual_seed(7)
+    q_lat, q_pe = torch.randn(H, T, R, generator=g), torch.randn(H, T, Dr, generator=g)
+    c_kv, k_pe = torch.eye(S, R).to(dtype), torch.randn(S, Dr, generator=g).to(dtype)
+    out = np.empty((H, T, R), dtype=np.float32)
+    CpuEngine(threads=2)._engine.mla_attention(q_lat.numpy(), q_pe.numpy(), c_kv, k_pe, 0.5, out, isa)
+    from local.models.mla import cache_precision
+    low = cache_precision(dtype, torch.float32)
+    q, p_ = quantize_activation(q_lat, low), quantize_activation(q_pe, low)
+    scores = (q.double() @ c_kv.double().T + p_.double() @ k_pe.double().T) * 0.5
+    want = quantize_activation(torch.softmax(scores, -1).float(), low).numpy()[:, :, :S]
+    got = out[:, :, :S]
+    ulp = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]  # f32: exp's error
+    off = np.abs(got - want) > 1e-6 * np.abs(want)
+    assert off.mean() <= 0.02, f"{off.mean():.1%} of the probabilities differ"
+    assert np.all(np.abs(got - want) <= ulp * np.abs(want) + 1e-30)
+
+
+def check_mla_attention(isa, dtype, T, S, H, R, scale, Dr=16):
     from local.models.mla import attention_mask, cache_precision
 
-    H, R, Dr, scale = 5, 72, 16, 0.13  # R not a multiple of 16: the SIMD tails run too
     g = torch.Generator().manual_seed(T * 1000 + S)
     q_lat, q_pe = torch.randn(H, T, R, generator=g), torch.randn(H, T, Dr, generator=g)
     c_kv, k_pe = torch.randn(S, R, generator=g).to(dtype), torch.randn(S, Dr, generator=g).to(dtype)

@@ -3,7 +3,8 @@
 //   p = softmax(scores) over s;   o_lat[h,t] = sum_s p[s] c_kv[s]
 // The cache rows (c_kv [S, R], k_pe [S, Dr]) are F32, F16 or BF16. As llama.cpp does with a cache in
 // lower precision, the queries are rounded to the cache's type for the dot products and p is rounded
-// to it for the mix; every sum is in float32.
+// to it for the mix; every sum is in float32. All the heads of up to 8 new tokens go through the cache
+// together, so it is read once for their scores and once for their mix.
 #pragma once
 
 #include <cstdint>
@@ -17,8 +18,22 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
                    const float* q_pe, GgmlType cache_type, const uint8_t* c_kv, const uint8_t* k_pe, float scale,
                    float* o_lat, Isa isa);
 
-// out[0:R] += sum_{s < n} p[s] * row_s[0:R], rows `stride` bytes apart in `type` (F32 / F16 / BF16).
-void axpy_rows(GgmlType type, const uint8_t* rows, size_t stride, int64_t n, int64_t R, const float* p, float* out,
-               Isa isa);
+// The mix of many rows of probabilities at once: out[i][0:R] += sum_{s < n[i]} p[i][s] row_s[0:R] for i <
+// n_rows, the cache rows `stride` bytes apart in `type` (F32 / F16 / BF16), p[i] at p + i * p_stride. Each
+// output value sums its products in position order, one fused multiply-add each (a scalar loop below AVX2).
+struct MixRows {
+    GgmlType type;
+    const uint8_t* rows;
+    size_t stride;
+    int64_t R, n_rows;
+    const int64_t* n;
+    const float* p;
+    size_t p_stride;
+    float* const* out;
+};
+// mix_rows does column slice `slice` of mix_slices(R, isa): slices are independent (tasks of a pool), each
+// reads every position's share of the cache once for all the rows.
+int64_t mix_slices(int64_t R, Isa isa);
+void mix_rows(const MixRows& m, int64_t slice, Isa isa);
 
 }  // namespace tandem
