@@ -2,7 +2,8 @@
 llama.cpp on the same GGUF file in the same run.
 
 pp: one prompt of p random tokens, prefilled in chunks from an empty cache. tg: n single-token decode
-steps from an empty cache. Both exclude tokenization and sampling (no logits are read back), and each
+steps from an empty cache. With -d (llama-bench's --n-depth) both start after d tokens already in the
+context instead, prefilled untimed before each run: what attention costs deep into a conversation. Both exclude tokenization and sampling (no logits are read back), and each
 runs once as a warm-up before the r timed repetitions. With --compare llama.cpp the peer runs each
 repetition right after ours (same threads, same file, same token ids), so both see the same moment of
 this shared machine.
@@ -73,10 +74,23 @@ class TandemTarget:
     def __init__(self, runner, chunk: int):
         self.runner, self.model, self.chunk = runner, runner.model, chunk
         self.device = runner.device
+        self.filling = False  # the untimed context: stage_breakdown's hooks leave it out
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> float:
-        cache = self.runner.new_cache(len(ids) + 1)
+    def fill(self, cache, context: list[int]) -> None:
+        """The untimed tokens already in the context (-d)."""
+        self.filling = True
+        try:
+            for i in range(0, len(context), self.chunk):
+                self.model(torch.tensor(context[i:i + self.chunk], device=self.device), cache, last_only=True)
+        finally:
+            self.filling = False
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], context: list[int] = ()) -> float:
+        cache = self.runner.new_cache(len(context) + len(ids) + 1)
+        self.fill(cache, list(context))
+        self._sync()
         t0 = time.perf_counter()
         for i in range(0, len(ids), self.chunk):
             self.model(torch.tensor(ids[i:i + self.chunk], device=self.device), cache, last_only=True)
@@ -84,12 +98,14 @@ class TandemTarget:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def decode(self, ids: list[int]) -> float:
-        cache = self.runner.new_cache(len(ids) + 1)
+    def decode(self, ids: list[int], context: list[int] = ()) -> float:
+        cache = self.runner.new_cache(len(context) + len(ids) + 1)
+        self.fill(cache, list(context))
+        self._sync()
         if self.runner.fixed_decode:  # --cuda-graph: the runner's replayed step, captured before the clock
             step = self.runner.decoder(cache)
             step(ids[0])
-            cache.length = 0
+            cache.length = len(context)
             t0 = time.perf_counter()
             for i in ids:
                 step(i)
@@ -107,18 +123,23 @@ class TandemTarget:
             torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def stage_breakdown(self, ids: list[int]) -> dict[str, float]:
-        """Mean microseconds per decode step by stage, from module hooks over len(ids) steps."""
+    def stage_breakdown(self, ids: list[int], context: list[int] = ()) -> dict[str, float]:
+        """Mean microseconds per decode step by stage, from module hooks over len(ids) steps (after
+        `context`)."""
         spent: dict[str, float] = defaultdict(float)
         starts: dict[int, float] = {}
         handles = []
 
         def track(module, stage):
             def pre(m, args):
+                if self.filling:
+                    return
                 self._sync()
                 starts[id(m)] = time.perf_counter()
 
             def post(m, args, out):
+                if self.filling:
+                    return
                 self._sync()
                 spent[stage] += time.perf_counter() - starts.pop(id(m))
             handles.append(module.register_forward_pre_hook(pre))
@@ -136,7 +157,7 @@ class TandemTarget:
                 track(mlp, "dense mlp")
         track(self.model.lm_head, "lm_head")
         try:
-            total = self.decode(ids)
+            total = self.decode(ids, context)
         finally:
             for h in handles:
                 h.remove()
@@ -152,13 +173,13 @@ class TandemTarget:
         out = {k: v / n * 1e6 for k, v in spent.items()}
         # a second pass split the other way: time inside the CPU engine's calls, and the rest (torch ops
         # and Python: the per-step overhead that is not weight reading)
-        engine_s, total = self._engine_time(ids)
+        engine_s, total = self._engine_time(ids, context)
         if engine_s:
             out["engine calls (all stages)"] = engine_s / n * 1e6
             out["torch + Python outside the engine"] = (total - engine_s) / n * 1e6
         return out
 
-    def _engine_time(self, ids: list[int]) -> tuple[float, float]:
+    def _engine_time(self, ids: list[int], context: list[int] = ()) -> tuple[float, float]:
         try:
             from offload import torch_ops
         except ImportError:
@@ -170,6 +191,8 @@ class TandemTarget:
 
         def timed(f):
             def call(*args, **kwargs):
+                if self.filling:
+                    return f(*args, **kwargs)
                 t0 = time.perf_counter()
                 try:
                     return f(*args, **kwargs)
@@ -184,7 +207,7 @@ class TandemTarget:
         for module, name, f in patched:
             setattr(module, name, timed(f))
         try:
-            total = self.decode(ids)
+            total = self.decode(ids, context)
         finally:
             for module, name, f in patched:
                 setattr(module, name, f)
@@ -216,16 +239,22 @@ class LlamaCppTarget:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def prefill(self, ids: list[int]) -> float:
+    def fill(self, context: list[int]) -> None:
         self._clear()
+        for i in range(0, len(context), self.n_batch):
+            self._decode(context[i:i + self.n_batch])
+        self.lib.llama_synchronize(self.ctx)
+
+    def prefill(self, ids: list[int], context: list[int] = ()) -> float:
+        self.fill(list(context))
         t0 = time.perf_counter()
         for i in range(0, len(ids), self.n_batch):
             self._decode(ids[i:i + self.n_batch])
         self.lib.llama_synchronize(self.ctx)
         return time.perf_counter() - t0
 
-    def decode(self, ids: list[int]) -> float:
-        self._clear()
+    def decode(self, ids: list[int], context: list[int] = ()) -> float:
+        self.fill(list(context))
         t0 = time.perf_counter()
         for i in ids:
             self._decode([i])
@@ -236,9 +265,9 @@ class LlamaCppTarget:
 # ---------------------------------------------------------------- the run
 
 def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None = None, device: str = "cpu",
-              compare: str | None = None, chunk: int = 512, log=None, cuda_graph: bool = False) -> dict:
-    """Rows pp{p} and tg{n} (+ the peer's), measured read bandwidth, achieved bandwidth, RSS, and a
-    per-stage breakdown of one decode step."""
+              compare: str | None = None, chunk: int = 512, log=None, cuda_graph: bool = False, depth: int = 0) -> dict:
+    """Rows pp{p} and tg{n} (+ the peer's; "pp{p} @ d{depth}" after `depth` tokens of context), measured
+    read bandwidth, achieved bandwidth, RSS, and a per-stage breakdown of one decode step."""
     from offload import _C
 
     from . import load
@@ -251,8 +280,8 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
         raise ValueError(f"--compare {compare}: only llama.cpp is supported")
     if compare and path.suffix != ".gguf":
         raise ValueError("--compare llama.cpp needs a GGUF file (llama.cpp reads no other format)")
-    if p < 1 or n < 1 or r < 1:
-        raise ValueError("-p, -n and -r must be at least 1")
+    if p < 1 or n < 1 or r < 1 or depth < 0:
+        raise ValueError("-p, -n and -r must be at least 1, and -d at least 0")
 
     log(f"loading {path.name} ({threads} threads)")
     runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph)
@@ -260,9 +289,10 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     rng = np.random.default_rng(1234)
     prompt = rng.integers(2, vocab, size=p).tolist()
     gen = rng.integers(2, vocab, size=n).tolist()
+    context = rng.integers(2, vocab, size=depth).tolist()
     targets = [TandemTarget(runner, chunk)]
-    if p + n >= runner.max_context:
-        raise ValueError(f"-p {p} + -n {n} exceeds the model's context ({runner.max_context})")
+    if depth + max(p, n) >= runner.max_context:
+        raise ValueError(f"-d {depth} + -p {p} / -n {n} exceeds the model's context ({runner.max_context})")
 
     probe = _C.Engine(threads)
     reads = [probe.read_bandwidth(1 << 29, 3)]  # measured again after every repetition: it swings
@@ -273,19 +303,23 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     rss_tandem = _rss()
     if compare:
         log("loading llama.cpp (llama-cpp-python) on the same file")
-        targets.append(LlamaCppTarget(path, threads, n_ctx=p + n + 16, n_batch=min(chunk, max(p, 1))))
-    rows = {"pp": Row(f"pp{p}"), "tg": Row(f"tg{n}")}
+        targets.append(LlamaCppTarget(path, threads, n_ctx=depth + max(p, n) + 16,
+                                      n_batch=min(chunk, max(p, depth, 1))))
+    at = f" @ d{depth}" if depth else ""  # llama-bench's names
+    rows = {"pp": Row(f"pp{p}{at}"), "tg": Row(f"tg{n}{at}")}
+    if depth:
+        log(f"each test starts after {depth} tokens of context (prefilled untimed)")
     for t in targets:
-        t.prefill(prompt)
-        t.decode(gen[: min(n, 16)])
+        t.prefill(prompt, context)
+        t.decode(gen[: min(n, 16)], context)
     for rep in range(r):
         for t in targets:
             time.sleep(0.02)  # let the other side's spinning workers go to sleep
-            secs = t.prefill(prompt)
+            secs = t.prefill(prompt, context)
             (rows["pp"].tps if t.name == "tandem" else rows["pp"].peer_tps).append(p / secs)
         for t in targets:
             time.sleep(0.02)
-            secs = t.decode(gen)
+            secs = t.decode(gen, context)
             (rows["tg"].tps if t.name == "tandem" else rows["tg"].peer_tps).append(n / secs)
         time.sleep(0.02)
         reads.append(probe.read_bandwidth(1 << 29, 3))
@@ -294,7 +328,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
             for row in rows.values()) + f" tok/s, read {reads[-1]:.1f} GB/s")
     read_gbs = statistics.median(reads)
 
-    breakdown = targets[0].stage_breakdown(gen[: min(n, 32)])
+    breakdown = targets[0].stage_breakdown(gen[: min(n, 32)], context)
     out = [rows["pp"].to_json(), rows["tg"].to_json()]
     gguf = getattr(runner.model, "checkpoint", None)  # the loaded file, already parsed
     active = active_bytes_per_token(gguf) if path.suffix == ".gguf" else None
@@ -309,7 +343,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
             tg["llama_cpp_bandwidth_pct"] = 100 * active * tg["llama_cpp_tps_mean"] / 1e9 / read_gbs
     tg["decode_step_us"] = breakdown
     for row in out:
-        row.update(model=str(path), threads=threads, device=str(runner.device), rss_bytes=rss_tandem,
+        row.update(model=str(path), threads=threads, device=str(runner.device), depth=depth, rss_bytes=rss_tandem,
                    peak_rss_bytes=_peak_rss())
     return {"rows": out}
 
@@ -327,7 +361,8 @@ def _peak_rss() -> int:
 def render(result: dict) -> str:
     rows = result["rows"]
     peer = any("llama_cpp_tps_mean" in r for r in rows)
-    cols = [("model", 28, "<"), ("threads", 7, ">"), ("test", 6, ">"), ("t/s", 16, ">")]
+    cols = [("model", 28, "<"), ("threads", 7, ">"), ("test", max(6, *(len(r["test"]) for r in rows)), ">"),
+            ("t/s", 16, ">")]
     if peer:
         cols += [("llama.cpp t/s", 16, ">"), ("ratio", 6, ">")]
 

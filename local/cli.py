@@ -68,7 +68,7 @@ def cmd_bench(args) -> int:
         raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic deepseek-v2-lite|deepseek-v3")
     result = run_bench(model, p=args.n_prompt, n=args.n_gen, r=args.repetitions, threads=args.threads,
                        device=args.device, compare=args.compare, chunk=args.chunk,
-                       cuda_graph=args.cuda_graph)
+                       cuda_graph=args.cuda_graph, depth=args.depth)
     print(main_json(result) if args.json else render(result))
     return 0
 
@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for the pp test (default 512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for the tg test (default 128)")
     b.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
+    b.add_argument("-d", "--depth", type=int, default=0,
+                   help="tokens already in the context before each test, prefilled untimed (llama-bench's -d; "
+                        "default 0)")
     b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     b.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
     b.add_argument("--chunk", type=int, default=512, help="prefill chunk, tokens (default 512)")

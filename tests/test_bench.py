@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from local import synthetic
-from local.bench import active_bytes_per_token, render, run_bench
+from local.bench import LlamaCppTarget, TandemTarget, active_bytes_per_token, render, run_bench
 from local.cli import main
 from quant.gguf_file import GGUFModel
 
@@ -73,6 +73,40 @@ def test_bench_rows_against_llama_cpp(tiny_gguf):
     table = render(result)
     assert "pp24" in table and "tg6" in table and "llama.cpp" in table and "% of the measured" in table
     assert "torch + Python outside the engine" in table
+
+
+def test_bench_depth_runs_each_test_after_the_context(tiny_gguf, monkeypatch):
+    """-d: every pp and tg run of both engines starts with `depth` tokens in its cache (llama-bench's
+    "pp8 @ d20")."""
+    filled = []
+    tandem_fill, llama_fill = TandemTarget.fill, LlamaCppTarget.fill
+
+    def spy_tandem(self, cache, context):
+        tandem_fill(self, cache, context)
+        filled.append(("tandem", cache.length))
+
+    def spy_llama(self, context):
+        llama_fill(self, context)
+        memory = self.lib.llama_get_memory(self.ctx)
+        filled.append(("llama.cpp", self.lib.llama_memory_seq_pos_max(memory, 0) + 1))
+
+    monkeypatch.setattr(TandemTarget, "fill", spy_tandem)
+    monkeypatch.setattr(LlamaCppTarget, "fill", spy_llama)
+    result = run_bench(tiny_gguf, p=8, n=4, r=1, threads=2, compare="llama.cpp", depth=20, log=lambda m: None)
+    pp, tg = result["rows"]
+    assert pp["test"] == "pp8 @ d20" and tg["test"] == "tg4 @ d20" and pp["depth"] == 20
+    assert pp["tps_mean"] > 0 and tg["llama_cpp_tps_mean"] > 0
+    # the first: a short prefill for the memory figures, before any test; then warm-ups, the timed pp and
+    # tg runs, and the decode-step breakdown's two passes
+    assert filled[0] == ("tandem", 0)
+    assert sorted({name for name, _ in filled[1:]}) == ["llama.cpp", "tandem"] and len(filled) >= 7
+    assert all(n == 20 for _, n in filled[1:]), filled
+    # the decode-step breakdown counts the decode steps, not the untimed context before them
+    steps = tg["decode_step_us"]
+    assert 0 < steps["engine calls (all stages)"] < 1e6 / tg["tps_mean"]
+    assert 0 < steps["attention"] + steps["experts"] + steps["lm_head"] < 1e6 / tg["tps_mean"]
+    assert steps["other"] > 0 and steps["torch + Python outside the engine"] > 0
+    assert "pp8 @ d20" in render(result)
 
 
 def test_bench_cli_json_and_errors(tiny_gguf, capsys):
