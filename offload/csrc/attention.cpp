@@ -1,19 +1,15 @@
 #include "attention.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <limits>
 #include <vector>
 
+#include "dot_kernels.h"
+
 namespace tandem {
 namespace {
-
-// Positions a mix kernel converts to float at a time (a block of the cache's columns [r0, r1), kept in L1
-// while every row of probabilities takes its share of it), and the widest column slice it takes.
-constexpr int64_t kMixBlock = 16, kMixCols = 128;
 
 inline float cache_value(GgmlType type, const uint8_t* row, int64_t r) {
     if (type == GgmlType::F32) return reinterpret_cast<const float*>(row)[r];
@@ -29,113 +25,6 @@ void mix_scalar(const MixRows& m, int64_t r0, int64_t r1) {
             const uint8_t* row = m.rows + s * m.stride;
             for (int64_t r = r0; r < r1; ++r) out[r] += p[s] * cache_value(m.type, row, r);
         }
-    }
-}
-
-// The SIMD mix of columns [r0, r0 + NV * width): per block of kMixBlock positions, their columns converted
-// to float once, then each row's NV accumulators run over the block in registers. Every output value sums
-// its products in position order, one fused multiply-add each, as a row-at-a-time loop would.
-template <int NV>
-__attribute__((target("avx512f,avx512bw,f16c,fma"))) void mix_avx512_cols(const MixRows& m, int64_t r0) {
-    alignas(64) float x[kMixBlock][NV * 16];
-    int64_t seen = 0;
-    for (int64_t i = 0; i < m.n_rows; ++i) seen = std::max(seen, m.n[i]);
-    for (int64_t b0 = 0; b0 < seen; b0 += kMixBlock) {
-        const int64_t b1 = std::min(seen, b0 + kMixBlock);
-        for (int64_t s = b0; s < b1; ++s) {
-            const uint8_t* row = m.rows + s * m.stride;
-            for (int k = 0; k < NV; ++k) {
-                __m512 v;
-                if (m.type == GgmlType::F32) {
-                    v = _mm512_loadu_ps(reinterpret_cast<const float*>(row) + r0 + 16 * k);
-                } else {
-                    const __m256i h = _mm256_loadu_si256(
-                        reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + r0 + 16 * k));
-                    v = m.type == GgmlType::F16 ? _mm512_cvtph_ps(h)
-                                                : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                }
-                _mm512_store_ps(x[s - b0] + 16 * k, v);
-            }
-        }
-        for (int64_t i = 0; i < m.n_rows; ++i) {
-            const int64_t e = std::min(b1, m.n[i]);
-            if (e <= b0) continue;
-            const float* p = m.p + i * m.p_stride;
-            float* out = m.out[i] + r0;
-            __m512 acc[NV];
-            for (int k = 0; k < NV; ++k) acc[k] = _mm512_loadu_ps(out + 16 * k);
-            for (int64_t s = b0; s < e; ++s) {
-                const __m512 w = _mm512_set1_ps(p[s]);
-                for (int k = 0; k < NV; ++k) acc[k] = _mm512_fmadd_ps(w, _mm512_load_ps(x[s - b0] + 16 * k), acc[k]);
-            }
-            for (int k = 0; k < NV; ++k) _mm512_storeu_ps(out + 16 * k, acc[k]);
-        }
-    }
-}
-
-template <int NV>
-__attribute__((target("avx2,fma,f16c"))) void mix_avx2_cols(const MixRows& m, int64_t r0) {
-    alignas(32) float x[kMixBlock][NV * 8];
-    int64_t seen = 0;
-    for (int64_t i = 0; i < m.n_rows; ++i) seen = std::max(seen, m.n[i]);
-    for (int64_t b0 = 0; b0 < seen; b0 += kMixBlock) {
-        const int64_t b1 = std::min(seen, b0 + kMixBlock);
-        for (int64_t s = b0; s < b1; ++s) {
-            const uint8_t* row = m.rows + s * m.stride;
-            for (int k = 0; k < NV; ++k) {
-                __m256 v;
-                if (m.type == GgmlType::F32) {
-                    v = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + r0 + 8 * k);
-                } else {
-                    const __m128i h = _mm_loadu_si128(
-                        reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(row) + r0 + 8 * k));
-                    v = m.type == GgmlType::F16 ? _mm256_cvtph_ps(h)
-                                                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-                }
-                _mm256_store_ps(x[s - b0] + 8 * k, v);
-            }
-        }
-        for (int64_t i = 0; i < m.n_rows; ++i) {
-            const int64_t e = std::min(b1, m.n[i]);
-            if (e <= b0) continue;
-            const float* p = m.p + i * m.p_stride;
-            float* out = m.out[i] + r0;
-            __m256 acc[NV];
-            for (int k = 0; k < NV; ++k) acc[k] = _mm256_loadu_ps(out + 8 * k);
-            for (int64_t s = b0; s < e; ++s) {
-                const __m256 w = _mm256_set1_ps(p[s]);
-                for (int k = 0; k < NV; ++k) acc[k] = _mm256_fmadd_ps(w, _mm256_load_ps(x[s - b0] + 8 * k), acc[k]);
-            }
-            for (int k = 0; k < NV; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
-        }
-    }
-}
-
-// Columns [r0, r1) of a SIMD mix: whole vectors (16 values for AVX-512, 8 for AVX2), 8 vectors at most
-void mix_simd(const MixRows& m, int64_t r0, int64_t r1, Isa isa) {
-    const int width = isa >= Isa::Avx512 ? 16 : 8;
-    const int nv = static_cast<int>((r1 - r0) / width);
-    if (isa >= Isa::Avx512) {
-        switch (nv) {
-            case 1: return mix_avx512_cols<1>(m, r0);
-            case 2: return mix_avx512_cols<2>(m, r0);
-            case 3: return mix_avx512_cols<3>(m, r0);
-            case 4: return mix_avx512_cols<4>(m, r0);
-            case 5: return mix_avx512_cols<5>(m, r0);
-            case 6: return mix_avx512_cols<6>(m, r0);
-            case 7: return mix_avx512_cols<7>(m, r0);
-            default: return mix_avx512_cols<8>(m, r0);
-        }
-    }
-    switch (nv) {  // AVX2: kMixCols / 8 = 16 vectors at most; 8 keep the accumulators in registers
-        case 1: return mix_avx2_cols<1>(m, r0);
-        case 2: return mix_avx2_cols<2>(m, r0);
-        case 3: return mix_avx2_cols<3>(m, r0);
-        case 4: return mix_avx2_cols<4>(m, r0);
-        case 5: return mix_avx2_cols<5>(m, r0);
-        case 6: return mix_avx2_cols<6>(m, r0);
-        case 7: return mix_avx2_cols<7>(m, r0);
-        default: return mix_avx2_cols<8>(m, r0);
     }
 }
 
@@ -163,147 +52,30 @@ void softmax_scalar(float* sc, const float* pe, int64_t n, float scale, GgmlType
     for (int64_t s = 0; s < n; ++s) sc[s] = round_to(type, sc[s] * inv);
 }
 
-// exp(x) for x <= 0, within ~2 ulp of expf (the Cephes expf scheme: x = n ln2 + r, |r| <= ln2 / 2, ln2 in
-// two parts, exp(r) = 1 + r + r^2 P(r)); 0 below -87 (where expf's results are subnormal or 0: a
-// probability below 1e-38 next to the row's maximum, 1, which no cache type keeps).
-constexpr float kExpLow = -87.0f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma"))) inline __m512 exp_avx512(__m512 x) {
-    const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLow), _CMP_LT_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(kExpLow));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpP[0]);
-    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP[i]));
-    const __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~low), _mm512_scalef_ps(y, n));
-}
-
-__attribute__((target("avx2,fma,f16c"))) inline __m256 exp_avx2(__m256 x) {
-    const __m256 low = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(kExpLow));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kExpP[0]);
-    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP[i]));
-    const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // 2^n as float bits (n >= -126 here)
-    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-    return _mm256_andnot_ps(low, _mm256_mul_ps(y, scale));
-}
-
-// round_to a vector: F16 through the hardware's round-to-nearest-even, BF16 as float_to_bf16 (NaN kept quiet)
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma"))) inline __m512 round_avx512(__m512 v, GgmlType type) {
-    if (type == GgmlType::F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    if (type != GgmlType::BF16) return v;
-    const __m512i x = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_or_epi32(r, nan, x, _mm512_set1_epi32(0x400000));
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
-__attribute__((target("avx2,fma,f16c"))) inline __m256 round_avx2(__m256 v, GgmlType type) {
-    if (type == GgmlType::F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    if (type != GgmlType::BF16) return v;
-    const __m256i x = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x400000)), nan);
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma"))) void softmax_avx512(float* sc, const float* pe, int64_t n,
-                                                                                   float scale, GgmlType type) {
-    const __m512 vs = _mm512_set1_ps(scale);
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t s = 0; s < n; s += 16) {
-        const __mmask16 k = n - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - s)) - 1);
-        const __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(k, sc + s), _mm512_maskz_loadu_ps(k, pe + s)), vs);
-        _mm512_mask_storeu_ps(sc + s, k, v);
-        mx = _mm512_mask_max_ps(mx, k, mx, v);
-    }
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t s = 0; s < n; s += 16) {
-        const __mmask16 k = n - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - s)) - 1);
-        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + s), m));
-        _mm512_mask_storeu_ps(sc + s, k, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int64_t s = 0; s < n; s += 16) {
-        const __mmask16 k = n - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - s)) - 1);
-        _mm512_mask_storeu_ps(sc + s, k, round_avx512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + s), inv), type));
-    }
-}
-
-__attribute__((target("avx2,fma,f16c"))) void softmax_avx2(float* sc, const float* pe, int64_t n, float scale,
-                                                             GgmlType type) {
-    const int64_t n8 = n / 8 * 8;
-    const __m256 vs = _mm256_set1_ps(scale);
-    __m256 mx8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t s = 0; s < n8; s += 8) {
-        const __m256 v = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(sc + s), _mm256_loadu_ps(pe + s)), vs);
-        _mm256_storeu_ps(sc + s, v);
-        mx8 = _mm256_max_ps(mx8, v);
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, mx8);
-    float mx = *std::max_element(lanes, lanes + 8);
-    for (int64_t s = n8; s < n; ++s) {
-        sc[s] = (sc[s] + pe[s]) * scale;
-        mx = std::max(mx, sc[s]);
-    }
-    const __m256 m = _mm256_set1_ps(mx);
-    __m256 sum8 = _mm256_setzero_ps();
-    for (int64_t s = 0; s < n8; s += 8) {
-        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + s), m));
-        _mm256_storeu_ps(sc + s, e);
-        sum8 = _mm256_add_ps(sum8, e);
-    }
-    _mm256_store_ps(lanes, sum8);
-    float sum = 0;
-    for (float l : lanes) sum += l;
-    for (int64_t s = n8; s < n; ++s) {
-        alignas(32) float one[8] = {sc[s] - mx};
-        _mm256_store_ps(one, exp_avx2(_mm256_load_ps(one)));  // the same exp as the vectors'
-        sc[s] = one[0];
-        sum += sc[s];
-    }
-    const float inv = 1.0f / sum;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int64_t s = 0; s < n8; s += 8) _mm256_storeu_ps(sc + s, round_avx2(_mm256_mul_ps(_mm256_loadu_ps(sc + s), vinv), type));
-    for (int64_t s = n8; s < n; ++s) sc[s] = round_to(type, sc[s] * inv);
-}
-
 void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType type, Isa isa) {
-    if (isa >= Isa::Avx512) return softmax_avx512(sc, pe, n, scale, type);
-    if (isa >= Isa::Avx2) return softmax_avx2(sc, pe, n, scale, type);
+    if (isa >= Isa::Avx512) return detail::avx512::softmax_row(sc, pe, n, scale, type);
+    if (isa >= Isa::Avx2) return detail::avx2::softmax_row(sc, pe, n, scale, type);
     softmax_scalar(sc, pe, n, scale, type);
 }
 
 }  // namespace
 
+// A SIMD mix's vector width; its slices are 8 vectors wide (the accumulators a row keeps in registers),
+// then one for the columns past the whole vectors, on the scalar loop. Below AVX2, one scalar slice.
+static int64_t mix_width(int64_t R, Isa isa) { return isa >= Isa::Avx512 ? 16 : isa >= Isa::Avx2 ? 8 : R; }
+
 int64_t mix_slices(int64_t R, Isa isa) {
-    const int64_t width = isa >= Isa::Avx512 ? 16 : isa >= Isa::Avx2 ? 8 : R;
-    const int64_t cols = isa >= Isa::Avx512 ? kMixCols : isa >= Isa::Avx2 ? 8 * 8 : R;
-    const int64_t simd = R / width * width;
-    return (simd + cols - 1) / cols + (simd < R ? 1 : 0);
+    const int64_t width = mix_width(R, isa), simd = R / width * width;
+    return (simd + 8 * width - 1) / (8 * width) + (simd < R ? 1 : 0);
 }
 
 void mix_rows(const MixRows& m, int64_t slice, Isa isa) {
     if (isa < Isa::Avx2) return mix_scalar(m, 0, m.R);
-    const int64_t width = isa >= Isa::Avx512 ? 16 : 8, cols = isa >= Isa::Avx512 ? kMixCols : 8 * 8;
-    const int64_t simd = m.R / width * width, r0 = slice * cols;
-    if (r0 >= simd) return mix_scalar(m, simd, m.R);  // the tail past the whole vectors
-    mix_simd(m, r0, std::min(simd, r0 + cols), isa);
+    const int64_t width = mix_width(m.R, isa), simd = m.R / width * width, r0 = slice * 8 * width;
+    if (r0 >= simd) return mix_scalar(m, simd, m.R);
+    const int nv = static_cast<int>((std::min(simd, r0 + 8 * width) - r0) / width);
+    if (isa >= Isa::Avx512) return detail::avx512::mix_cols(m, r0, nv);
+    detail::avx2::mix_cols(m, r0, nv);
 }
 
 void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R, int64_t Dr, const float* q_lat,

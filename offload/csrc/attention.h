@@ -31,6 +31,8 @@ struct MixRows {
     size_t p_stride;
     float* const* out;
 };
+// Positions a SIMD mix converts to float at a time (dot_simd.h), kept in L1 while every row takes its share.
+constexpr int64_t kMixBlock = 16;
 // mix_rows does column slice `slice` of mix_slices(R, isa): slices are independent (tasks of a pool), each
 // reads every position's share of the cache once for all the rows.
 int64_t mix_slices(int64_t R, Isa isa);

@@ -9,8 +9,11 @@
 #endif
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <type_traits>
 
 #include "dot.h"

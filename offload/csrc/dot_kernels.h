@@ -3,6 +3,7 @@
 // no instruction beyond the baseline reaches code that runs before the CPU check.
 #pragma once
 
+#include "attention.h"
 #include "dot.h"
 
 namespace tandem::detail {
@@ -33,6 +34,9 @@ void swiglu(const float* g, const float* u, float* h, int64_t n);  // swiglu() f
 // quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows below AVX-512 (dot_avx2.cpp): the same bytes
 void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
 void quantize_act_q8_k(const float* x, void* dst, int64_t n);
+// attention.cpp's kernels (dot_simd.h): columns [r0, r0 + 8 nv) of a mix, and one row's softmax
+void mix_cols(const MixRows& m, int64_t r0, int nv);
+void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType type);
 }
 namespace avx512 {
 DotKernel kernel(GgmlType wtype);
@@ -41,6 +45,8 @@ ScaledDotKernel scaled_kernel(GgmlType wtype);
 // quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows (dot_avx512.cpp): the same bytes
 void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
 void quantize_act_q8_k(const float* x, void* dst, int64_t n);
+void mix_cols(const MixRows& m, int64_t r0, int nv);  // columns [r0, r0 + 16 nv)
+void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType type);
 }
 namespace avx512_vnni {
 DotKernel kernel(GgmlType wtype);

@@ -1173,4 +1173,189 @@ DotKernel2 kernel2(GgmlType wtype) {
     }
 }
 
+// ---------------------------------------------------------------------------------------- attention (attention.cpp)
+#if TANDEM_DOT_LEVEL <= 3
+namespace {
+
+#if TANDEM_DOT_LEVEL >= 3
+TANDEM_INLINE VecF fset1(float v) { return _mm512_set1_ps(v); }
+TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+TANDEM_INLINE VecF fsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
+TANDEM_INLINE VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
+TANDEM_INLINE VecF vmin(VecF a, VecF b) { return _mm512_min_ps(a, b); }
+TANDEM_INLINE VecF floadu(const float* p) { return _mm512_loadu_ps(p); }
+TANDEM_INLINE void fstoreu(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+TANDEM_INLINE float vmax_all(VecF v) { return _mm512_reduce_max_ps(v); }
+TANDEM_INLINE VecF fround(VecF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+TANDEM_INLINE VecF fpow2(VecF n) {  // 2^n for whole n in [-126, 127], built in the exponent bits
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+TANDEM_INLINE VecF fround_f16(VecF v) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+TANDEM_INLINE VecF fround_bf16(VecF v) {  // float_to_bf16's rounding (NaN kept, quiet)
+    const __m512i x = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                     _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1))));
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), x, _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#else
+TANDEM_INLINE VecF fset1(float v) { return _mm256_set1_ps(v); }
+TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+TANDEM_INLINE VecF fsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
+TANDEM_INLINE VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
+TANDEM_INLINE VecF vmin(VecF a, VecF b) { return _mm256_min_ps(a, b); }
+TANDEM_INLINE VecF floadu(const float* p) { return _mm256_loadu_ps(p); }
+TANDEM_INLINE void fstoreu(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+TANDEM_INLINE float vmax_all(VecF v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+TANDEM_INLINE VecF fround(VecF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+TANDEM_INLINE VecF fpow2(VecF n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+TANDEM_INLINE VecF fround_f16(VecF v) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+TANDEM_INLINE VecF fround_bf16(VecF v) {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                           _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1))));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i kept = _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(kept, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#endif
+
+}  // namespace
+
+// exp(x) on a vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2 with ln2 in two parts, a degree-6
+// polynomial in r, times 2^n), x clamped to [-87, 88] so that 2^n stays a normal float: below -87 it
+// gives exp(-87) ~ 1.6e-38 where expf gives less. NaN propagates (max / min return their second operand).
+TANDEM_INLINE VecF vexp(VecF x) {
+    x = vmin(fset1(88.0f), vmax(fset1(-87.0f), x));
+    const VecF n = fround(fmul(x, fset1(1.44269504088896341f)));
+    VecF r = fmadd(n, fset1(-0.693359375f), x);
+    r = fmadd(n, fset1(2.12194440e-4f), r);
+    VecF y = fset1(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        y = fmadd(y, r, fset1(c));
+    y = fmadd(y, fmul(r, r), fadd(r, fset1(1.0f)));
+    return fmul(y, fpow2(n));
+}
+
+namespace {
+
+TANDEM_INLINE VecF round_to_cache(VecF v, GgmlType type) {
+    return type == GgmlType::F16 ? fround_f16(v) : type == GgmlType::BF16 ? fround_bf16(v) : v;
+}
+
+// f applied to x[0:n] in place, the last n % kLanes values through one padded vector (every value gets
+// the same function); f gets the vector and how many of its lanes hold values
+template <class F>
+TANDEM_INLINE void each_vector(float* x, int64_t n, F f) {
+    int64_t s = 0;
+    for (; s + kLanes <= n; s += kLanes) fstoreu(x + s, f(floadu(x + s), kLanes));
+    if (s < n) {
+        alignas(64) float t[kLanes] = {};
+        std::memcpy(t, x + s, sizeof(float) * static_cast<size_t>(n - s));
+        fstoreu(t, f(floadu(t), static_cast<int>(n - s)));
+        std::memcpy(x + s, t, sizeof(float) * static_cast<size_t>(n - s));
+    }
+}
+
+// Positions [b0, b1) of columns [r0, r0 + NV kLanes) of the cache rows, as float
+template <int NV, class C>
+TANDEM_INLINE void cache_block(const MixRows& m, int64_t r0, int64_t b0, int64_t b1, float (*x)[NV * kLanes]) {
+    using T = typename C::T;
+    for (int64_t s = b0; s < b1; ++s) {
+        const T* row = reinterpret_cast<const T*>(m.rows + s * m.stride) + r0;
+        for (int k = 0; k < NV; ++k) fstoreu(x[s - b0] + k * kLanes, C::load(row + k * kLanes));
+    }
+}
+
+// The mix of columns [r0, r0 + NV kLanes): per block of kMixBlock positions, their columns converted to
+// float once, then each row's NV accumulators run over the block in registers. Every output value sums
+// its products in position order, one fused multiply-add each, as a row-at-a-time loop would.
+template <int NV, class C>
+void mix_cols_t(const MixRows& m, int64_t r0) {
+    alignas(64) float x[kMixBlock][NV * kLanes];
+    int64_t seen = 0;
+    for (int64_t i = 0; i < m.n_rows; ++i) seen = std::max(seen, m.n[i]);
+    for (int64_t b0 = 0; b0 < seen; b0 += kMixBlock) {
+        const int64_t b1 = std::min(seen, b0 + kMixBlock);
+        cache_block<NV, C>(m, r0, b0, b1, x);
+        for (int64_t i = 0; i < m.n_rows; ++i) {
+            const int64_t e = std::min(b1, m.n[i]);
+            if (e <= b0) continue;
+            const float* p = m.p + i * m.p_stride;
+            float* out = m.out[i] + r0;
+            VecF acc[NV];
+            for (int k = 0; k < NV; ++k) acc[k] = floadu(out + k * kLanes);
+            for (int64_t s = b0; s < e; ++s) {
+                const VecF w = fset1(p[s]);
+                for (int k = 0; k < NV; ++k) acc[k] = fmadd(w, floadu(x[s - b0] + k * kLanes), acc[k]);
+            }
+            for (int k = 0; k < NV; ++k) fstoreu(out + k * kLanes, acc[k]);
+        }
+    }
+}
+
+template <class C>
+void mix_cols_c(const MixRows& m, int64_t r0, int nv) {
+    switch (nv) {
+        case 1: return mix_cols_t<1, C>(m, r0);
+        case 2: return mix_cols_t<2, C>(m, r0);
+        case 3: return mix_cols_t<3, C>(m, r0);
+        case 4: return mix_cols_t<4, C>(m, r0);
+        case 5: return mix_cols_t<5, C>(m, r0);
+        case 6: return mix_cols_t<6, C>(m, r0);
+        case 7: return mix_cols_t<7, C>(m, r0);
+        default: return mix_cols_t<8, C>(m, r0);
+    }
+}
+
+}  // namespace
+
+void mix_cols(const MixRows& m, int64_t r0, int nv) {
+    if (m.type == GgmlType::F32) return mix_cols_c<CvtF32>(m, r0, nv);
+    if (m.type == GgmlType::F16) return mix_cols_c<CvtF16>(m, r0, nv);
+    mix_cols_c<CvtBF16>(m, r0, nv);
+}
+
+void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType type) {
+    const VecF vs = fset1(scale);
+    VecF mx = fset1(-std::numeric_limits<float>::infinity());
+    for (int64_t s = 0; s + kLanes <= n; s += kLanes) {
+        const VecF v = fmul(fadd(floadu(sc + s), floadu(pe + s)), vs);
+        fstoreu(sc + s, v);
+        mx = vmax(mx, v);
+    }
+    float top = vmax_all(mx);
+    for (int64_t s = n / kLanes * kLanes; s < n; ++s) {
+        sc[s] = (sc[s] + pe[s]) * scale;
+        top = std::max(top, sc[s]);
+    }
+    const VecF vt = fset1(top);
+    VecF sum = fzero();
+    float tail = 0;
+    each_vector(sc, n, [&](VecF v, int lanes) {
+        const VecF e = vexp(fsub(v, vt));
+        if (lanes == kLanes) {
+            sum = fadd(sum, e);
+        } else {
+            alignas(64) float t[kLanes];
+            fstoreu(t, e);
+            for (int j = 0; j < lanes; ++j) tail += t[j];
+        }
+        return e;
+    });
+    const VecF inv = fset1(1.0f / (fsum(sum) + tail));
+    each_vector(sc, n, [&](VecF v, int) { return round_to_cache(fmul(v, inv), type); });
+}
+#endif
+
 }  // namespace tandem::detail::TANDEM_DOT_NS
