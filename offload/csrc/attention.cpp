@@ -58,11 +58,11 @@ void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType ty
     softmax_scalar(sc, pe, n, scale, type);
 }
 
-}  // namespace
-
 // A SIMD mix's vector width; its slices are 8 vectors wide (the accumulators a row keeps in registers),
 // then one for the columns past the whole vectors, on the scalar loop. Below AVX2, one scalar slice.
-static int64_t mix_width(int64_t R, Isa isa) { return isa >= Isa::Avx512 ? 16 : isa >= Isa::Avx2 ? 8 : R; }
+int64_t mix_width(int64_t R, Isa isa) { return isa >= Isa::Avx512 ? 16 : isa >= Isa::Avx2 ? 8 : R; }
+
+}  // namespace
 
 int64_t mix_slices(int64_t R, Isa isa) {
     const int64_t width = mix_width(R, isa), simd = R / width * width;
@@ -91,9 +91,6 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
     // softmax: libm's expf and the software f16 rounding took 0.6 ms of it at 4096).
     constexpr int64_t kTile = 8;
     const int64_t tile = std::min(T, kTile), max_rows = H * tile;
-    // the score rows' length: S rounded up to whole cache lines and one more, so that the rows of a tile
-    // (read side by side by the mix) do not all fall into one L1 set as they would 16 KiB apart
-    const int64_t ld = (S + 15) / 16 * 16 + 16;
     // scratch kept per calling thread (the pool's threads reach it through these references: a
     // thread_local named in a lambda would be theirs)
     struct Scratch {
@@ -109,8 +106,8 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
     auto &outs = scratch.out;
     qa.resize(static_cast<size_t>(max_rows) * qa_stride);
     pa.resize(static_cast<size_t>(max_rows) * pa_stride);
-    s1.resize(static_cast<size_t>(max_rows * ld));
-    s2.resize(static_cast<size_t>(max_rows * ld));
+    s1.resize(static_cast<size_t>(max_rows * S));
+    s2.resize(static_cast<size_t>(max_rows * S));
     n_seen.resize(static_cast<size_t>(max_rows));
     outs.resize(static_cast<size_t>(max_rows));
     // small calls on the calling thread alone (waking the pool costs more than they take)
@@ -136,14 +133,14 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
         const int64_t slab = ((seen + slabs - 1) / slabs + 15) / 16 * 16;
         run((seen + slab - 1) / slab, [&](int64_t k, int) {
             const int64_t p0 = k * slab, p1 = std::min(seen, p0 + slab);
-            matmul_rows(cache_type, R, c_kv, kv_stride, p0, p1, qa.data(), qa_stride, rows, s1.data(), ld, isa);
-            matmul_rows(cache_type, Dr, k_pe, pe_stride, p0, p1, pa.data(), pa_stride, rows, s2.data(), ld, isa);
+            matmul_rows(cache_type, R, c_kv, kv_stride, p0, p1, qa.data(), qa_stride, rows, s1.data(), S, isa);
+            matmul_rows(cache_type, Dr, k_pe, pe_stride, p0, p1, pa.data(), pa_stride, rows, s2.data(), S, isa);
         });
         run(rows, [&](int64_t i, int) {  // softmax, p rounded to the cache's precision; the outputs zeroed
-            softmax_row(s1.data() + i * ld, s2.data() + i * ld, n_seen[i], scale, cache_type, isa);
+            softmax_row(s1.data() + i * S, s2.data() + i * S, n_seen[i], scale, cache_type, isa);
             std::fill(outs[i], outs[i] + R, 0.0f);
         });
-        const MixRows m{cache_type, c_kv, kv_stride, R, rows, n_seen.data(), s1.data(), static_cast<size_t>(ld),
+        const MixRows m{cache_type, c_kv, kv_stride, R, rows, n_seen.data(), s1.data(), static_cast<size_t>(S),
                         outs.data()};
         run(mix_slices(R, isa), [&](int64_t k, int) { mix_rows(m, k, isa); });
     }
