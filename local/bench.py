@@ -3,8 +3,9 @@ llama.cpp on the same GGUF file in the same run.
 
 pp: one prompt of p random tokens, prefilled in chunks from an empty cache. tg: n single-token decode
 steps from an empty cache. With -d (llama-bench's --n-depth) both start after d tokens already in the
-context instead, prefilled untimed before each run: what attention costs deep into a conversation. Both exclude tokenization and sampling (no logits are read back), and each
-runs once as a warm-up before the r timed repetitions. With --compare llama.cpp the peer runs each
+context instead, prefilled untimed before each run: what attention costs deep into a conversation.
+Both exclude tokenization and sampling (no logits are read back), and each runs once as a warm-up
+before the r timed repetitions. With --compare llama.cpp the peer runs each
 repetition right after ours (same threads, same file, same token ids), so both see the same moment of
 this shared machine.
 """

@@ -618,8 +618,8 @@ void register_engine(nb::module_& m) {
                 h.pool.wait();
                 nb::gil_scoped_release release;
                 mla_attention(h.pool, H, T, S, R, Dr, q_lat.data(), q_pe.data(), type,
-                              static_cast<const uint8_t*>(c_kv.data()), static_cast<const uint8_t*>(k_pe.data()), scale, y,
-                              level);
+                              static_cast<const uint8_t*>(c_kv.data()), static_cast<const uint8_t*>(k_pe.data()), scale,
+                              y, level);
             },
             nb::arg("q_lat"), nb::arg("q_pe"), nb::arg("c_kv"), nb::arg("k_pe"), nb::arg("scale"), nb::arg("out"),
             nb::arg("isa") = "auto",
