@@ -180,7 +180,7 @@ class MLAttention(nn.Module):
         return torch.einsum("htr,hvr->thv", quantize_activation(o_lat, self.act_format_uv), w_uv)  # [T, H, Dv]
 
     def _absorbed_engine(self, q_nope, q_pe, c_kv, k_pe):
-        """The same on the CPU engine, from the GGUF blocks of W_UK / W_UV: three calls, heads in parallel
+        """The same on the CPU engine, from the GGUF blocks of W_UK / W_UV: three calls, all heads at once
         (the causal mask is implied: the new tokens are the last of the cache)."""
         from offload.torch_ops import run_linear_batched, run_mla_attention
 
