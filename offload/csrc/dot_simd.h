@@ -1016,7 +1016,8 @@ struct Q6K {
 #endif
 
 // ---------------------------------------------------------------------------------------- F32 / F16 / BF16
-// Cvt: 8 (AVX2) or 16 (AVX-512) values of the stored type -> f32, optionally masked for the tail.
+// The float vector's operations (Lanes: the activation quantizers' load, max and hmax on it), and Cvt: 8 (AVX2)
+// or 16 (AVX-512) values of the stored type -> f32, optionally masked for the tail.
 
 #if TANDEM_DOT_LEVEL >= 3
 using VecF = __m512;
@@ -1025,6 +1026,26 @@ TANDEM_INLINE VecF fzero() { return _mm512_setzero_ps(); }
 TANDEM_INLINE VecF fmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
 TANDEM_INLINE VecF fadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
 TANDEM_INLINE float fsum(VecF v) { return _mm512_reduce_add_ps(v); }
+using Lanes = Lanes16;
+TANDEM_INLINE VecF fset1(float v) { return _mm512_set1_ps(v); }
+TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+TANDEM_INLINE VecF fsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
+TANDEM_INLINE VecF vmin(VecF a, VecF b) { return _mm512_min_ps(a, b); }
+TANDEM_INLINE void fstoreu(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+TANDEM_INLINE VecF fround(VecF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+TANDEM_INLINE VecF fpow2(VecF n) {  // 2^n for whole n in [-126, 127], built in the exponent bits
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+TANDEM_INLINE VecF fround_f16(VecF v) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+TANDEM_INLINE VecF fround_bf16(VecF v) {  // float_to_bf16's rounding (NaN kept, quiet)
+    const __m512i x = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), x, _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 struct CvtF32 {
     using T = float;
     TANDEM_INLINE static VecF load(const float* p) { return _mm512_loadu_ps(p); }
@@ -1048,6 +1069,27 @@ TANDEM_INLINE VecF fzero() { return _mm256_setzero_ps(); }
 TANDEM_INLINE VecF fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
 TANDEM_INLINE VecF fadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
 TANDEM_INLINE float fsum(VecF v) { return hsum(v); }
+using Lanes = Lanes8;
+TANDEM_INLINE VecF fset1(float v) { return _mm256_set1_ps(v); }
+TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+TANDEM_INLINE VecF fsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
+TANDEM_INLINE VecF vmin(VecF a, VecF b) { return _mm256_min_ps(a, b); }
+TANDEM_INLINE void fstoreu(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+TANDEM_INLINE VecF fround(VecF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+TANDEM_INLINE VecF fpow2(VecF n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+TANDEM_INLINE VecF fround_f16(VecF v) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+TANDEM_INLINE VecF fround_bf16(VecF v) {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i kept = _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(kept, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
 struct CvtF32 {
     using T = float;
     TANDEM_INLINE static VecF load(const float* p) { return _mm256_loadu_ps(p); }
@@ -1175,68 +1217,11 @@ DotKernel2 kernel2(GgmlType wtype) {
 
 // ---------------------------------------------------------------------------------------- attention (attention.cpp)
 #if TANDEM_DOT_LEVEL <= 3
-namespace {
-
-#if TANDEM_DOT_LEVEL >= 3
-TANDEM_INLINE VecF fset1(float v) { return _mm512_set1_ps(v); }
-TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
-TANDEM_INLINE VecF fsub(VecF a, VecF b) { return _mm512_sub_ps(a, b); }
-TANDEM_INLINE VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
-TANDEM_INLINE VecF vmin(VecF a, VecF b) { return _mm512_min_ps(a, b); }
-TANDEM_INLINE VecF floadu(const float* p) { return _mm512_loadu_ps(p); }
-TANDEM_INLINE void fstoreu(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-TANDEM_INLINE float vmax_all(VecF v) { return _mm512_reduce_max_ps(v); }
-TANDEM_INLINE VecF fround(VecF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-TANDEM_INLINE VecF fpow2(VecF n) {  // 2^n for whole n in [-126, 127], built in the exponent bits
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
-TANDEM_INLINE VecF fround_f16(VecF v) {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-TANDEM_INLINE VecF fround_bf16(VecF v) {  // float_to_bf16's rounding (NaN kept, quiet)
-    const __m512i x = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), x, _mm512_set1_epi32(0x400000));
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-#else
-TANDEM_INLINE VecF fset1(float v) { return _mm256_set1_ps(v); }
-TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
-TANDEM_INLINE VecF fsub(VecF a, VecF b) { return _mm256_sub_ps(a, b); }
-TANDEM_INLINE VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
-TANDEM_INLINE VecF vmin(VecF a, VecF b) { return _mm256_min_ps(a, b); }
-TANDEM_INLINE VecF floadu(const float* p) { return _mm256_loadu_ps(p); }
-TANDEM_INLINE void fstoreu(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-TANDEM_INLINE float vmax_all(VecF v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-TANDEM_INLINE VecF fround(VecF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-TANDEM_INLINE VecF fpow2(VecF n) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-TANDEM_INLINE VecF fround_f16(VecF v) {
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-TANDEM_INLINE VecF fround_bf16(VecF v) {
-    const __m256i x = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const __m256i kept = _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x400000)), nan);
-    return _mm256_castsi256_ps(_mm256_and_si256(kept, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-#endif
-
-}  // namespace
-
 // exp(x) on a vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2 with ln2 in two parts, a degree-6
 // polynomial in r, times 2^n), x clamped to [-87, 88] so that 2^n stays a normal float: below -87 it
 // gives exp(-87) ~ 1.6e-38 where expf gives less. NaN propagates (max / min return their second operand).
 TANDEM_INLINE VecF vexp(VecF x) {
-    x = vmin(fset1(88.0f), vmax(fset1(-87.0f), x));
+    x = vmin(fset1(88.0f), Lanes::max(fset1(-87.0f), x));
     const VecF n = fround(fmul(x, fset1(1.44269504088896341f)));
     VecF r = fmadd(n, fset1(-0.693359375f), x);
     r = fmadd(n, fset1(2.12194440e-4f), r);
@@ -1258,11 +1243,11 @@ TANDEM_INLINE VecF round_to_cache(VecF v, GgmlType type) {
 template <class F>
 TANDEM_INLINE void each_vector(float* x, int64_t n, F f) {
     int64_t s = 0;
-    for (; s + kLanes <= n; s += kLanes) fstoreu(x + s, f(floadu(x + s), kLanes));
+    for (; s + kLanes <= n; s += kLanes) fstoreu(x + s, f(Lanes::load(x + s), kLanes));
     if (s < n) {
         alignas(64) float t[kLanes] = {};
         std::memcpy(t, x + s, sizeof(float) * static_cast<size_t>(n - s));
-        fstoreu(t, f(floadu(t), static_cast<int>(n - s)));
+        fstoreu(t, f(Lanes::load(t), static_cast<int>(n - s)));
         std::memcpy(x + s, t, sizeof(float) * static_cast<size_t>(n - s));
     }
 }
@@ -1294,10 +1279,10 @@ void mix_cols_t(const MixRows& m, int64_t r0) {
             const float* p = m.p + i * m.p_stride;
             float* out = m.out[i] + r0;
             VecF acc[NV];
-            for (int k = 0; k < NV; ++k) acc[k] = floadu(out + k * kLanes);
+            for (int k = 0; k < NV; ++k) acc[k] = Lanes::load(out + k * kLanes);
             for (int64_t s = b0; s < e; ++s) {
                 const VecF w = fset1(p[s]);
-                for (int k = 0; k < NV; ++k) acc[k] = fmadd(w, floadu(x[s - b0] + k * kLanes), acc[k]);
+                for (int k = 0; k < NV; ++k) acc[k] = fmadd(w, Lanes::load(x[s - b0] + k * kLanes), acc[k]);
             }
             for (int k = 0; k < NV; ++k) fstoreu(out + k * kLanes, acc[k]);
         }
@@ -1330,11 +1315,11 @@ void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType ty
     const VecF vs = fset1(scale);
     VecF mx = fset1(-std::numeric_limits<float>::infinity());
     for (int64_t s = 0; s + kLanes <= n; s += kLanes) {
-        const VecF v = fmul(fadd(floadu(sc + s), floadu(pe + s)), vs);
+        const VecF v = fmul(fadd(Lanes::load(sc + s), Lanes::load(pe + s)), vs);
         fstoreu(sc + s, v);
-        mx = vmax(mx, v);
+        mx = Lanes::max(mx, v);
     }
-    float top = vmax_all(mx);
+    float top = Lanes::hmax(mx);
     for (int64_t s = n / kLanes * kLanes; s < n; ++s) {
         sc[s] = (sc[s] + pe[s]) * scale;
         top = std::max(top, sc[s]);
