@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "binding.h"
 #include "dot.h"
 #include "pages.h"
 #include "repack.h"
@@ -24,21 +25,12 @@ using Array = nb::ndarray<nb::ro, nb::device::cpu>;
 using OutF32 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
 using OutU8 = nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>;
 
-[[noreturn]] void fail(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+using tandem::binding::dtype_name;
+using tandem::binding::fail;
 
 bool is_dtype(const Array& a, nb::dlpack::dtype_code code, int bits) {
     const nb::dlpack::dtype d = a.dtype();
     return d.code == static_cast<uint8_t>(code) && d.bits == bits && d.lanes == 1;
-}
-
-std::string dtype_name(const Array& a) {
-    const nb::dlpack::dtype d = a.dtype();
-    const char* kind = d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float)  ? "float"
-                       : d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int)  ? "int"
-                       : d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) ? "uint"
-                       : d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) ? "bfloat"
-                                                                                         : "?";
-    return kind + std::to_string(d.bits);
 }
 
 // A 2-D, row-major (C-contiguous) array on the CPU.
@@ -99,7 +91,8 @@ void quantize_rows(GgmlType fmt, const float* x, size_t T, size_t K, uint8_t* ds
 const float* float_rows(const Array& x, const char* what) {
     check_matrix(x, what);
     if (!is_dtype(x, nb::dlpack::dtype_code::Float, 32))
-        fail(std::string(what) + " must be float32, got " + dtype_name(x) + ": pass " + what + ".astype(np.float32)");
+        fail(std::string(what) + " must be float32, got " + dtype_name(x.dtype()) + ": pass " + what +
+             ".astype(np.float32)");
     return static_cast<const float*>(x.data());
 }
 
@@ -129,7 +122,7 @@ OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string&
                               : wt == GgmlType::F16 ? " or float16 [N, K]"
                               : wt == GgmlType::BF16 ? " or uint16 bfloat16 bits [N, K]" : "";
         fail(std::string("weight of type ") + t.name + " must be uint8 raw blocks [N, row_bytes]" + natural + ", got " +
-             dtype_name(weight));
+             dtype_name(weight.dtype()));
     }
     if (row_bytes != rb)
         fail(std::string("weight rows hold ") + std::to_string(row_bytes) + " bytes, but " + t.name + " rows of K = " +
@@ -230,7 +223,7 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
              "weight as it is");
     if (weight.ndim() < 2 || !is_dtype(weight, nb::dlpack::dtype_code::UInt, 8))
         fail("weight must be uint8 raw blocks [..., rows, row_bytes], got " + std::to_string(weight.ndim()) + "-D " +
-             dtype_name(weight));
+             dtype_name(weight.dtype()));
     check_contiguous(weight, "weight");
     if (cols <= 0 || cols % t.block_size)
         fail(std::string(t.name) + " rows of " + std::to_string(cols) + " values do not split into blocks of " +

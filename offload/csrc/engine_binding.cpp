@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "binding.h"
 #include "engine.h"
 #include "mla.h"
 #include "pages.h"
@@ -43,7 +44,8 @@ using CF32 = nb::ndarray<nb::ro, float, nb::device::cpu, nb::c_contig>;
 using I64 = nb::ndarray<nb::ro, int64_t, nb::device::cpu, nb::c_contig>;
 using U8 = nb::ndarray<nb::ro, uint8_t, nb::device::cpu, nb::c_contig>;
 
-[[noreturn]] void fail(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+using tandem::binding::dtype_name;
+using tandem::binding::fail;
 
 bool c_contiguous(const Any& a) {
     for (size_t i = 0; i < a.ndim(); ++i)
@@ -98,17 +100,6 @@ Isa isa_arg(const std::string& isa) {
 void check_2d(const Any& a, int64_t r, int64_t c, const char* what) {
     if (a.ndim() != 2 || static_cast<int64_t>(a.shape(0)) != r || static_cast<int64_t>(a.shape(1)) != c)
         fail(std::string(what) + " must have shape [" + std::to_string(r) + ", " + std::to_string(c) + "]");
-}
-
-std::string dtype_name(nb::dlpack::dtype dt) {
-    using Code = nb::dlpack::dtype_code;
-    const char* kind = dt.code == static_cast<uint8_t>(Code::Int)     ? "int"
-                       : dt.code == static_cast<uint8_t>(Code::UInt)  ? "uint"
-                       : dt.code == static_cast<uint8_t>(Code::Float) ? "float"
-                       : dt.code == static_cast<uint8_t>(Code::Bfloat) ? "bfloat"
-                       : dt.code == static_cast<uint8_t>(Code::Bool)  ? "bool"
-                                                                      : "complex";
-    return kind + std::to_string(dt.bits);
 }
 
 // The data of an array the call writes: of dtype T (float32 or int64), the given shape, C-contiguous.

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "binding.h"
 #include "cpu_features.h"
 #include "quantize.h"
 
@@ -18,18 +19,7 @@ void register_engine(nb::module_& m);  // engine_binding.cpp
 
 namespace {
 
-std::string dtype_name(nb::dlpack::dtype t) {
-    using code = nb::dlpack::dtype_code;
-    const std::string bits = std::to_string(t.bits);
-    switch (static_cast<code>(t.code)) {
-        case code::Int: return "int" + bits;
-        case code::UInt: return "uint" + bits;
-        case code::Float: return "float" + bits;
-        case code::Bfloat: return "bfloat" + bits;
-        case code::Bool: return "bool";
-        default: return "dtype code " + std::to_string(t.code);
-    }
-}
+using tandem::binding::dtype_name;
 
 // float32 C-contiguous [..., n] -> uint8 [..., n / block * type_size], as quant.formats.quantize.
 nb::ndarray<nb::numpy, uint8_t> quantize(nb::ndarray<nb::ro> data, int qtype, int threads, const std::string& isa) {
