@@ -87,12 +87,11 @@ def prepare_weight(w: QuantWeight, force: bool = False) -> QuantWeight:
     return QuantWeight(f"{w.type}_R16", data, w.cols)
 
 
-def _writable(out):
-    """out itself, once it is known to be writable: the engine writes its results into it in place."""
-    if out is not None and isinstance(out, np.ndarray) and not out.flags.writeable:
+def _check_writable(out) -> None:
+    """The engine writes its results into `out` in place: a read-only array is an error."""
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
         raise ValueError("out is read-only; the results are written into it in place (pass a writable array, "
                          "or leave it out)")
-    return out
 
 
 class CpuEngine:
@@ -106,7 +105,8 @@ class CpuEngine:
     def linear(self, weight: QuantWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x [T, cols] float32 -> [T, rows] float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if _writable(out) is None:
+        _check_writable(out)
+        if out is None:
             out = np.empty((x.shape[0], weight.rows), dtype=np.float32)
         self._engine.linear(weight.type_id, weight.data, x, out, self.isa)
         return out
@@ -114,7 +114,8 @@ class CpuEngine:
     def linear_batched(self, weight: QuantWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x [B, T, cols] float32 with weight a stack [B, rows, ...] -> [B, T, rows] float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if _writable(out) is None:
+        _check_writable(out)
+        if out is None:
             out = np.empty((x.shape[0], x.shape[1], weight.rows), dtype=np.float32)
         self._engine.linear_batched(weight.type_id, weight.data, x, out, self.isa)
         return out
@@ -127,7 +128,8 @@ class CpuEngine:
         x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         weights = np.ascontiguousarray(weights, dtype=np.float32)
-        if _writable(out) is None:
+        _check_writable(out)
+        if out is None:
             out = np.empty_like(x)
         spec = [(g.data, g.type_id, u.data, u.type_id, d.data, d.type_id) for g, u, d in shared]
         skip = None if skip is None else np.ascontiguousarray(skip, dtype=np.uint8)
