@@ -77,32 +77,37 @@ class TandemTarget:
         self.device = runner.device
         self.filling = False  # the untimed context: stage_breakdown's hooks leave it out
 
+    def _prompt(self, cache, ids) -> None:
+        for i in range(0, len(ids), self.chunk):
+            self.model(torch.tensor(ids[i:i + self.chunk], device=self.device), cache, last_only=True)
+
     @torch.inference_mode()
-    def fill(self, cache, context: list[int]) -> None:
+    def fill(self, cache, context) -> None:
         """The untimed tokens already in the context (-d)."""
         self.filling = True
         try:
-            for i in range(0, len(context), self.chunk):
-                self.model(torch.tensor(context[i:i + self.chunk], device=self.device), cache, last_only=True)
+            self._prompt(cache, context)
         finally:
             self.filling = False
 
-    @torch.inference_mode()
-    def prefill(self, ids: list[int], context: list[int] = ()) -> float:
-        cache = self.runner.new_cache(len(context) + len(ids) + 1)
-        self.fill(cache, list(context))
+    def _cache(self, context, n: int):
+        """A new cache with room for n more tokens after `context`, which it holds."""
+        cache = self.runner.new_cache(len(context) + n + 1)
+        self.fill(cache, context)
         self._sync()
+        return cache
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], context=()) -> float:
+        cache = self._cache(context, len(ids))
         t0 = time.perf_counter()
-        for i in range(0, len(ids), self.chunk):
-            self.model(torch.tensor(ids[i:i + self.chunk], device=self.device), cache, last_only=True)
+        self._prompt(cache, ids)
         self._sync()
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def decode(self, ids: list[int], context: list[int] = ()) -> float:
-        cache = self.runner.new_cache(len(context) + len(ids) + 1)
-        self.fill(cache, list(context))
-        self._sync()
+    def decode(self, ids: list[int], context=()) -> float:
+        cache = self._cache(context, len(ids))
         if self.runner.fixed_decode:  # --cuda-graph: the runner's replayed step, captured before the clock
             step = self.runner.decoder(cache)
             step(ids[0])
@@ -124,7 +129,7 @@ class TandemTarget:
             torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def stage_breakdown(self, ids: list[int], context: list[int] = ()) -> dict[str, float]:
+    def stage_breakdown(self, ids: list[int], context=()) -> dict[str, float]:
         """Mean microseconds per decode step by stage, from module hooks over len(ids) steps (after
         `context`)."""
         spent: dict[str, float] = defaultdict(float)
@@ -180,7 +185,7 @@ class TandemTarget:
             out["torch + Python outside the engine"] = (total - engine_s) / n * 1e6
         return out
 
-    def _engine_time(self, ids: list[int], context: list[int] = ()) -> tuple[float, float]:
+    def _engine_time(self, ids: list[int], context=()) -> tuple[float, float]:
         try:
             from offload import torch_ops
         except ImportError:
@@ -240,22 +245,24 @@ class LlamaCppTarget:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def fill(self, context: list[int]) -> None:
-        self._clear()
-        for i in range(0, len(context), self.n_batch):
-            self._decode(context[i:i + self.n_batch])
-        self.lib.llama_synchronize(self.ctx)
-
-    def prefill(self, ids: list[int], context: list[int] = ()) -> float:
-        self.fill(list(context))
-        t0 = time.perf_counter()
+    def _prompt(self, ids) -> None:
         for i in range(0, len(ids), self.n_batch):
             self._decode(ids[i:i + self.n_batch])
         self.lib.llama_synchronize(self.ctx)
+
+    def fill(self, context) -> None:
+        """An empty context, then the untimed tokens already in it (-d)."""
+        self._clear()
+        self._prompt(context)
+
+    def prefill(self, ids: list[int], context=()) -> float:
+        self.fill(context)
+        t0 = time.perf_counter()
+        self._prompt(ids)
         return time.perf_counter() - t0
 
-    def decode(self, ids: list[int], context: list[int] = ()) -> float:
-        self.fill(list(context))
+    def decode(self, ids: list[int], context=()) -> float:
+        self.fill(context)
         t0 = time.perf_counter()
         for i in ids:
             self._decode([i])
