@@ -553,9 +553,9 @@ void gemm_r16_q6k(int64_t nb, const uint8_t* group, const int8_t* aq, const int3
         _tile_stored(1, C[1], 64);
         _tile_stored(2, C[2], 64);
     };
-    // the next super-block's unpacking: beside the first item's rounds, or in halves beside the first two
-    // items' (at 8-16 tokens the halves, a pattern's registers for two sub-blocks instead of four, ran
-    // 1.15-1.2x faster)
+    // the next super-block's unpacking, in half-steps (unpack_q6k's digit registers for two sub-blocks
+    // instead of four: 1.15-1.2x faster at 8-16 tokens): a step's two halves beside each round of the first
+    // item, or with more items, its 8 halves one a round over the first two items
     const int split = items > 1 ? 2 : 1;
     auto unpack = [&](int64_t b, int64_t k, int r) {
         if (k >= split) return;
