@@ -47,3 +47,47 @@ def test_tandem_isa_caps_the_level():
         out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "TANDEM_ISA": isa},
                              capture_output=True, text=True, timeout=120)
         assert out.stdout.strip() == want, (isa, out.stderr)
+
+
+def cpu_vendor() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def test_stream_prefetch_follows_the_vendor_and_tandem_prefetch():
+    """The weight-streaming kernels prefetch into L2 on AMD, L1 elsewhere; TANDEM_PREFETCH overrides that,
+    changes no result (Q4_K, Q6_K and Q5_0 at 1 and 3 tokens: the kernels that prefetch), and a value it does
+    not know fails the import with the accepted ones named."""
+    import os
+    import subprocess
+    import sys
+
+    vendor = cpu_vendor()
+    if vendor:
+        assert offload.stream_prefetch() == ("l2" if vendor in ("AuthenticAMD", "HygonGenuine") else "l1")
+    code = """if True:
+        import numpy as np, offload
+        from offload.bench import random_weight
+        from offload.engine import CpuEngine, prepare_weight
+        rng = np.random.default_rng(0)
+        eng = CpuEngine(2)
+        out = [offload.stream_prefetch()]
+        for typ in ("Q4_K", "Q6_K", "Q5_0"):
+            w = prepare_weight(random_weight(rng, typ, (64, 512)))
+            for T in (1, 3):
+                out.append(eng.linear(w, rng.standard_normal((T, 512), dtype=np.float32)).tobytes().hex())
+        print(*out)
+    """
+    runs = {}
+    for level in ("l1", "l2", "auto"):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TANDEM_PREFETCH": level},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        runs[level] = r.stdout.split()
+    assert runs["l1"][0] == "l1" and runs["l2"][0] == "l2" and runs["auto"][0] == offload.stream_prefetch()
+    assert runs["l1"][1:] == runs["l2"][1:] == runs["auto"][1:]
+    r = subprocess.run([sys.executable, "-c", "import offload"], env={**os.environ, "TANDEM_PREFETCH": "L3"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "TANDEM_PREFETCH='L3'" in r.stderr and "use l1, l2 or auto" in r.stderr

@@ -35,6 +35,11 @@ CpuFeatures detect() {
     unsigned r[4];
     cpuid(0, 0, r);
     const unsigned max_leaf = r[0];
+    char vendor[13] = {};
+    std::memcpy(vendor, &r[1], 4);  // EBX, EDX, ECX
+    std::memcpy(vendor + 4, &r[3], 4);
+    std::memcpy(vendor + 8, &r[2], 4);
+    f.amd = std::strcmp(vendor, "AuthenticAMD") == 0 || std::strcmp(vendor, "HygonGenuine") == 0;
     if (max_leaf < 1) return f;
     cpuid(1, 0, r);
     const bool osxsave = (r[2] >> 27) & 1;
@@ -134,6 +139,20 @@ Isa best_isa() {
         return top;
     }();
     return best;
+}
+
+namespace detail {
+bool g_stream_prefetch_l2 = cpu_features().amd;
+}
+
+void configure_stream_prefetch() {
+    const char* env = std::getenv("TANDEM_PREFETCH");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) detail::g_stream_prefetch_l2 = cpu_features().amd;
+    else if (std::strcmp(env, "l1") == 0) detail::g_stream_prefetch_l2 = false;
+    else if (std::strcmp(env, "l2") == 0) detail::g_stream_prefetch_l2 = true;
+    else
+        throw std::invalid_argument(std::string("TANDEM_PREFETCH='") + env +
+                                    "' is not a cache level; use l1, l2 or auto (or leave it unset)");
 }
 
 Isa parse_isa(const char* name) {

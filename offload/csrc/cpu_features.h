@@ -20,6 +20,7 @@ struct CpuFeatures {
     bool amx_tile = false;
     bool amx_int8 = false;
     bool amx_bf16 = false;
+    bool amd = false;  // the vendor: AuthenticAMD (or Hygon's Zen cores)
 };
 
 // Detected once, then cached.
@@ -45,5 +46,16 @@ const char* isa_name(Isa isa);
 // "auto" -> best_isa(); otherwise the named level; throws std::invalid_argument when unknown or
 // unsupported on this CPU.
 Isa parse_isa(const char* name);
+
+// Whether the streaming kernels prefetch the weights into the L2 cache (prefetcht1) rather than the L1
+// (prefetcht0): on AMD CPUs, where that measured faster, unless the environment variable TANDEM_PREFETCH
+// (l1 | l2) says otherwise (r16_prefetch.h). Set when the module loads (configure_stream_prefetch), then
+// only read, by the kernels' inner loops.
+namespace detail {
+extern bool g_stream_prefetch_l2;
+}
+// Applies TANDEM_PREFETCH; throws std::invalid_argument naming the accepted values on any other.
+void configure_stream_prefetch();
+inline const char* stream_prefetch_name() { return detail::g_stream_prefetch_l2 ? "l2" : "l1"; }
 
 }  // namespace tandem

@@ -70,6 +70,7 @@ nb::ndarray<nb::numpy, uint8_t> quantize(nb::ndarray<nb::ro> data, int qtype, in
 
 NB_MODULE(_C, m) {
     m.doc() = "Tandem CPU engine";
+    tandem::configure_stream_prefetch();  // before any kernel runs; a bad TANDEM_PREFETCH fails the import
     register_dot(m);
     register_engine(m);
     m.def(
@@ -91,6 +92,10 @@ NB_MODULE(_C, m) {
     m.def(
         "isa", []() { return std::string(tandem::isa_name(tandem::best_isa())); },
         "The SIMD level the kernels use here (scalar, avx2, avx512, avx512_vnni), capped by TANDEM_ISA.");
+    m.def(
+        "stream_prefetch", []() { return std::string(tandem::stream_prefetch_name()); },
+        "Where the streaming kernels prefetch the weights: 'l2' (AMD CPUs) or 'l1' (others), or as "
+        "TANDEM_PREFETCH (l1 | l2 | auto) says.");
     m.def(
         "isa_supported",
         [](const std::string& name) {
