@@ -285,7 +285,7 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             for (int t = 0; t < NA; ++t) isum[t] = _mm256_setzero_si256();
             for (int n = 0; n < 2; ++n) {
                 for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
-                    prefetch_share<unit, 16>(u, 8 * h + 4 * n + g, pos.wrap);
+                    prefetch_share<unit, 16, kAhead, true>(u, 8 * h + 4 * n + g, pos.wrap);  // L1: r16_prefetch.h
                     __m256i q[8];
                     for (int k = 0; k < 8; ++k) {
                         const uint8_t* xp = ql + 64 * (16 * n + 8 * (g & 1) + k) + 32 * h;
