@@ -147,7 +147,8 @@ bool g_stream_prefetch_l2 = cpu_features().amd;
 
 void configure_stream_prefetch() {
     const char* env = std::getenv("TANDEM_PREFETCH");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) detail::g_stream_prefetch_l2 = cpu_features().amd;
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0)
+        detail::g_stream_prefetch_l2 = cpu_features().amd;
     else if (std::strcmp(env, "l1") == 0) detail::g_stream_prefetch_l2 = false;
     else if (std::strcmp(env, "l2") == 0) detail::g_stream_prefetch_l2 = true;
     else

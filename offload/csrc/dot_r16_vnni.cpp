@@ -269,7 +269,8 @@ inline __attribute__((always_inline)) void q6k_half(const uint8_t* u, int n, Wra
                 s0 = _mm512_dpbusd_epi32(s0, q[k], bcast32(a + 4 * k));
                 s1 = _mm512_dpbusd_epi32(s1, q[k + 4], bcast32(a + 16 + 4 * k));
             }
-            isum[t] = _mm512_add_epi32(isum[t], _mm512_add_epi32(_mm512_mullo_epi32(s0, sa), _mm512_mullo_epi32(s1, sb)));
+            const __m512i scaled = _mm512_add_epi32(_mm512_mullo_epi32(s0, sa), _mm512_mullo_epi32(s1, sb));
+            isum[t] = _mm512_add_epi32(isum[t], scaled);
         }
     }
 }
