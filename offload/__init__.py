@@ -37,7 +37,7 @@ def supported_isas() -> list[str]:
 
 def stream_prefetch() -> str:
     """Which cache the decode kernels prefetch the streamed weights into: 'l2' on AMD CPUs (on Zen 4 decode
-    ran 1.1-1.25x faster than with 'l1'), 'l1' elsewhere. The TANDEM_PREFETCH environment variable (l1 | l2 |
+    ran 1.1-1.4x faster than with 'l1'), 'l1' elsewhere. The TANDEM_PREFETCH environment variable (l1 | l2 |
     auto), read when the extension loads, overrides it."""
     return _C.stream_prefetch()
 

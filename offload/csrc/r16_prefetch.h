@@ -11,7 +11,7 @@
 // with prefetcht0 the kernels' compute and memory stalls added up: one thread streamed a Q4_K matrix of
 // 2048 columns at 10-11 GB/s, where it computes at 32-48 GB/s from L3 and a plain read runs at 22-26;
 // with prefetcht1 at the same distance, 19-23 GB/s. MoE layers at T=1, the two in alternation: V2-Lite
-// 74-76% -> 82-83% of the read, V3 85-89% -> 90-95%; decode end to end ~1.1-1.25x. The bandwidth probe
+// 74-76% -> 82-83% of the read, V3 85-89% -> 90-95%; decode end to end 1.1-1.4x. The bandwidth probe
 // reads no faster with prefetcht1.
 #pragma once
 
