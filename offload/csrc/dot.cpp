@@ -639,7 +639,7 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
     const bool use_scaled = scaled.dot && kMaxActRows * per_block * nb <= kMaxScaleFloats;
     alignas(64) float act_d[kMaxScaleFloats];  // 96 KiB of stack, touched only when used; whole cache lines
     const auto* a = static_cast<const char*>(A);
-    float out[kMaxActRows];
+    float out[kMaxActRows], out2[kMaxActRows];
     const bool decode = n_tokens <= 2;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += chunk) {
         const int64_t r1 = std::min(row_end, r0 + chunk);
@@ -653,7 +653,18 @@ void matmul_rows(GgmlType wtype, int64_t n, const void* W, size_t w_row_stride, 
                 continue;
             }
             if (!scales_once) {
-                for (int64_t r = r0; r < r1; ++r) {
+                int64_t r = r0;
+                // rows in pairs: each weight load serves twice the tile, for the same sums (by_rows2). MLA's
+                // scores at 2048 positions, one thread, Zen 4: f32 cache 1.25-1.3x, f16 1.15-1.3x, bf16 1.07-1.27x
+                if (kernel2 && nt >= 3 && isa >= Isa::Avx512)
+                    for (; r + 1 < r1; r += 2) {
+                        kernel2(n, w + r * w_row_stride, w + (r + 1) * w_row_stride, tile, a_stride, nt, out, out2);
+                        for (int j = 0; j < nt; ++j) {
+                            Y[(t0 + j) * y_stride + r] = out[j];
+                            Y[(t0 + j) * y_stride + r + 1] = out2[j];
+                        }
+                    }
+                for (; r < r1; ++r) {
                     kernel(n, w + r * w_row_stride, tile, a_stride, nt, out);
                     for (int j = 0; j < nt; ++j) Y[(t0 + j) * y_stride + r] = out[j];
                 }

@@ -18,9 +18,10 @@ struct ScaledDotKernel {
                            float* act_d) = nullptr;
 };
 
-// Two weight rows against the same one or two activation rows (n_act 1..2): out0[j] = dot(w0, act_j),
-// out1[j] = dot(w1, act_j). Decode reads the float types' rows two at a time, far apart: two streams side
-// by side keep more of the memory bandwidth busy than one (matmul_rows).
+// Two weight rows against the same activation rows (n_act 1..2; 1..8 from AVX-512 on): out0[j] = dot(w0,
+// act_j), out1[j] = dot(w1, act_j). Decode reads the float types' rows two at a time, far apart: two streams
+// side by side keep more of the memory bandwidth busy than one (matmul_rows); from 3 rows on a weight load
+// serves twice the activation rows.
 using DotKernel2 = void (*)(int64_t n, const void* w0, const void* w1, const void* act_rows, size_t act_row_stride,
                             int n_act, float* out0, float* out1);
 
