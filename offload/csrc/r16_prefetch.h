@@ -35,7 +35,7 @@ struct Wrap {
 
 // Where the cache is the CPU's call (g_stream_prefetch_l2) unless L1 says always the L1: the AVX2 Q6_K
 // kernel, which reads each line in two passes (8 rows a pass), streamed a 2048-column matrix at 79-82%
-// of the read with prefetcht0 on Zen 4 and 64-65% with prefetcht1 (its Q4_K and Q5_0 kernels: 85 -> 96%
+// of the read with prefetcht0 on Zen 4 and 60-65% with prefetcht1 (its Q4_K and Q5_0 kernels: 85 -> 96%
 // and 92 -> 94%).
 template <size_t Unit, int N, uintptr_t Ahead = kAhead, bool L1 = false>
 inline __attribute__((always_inline)) void prefetch_share(const uint8_t* u, int i, Wrap wrap = {}) {
