@@ -7,11 +7,16 @@ from pathlib import Path
 import offload
 
 
-def cpuinfo_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ('' where absent)."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpuinfo_flags() -> set[str]:
+    return set(cpuinfo("flags").split())
 
 
 def test_cpu_features_agree_with_the_kernel():
@@ -49,13 +54,6 @@ def test_tandem_isa_caps_the_level():
         assert out.stdout.strip() == want, (isa, out.stderr)
 
 
-def cpu_vendor() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 def test_stream_prefetch_follows_the_vendor_and_tandem_prefetch():
     """The weight-streaming kernels prefetch into L2 on AMD, L1 elsewhere; TANDEM_PREFETCH overrides that,
     changes no result (Q4_K, Q6_K and Q5_0 at 1 and 3 tokens: the kernels that prefetch), and a value it does
@@ -64,7 +62,7 @@ def test_stream_prefetch_follows_the_vendor_and_tandem_prefetch():
     import subprocess
     import sys
 
-    vendor = cpu_vendor()
+    vendor = cpuinfo("vendor_id")
     if vendor:
         assert offload.stream_prefetch() == ("l2" if vendor in ("AuthenticAMD", "HygonGenuine") else "l1")
     code = """if True:
