@@ -105,20 +105,23 @@ def moe_layer(gate, up, down, types, shared, shared_types, router_weight: torch.
     return layer
 
 
-def _moe_layer(layer, x, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,
+               residual: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = torch.empty_like(x, dtype=torch.float32)
     ids = torch.empty(x.shape[0], top_k, dtype=torch.int64)
     weights = torch.empty(x.shape[0], top_k, dtype=torch.float32)
     e = engine()
-    e._engine.moe_layer(layer, _np(x.contiguous()), out.numpy(), ids.numpy(), weights.numpy(), e.isa)
+    e._engine.moe_layer(layer, _np(x.contiguous()), out.numpy(), ids.numpy(), weights.numpy(), e.isa, _np(norm), eps,
+                        residual)
     return out, weights, ids
 
 
-def _mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int) -> torch.Tensor:
+def _mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int, norm=None, eps: float = 1e-6,
+                 residual: bool = False) -> torch.Tensor:
     out = torch.empty_like(x, dtype=torch.float32)
     e = engine()
     e._engine.mla_forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()),
-                          _np(c_kv), _np(k_pe), start, out.numpy(), e.isa)
+                          _np(c_kv), _np(k_pe), start, out.numpy(), e.isa, _np(norm), eps, residual)
     return out
 
 
@@ -185,26 +188,30 @@ def _(q_lat, q_pe, c_kv, k_pe, scale):
 
 @torch.library.custom_op("tandem::mla_forward", mutates_args=("c_kv", "k_pe"))
 def mla_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                start: int, layer: int) -> torch.Tensor:
+                start: int, layer: int, norm: torch.Tensor | None = None, eps: float = 1e-6,
+                residual: bool = False) -> torch.Tensor:
     """One layer's absorbed MLA (offload/csrc/mla.h): x [T, D] float32 -> [T, D]; the new latents go into
-    rows start..start+T of c_kv [positions, R] / k_pe [positions, Dr]; `layer` is id() of an mla_layer()."""
-    return _mla_forward(_LAYERS[layer], x, cos, sin, c_kv, k_pe, start)
+    rows start..start+T of c_kv [positions, R] / k_pe [positions, Dr]; `layer` is id() of an mla_layer().
+    norm [D] float32: attend from rmsnorm(x) * norm; residual: return x + the attention's output."""
+    return _mla_forward(_LAYERS[layer], x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
 
 
 @mla_forward.register_fake
-def _(x, cos, sin, c_kv, k_pe, start, layer):
+def _(x, cos, sin, c_kv, k_pe, start, layer, norm=None, eps=1e-6, residual=False):
     return torch.empty_like(x, dtype=torch.float32)
 
 
 @torch.library.custom_op("tandem::moe_layer", mutates_args=())
-def moe_layer_op(x: torch.Tensor, top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_layer_op(x: torch.Tensor, top_k: int, layer: int, norm: torch.Tensor | None = None, eps: float = 1e-6,
+                 residual: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One MoE layer: route x [T, H] float32 and run its experts -> (out [T, H], weights [T, top_k] float32,
-    ids [T, top_k] int64); `layer` is id() of a moe_layer()."""
-    return _moe_layer(_LAYERS[layer], x, top_k)
+    ids [T, top_k] int64); `layer` is id() of a moe_layer(). norm [H] float32: route and run the experts on
+    rmsnorm(x) * norm; residual: out = x + the experts' output."""
+    return _moe_layer(_LAYERS[layer], x, top_k, norm, eps, residual)
 
 
 @moe_layer_op.register_fake
-def _(x, top_k, layer):
+def _(x, top_k, layer, norm=None, eps=1e-6, residual=False):
     T = x.shape[0]
     return (torch.empty_like(x, dtype=torch.float32), x.new_empty(T, top_k, dtype=torch.float32),
             x.new_empty(T, top_k, dtype=torch.int64))
@@ -232,16 +239,18 @@ def run_mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
     return _mla_attention(q_lat, q_pe, c_kv, k_pe, scale)
 
 
-def run_mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int) -> torch.Tensor:
+def run_mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int, norm=None, eps: float = 1e-6,
+                    residual: bool = False) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return torch.ops.tandem.mla_forward(x, cos, sin, c_kv, k_pe, start, id(layer))
-    return _mla_forward(layer, x, cos, sin, c_kv, k_pe, start)
+        return torch.ops.tandem.mla_forward(x, cos, sin, c_kv, k_pe, start, id(layer), norm, eps, residual)
+    return _mla_forward(layer, x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
 
 
-def run_moe_layer(layer, x, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,
+                  residual: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if torch.compiler.is_compiling():
-        return torch.ops.tandem.moe_layer(x, top_k, id(layer))
-    return _moe_layer(layer, x, top_k)
+        return torch.ops.tandem.moe_layer(x, top_k, id(layer), norm, eps, residual)
+    return _moe_layer(layer, x, top_k, norm, eps, residual)
 
 
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:

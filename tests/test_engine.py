@@ -29,6 +29,12 @@ def make_weight(rng, typ: str, shape) -> tuple[QuantWeight, np.ndarray]:
     return QuantWeight(typ, data, shape[-1]), dequantize(data, QT[typ]).astype(np.float64)
 
 
+def rms_norm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """The engine's RMSNorm (engine.h rms_norm_rows): the mean square in float64, the rest in float32."""
+    ms = np.float32((x.astype(np.float64) ** 2).mean(-1, keepdims=True))
+    return x * (np.float32(1) / np.sqrt(ms + np.float32(eps))) * w
+
+
 def act(x: np.ndarray, typ: str) -> np.ndarray:
     """Activations as the engine feeds them to a `typ` weight (llama.cpp's rounding)."""
     return quantize_activation(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),

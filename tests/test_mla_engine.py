@@ -13,11 +13,15 @@ import torch
 
 import local
 import offload
+from local.models import deepseek_v2
+from local.models.layers import RMSNorm
 from local.models.mla import MLAttention
+from local.models.moe import MoE
 from offload import torch_ops
 from quant.convert import convert
 
 from .conftest import build_reference
+from .test_engine import rms_norm_ref
 from .test_gguf import N_TOKENS, agreement_with_llama_cpp, seq
 
 ISAS = offload.supported_isas()
@@ -104,6 +108,66 @@ def test_fused_model_agrees_with_llama_cpp(mla_files, name):
     assert fused == plain and len(fused) == 16
 
 
+@pytest.mark.parametrize("name", ["v2_lite", "v3"])
+def test_pre_norm_block_adds_the_block_of_the_normed_input(mla_files, name):
+    """norm= / residual=: a decoder layer's `x + attn(rmsnorm(x) * w)` in the one call; the cache gets the
+    normed input's latents."""
+    runner = local.load(mla_files[name], device="cpu", threads=2)
+    model, attn = runner.model, blocks(runner)[1]
+    e = torch_ops.engine()._engine
+    D = runner.config.hidden_size
+    rng = np.random.default_rng(5)
+    w = (1 + 0.5 * rng.standard_normal(D)).astype(np.float32)
+    for T, start in ((1, 9), (3, 0)):
+        x = (3 * rng.standard_normal((T, D))).astype(np.float32)
+        cos, sin = (t.numpy() for t in model.rope.cos_sin(torch.arange(start, start + T)))
+        outs, caches = {}, {}
+        for how in ("plain", "block", "fused"):
+            cache = fill_cache(runner, start, torch.float32).layer(attn.layer_idx)
+            c_kv, k_pe = cache["c_kv"].numpy(), cache["k_pe"].numpy()
+            out = np.empty((T, D), np.float32)
+            if how == "plain":
+                e.mla_forward(attn.engine_layer, rms_norm_ref(x, w, 1e-5), cos, sin, c_kv, k_pe, start, out)
+            else:
+                e.mla_forward(attn.engine_layer, x, cos, sin, c_kv, k_pe, start, out, norm=w, eps=1e-5,
+                              residual=how == "fused")
+            outs[how], caches[how] = out, (c_kv.copy(), k_pe.copy())
+        np.testing.assert_array_equal(outs["block"], outs["plain"])
+        for a, b in zip(caches["block"], caches["plain"]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(outs["fused"], outs["block"] + x)
+
+
+def test_decoder_layers_are_two_engine_calls(mla_files, monkeypatch):
+    """On the engine a decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each one call with
+    its norm and residual inside: no torch norm runs but the dense layers' and the final one, and the
+    logits are those of the layer written out op by op."""
+    runner = local.load(mla_files["v3"], device="cpu")
+    model = runner.model
+    layers = model.model.layers
+    assert any(isinstance(layer.mlp, MoE) and layer.mlp.engine_layer is not None for layer in layers)
+    norms = []
+    norm_forward = RMSNorm.forward
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: norms.append(self) or norm_forward(self, x))
+    ids = torch.tensor(seq(7)[:6])
+    with torch.inference_mode():
+        fused = model(ids, model.new_cache(16))
+        fused_norms, norms[:] = len(norms), []
+
+        def op_by_op(self, x, rope, cos_sin, cache, start):
+            h = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, cache, start)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+        monkeypatch.setattr(deepseek_v2.DecoderLayer, "forward", op_by_op)
+        plain = model(ids, model.new_cache(16))
+    dense = sum(not isinstance(layer.mlp, MoE) for layer in layers)
+    assert (fused_norms, len(norms)) == (1 + dense, 1 + 2 * len(layers))
+    # torch's norm and the engine's sum in other orders: a last-bit change can move a Q8 rounding
+    rel = ((fused - plain).norm() / plain.norm()).item()
+    assert rel <= 1e-3, rel
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
 def test_fused_block_checks_its_inputs(mla_files):
     runner = local.load(mla_files["v3"], device="cpu")
     attn = blocks(runner)[0]
@@ -124,6 +188,12 @@ def test_fused_block_checks_its_inputs(mla_files):
         e.mla_forward(attn.engine_layer, x, cos, cos, k_pe, k_pe, 0, out)
     with pytest.raises(ValueError, match="share a dtype"):
         e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe.astype(np.float16), 0, out)
+    with pytest.raises(ValueError, match=f"norm must be float32 \\[{D}\\]"):
+        e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe, 0, out, norm=np.ones(D - 1, np.float32))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe, 0, out, norm=np.ones(D, np.float32), eps=-1.0)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        e.mla_forward(attn.engine_layer, out, cos, cos, c_kv, k_pe, 0, out, residual=True)
     ro = c_kv.copy()
     ro.flags.writeable = False
     with pytest.raises(TypeError):  # the cache is written: a read-only array is refused
@@ -159,4 +229,11 @@ def test_fused_block_is_a_custom_op(mla_files):
     eager = torch_ops.run_mla_forward(attn.engine_layer, x, cos, sin, cache["c_kv"].clone(), cache["k_pe"].clone(), 3)
     assert torch.equal(torch.ops.tandem.mla_forward(*args), eager)
     assert cache["c_kv"][3:5].abs().sum() > 0 and cache["c_kv"][5:].abs().sum() == 0
+    torch.library.opcheck(torch.ops.tandem.mla_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+    norm = torch.rand(runner.config.hidden_size) + 0.5
+    args = args + (norm, 1e-5, True)
+    fused = torch.ops.tandem.mla_forward(*args)
+    eager = torch_ops.run_mla_forward(attn.engine_layer, x, cos, sin, cache["c_kv"].clone(), cache["k_pe"].clone(), 3,
+                                      norm, 1e-5, residual=True)
+    assert torch.equal(fused, eager) and not torch.allclose(fused, x + torch.ops.tandem.mla_forward(*args[:7]))
     torch.library.opcheck(torch.ops.tandem.mla_forward.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -12,7 +12,7 @@ from local.models.moe import Router
 from offload import _C
 from offload.engine import CpuEngine
 
-from .test_engine import make_weight
+from .test_engine import make_weight, rms_norm_ref
 
 H, I, E = 128, 64, 16
 # (scoring, topk_method, n_group, topk_group, norm_topk_prob, routed_scaling_factor, top_k)
@@ -115,6 +115,40 @@ def test_layer_checks_its_configuration(stacks):
                       np.empty((2, 4), np.int64), np.empty((2, 4), np.float32))
 
 
+def test_layer_pre_norm_and_residual(stacks):
+    """norm= / residual=: a decoder layer's `h + moe(rmsnorm(h) * w)` in the one call, the router and the
+    experts both reading the normed input."""
+    experts, shared = stacks
+    r = torch_router("v3", 3)
+    layer = engine_layer(r, experts, shared)
+    eng = CpuEngine(2)._engine
+    rng = np.random.default_rng(8)
+    w = (1 + 0.5 * rng.standard_normal(H)).astype(np.float32)
+
+    def call(x, **kw):
+        out, ids, wt = np.empty(x.shape, np.float32), np.empty((len(x), r.top_k), np.int64), np.empty((len(x), r.top_k), np.float32)
+        eng.moe_layer(layer, x, out, ids, wt, **kw)
+        return out, ids, wt
+
+    for T in (1, 5):
+        x = (3 * rng.standard_normal((T, H))).astype(np.float32)
+        plain = call(rms_norm_ref(x, w, 1e-5))
+        block = call(x, norm=w, eps=1e-5)
+        fused = call(x, norm=w, eps=1e-5, residual=True)
+        for a, b in zip(plain, block):  # out, ids, weights
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(fused[0], block[0] + x)
+        np.testing.assert_array_equal(fused[1], block[1])
+        assert not np.array_equal(block[0], call(x)[0])  # the norm is not a no-op here
+    x = np.ones((2, H), np.float32)
+    with pytest.raises(ValueError, match=f"norm must be float32 \\[{H}\\]"):
+        call(x, norm=np.ones(H + 1, np.float32))
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        call(x, norm=w, eps=float("nan"))
+    with pytest.raises(ValueError, match="out overlaps x"):
+        eng.moe_layer(layer, x, x, np.empty((2, r.top_k), np.int64), np.empty((2, r.top_k), np.float32), residual=True)
+
+
 def test_layer_is_a_custom_op(stacks):
     from offload import torch_ops
 
@@ -134,3 +168,9 @@ def test_layer_is_a_custom_op(stacks):
     assert all(torch.equal(a, b) for a, b in zip(eager, (out, w, ids)))
     torch.library.opcheck(torch.ops.tandem.moe_layer.default, (x, r.top_k, id(layer)),
                           test_utils=("test_schema", "test_faketensor"))
+    norm = torch.rand(H) + 0.5
+    args = (x, r.top_k, id(layer), norm, 1e-5, True)
+    fused = torch.ops.tandem.moe_layer(*args)
+    eager = torch_ops.run_moe_layer(layer, x, r.top_k, norm, 1e-5, residual=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused)) and not torch.equal(fused[0], out)
+    torch.library.opcheck(torch.ops.tandem.moe_layer.default, args, test_utils=("test_schema", "test_faketensor"))

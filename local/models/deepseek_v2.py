@@ -104,8 +104,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, rope, cos_sin, cache, start):
-        h = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, cache, start)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # h = x + attn(norm(x)), then h + mlp(norm(h)): each block one engine call where the engine runs it
+        h = self.self_attn(x, rope, cos_sin, cache, start, pre_norm=self.input_layernorm)
+        return self.mlp(h, pre_norm=self.post_attention_layernorm)
 
 
 def make_router(cfg: DeepseekV2Config) -> Router:

@@ -89,6 +89,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def engine_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weight for an engine call that applies this norm to x itself (a pre-norm block fused into the
+        layer's call): x and the weight float32 on the CPU; None otherwise."""
+        w = self.weight
+        if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu":
+            return w.detach()
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # statistics in fp32, scale applied in the input dtype (as the HF reference does)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -108,7 +116,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pre_norm: RMSNorm | None = None) -> torch.Tensor:
+        """pre_norm (a decoder layer's norm before this block): x is the residual stream, and the result
+        x + mlp(pre_norm(x))."""
+        if pre_norm is not None:
+            return x + self.forward(pre_norm(x))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

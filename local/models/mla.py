@@ -106,9 +106,16 @@ class MLAttention(nn.Module):
             self.kv_a_layernorm.eps, self.softmax_scale, rope.interleaved)
         return True
 
-    def forward(self, x: torch.Tensor, rope: Rope, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, cos_sin, cache: KVCache, start: int,
+                pre_norm: RMSNorm | None = None) -> torch.Tensor:
+        """pre_norm (the decoder layer's input RMSNorm): x is the residual stream, and the result
+        x + attention(pre_norm(x)), one engine call on the CPU engine."""
         if self.engine_layer is not None and x.device.type == "cpu" and not isinstance(start, torch.Tensor):
-            return self._engine_forward(x, cos_sin, cache, start)
+            norm = None if pre_norm is None else pre_norm.engine_weight(x)
+            if pre_norm is None or norm is not None:
+                return self._engine_forward(x, cos_sin, cache, start, norm, getattr(pre_norm, "eps", 1e-6))
+        if pre_norm is not None:
+            return x + self.forward(pre_norm(x), rope, cos_sin, cache, start)
         T = x.shape[0]
         if isinstance(start, torch.Tensor) and self.engine_uk is not None:
             raise RuntimeError("a fixed-shape decode step (--cuda-graph) attends in torch, over the whole cache; this "
@@ -134,13 +141,15 @@ class MLAttention(nn.Module):
             out = self._decompressed(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(T, H * self.v_head_dim))
 
-    def _engine_forward(self, x, cos_sin, cache: KVCache, start: int) -> torch.Tensor:
-        """The whole block (projections, latent norm, rope, cache write, absorbed attention) in one engine call."""
+    def _engine_forward(self, x, cos_sin, cache: KVCache, start: int, norm=None, eps: float = 1e-6) -> torch.Tensor:
+        """The whole block (projections, latent norm, rope, cache write, absorbed attention) in one engine call;
+        with `norm` (the input RMSNorm's weight) x + the block applied to the normed x."""
         from offload.torch_ops import run_mla_forward
 
         buf = cache.layer(self.layer_idx)
         cos, sin = cos_sin
-        out = run_mla_forward(self.engine_layer, x.float().contiguous(), cos, sin, buf["c_kv"], buf["k_pe"], start)
+        out = run_mla_forward(self.engine_layer, x.float().contiguous(), cos, sin, buf["c_kv"], buf["k_pe"], start,
+                              norm, eps, residual=norm is not None)
         return out.to(x.dtype)
 
     def _softmax(self, scores: torch.Tensor, mask, dtype) -> torch.Tensor:

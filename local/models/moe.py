@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import MLP
+from .layers import MLP, RMSNorm
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -108,13 +108,20 @@ class MoE(nn.Module):
                                       g.routed_scaling_factor)
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pre_norm: RMSNorm | None = None) -> torch.Tensor:
+        """x [T, D] -> the experts' mix. pre_norm (the decoder layer's RMSNorm before this block): x is the
+        residual stream, and the result x + mix(pre_norm(x)): one engine call where the layer is one."""
         if self.engine_layer is not None and x.device.type == "cpu":
             from offload.torch_ops import run_moe_layer
 
-            out, _, ids = run_moe_layer(self.engine_layer, x.float().contiguous(), self.gate.top_k)
-            self._count(ids)
-            return out.to(x.dtype)
+            norm = None if pre_norm is None else pre_norm.engine_weight(x)
+            if pre_norm is None or norm is not None:
+                out, _, ids = run_moe_layer(self.engine_layer, x.float().contiguous(), self.gate.top_k, norm,
+                                            getattr(pre_norm, "eps", 1e-6), residual=norm is not None)
+                self._count(ids)
+                return out.to(x.dtype)
+        if pre_norm is not None:
+            return x + self.forward(pre_norm(x))
         weights, ids = self.gate(x)  # [T, A], [T, A]
         self._count(ids)
         if self.engine is not None and self.overlap:

@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, cos_sin, cache, start):
         h = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, cache, start)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.mlp(h, pre_norm=self.post_attention_layernorm)  # h + mlp(norm(h)), fused where it can be
 
 
 def make_router(cfg: Qwen3MoeConfig) -> Router:

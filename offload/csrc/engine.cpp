@@ -154,6 +154,17 @@ T* grown(std::vector<T>& v, size_t n) {
 
 }  // namespace
 
+void rms_norm_rows(const float* X, int64_t T, int64_t n, const float* w, float eps, float* Y) {
+    for (int64_t t = 0; t < T; ++t) {
+        const float* x = X + t * n;
+        float* y = Y + t * n;
+        double ss = 0;
+        for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+        const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
+        for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+    }
+}
+
 void moe(ThreadPool& pool, const float* X, int64_t T, int64_t H, const int64_t* ids, const float* weights,
          int A, const Expert* experts, int64_t E, const Expert* shared, int n_shared, const uint8_t* skip,
          float* out, Isa isa) {

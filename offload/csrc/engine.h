@@ -28,6 +28,10 @@ struct Expert {
     Weight gate, up, down;  // gate/up [I, H], down [H, I]
 };
 
+// Y row t = rmsnorm(X row t) * w for t < T, rows of n values, the statistic in double (torch.rms_norm's
+// float accumulation differs in the last bits); Y may be X.
+void rms_norm_rows(const float* X, int64_t T, int64_t n, const float* w, float eps, float* Y);
+
 // Y row t = W x_t for t < T. X is float32 [T, K] (K = w.cols), Y float32 [T, N] (N = w.rows).
 void linear(ThreadPool& pool, const Weight& w, const float* X, int64_t T, float* Y, Isa isa);
 

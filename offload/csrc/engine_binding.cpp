@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -348,6 +349,37 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
     return m;
 }
 
+// The pre-norm block around a fused layer (Engine.moe_layer / mla_forward): the layer reads
+// rmsnorm(x) * norm where a norm is given, and with `residual` its output is x + layer(...), so a
+// decoder layer's `h = x + op(norm(x))` is one call (in a decode step each torch op between two
+// engine calls cost ~40 us, with the caches just swept by the weights).
+struct PreNorm {
+    const float* x = nullptr;  // the input, which the residual adds back
+    const float* in = nullptr; // what the layer reads
+    bool residual = false;
+    size_t n = 0;
+    PreNorm(const CF32& x_, int64_t D, const std::optional<CF32>& norm, float eps, bool residual_, const void* out)
+        : x(x_.data()), in(x_.data()), residual(residual_), n(static_cast<size_t>(x_.shape(0)) * static_cast<size_t>(D)) {
+        if (norm && (norm->ndim() != 1 || static_cast<int64_t>(norm->shape(0)) != D))
+            fail("norm must be float32 [" + std::to_string(D) + "] (the block's RMSNorm weight)");
+        if (norm && !(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
+        const auto* o = static_cast<const char*>(out);
+        const auto* xb = reinterpret_cast<const char*>(x);
+        if (o < xb + n * sizeof(float) && xb < o + n * sizeof(float))
+            fail("out overlaps x: the layer reads x while it writes out (pass a separate output array)");
+        if (norm) {
+            thread_local std::vector<float> buf;
+            buf.resize(n);
+            rms_norm_rows(x, x_.shape(0), D, norm->data(), eps, buf.data());
+            in = buf.data();
+        }
+    }
+    void finish(float* y) const {
+        if (residual)
+            for (size_t i = 0; i < n; ++i) y[i] += x[i];
+    }
+};
+
 // One MoE layer's router, routed and shared experts, checked once at load (Engine.moe_layer).
 struct MoeHandle {
     Router router;
@@ -540,7 +572,7 @@ void register_engine(nb::module_& m) {
         .def(
             "moe_layer",
             [](EngineHandle& h, const MoeHandle& m, const CF32& x, const Mut& out, const Mut& ids, const Mut& weights,
-               const std::string& isa) {
+               const std::string& isa, const std::optional<CF32>& norm, float eps, bool residual) {
                 if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.H)
                     fail("x must be float32 [tokens, " + std::to_string(m.H) + "]");
                 const int64_t T = x.shape(0), A = m.router.top_k;
@@ -548,19 +580,24 @@ void register_engine(nb::module_& m) {
                 int64_t* id = written<int64_t>(ids, {T, A}, "ids");
                 float* wt = written<float>(weights, {T, A}, "weights");
                 const Isa level = isa_arg(isa);
+                const PreNorm block(x, m.H, norm, eps, residual, y);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                route(h.pool, m.router, x.data(), T, id, wt, level);
-                moe(h.pool, x.data(), T, m.H, id, wt, static_cast<int>(A), m.experts.data(),
+                route(h.pool, m.router, block.in, T, id, wt, level);
+                moe(h.pool, block.in, T, m.H, id, wt, static_cast<int>(A), m.experts.data(),
                     static_cast<int64_t>(m.experts.size()), m.shared.data(), static_cast<int>(m.shared.size()), nullptr,
                     y, level);
+                block.finish(y);
             },
             nb::arg("layer"), nb::arg("x"), nb::arg("out"), nb::arg("ids"), nb::arg("weights"), nb::arg("isa") = "auto",
-            "One MoE layer: route x [T, H] (ids, weights [T, top_k] are written), then the fused experts -> out.")
+            nb::arg("norm") = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
+            "One MoE layer: route x [T, H] (ids, weights [T, top_k] are written), then the fused experts -> out. "
+            "norm [H] (float32): the layer reads rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
         .def(
             "mla_forward",
             [](EngineHandle& h, const MlaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& c_kv,
-               const Mut& k_pe, int64_t start, const Mut& out, const std::string& isa) {
+               const Mut& k_pe, int64_t start, const Mut& out, const std::string& isa, const std::optional<CF32>& norm,
+               float eps, bool residual) {
                 const MlaLayer& L = m.layer;
                 if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
                     fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
@@ -579,15 +616,19 @@ void register_engine(nb::module_& m) {
                          " positions; positions " + std::to_string(start) + ".." + std::to_string(start + T) +
                          " do not fit (reserve the cache first)");
                 const Isa level = isa_arg(isa);
+                const PreNorm block(x, m.D, norm, eps, residual, y);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                mla_forward(h.pool, L, x.data(), T, cos.data(), sin.data(), type,
+                mla_forward(h.pool, L, block.in, T, cos.data(), sin.data(), type,
                             static_cast<uint8_t*>(c_kv.data()), static_cast<uint8_t*>(k_pe.data()), start, y, level);
+                block.finish(y);
             },
             nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("c_kv"), nb::arg("k_pe"),
-            nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto",
+            nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto", nb::arg("norm") = nb::none(),
+            nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
             "One layer's absorbed MLA (mla.h): x [T, D] -> out [T, D], writing the new latents into rows start..start+T "
-            "of the cache c_kv [positions, R] / k_pe [positions, Dr].")
+            "of the cache c_kv [positions, R] / k_pe [positions, Dr]. norm [D] (float32): the layer reads "
+            "rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
         .def(
             "mla_attention",
             [](EngineHandle& h, const CF32& q_lat, const CF32& q_pe, const Any& c_kv, const Any& k_pe, float scale,

@@ -8,14 +8,6 @@
 namespace tandem {
 namespace {
 
-// x[0:n] *= w / rms(x), the statistic in double (torch.rms_norm's float accumulation differs in the last bits)
-void rms_norm(float* x, int64_t n, const float* w, float eps) {
-    double ss = 0;
-    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * w[i];
-}
-
 // rotate x[0:d] by the angles whose cos/sin [d/2] are given
 void rope(float* x, int64_t d, const float* cos, const float* sin, bool interleaved) {
     const int64_t half = d / 2;
@@ -60,7 +52,7 @@ void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T,
         const Weight ws[2] = {L.q_a, L.kv_a};
         float* ys[2] = {qa.data(), latent.data()};
         linear_group(pool, ws, 2, x, T, ys, isa);
-        for (int64_t t = 0; t < T; ++t) rms_norm(qa.data() + t * L.q_a.rows, L.q_a.rows, L.q_a_norm.data(), L.eps);
+        rms_norm_rows(qa.data(), T, L.q_a.rows, L.q_a_norm.data(), L.eps, qa.data());
         linear(pool, L.q, qa.data(), T, q.data(), isa);
     } else {
         const Weight ws[2] = {L.q, L.kv_a};
@@ -73,7 +65,7 @@ void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T,
     pool.parallel_for(T, [&](int64_t t, int) {
         const float *c = cos + t * (Dr / 2), *s = sin + t * (Dr / 2);
         float* lat = latent.data() + t * (R + Dr);
-        rms_norm(lat, R, L.kv_a_norm.data(), L.eps);
+        rms_norm_rows(lat, 1, R, L.kv_a_norm.data(), L.eps, lat);
         rope(lat + R, Dr, c, s, L.rope_interleaved);
         store_row(cache_type, lat, R, c_kv + (start + t) * kv_stride);
         store_row(cache_type, lat + R, Dr, k_pe + (start + t) * pe_stride);
