@@ -167,7 +167,7 @@ inline __attribute__((always_inline)) void unpack_pair(const uint8_t* u, int i, 
             _mm512_store_si512(mins + 64 * p, _mm512_or_si512(min(2 * p), _mm512_slli_epi32(min(2 * p + 1), 16)));
     }
     const uint8_t* qs = u + 256;
-    prefetch_share<kUnit<Q5>, 4, kAheadAmx>(u, i);  // the weights stream from memory
+    prefetch_share<kUnit<Q5>, 4, kAheadAmx, Prefetch::OneLevel>(u, i);  // the weights stream from memory
     // l and h of sub-blocks 2i and 2i + 1 in both 16-bit halves of each row's dword
     constexpr int s = kShift<Q5>;
     const __m512i sc0 = scale(2 * i), sc1 = scale(2 * i + 1);
@@ -434,7 +434,7 @@ void configure_q6k(int M, int& configured) {
 // 32 e - [e < 0]), byte by byte, they are (q_e - 32) e and (q_o - 32) e.
 // Rows k and 8 + k for k in [4 half, 4 half + 4): sub-blocks 4 i + half and 4 i + 2 + half.
 inline __attribute__((always_inline)) void unpack_q6k(const uint8_t* u, int i, int half, uint8_t* B) {
-    prefetch_share<kUnitQ6, 8, kAheadAmx>(u, 2 * i + half);
+    prefetch_share<kUnitQ6, 8, kAheadAmx, Prefetch::OneLevel>(u, 2 * i + half);
     const __m512i seven = _mm512_set1_epi16(7), inv7 = _mm512_set1_epi16(4681), k8225 = _mm512_set1_epi16(8225);
     const __m512i words = _mm512_set4_epi32(0x0d0c0d0c, 0x09080908, 0x05040504, 0x01000100);
     const __m512i nib = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), one = _mm512_set1_epi16(1);
@@ -672,7 +672,7 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
         Bs = aligned_buffer((tiles > 1 ? static_cast<size_t>(nb) : 4) * kBlockB);
         if (tiles > 1) {
             for (int64_t b = 0; b < nb; ++b) {
-                prefetch_share<unit, 1, kAheadAmx>(group + b * unit, 0);
+                prefetch_share<unit, 1, kAheadAmx, Prefetch::OneLevel>(group + b * unit, 0);
                 unpack32<Base>(group + b * unit, Bs + b * kBlockB);
             }
             TANDEM_MEMORY_BARRIER;
@@ -696,7 +696,7 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
         auto unpack_pair = [&](int64_t b, int64_t p) {
             uint8_t* Bp = Bs + (p & 1) * 2 * kBlockB;
             for (int64_t i = b; i < std::min(nb, b + 2); ++i) {
-                prefetch_share<unit, 1, kAheadAmx>(group + i * unit, 0);
+                prefetch_share<unit, 1, kAheadAmx, Prefetch::OneLevel>(group + i * unit, 0);
                 unpack32<Base>(group + i * unit, Bp + (i - b) * kBlockB);
             }
         };
@@ -705,7 +705,7 @@ void gemm32(int64_t nb, const uint8_t* group, const int8_t* aq, const float* ad,
             const int n = nb - b >= 2 ? 2 : 1;
             const uint8_t *B0, *B1;
             if constexpr (Base == GgmlType::Q8_0) {
-                prefetch_share<unit, 1, kAheadAmx>(group + b * unit, 0);
+                prefetch_share<unit, 1, kAheadAmx, Prefetch::OneLevel>(group + b * unit, 0);
                 B0 = stored(b), B1 = stored(b + n - 1);
             } else if (tiles > 1) {
                 B0 = Bs + b * kBlockB, B1 = Bs + (b + n - 1) * kBlockB;

@@ -82,7 +82,7 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         const uint8_t* u = pos.u;
         const uint8_t* qs = u + 256;
         for (int h = 0; h < 2; ++h) {
-            prefetch_share<unit, 2>(u, h, pos.wrap);  // the weights stream from memory
+            prefetch_share<unit, 2, kAhead, Prefetch::OneLevel>(u, h, pos.wrap);  // the weights stream from memory
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
             const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 32 + 16 * h)));
             const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 64 + 32 * h));
@@ -196,7 +196,7 @@ void gemm32(int64_t nb, const uint8_t* group, const void* act, size_t as, const 
         const int64_t b = pos.b;
         auto& acc = accs[pos.gi];
         const uint8_t* u = pos.u;
-        prefetch_share<unit, 1>(u, 0, pos.wrap);
+        prefetch_share<unit, 1, kAhead, Prefetch::OneLevel>(u, 0, pos.wrap);
         const uint8_t* qs = u + (kMin ? 4 : 2) * kR16;
         for (int h = 0; h < 2; ++h) {
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16 * h)));
@@ -285,7 +285,7 @@ void gemm_q6k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
             for (int t = 0; t < NA; ++t) isum[t] = _mm256_setzero_si256();
             for (int n = 0; n < 2; ++n) {
                 for (int g = 0; g < 4; ++g) {  // values 128n + 32g + 4k + l, sub-blocks 8n + 2g (k < 4) and + 1
-                    prefetch_share<unit, 16, kAhead, true>(u, 8 * h + 4 * n + g, pos.wrap);  // L1: r16_prefetch.h
+                    prefetch_share<unit, 16, kAhead, Prefetch::L1>(u, 8 * h + 4 * n + g, pos.wrap);  // r16_prefetch.h
                     __m256i q[8];
                     for (int k = 0; k < 8; ++k) {
                         const uint8_t* xp = ql + 64 * (16 * n + 8 * (g & 1) + k) + 32 * h;

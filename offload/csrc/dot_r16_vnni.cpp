@@ -121,7 +121,7 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
         const int64_t b = pos.b;
         __m512* acc = accs[pos.gi];
         const uint8_t* u = pos.u;
-        prefetch_share<unit, 1>(u, 0, pos.wrap);
+        prefetch_share<unit, 1, kAhead, Prefetch::TwoLevel, Base == GgmlType::Q8_0 ? kFarL2Q8_0 : kFarL2>(u, 0, pos.wrap);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (kMin) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));

@@ -1,5 +1,5 @@
 // Software prefetch for the row-interleaved kernels (dot_r16_vnni.cpp, dot_r16_simd256.h, dot_r16_amx.cpp),
-// which stream each 16-row group from memory once: kAhead bytes ahead of the loads, spread over the
+// which stream each 16-row group from memory once: a fixed distance ahead of the loads, spread over the
 // kernel's steps.
 // Step i of N in a unit of Unit bytes at u prefetches the cache lines that start within its share of
 // the unit, so each line of the group's stream is prefetched once, a few at a time. (Prefetching
@@ -13,6 +13,12 @@
 // with prefetcht1 at the same distance, 19-23 GB/s. MoE layers at T=1, the two in alternation: V2-Lite
 // 74-76% -> 82-83% of the read, V3 85-89% -> 90-95%; decode end to end 1.1-1.4x. The bandwidth probe
 // reads no faster with prefetcht1.
+// The AVX-512 kernels on AMD use both, in two levels: prefetcht1 kFarL2 ahead into the L2, then prefetcht0
+// kNearL2 ahead into the L1. Zen 4, 2 threads, GEMVs of 256 MiB in alternation with the read (one process
+// switching between the two, ~1000 pairs each): when the read ran at
+// 42-60 GB/s, prefetcht1 alone at 3 KiB left the kernels at 72-77% of it (Q6_K 61-63%), the two levels
+// (6 KiB / 1 KiB) at 85-90% (Q6_K 78-81%; Q8_0 at 3 KiB / 1 KiB: 0.77 -> 0.86); at 32-42 GB/s both held
+// 92-98%. Farther alone (6 or 12 KiB) gained less (0.71-0.73 for Q4_K), the L1 alone lost (0.67).
 #pragma once
 
 #include <cstddef>
@@ -24,30 +30,48 @@ namespace tandem::detail {
 
 // 3 KiB ahead for the token-tile kernels (their groups in pairs, the prefetches wrapped as below): 2-15%
 // faster than 2 KiB (1 KiB for the 32-value types) at 1 token on every type, 0.91-0.94x at 4 KiB for
-// Q4_K; on Zen 4 with prefetcht1, MoE layers at T=1 ran no faster at 4, 6 or 8 KiB. The AMX kernels stay
+// Q4_K; on Zen 4 with prefetcht1 alone, MoE layers at T=1 ran no faster at 4, 6 or 8 KiB. The AMX kernels stay
 // at 2 KiB: 1, 4 and 8 KiB were 3-8% slower there (MoE at T=128).
 constexpr uintptr_t kAhead = 3072, kAheadAmx = 2048;
+// The two levels on AMD: 6 KiB ahead into the L2 (3 KiB for Q8_0, whose kernel reads fastest: 0.72 of the
+// read at 6 KiB), 1 KiB ahead into the L1.
+constexpr uintptr_t kFarL2 = 6144, kFarL2Q8_0 = 3072, kNearL2 = 1024;
 
 // Lines at or past `at` are taken `by` further on (the first of two groups read side by side: GroupStep).
 struct Wrap {
     uintptr_t at = UINTPTR_MAX, by = 0;
 };
 
-// Where the cache is the CPU's call (g_stream_prefetch_l2) unless L1 says always the L1: the AVX2 Q6_K
-// kernel, which reads each line in two passes (8 rows a pass), streamed a 2048-column matrix at 79-82%
-// of the read with prefetcht0 on Zen 4 and 60-65% with prefetcht1 (its Q4_K and Q5_0 kernels: 85 -> 96%
-// and 92 -> 94%).
-template <size_t Unit, int N, uintptr_t Ahead = kAhead, bool L1 = false>
+// The lines starting in [first, end), those at or past wrap.at taken wrap.by further on; Locality as
+// __builtin_prefetch's (3 prefetcht0, 2 prefetcht1; it must be a constant).
+template <int Locality>
+inline __attribute__((always_inline)) void prefetch_lines(uintptr_t first, uintptr_t end, Wrap wrap) {
+    for (uintptr_t a = first; a < end; a += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(a < wrap.at ? a : a + wrap.by), 0, Locality);
+}
+
+// How a kernel prefetches: the L1 always (the AVX2 Q6_K kernel, which reads each line in two passes, 8 rows
+// a pass: on Zen 4 it streamed a 2048-column matrix at 79-82% of the read with prefetcht0, 60-65% with
+// prefetcht1); one level, the CPU's (the other AVX2 kernels: on Zen 4 prefetcht1 took their Q4_K and Q5_0
+// from 85 to 96% and 92 to 94% of a 32 GB/s read, and the two levels gained them nothing at 42-60 GB/s,
+// Q8_0 0.84 -> 0.70); or two levels on AMD (the AVX-512 kernels), the L1 elsewhere.
+enum class Prefetch { L1, OneLevel, TwoLevel };
+
+// FarL2: the L2 level's distance for two levels.
+template <size_t Unit, int N, uintptr_t Ahead = kAhead, Prefetch P = Prefetch::TwoLevel, uintptr_t FarL2 = kFarL2>
 inline __attribute__((always_inline)) void prefetch_share(const uint8_t* u, int i, Wrap wrap = {}) {
-    const uintptr_t base = reinterpret_cast<uintptr_t>(u) + Ahead;
-    const uintptr_t end = base + Unit * (i + 1) / N;
-    const uintptr_t first = (base + Unit * i / N + 63) & ~uintptr_t(63);
-    auto line = [&](uintptr_t a) { return reinterpret_cast<const char*>(a < wrap.at ? a : a + wrap.by); };
-    // __builtin_prefetch's locality 3 is prefetcht0, 2 prefetcht1 (the hint must be a constant)
-    if (!L1 && g_stream_prefetch_l2)
-        for (uintptr_t a = first; a < end; a += 64) __builtin_prefetch(line(a), 0, 2);
-    else
-        for (uintptr_t a = first; a < end; a += 64) __builtin_prefetch(line(a), 0, 3);
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(u) + Unit * i / N, hi = reinterpret_cast<uintptr_t>(u) + Unit * (i + 1) / N;
+    auto first = [](uintptr_t a) { return (a + 63) & ~uintptr_t(63); };
+    if (P != Prefetch::L1 && g_stream_prefetch_l2) {
+        if (P == Prefetch::TwoLevel) {
+            prefetch_lines<2>(first(lo + FarL2), hi + FarL2, wrap);
+            prefetch_lines<3>(first(lo + kNearL2), hi + kNearL2, wrap);
+        } else {
+            prefetch_lines<2>(first(lo + Ahead), hi + Ahead, wrap);
+        }
+    } else {
+        prefetch_lines<3>(first(lo + Ahead), hi + Ahead, wrap);
+    }
 }
 
 // Step `step` of a token-tile kernel that reads G = 1 or 2 groups (nb units of Unit bytes each, the second
