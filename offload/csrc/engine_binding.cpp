@@ -352,31 +352,39 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
 // The pre-norm block around a fused layer (Engine.moe_layer / mla_forward): the layer reads
 // rmsnorm(x) * norm where a norm is given, and with `residual` its output is x + layer(...), so a
 // decoder layer's `h = x + op(norm(x))` is one call (in a decode step each torch op between two
-// engine calls cost ~40 us, with the caches just swept by the weights).
+// engine calls cost ~40 us, with the caches just swept by the weights). Checked when made, with the
+// GIL held; input() norms x once the GIL is released (a 512-token chunk is ~1 ms of it).
 struct PreNorm {
-    const float* x = nullptr;  // the input, which the residual adds back
-    const float* in = nullptr; // what the layer reads
-    bool residual = false;
-    size_t n = 0;
-    PreNorm(const CF32& x_, int64_t D, const std::optional<CF32>& norm, float eps, bool residual_, const void* out)
-        : x(x_.data()), in(x_.data()), residual(residual_), n(static_cast<size_t>(x_.shape(0)) * static_cast<size_t>(D)) {
-        if (norm && (norm->ndim() != 1 || static_cast<int64_t>(norm->shape(0)) != D))
-            fail("norm must be float32 [" + std::to_string(D) + "] (the block's RMSNorm weight)");
-        if (norm && !(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
+    const float* x;
+    const float* norm = nullptr;
+    float eps;
+    bool residual;
+    int64_t T, D;
+    PreNorm(const CF32& x_, int64_t D_, const std::optional<CF32>& norm_, float eps_, bool residual_, const void* out)
+        : x(x_.data()), eps(eps_), residual(residual_), T(static_cast<int64_t>(x_.shape(0))), D(D_) {
+        if (norm_) {
+            if (norm_->ndim() != 1 || static_cast<int64_t>(norm_->shape(0)) != D)
+                fail("norm must be float32 [" + std::to_string(D) + "] (the block's RMSNorm weight)");
+            if (!(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
+            norm = norm_->data();
+        }
         const auto* o = static_cast<const char*>(out);
         const auto* xb = reinterpret_cast<const char*>(x);
-        if (o < xb + n * sizeof(float) && xb < o + n * sizeof(float))
+        const size_t bytes = static_cast<size_t>(T * D) * sizeof(float);
+        if (o < xb + bytes && xb < o + bytes)
             fail("out overlaps x: the layer reads x while it writes out (pass a separate output array)");
-        if (norm) {
-            thread_local std::vector<float> buf;
-            buf.resize(n);
-            rms_norm_rows(x, x_.shape(0), D, norm->data(), eps, buf.data());
-            in = buf.data();
-        }
+    }
+    // What the layer reads: x, or x normed into a buffer of the calling thread.
+    const float* input() const {
+        if (!norm) return x;
+        thread_local std::vector<float> buf;
+        buf.resize(static_cast<size_t>(T * D));
+        rms_norm_rows(x, T, D, norm, eps, buf.data());
+        return buf.data();
     }
     void finish(float* y) const {
         if (residual)
-            for (size_t i = 0; i < n; ++i) y[i] += x[i];
+            for (int64_t i = 0; i < T * D; ++i) y[i] += x[i];
     }
 };
 
@@ -583,8 +591,9 @@ void register_engine(nb::module_& m) {
                 const PreNorm block(x, m.H, norm, eps, residual, y);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                route(h.pool, m.router, block.in, T, id, wt, level);
-                moe(h.pool, block.in, T, m.H, id, wt, static_cast<int>(A), m.experts.data(),
+                const float* in = block.input();
+                route(h.pool, m.router, in, T, id, wt, level);
+                moe(h.pool, in, T, m.H, id, wt, static_cast<int>(A), m.experts.data(),
                     static_cast<int64_t>(m.experts.size()), m.shared.data(), static_cast<int>(m.shared.size()), nullptr,
                     y, level);
                 block.finish(y);
@@ -619,7 +628,7 @@ void register_engine(nb::module_& m) {
                 const PreNorm block(x, m.D, norm, eps, residual, y);
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                mla_forward(h.pool, L, block.in, T, cos.data(), sin.data(), type,
+                mla_forward(h.pool, L, block.input(), T, cos.data(), sin.data(), type,
                             static_cast<uint8_t*>(c_kv.data()), static_cast<uint8_t*>(k_pe.data()), start, y, level);
                 block.finish(y);
             },

@@ -15,10 +15,10 @@
 // reads no faster with prefetcht1.
 // The AVX-512 kernels on AMD use both, in two levels: prefetcht1 kFarL2 ahead into the L2, then prefetcht0
 // kNearL2 ahead into the L1. Zen 4, 2 threads, GEMVs of 256 MiB in alternation with the read (one process
-// switching between the two, ~1000 pairs each): when the read ran at
-// 42-60 GB/s, prefetcht1 alone at 3 KiB left the kernels at 72-77% of it (Q6_K 61-63%), the two levels
-// (6 KiB / 1 KiB) at 85-90% (Q6_K 78-81%; Q8_0 at 3 KiB / 1 KiB: 0.77 -> 0.86); at 32-42 GB/s both held
-// 92-98%. Farther alone (6 or 12 KiB) gained less (0.71-0.73 for Q4_K), the L1 alone lost (0.67).
+// switching between the two, ~1000 pairs each): when the read ran at 42-60 GB/s, prefetcht1 alone at
+// 3 KiB left the kernels at 72-77% of it (Q6_K 61-63%), the two levels (6 KiB / 1 KiB) at 85-90% (Q6_K
+// 78-81%; Q8_0 at 3 KiB / 1 KiB: 0.77 -> 0.86); at 32-42 GB/s both held 92-98%. Farther alone (6 or 12 KiB)
+// gained less (0.71-0.73 for Q4_K), the L1 alone lost (0.67).
 #pragma once
 
 #include <cstddef>
