@@ -14,11 +14,11 @@
 // 74-76% -> 82-83% of the read, V3 85-89% -> 90-95%; decode end to end 1.1-1.4x. The bandwidth probe
 // reads no faster with prefetcht1.
 // The AVX-512 kernels on AMD use both, in two levels: prefetcht1 kFarL2 ahead into the L2, then prefetcht0
-// kNearL2 ahead into the L1. Zen 4, 2 threads, GEMVs of 256 MiB in alternation with the read (one process
-// switching between the two, ~1000 pairs each): when the read ran at 42-60 GB/s, prefetcht1 alone at
-// 3 KiB left the kernels at 72-77% of it (Q6_K 61-63%), the two levels (6 KiB / 1 KiB) at 85-90% (Q6_K
-// 78-81%; Q8_0 at 3 KiB / 1 KiB: 0.77 -> 0.86); at 32-42 GB/s both held 92-98%. Farther alone (6 or 12 KiB)
-// gained less (0.71-0.73 for Q4_K), the L1 alone lost (0.67).
+// kNearL2 (kNearL2K) ahead into the L1. Zen 4, 2 threads, GEMVs of 256 MiB in alternation with the read
+// (one process switching between the two, ~1000 pairs each): when the read ran at 42-60 GB/s, prefetcht1
+// alone at 3 KiB left the kernels at 72-77% of it (Q6_K 61-63%), the two levels (6 KiB / 1 KiB) at 85-90%
+// (Q6_K 78-81%; Q8_0 at 3 KiB / 1 KiB: 0.77 -> 0.86); at 32-42 GB/s both held 92-98%. Farther alone (6 or
+// 12 KiB) gained less (0.71-0.73 for Q4_K), the L1 alone lost (0.67).
 #pragma once
 
 #include <cstddef>
@@ -33,9 +33,13 @@ namespace tandem::detail {
 // Q4_K; on Zen 4 with prefetcht1 alone, MoE layers at T=1 ran no faster at 4, 6 or 8 KiB. The AMX kernels stay
 // at 2 KiB: 1, 4 and 8 KiB were 3-8% slower there (MoE at T=128).
 constexpr uintptr_t kAhead = 3072, kAheadAmx = 2048;
-// The two levels on AMD: 6 KiB ahead into the L2 (3 KiB for Q8_0, whose kernel reads fastest: 0.72 of the
-// read at 6 KiB), 1 KiB ahead into the L1.
-constexpr uintptr_t kFarL2 = 6144, kFarL2Q8_0 = 3072, kNearL2 = 1024;
+// The two levels on AMD: 6 KiB ahead into the L2 (4 KiB for Q8_0, whose kernel reads fastest), then 1 KiB
+// ahead into the L1 for the 32-value kernels (units of 288-544 bytes), 2 KiB for the K-quant kernels (2304-3360).
+// Zen 4, 2 threads, 128 MiB GEMVs against the read in one process, ~1300-7000 pairs a setting, read at
+// 42-60 GB/s: Q8_0 far 3 KiB 0.72 of the read (K = 2048 and 8192 alike), 3.5 KiB 0.78, 4 KiB 0.81-0.85,
+// 5 KiB 0.80-0.83, 6 KiB 0.78-0.79; near 1 -> 2 KiB: Q4_K 0.90 -> 0.91, Q6_K 0.85 -> 0.87, Q8_0 0.85 ->
+// 0.75. At 32-42 GB/s all within 0.91-0.98 (Q8_0 at 6 KiB far or 2 KiB near 0.91-0.94).
+constexpr uintptr_t kFarL2 = 6144, kFarL2Q8_0 = 4096, kNearL2 = 1024, kNearL2K = 2048;
 
 // Lines at or past `at` are taken `by` further on (the first of two groups read side by side: GroupStep).
 struct Wrap {
@@ -57,15 +61,16 @@ inline __attribute__((always_inline)) void prefetch_lines(uintptr_t first, uintp
 // Q8_0 0.84 -> 0.70); or two levels on AMD (the AVX-512 kernels), the L1 elsewhere.
 enum class Prefetch { L1, OneLevel, TwoLevel };
 
-// FarL2: the L2 level's distance for two levels.
-template <size_t Unit, int N, uintptr_t Ahead = kAhead, Prefetch P = Prefetch::TwoLevel, uintptr_t FarL2 = kFarL2>
+// FarL2, NearL2: the two levels' distances.
+template <size_t Unit, int N, uintptr_t Ahead = kAhead, Prefetch P = Prefetch::TwoLevel, uintptr_t FarL2 = kFarL2,
+          uintptr_t NearL2 = kNearL2>
 inline __attribute__((always_inline)) void prefetch_share(const uint8_t* u, int i, Wrap wrap = {}) {
     const uintptr_t lo = reinterpret_cast<uintptr_t>(u) + Unit * i / N, hi = reinterpret_cast<uintptr_t>(u) + Unit * (i + 1) / N;
     auto first = [](uintptr_t a) { return (a + 63) & ~uintptr_t(63); };
     if (P != Prefetch::L1 && g_stream_prefetch_l2) {
         if (P == Prefetch::TwoLevel) {
             prefetch_lines<2>(first(lo + FarL2), hi + FarL2, wrap);
-            prefetch_lines<3>(first(lo + kNearL2), hi + kNearL2, wrap);
+            prefetch_lines<3>(first(lo + NearL2), hi + NearL2, wrap);
         } else {
             prefetch_lines<2>(first(lo + Ahead), hi + Ahead, wrap);
         }
