@@ -5,7 +5,7 @@ larger than the L3 cache (rows of 8192 values, and Q4_K / Q6_K / Q8_0 again with
 microseconds per MoE layer at T=1 and tokens/s at T=128 for a DeepSeek-V2-Lite layer and a
 DeepSeek-V3-shaped layer (expert ids drawn at random per call; the calls go to enough copies of the
 layer in turn that the working set is 1.5x the L3 cache, and each timed call finds its experts out of
-the cache, after a streaming read of 1.5x the L3 cache and an untimed call of another copy, for every
+the cache, after a streaming read (`roofline_read_bytes`) and an untimed call of another copy, for every
 engine), with the time the routed experts' bytes take at the read bandwidth of the moment (the memory
 roofline: those reads' rate); the same layers through torch bf16 and through kt-kernel's CPU MoE (its
 best method and thread count) when `kt_kernel` imports. A benchmark, not a test: figures swing with the
@@ -118,6 +118,16 @@ def copies_beyond_l3(layer_bytes: int) -> int:
     return max(2, -(-3 * l3_bytes() // (2 * layer_bytes)))
 
 
+def roofline_read_bytes() -> int:
+    """Bytes of the read before each timed MoE call, whose rate is the roofline of the moment: 1.5x the L3
+    cache, so it evicts the experts, and at least 256 MiB, so it reads at the memory's streaming rate. A
+    read of 1.5x the cache alone (48 MiB: Zen 4, 32 MiB of L3) ran at 0.95 of a 1 GiB read whenever the
+    memory was fast (55 against 58 GB/s, reads of 128 and 256 MiB at 1.00; each read after one of
+    another buffer, ~2300 rounds) and made every MoE row's roofline that much too low; at 33 GB/s every
+    size read alike."""
+    return max(3 * l3_bytes() // 2, 256 << 20)
+
+
 def layer_bytes(layer) -> int:
     gate, up, down, shared = layer
     return sum(w.data.nbytes for w in (gate, up, down, *(m for s in shared for m in s)))
@@ -167,7 +177,7 @@ def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
 def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0) -> tuple[list, list]:
     """Seconds of `repeats` calls of `call` (each on the next layer copy), each found cold as in decode,
     and the seconds of the reads that made them so; warm-up as `timed`. Before each timed call, `read()`
-    (a streaming read of 1.5x the L3 cache) evicts every expert, then one untimed call (on the copy
+    (a streaming read of `roofline_read_bytes`) evicts every expert, then one untimed call (on the copy
     before) brings back the code and buffers but not the experts the timed call reads. At T=1 a call
     reads only the few experts its token picks (31 MB on V2-Lite), and merely cycling through copies of
     the layer left some of them in this machine's 480 MiB L3 cache: V2-Lite's routed experts took
@@ -292,7 +302,7 @@ def run(args) -> dict:
     result["gemv_k2048"], result["gemv_k2048_fraction_of_read"] = bench_gemv(
         engine, rng, ["Q4_K", "Q6_K", "Q8_0"], args.gemv_mib << 20, cols=2048)
     result["moe"] = []
-    read_buf = np.ones(3 * l3_bytes() // 2, np.uint8)  # read before each timed MoE call
+    read_buf = np.ones(roofline_read_bytes(), np.uint8)  # read before each timed MoE call
     peer_read = one_thread_reader(read_buf)
     for name, spec in LAYERS.items():
         layers = [make_layer(rng, spec)]
