@@ -89,13 +89,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def engine_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The weight for an engine call that applies this norm to x itself (a pre-norm block fused into the
-        layer's call): x and the weight float32 on the CPU; None otherwise."""
-        w = self.weight
-        if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu":
-            return w.detach()
-        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # statistics in fp32, scale applied in the input dtype (as the HF reference does)
@@ -104,6 +97,18 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def engine_pre_norm(pre_norm: RMSNorm | None, x: torch.Tensor) -> dict | None:
+    """The keyword arguments (norm, eps, residual) of an engine layer call that runs x + block(pre_norm(x))
+    itself (a decoder layer's pre-norm block fused into the call; none without pre_norm), or None where the
+    engine cannot apply this norm (x or its weight not float32 on the CPU): then the caller norms in torch."""
+    if pre_norm is None:
+        return {}
+    w = pre_norm.weight
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu":
+        return {"norm": w.detach(), "eps": pre_norm.eps, "residual": True}
+    return None
 
 
 class MLP(nn.Module):

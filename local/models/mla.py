@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..kv_cache import KVCache
-from .layers import Linear, RMSNorm, Rope, quantize_activation
+from .layers import Linear, RMSNorm, Rope, engine_pre_norm, quantize_activation
 
 # Up to this many new tokens, attend in latent space (absorbed); above it, decompress.
 ABSORB_MAX_TOKENS = 1
@@ -111,9 +111,9 @@ class MLAttention(nn.Module):
         """pre_norm (the decoder layer's input RMSNorm): x is the residual stream, and the result
         x + attention(pre_norm(x)), one engine call on the CPU engine."""
         if self.engine_layer is not None and x.device.type == "cpu" and not isinstance(start, torch.Tensor):
-            norm = None if pre_norm is None else pre_norm.engine_weight(x)
-            if pre_norm is None or norm is not None:
-                return self._engine_forward(x, cos_sin, cache, start, norm, getattr(pre_norm, "eps", 1e-6))
+            fused = engine_pre_norm(pre_norm, x)
+            if fused is not None:
+                return self._engine_forward(x, cos_sin, cache, start, **fused)
         if pre_norm is not None:
             return x + self.forward(pre_norm(x), rope, cos_sin, cache, start)
         T = x.shape[0]
@@ -141,15 +141,16 @@ class MLAttention(nn.Module):
             out = self._decompressed(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(T, H * self.v_head_dim))
 
-    def _engine_forward(self, x, cos_sin, cache: KVCache, start: int, norm=None, eps: float = 1e-6) -> torch.Tensor:
+    def _engine_forward(self, x, cos_sin, cache: KVCache, start: int, norm=None, eps: float = 1e-6,
+                        residual: bool = False) -> torch.Tensor:
         """The whole block (projections, latent norm, rope, cache write, absorbed attention) in one engine call;
-        with `norm` (the input RMSNorm's weight) x + the block applied to the normed x."""
+        norm, eps, residual as engine_pre_norm gives them (the block on the normed x, plus x)."""
         from offload.torch_ops import run_mla_forward
 
         buf = cache.layer(self.layer_idx)
         cos, sin = cos_sin
         out = run_mla_forward(self.engine_layer, x.float().contiguous(), cos, sin, buf["c_kv"], buf["k_pe"], start,
-                              norm, eps, residual=norm is not None)
+                              norm, eps, residual)
         return out.to(x.dtype)
 
     def _softmax(self, scores: torch.Tensor, mask, dtype) -> torch.Tensor:

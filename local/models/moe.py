@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import MLP, RMSNorm
+from .layers import MLP, RMSNorm, engine_pre_norm
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -114,10 +114,9 @@ class MoE(nn.Module):
         if self.engine_layer is not None and x.device.type == "cpu":
             from offload.torch_ops import run_moe_layer
 
-            norm = None if pre_norm is None else pre_norm.engine_weight(x)
-            if pre_norm is None or norm is not None:
-                out, _, ids = run_moe_layer(self.engine_layer, x.float().contiguous(), self.gate.top_k, norm,
-                                            getattr(pre_norm, "eps", 1e-6), residual=norm is not None)
+            fused = engine_pre_norm(pre_norm, x)
+            if fused is not None:
+                out, _, ids = run_moe_layer(self.engine_layer, x.float().contiguous(), self.gate.top_k, **fused)
                 self._count(ids)
                 return out.to(x.dtype)
         if pre_norm is not None:

@@ -49,8 +49,8 @@ Isa parse_isa(const char* name);
 
 // Whether the streaming kernels prefetch the weights into the L2 cache (prefetcht1; the AVX-512 ones then
 // into the L1 too, nearer: r16_prefetch.h) rather than the L1 alone (prefetcht0): on AMD CPUs, where that
-// measured faster, unless the environment variable TANDEM_PREFETCH (l1 | l2) says otherwise. Set when the module loads (configure_stream_prefetch), then
-// only read, by the kernels' inner loops.
+// measured faster, unless the environment variable TANDEM_PREFETCH (l1 | l2) says otherwise. Set when the
+// module loads (configure_stream_prefetch), then only read, by the kernels' inner loops.
 namespace detail {
 extern bool g_stream_prefetch_l2;
 }

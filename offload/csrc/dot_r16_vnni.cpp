@@ -60,6 +60,12 @@ inline __attribute__((always_inline)) void unpack(const uint8_t* u, __m512i* q) 
     }
 }
 
+// The K-quant kernels' prefetch (super-blocks of 2304-3360 bytes a step): the L1 level 2 KiB ahead.
+template <size_t Unit, int N>
+inline __attribute__((always_inline)) void prefetch_kquant(const uint8_t* u, int i, Wrap wrap) {
+    prefetch_share<Unit, N, kAhead, Prefetch::TwoLevel, kFarL2, kNearL2K>(u, i, wrap);
+}
+
 // f(std::integral_constant<int, nt>, std::integral_constant<int, ng>) for a token tile of nt = 1..8 rows
 // and ng = 1 or 2 groups: the kernel instantiated for them.
 template <int G, class F>
@@ -121,7 +127,8 @@ void gemm(int64_t nb, const uint8_t* group, const void* act, size_t as, const fl
         const int64_t b = pos.b;
         __m512* acc = accs[pos.gi];
         const uint8_t* u = pos.u;
-        prefetch_share<unit, 1, kAhead, Prefetch::TwoLevel, Base == GgmlType::Q8_0 ? kFarL2Q8_0 : kFarL2>(u, 0, pos.wrap);
+        constexpr uintptr_t far = Base == GgmlType::Q8_0 ? kFarL2Q8_0 : kFarL2;
+        prefetch_share<unit, 1, kAhead, Prefetch::TwoLevel, far>(u, 0, pos.wrap);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
         __m512 mw = _mm512_setzero_ps();
         if constexpr (kMin) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + 2 * kR16)));
@@ -185,7 +192,7 @@ void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, cons
         for (int t = 0; t < NA; ++t) sum_sc[t] = sum_m[t] = _mm512_setzero_ps();
         const uint8_t* qs = u + 256;
         for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high)
-            prefetch_share<unit, 4, kAhead, Prefetch::TwoLevel, kFarL2, kNearL2K>(u, i, pos.wrap);
+            prefetch_kquant<unit, 4>(u, i, pos.wrap);
             // the high nibbles are multiplied in place (x & 0xF0 = 16 q, and 16 q * a stays exact in
             // int32); their scale divided by 16, so the products are the same floats bit for bit
             const __m512 sc_hi = Q5 ? sc[2 * i + 1] : _mm512_mul_ps(sc[2 * i + 1], sixteenth);
@@ -244,7 +251,7 @@ inline __attribute__((always_inline)) void q6k_half(const uint8_t* u, int n, Wra
     const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
     const uint8_t *sc = u + 32, *ql = u + 288, *qh = u + 2336;
     for (int g = 0; g < 4; ++g) {
-        prefetch_share<unit, 8, kAhead, Prefetch::TwoLevel, kFarL2, kNearL2K>(u, 4 * n + g, wrap);
+        prefetch_kquant<unit, 8>(u, 4 * n + g, wrap);
         __m512i q[8];
         for (int k = 0; k < 8; ++k) {
             const __m512i x = _mm512_loadu_si512(ql + 64 * (16 * n + 8 * (g & 1) + k));
@@ -294,7 +301,7 @@ inline __attribute__((always_inline)) void q6k_half_few(const uint8_t* u, int n,
     }
 #pragma GCC unroll 8  // s indexed by constants: registers, not the stack (not unrolled: 0.6x the speed)
     for (int k = 0; k < 8; ++k) {
-        prefetch_share<unit, 16, kAhead, Prefetch::TwoLevel, kFarL2, kNearL2K>(u, 8 * n + k, wrap);
+        prefetch_kquant<unit, 16>(u, 8 * n + k, wrap);
         const __m512i x0 = _mm512_loadu_si512(ql + 64 * k), x1 = _mm512_loadu_si512(ql + 64 * (8 + k));
         const __m512i h = _mm512_loadu_si512(qh + 64 * k);
         // quarter g: the low or high nibbles of x0 / x1, bits 2g, 2g + 1 of h to bits 4, 5

@@ -30,11 +30,12 @@ namespace tandem::detail {
 
 // 3 KiB ahead for the token-tile kernels (their groups in pairs, the prefetches wrapped as below): 2-15%
 // faster than 2 KiB (1 KiB for the 32-value types) at 1 token on every type, 0.91-0.94x at 4 KiB for
-// Q4_K; on Zen 4 with prefetcht1 alone, MoE layers at T=1 ran no faster at 4, 6 or 8 KiB. The AMX kernels stay
-// at 2 KiB: 1, 4 and 8 KiB were 3-8% slower there (MoE at T=128).
+// Q4_K; on Zen 4 with prefetcht1 alone, MoE layers at T=1 ran no faster at 4, 6 or 8 KiB. The AMX kernels
+// stay at 2 KiB: 1, 4 and 8 KiB were 3-8% slower there (MoE at T=128).
 constexpr uintptr_t kAhead = 3072, kAheadAmx = 2048;
 // The two levels on AMD: 6 KiB ahead into the L2 (4 KiB for Q8_0, whose kernel reads fastest), then 1 KiB
-// ahead into the L1 for the 32-value kernels (units of 288-544 bytes), 2 KiB for the K-quant kernels (2304-3360).
+// ahead into the L1 for the 32-value kernels (units of 288-544 bytes), 2 KiB for the K-quant kernels
+// (2304-3360).
 // Zen 4, 2 threads, 128 MiB GEMVs against the read in one process, ~1300-7000 pairs a setting, read at
 // 42-60 GB/s: Q8_0 far 3 KiB 0.72 of the read (K = 2048 and 8192 alike), 3.5 KiB 0.78, 4 KiB 0.81-0.85,
 // 5 KiB 0.80-0.83, 6 KiB 0.78-0.79; near 1 -> 2 KiB: Q4_K 0.90 -> 0.91, Q6_K 0.85 -> 0.87, Q8_0 0.85 ->
@@ -68,7 +69,7 @@ enum class Prefetch { L1, OneLevel, TwoLevel };
 template <size_t Unit, int N, uintptr_t Ahead = kAhead, Prefetch P = Prefetch::TwoLevel, uintptr_t FarL2 = kFarL2,
           uintptr_t NearL2 = kNearL2>
 inline __attribute__((always_inline)) void prefetch_share(const uint8_t* u, int i, Wrap wrap = {}) {
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(u) + Unit * i / N, hi = reinterpret_cast<uintptr_t>(u) + Unit * (i + 1) / N;
+    const uintptr_t at = reinterpret_cast<uintptr_t>(u), lo = at + Unit * i / N, hi = at + Unit * (i + 1) / N;
     auto first = [](uintptr_t a) { return (a + 63) & ~uintptr_t(63); };
     if (P != Prefetch::L1 && g_stream_prefetch_l2) {
         if (P == Prefetch::TwoLevel) {
