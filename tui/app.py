@@ -192,6 +192,8 @@ class ChatApp(App):
 
     async def _drain(self) -> None:
         """Apply the queued events to the UI, one batch per tick."""
+        if not self.is_running:
+            return  # shutting down: a tick can land after the screen's widgets are gone
         if self.runner is None and self.load_error is None:
             done, total = self._load_progress
             if total:
@@ -206,6 +208,8 @@ class ChatApp(App):
             if turn == self._turn:
                 batch.append(ev)
         for ev in batch:
+            if not self.is_running:
+                return  # shutdown began during an await below
             if isinstance(ev, tuple):
                 kind, value = ev
                 if kind == "error":
@@ -221,6 +225,8 @@ class ChatApp(App):
             self._reply_tokens += 1 if ev.token_id is not None else 0
             if ev.text or ev.token_id is not None:
                 await reply.add(ev.text, ev.reasoning, 1 if ev.token_id is not None else 0)
+        if not self.is_running:
+            return
         stats = self.throughput.current
         if stats is not None:  # each reply re-reads the whole conversation: its prompt is the context so far
             self.context_used = stats.prompt_tokens + stats.generated_tokens
@@ -260,6 +266,12 @@ class ChatApp(App):
         self.generating = False
         self._set_status("" if reason != "stopped" else "stopped")
 
+    def on_unmount(self) -> None:
+        # Quitting mid-reply ends the generating thread at its next token, and the model goes now rather
+        # than at interpreter exit, where nanobind reports every engine layer still alive as a leak.
+        self._stop.set()
+        self.runner = None
+
     # ---------------------------------------------------------------- panel
     def _show_speed(self) -> None:
         self.query_one(StatsPanel).show_speed(self.throughput, self.context_used, getattr(self, "context_size", 0))
@@ -273,6 +285,8 @@ class ChatApp(App):
             self.query_one(StatsPanel).heatmap.set_counts(*routed)
 
     def _sample_system(self) -> None:
+        if not self.is_running:
+            return  # as in _drain
         self.query_one(StatsPanel).show_system(*self.sysinfo())
 
     def _set_status(self, text: str) -> None:
