@@ -40,6 +40,10 @@ constexpr uintptr_t kAhead = 3072, kAheadAmx = 2048;
 // 42-60 GB/s: Q8_0 far 3 KiB 0.72 of the read (K = 2048 and 8192 alike), 3.5 KiB 0.78, 4 KiB 0.81-0.85,
 // 5 KiB 0.80-0.83, 6 KiB 0.78-0.79; near 1 -> 2 KiB: Q4_K 0.90 -> 0.91, Q6_K 0.85 -> 0.87, Q8_0 0.85 ->
 // 0.75. At 32-42 GB/s all within 0.91-0.98 (Q8_0 at 6 KiB far or 2 KiB near 0.91-0.94).
+// Q8_0 at 42-60 GB/s, not kept (the same in-process A/B, ~8000-18000 pairs; the current 0.84-0.86): the
+// near level as prefetchnta 0.86; near 512 or 1536 bytes 0.82-0.83; far as prefetcht2 0.84; prefetchnta alone
+// 0.64; units padded to 576 bytes so every load is aligned 0.79 against 0.84; without the unsigned flip (8
+// xors a block) 0.83 against 0.85. As with the leaner forms below, less work per byte did not stream faster.
 constexpr uintptr_t kFarL2 = 6144, kFarL2Q8_0 = 4096, kNearL2 = 1024, kNearL2K = 2048;
 
 // Lines at or past `at` are taken `by` further on (the first of two groups read side by side: GroupStep).
