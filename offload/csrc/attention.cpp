@@ -74,6 +74,8 @@ void mix_rows(const MixRows& m, int64_t slice, Isa isa) {
     const int64_t width = mix_width(m.R, isa), simd = m.R / width * width, r0 = slice * 8 * width;
     if (r0 >= simd) return mix_scalar(m, simd, m.R);
     const int nv = static_cast<int>((std::min(simd, r0 + 8 * width) - r0) / width);
+    if (isa >= Isa::Avx512Vnni && m.type == GgmlType::BF16 && cpu_features().avx512_bf16)
+        return detail::avx512_vnni::mix_cols_bf16(m, r0, nv);
     if (isa >= Isa::Avx512) return detail::avx512::mix_cols(m, r0, nv);
     detail::avx2::mix_cols(m, r0, nv);
 }

@@ -55,6 +55,8 @@ DotKernel2 kernel2(GgmlType wtype);  // F32 / F16 / BF16
 ScaledDotKernel scaled_kernel(GgmlType wtype);
 DotKernel bf16_dpbf16_kernel();  // BF16 x BF16 with _mm512_dpbf16_ps: only where the CPU has AVX512_BF16
 DotKernel2 bf16_dpbf16_kernel2();
+// columns [r0, r0 + 16 nv) of a mix over a BF16 cache, with _mm512_dpbf16_ps: only where the CPU has AVX512_BF16
+void mix_cols_bf16(const MixRows& m, int64_t r0, int nv);
 }
 
 }  // namespace tandem::detail
