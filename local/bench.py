@@ -222,14 +222,19 @@ class TandemTarget:
 
 # ---------------------------------------------------------------- llama.cpp
 
+# --kv-cache-dtype -> llama.cpp's cache type (ggml_type: F32, F16, BF16), for its K and V alike
+LLAMA_CACHE_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30}
+
+
 class LlamaCppTarget:
     name = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int):
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int, cache_type: int | None = None):
         from .llama_cpp_peer import open_llama
 
+        types = {} if cache_type is None else {"type_k": cache_type, "type_v": cache_type}
         self.llm = open_llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_batch,
-                              n_ubatch=n_batch)
+                              n_ubatch=n_batch, **types)
         import llama_cpp
 
         self.lib = llama_cpp
@@ -273,9 +278,12 @@ class LlamaCppTarget:
 # ---------------------------------------------------------------- the run
 
 def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None = None, device: str = "cpu",
-              compare: str | None = None, chunk: int = 512, log=None, cuda_graph: bool = False, depth: int = 0) -> dict:
+              compare: str | None = None, chunk: int = 512, log=None, cuda_graph: bool = False, depth: int = 0,
+              kv_cache_dtype: str | None = None) -> dict:
     """Rows pp{p} and tg{n} (+ the peer's; "pp{p} @ d{depth}" after `depth` tokens of context), measured
-    read bandwidth, achieved bandwidth, RSS, and a per-stage breakdown of one decode step."""
+    read bandwidth, achieved bandwidth, RSS, and a per-stage breakdown of one decode step.
+    kv_cache_dtype: the attention cache's dtype for both engines (None: each its own default, the compute
+    dtype here and f16 in llama.cpp)."""
     from offload import _C
 
     from . import load
@@ -291,8 +299,13 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     if p < 1 or n < 1 or r < 1 or depth < 0:
         raise ValueError("-p, -n and -r must be at least 1, and -d at least 0")
 
+    peer_cache = LLAMA_CACHE_TYPES.get(kv_cache_dtype) if kv_cache_dtype not in (None, "auto") else None
+    if kv_cache_dtype not in (None, "auto") and peer_cache is None:
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: not one of auto, {', '.join(LLAMA_CACHE_TYPES)}")
+
     log(f"loading {path.name} ({threads} threads)")
-    runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph)
+    runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph, kv_cache_dtype=kv_cache_dtype)
+    cache = str(runner.kv_cache_dtype or runner.dtype).removeprefix("torch.")
     vocab = runner.config.vocab_size
     rng = np.random.default_rng(1234)
     prompt = rng.integers(2, vocab, size=p).tolist()
@@ -312,7 +325,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     if compare:
         log("loading llama.cpp (llama-cpp-python) on the same file")
         targets.append(LlamaCppTarget(path, threads, n_ctx=depth + max(p, n) + 16,
-                                      n_batch=min(chunk, max(p, depth, 1))))
+                                      n_batch=min(chunk, max(p, depth, 1)), cache_type=peer_cache))
     at = f" @ d{depth}" if depth else ""  # llama-bench's names
     rows = {"pp": Row(f"pp{p}{at}"), "tg": Row(f"tg{n}{at}")}
     if depth:
@@ -352,7 +365,9 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     tg["decode_step_us"] = breakdown
     for row in out:
         row.update(model=str(path), threads=threads, device=str(runner.device), depth=depth, rss_bytes=rss_tandem,
-                   peak_rss_bytes=_peak_rss())
+                   peak_rss_bytes=_peak_rss(), kv_cache=cache)
+        if compare:
+            row["llama_cpp_kv_cache"] = kv_cache_dtype if peer_cache is not None else "float16"
     return {"rows": out}
 
 
@@ -395,6 +410,9 @@ def render(result: dict) -> str:
         lines.append(line)
     lines.append(f"(read bandwidth: the median of {len(tg['read_gbs_samples'])} measurements through the run, "
                  f"{min(tg['read_gbs_samples']):.1f}-{max(tg['read_gbs_samples']):.1f} GB/s)")
+    if "kv_cache" in tg:
+        peer_cache = f" (llama.cpp: {tg['llama_cpp_kv_cache']})" if "llama_cpp_kv_cache" in tg else ""
+        lines.append(f"attention cache: {tg['kv_cache']}{peer_cache}")
     lines.append(f"RSS after load {tg['rss_bytes'] / 2**30:.2f} GiB, peak {tg['peak_rss_bytes'] / 2**30:.2f} GiB "
                  "(peak includes the peer when compared)")
     steps = dict(tg["decode_step_us"])

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from local import synthetic
 from local.bench import LlamaCppTarget, TandemTarget, active_bytes_per_token, render, run_bench
@@ -107,6 +108,34 @@ def test_bench_depth_runs_each_test_after_the_context(tiny_gguf, monkeypatch):
     assert 0 < steps["attention"] + steps["experts"] + steps["lm_head"] < 1e6 / tg["tps_mean"]
     assert steps["other"] > 0 and steps["torch + Python outside the engine"] > 0
     assert "pp8 @ d20" in render(result)
+
+
+def test_bench_kv_cache_dtype_is_both_engines(tiny_gguf, monkeypatch):
+    """--kv-cache-dtype bfloat16: our cache in bf16, and llama.cpp's K and V caches too (GGML_TYPE_BF16)."""
+    from local import llama_cpp_peer
+
+    opened, dtypes = [], []
+    open_llama, tandem_fill = llama_cpp_peer.open_llama, TandemTarget.fill
+
+    def spy_open(path, **kwargs):
+        opened.append(kwargs)
+        return open_llama(path, **kwargs)
+
+    def spy_fill(self, cache, context):
+        dtypes.append(cache.dtype)
+        tandem_fill(self, cache, context)
+
+    monkeypatch.setattr(llama_cpp_peer, "open_llama", spy_open)
+    monkeypatch.setattr(TandemTarget, "fill", spy_fill)
+    result = run_bench(tiny_gguf, p=8, n=4, r=1, threads=2, compare="llama.cpp", depth=8, log=lambda m: None,
+                       kv_cache_dtype="bfloat16")
+    assert opened and all(k["type_k"] == k["type_v"] == 30 for k in opened)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    tg = result["rows"][1]
+    assert tg["kv_cache"] == "bfloat16" and tg["llama_cpp_kv_cache"] == "bfloat16" and tg["tps_mean"] > 0
+    assert "attention cache: bfloat16 (llama.cpp: bfloat16)" in render(result)
+    with pytest.raises(ValueError, match="--kv-cache-dtype q8_0"):
+        run_bench(tiny_gguf, p=8, n=4, r=1, kv_cache_dtype="q8_0", log=lambda m: None)
 
 
 def test_bench_cli_json_and_errors(tiny_gguf, capsys):
