@@ -63,6 +63,7 @@ struct Bf16Dpbf16 {
                     acc[k][r] = _mm512_dpbf16_ps(acc[k][r], (__m512bh)_mm512_maskz_loadu_epi16(m, w[k] + i), av);
             }
         }
+        if constexpr (NA * NW == 16) return out_sums16<NA, NW>([&](int k, int r) { return acc[k][r]; }, out);
         for (int k = 0; k < NW; ++k)
             for (int r = 0; r < NA; ++r) out[k][r] = _mm512_reduce_add_ps(acc[k][r]);
     }
