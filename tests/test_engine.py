@@ -353,7 +353,7 @@ def test_mla_attention(isa, dtype, T, S):
 @pytest.mark.parametrize("T,S,R,scale", [(1, 700, 200, 0.13), (9, 530, 200, 0.13), (17, 90, 40, 0.13),
                                          (2, 300, 72, 40.0)])
 def test_mla_attention_all_heads_at_once(isa, dtype, T, S, R, scale):
-    """The shapes of the all-heads path: positions in several slabs and 16-position blocks of the mix,
+    """The shapes of the all-heads path: positions in several slabs and blocks of the mix (48 positions, 64 bf16),
     several column slices of it with a tail past the whole vectors (R 200 = 128 + 64 + 8 at AVX-512), new
     tokens in more than one tile of 8, and (scale 40) scores spread so far that most probabilities
     underflow the vectorized exp."""

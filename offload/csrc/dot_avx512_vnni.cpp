@@ -73,7 +73,7 @@ struct Bf16Dpbf16 {
     }
 };
 
-// The mix of a BF16 cache, columns [r0, r0 + 16 NV), with _mm512_dpbf16_ps: per block of kMixBlock
+// The mix of a BF16 cache, columns [r0, r0 + 16 NV), with _mm512_dpbf16_ps: per block of kMixBlockBf16
 // positions, the block's rows interleaved in pairs once (vector k of pair j: lane l holds positions 2j and
 // 2j + 1 of column r0 + 16 k + l), then per output row its p in bf16 pairs (exact: softmax_row rounded p
 // to bf16) and one instruction per vector and pair, half the instructions of the f32 mix. A pair's two
@@ -82,7 +82,7 @@ struct Bf16Dpbf16 {
 // row's last position p is zero, past the block's last position the cache too.
 template <int NV>
 TANDEM_BF16_TARGET void mix_bf16_t(const MixRows& m, int64_t r0) {
-    constexpr int kPairs = kMixBlock / 2;
+    constexpr int kPairs = kMixBlockBf16 / 2;
     alignas(64) uint16_t x[kPairs][NV][32];
     alignas(64) uint32_t pairs[kPairs];
     // word 2l <- word l of the first position, word 2l + 1 <- word l of the second (index 32 + l)
@@ -90,8 +90,8 @@ TANDEM_BF16_TARGET void mix_bf16_t(const MixRows& m, int64_t r0) {
                                                 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     int64_t seen = 0;
     for (int64_t i = 0; i < m.n_rows; ++i) seen = std::max(seen, m.n[i]);
-    for (int64_t b0 = 0; b0 < seen; b0 += kMixBlock) {
-        const int64_t b1 = std::min(seen, b0 + kMixBlock);
+    for (int64_t b0 = 0; b0 < seen; b0 += kMixBlockBf16) {
+        const int64_t b1 = std::min(seen, b0 + kMixBlockBf16);
         for (int64_t s = b0; s < b1; s += 2) {
             const uint16_t* a = reinterpret_cast<const uint16_t*>(m.rows + s * m.stride) + r0;
             const uint16_t* b = reinterpret_cast<const uint16_t*>(m.rows + (s + 1) * m.stride) + r0;
@@ -107,9 +107,11 @@ TANDEM_BF16_TARGET void mix_bf16_t(const MixRows& m, int64_t r0) {
         for (int64_t i = 0; i < m.n_rows; ++i) {
             const int64_t e = std::min(b1, m.n[i]);
             if (e <= b0) continue;
-            const auto mask = static_cast<__mmask16>((1u << (e - b0)) - 1);  // e - b0 <= 16
-            const __m512 pv = _mm512_maskz_loadu_ps(mask, m.p + i * m.p_stride + b0);
-            _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), (__m256i)_mm512_cvtneps_pbh(pv));
+            for (int64_t c = b0; c < e; c += 16) {  // 16 at a time, masked past e
+                const auto mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, e - c)) - 1);
+                const __m512 pv = _mm512_maskz_loadu_ps(mask, m.p + i * m.p_stride + c);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + (c - b0) / 2), (__m256i)_mm512_cvtneps_pbh(pv));
+            }
             float* out = m.out[i] + r0;
             __m512 acc[NV];
             for (int k = 0; k < NV; ++k) acc[k] = _mm512_loadu_ps(out + 16 * k);
