@@ -222,8 +222,8 @@ class TandemTarget:
 
 # ---------------------------------------------------------------- llama.cpp
 
-# --kv-cache-dtype -> llama.cpp's cache type (ggml_type: F32, F16, BF16), for its K and V alike
-LLAMA_CACHE_TYPES = {"float32": 0, "float16": 1, "bfloat16": 30}
+# the attention cache's dtype -> llama.cpp's cache type (ggml_type: F32, F16, BF16), for its K and V alike
+LLAMA_CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
 
 
 class LlamaCppTarget:
@@ -287,7 +287,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     from offload import _C
 
     from . import load
-    from .runner import physical_cores
+    from .runner import physical_cores, resolve_dtype
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     path = Path(model)
@@ -299,13 +299,16 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     if p < 1 or n < 1 or r < 1 or depth < 0:
         raise ValueError("-p, -n and -r must be at least 1, and -d at least 0")
 
-    peer_cache = LLAMA_CACHE_TYPES.get(kv_cache_dtype) if kv_cache_dtype not in (None, "auto") else None
-    if kv_cache_dtype not in (None, "auto") and peer_cache is None:
-        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: not one of auto, {', '.join(LLAMA_CACHE_TYPES)}")
+    cache_dtype = None  # each engine's default
+    if kv_cache_dtype not in (None, "auto"):
+        try:  # load()'s own names and aliases (a named dtype does not depend on the device)
+            cache_dtype = resolve_dtype(kv_cache_dtype, torch.device("cpu"))
+        except ValueError as e:
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: {e}") from None
 
     log(f"loading {path.name} ({threads} threads)")
-    runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph, kv_cache_dtype=kv_cache_dtype)
-    cache = str(runner.kv_cache_dtype or runner.dtype).removeprefix("torch.")
+    runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph, kv_cache_dtype=cache_dtype)
+    cache = str(runner.new_cache(1).dtype).removeprefix("torch.")  # what the runs below attend over
     vocab = runner.config.vocab_size
     rng = np.random.default_rng(1234)
     prompt = rng.integers(2, vocab, size=p).tolist()
@@ -325,7 +328,8 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     if compare:
         log("loading llama.cpp (llama-cpp-python) on the same file")
         targets.append(LlamaCppTarget(path, threads, n_ctx=depth + max(p, n) + 16,
-                                      n_batch=min(chunk, max(p, depth, 1)), cache_type=peer_cache))
+                                      n_batch=min(chunk, max(p, depth, 1)),
+                                      cache_type=LLAMA_CACHE_TYPES[cache_dtype] if cache_dtype else None))
     at = f" @ d{depth}" if depth else ""  # llama-bench's names
     rows = {"pp": Row(f"pp{p}{at}"), "tg": Row(f"tg{n}{at}")}
     if depth:
@@ -367,7 +371,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
         row.update(model=str(path), threads=threads, device=str(runner.device), depth=depth, rss_bytes=rss_tandem,
                    peak_rss_bytes=_peak_rss(), kv_cache=cache)
         if compare:
-            row["llama_cpp_kv_cache"] = kv_cache_dtype if peer_cache is not None else "float16"
+            row["llama_cpp_kv_cache"] = str(cache_dtype or torch.float16).removeprefix("torch.")
     return {"rows": out}
 
 

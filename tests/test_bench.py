@@ -136,6 +136,9 @@ def test_bench_kv_cache_dtype_is_both_engines(tiny_gguf, monkeypatch):
     assert "attention cache: bfloat16 (llama.cpp: bfloat16)" in render(result)
     with pytest.raises(ValueError, match="--kv-cache-dtype q8_0"):
         run_bench(tiny_gguf, p=8, n=4, r=1, kv_cache_dtype="q8_0", log=lambda m: None)
+    # load()'s aliases are the bench's too
+    aliased = run_bench(tiny_gguf, p=8, n=4, r=1, kv_cache_dtype="bf16", log=lambda m: None)
+    assert aliased["rows"][1]["kv_cache"] == "bfloat16"
 
 
 def test_bench_cli_json_and_errors(tiny_gguf, capsys):
