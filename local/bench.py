@@ -69,6 +69,11 @@ def active_bytes_per_token(g) -> int:
 
 # ---------------------------------------------------------------- Tandem
 
+# what the model code calls the CPU engine through (offload.torch_ops): the time inside them is the engine's
+ENGINE_CALLS = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_gqa_forward", "run_moe",
+                "run_moe_layer", "submit_moe", "wait_moe")
+
+
 class TandemTarget:
     name = "tandem"
 
@@ -190,10 +195,8 @@ class TandemTarget:
             from offload import torch_ops
         except ImportError:
             return 0.0, 0.0
-        names = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_moe", "run_moe_layer",
-                 "submit_moe", "wait_moe")
         spent = [0.0]
-        originals = {name: getattr(torch_ops, name) for name in names}
+        originals = {name: getattr(torch_ops, name) for name in ENGINE_CALLS}
 
         def timed(f):
             def call(*args, **kwargs):

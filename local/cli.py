@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .synthetic import GEOMETRIES
+
 DIM, RESET = "\033[2m", "\033[0m"
 CUDA_GRAPH_HELP = "decode steps replay a CUDA graph (CUDA devices; attention spans the whole --ctx cache)"
 KV_CACHE_HELP = ("attention cache dtype: float16 or bfloat16 halve it; on an AVX512-BF16 CPU bfloat16 also attends "
@@ -67,7 +69,7 @@ def cmd_bench(args) -> int:
 
         model = build_synthetic(args.synthetic, args.layers, args.quant, args.experts, progress=True)
     elif not model:
-        raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic deepseek-v2-lite|deepseek-v3")
+        raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic " + "|".join(GEOMETRIES))
     result = run_bench(model, p=args.n_prompt, n=args.n_gen, r=args.repetitions, threads=args.threads,
                        device=args.device, compare=args.compare, chunk=args.chunk,
                        cuda_graph=args.cuda_graph, depth=args.depth, kv_cache_dtype=args.kv_cache_dtype)
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     b.add_argument("--compare", default=None, choices=["llama.cpp"],
                    help="also run llama.cpp (llama-cpp-python) on the same file and print the ratios")
-    b.add_argument("--synthetic", default=None, choices=["deepseek-v2-lite", "deepseek-v3"],
+    b.add_argument("--synthetic", default=None, choices=list(GEOMETRIES),
                    help="bench a cached random-weight GGUF with this model's real geometry")
     b.add_argument("--layers", type=int, default=None, help="layers of the synthetic model (default: all)")
     b.add_argument("--experts", type=int, default=None, help="routed experts of the synthetic model (default: all)")

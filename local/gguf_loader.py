@@ -186,6 +186,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
             model.get_submodule(name).bind_engine(model.rope)
         elif isinstance(spec, tuple):
             model.get_submodule(name).bind_engine()
+    if plan:  # ...and so is a GQA block whose projections all are (its own weights are only those)
+        from .models.qwen3_moe import GQAttention
+
+        for module in model.modules():
+            if isinstance(module, GQAttention):
+                module.bind_engine(model.rope)
     model.checkpoint = gmodel
     model.placement = placement
     return cfg, model, gmodel

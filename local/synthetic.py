@@ -42,7 +42,15 @@ GEOMETRIES = {
         bos_token_id=0, eos_token_id=1,
         rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
                           beta_slow=1, mscale=1.0, mscale_all_dim=1.0), rope_theta=10000.0),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        attention_bias=False, use_sliding_window=False, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1),
 }
+ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 VERSION = 2  # 2: per-tensor seeds from crc32 (1 drew the same weights for anagram names)
 STD = 0.02
 
@@ -85,19 +93,23 @@ def model_config(name: str, layers: int | None = None, experts: int | None = Non
             raise ValueError("--layers must be at least 1")
         cfg["num_hidden_layers"] = layers
     if experts is not None:
-        k = cfg["num_experts_per_tok"]
-        if experts < k or experts % max(cfg["n_group"], 1):
-            raise ValueError(f"--experts {experts} must be >= top-k ({k}) and a multiple of n_group ({cfg['n_group']})")
-        cfg["n_routed_experts"] = experts
-    cfg["architectures"] = ["DeepseekV3ForCausalLM" if cfg["model_type"] == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        k, groups = cfg["num_experts_per_tok"], max(cfg.get("n_group", 1), 1)
+        if experts < k or experts % groups:
+            raise ValueError(f"--experts {experts} must be >= top-k ({k}) and a multiple of n_group ({groups})")
+        cfg[_experts_key(cfg)] = experts
+    cfg["architectures"] = [ARCHITECTURES[cfg["model_type"]]]
     return cfg
+
+
+def _experts_key(cfg: dict) -> str:
+    return "n_routed_experts" if "n_routed_experts" in cfg else "num_experts"
 
 
 def synthetic_path(name: str, layers: int | None, quant: str, experts: int | None = None) -> Path:
     from .demo import cache_dir
 
     cfg = model_config(name, layers, experts)
-    tag = f"{name}-L{cfg['num_hidden_layers']}-E{cfg['n_routed_experts']}-{quant}-v{VERSION}.gguf"
+    tag = f"{name}-L{cfg['num_hidden_layers']}-E{cfg[_experts_key(cfg)]}-{quant}-v{VERSION}.gguf"
     return cache_dir() / "synthetic" / tag
 
 
@@ -124,7 +136,7 @@ def build_synthetic(name: str, layers: int | None = None, quant: str = "q4_k_m",
     params = sum(int(np.prod(s)) for s in shapes.values())
     _check_room(out.parent, params, quant)
     log.info("building %s: %s, %d layers, %d experts, %.2f B parameters (cached for next time)",
-             out.name, name, cfg["num_hidden_layers"], cfg["n_routed_experts"], params / 1e9)
+             out.name, name, cfg["num_hidden_layers"], cfg[_experts_key(cfg)], params / 1e9)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         hf = Path(tmp)

@@ -70,7 +70,7 @@ def _mla_attention(q_lat, q_pe, c_kv, k_pe, scale: float) -> torch.Tensor:
     return out
 
 
-# the fused layers (_C.MlaLayer, _C.MoeLayer) alive, by the id a custom op call names them with (the model
+# the fused layers (_C.MlaLayer, _C.GqaLayer, _C.MoeLayer) alive, by the id a custom op call names them with (the model
 # holds them)
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -87,6 +87,19 @@ def mla_layer(hidden: int, heads: int, nope_dim: int, rope_dim: int, kv_lora_ran
 
     layer = _C.MlaLayer(hidden, heads, nope_dim, rope_dim, kv_lora_rank, v_dim, w(q_a), norm(q_a_norm), w(q), w(kv_a),
                         norm(kv_a_norm), w(uk), w(uv), w(o), eps, scale, rope_interleaved)
+    _LAYERS[id(layer)] = layer
+    return layer
+
+
+def gqa_layer(hidden: int, heads: int, kv_heads: int, head_dim: int, q, k, v, o, q_norm, k_norm, eps: float,
+              scale: float, rope_interleaved: bool):
+    """One layer's grouped-query attention weights, checked once, for `run_gqa_forward` (a _C.GqaLayer, which
+    keeps them alive). Weights are EngineWeights; q_norm / k_norm float32 tensors [head_dim] or None."""
+    def norm(t):
+        return None if t is None else t.detach().float().contiguous().numpy()
+
+    layer = _C.GqaLayer(hidden, heads, kv_heads, head_dim, *((w.data, w.type_id) for w in (q, k, v, o)), norm(q_norm),
+                        norm(k_norm), eps, scale, rope_interleaved)
     _LAYERS[id(layer)] = layer
     return layer
 
@@ -122,6 +135,15 @@ def _mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int, norm=None, eps: flo
     e = engine()
     e._engine.mla_forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()),
                           _np(c_kv), _np(k_pe), start, out.numpy(), e.isa, _np(norm), eps, residual)
+    return out
+
+
+def _gqa_forward(layer, x, cos, sin, k_cache, v_cache, start: int, norm=None, eps: float = 1e-6,
+                 residual: bool = False) -> torch.Tensor:
+    out = torch.empty_like(x, dtype=torch.float32)
+    e = engine()
+    e._engine.gqa_forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()),
+                          _np(k_cache), _np(v_cache), start, out.numpy(), e.isa, _np(norm), eps, residual)
     return out
 
 
@@ -201,6 +223,21 @@ def _(x, cos, sin, c_kv, k_pe, start, layer, norm=None, eps=1e-6, residual=False
     return torch.empty_like(x, dtype=torch.float32)
 
 
+@torch.library.custom_op("tandem::gqa_forward", mutates_args=("k_cache", "v_cache"))
+def gqa_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                start: int, layer: int, norm: torch.Tensor | None = None, eps: float = 1e-6,
+                residual: bool = False) -> torch.Tensor:
+    """One layer's grouped-query attention (offload/csrc/gqa.h): x [T, D] float32 -> [T, D]; the new keys and
+    values go into rows start..start+T of k_cache / v_cache [positions, kv_heads, head_dim]; `layer` is id() of
+    a gqa_layer(). norm [D] float32: attend from rmsnorm(x) * norm; residual: return x + the attention's output."""
+    return _gqa_forward(_LAYERS[layer], x, cos, sin, k_cache, v_cache, start, norm, eps, residual)
+
+
+@gqa_forward.register_fake
+def _(x, cos, sin, k_cache, v_cache, start, layer, norm=None, eps=1e-6, residual=False):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
 @torch.library.custom_op("tandem::moe_layer", mutates_args=())
 def moe_layer_op(x: torch.Tensor, top_k: int, layer: int, norm: torch.Tensor | None = None, eps: float = 1e-6,
                  residual: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,6 +281,13 @@ def run_mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int, norm=None, eps: 
     if torch.compiler.is_compiling():
         return torch.ops.tandem.mla_forward(x, cos, sin, c_kv, k_pe, start, id(layer), norm, eps, residual)
     return _mla_forward(layer, x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
+
+
+def run_gqa_forward(layer, x, cos, sin, k_cache, v_cache, start: int, norm=None, eps: float = 1e-6,
+                    residual: bool = False) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.tandem.gqa_forward(x, cos, sin, k_cache, v_cache, start, id(layer), norm, eps, residual)
+    return _gqa_forward(layer, x, cos, sin, k_cache, v_cache, start, norm, eps, residual)
 
 
 def run_moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,

@@ -58,6 +58,38 @@ def test_active_bytes_count_top_k_of_the_experts(tiny_gguf):
     assert active_bytes_per_token(g) == rest + exps * 4 // 16 + embd.nbytes // embd.shape[0]
 
 
+def test_engine_time_covers_every_engine_call():
+    """The split 'engine calls / torch + Python outside' times every run_* the model code calls the engine
+    through: one left out (as the fused GQA block once was) would count as overhead outside the engine."""
+    from offload import torch_ops
+
+    from local.bench import ENGINE_CALLS
+
+    assert {n for n in dir(torch_ops) if n.startswith("run_")} <= set(ENGINE_CALLS)
+    assert all(hasattr(torch_ops, n) for n in ENGINE_CALLS)
+
+
+def test_qwen3_synthetic_benches_against_llama_cpp(tmp_path, monkeypatch):
+    """--synthetic qwen3-30b-a3b (a tiny stand-in here): a qwen3moe file with the geometry's GQA heads and per-head
+    norms, which both engines load and bench."""
+    tiny = dict(synthetic.GEOMETRIES["qwen3-30b-a3b"], vocab_size=4608, hidden_size=256, moe_intermediate_size=256,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    monkeypatch.setitem(synthetic.GEOMETRIES, "tiny-qwen3", tiny)
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    path = synthetic.build_synthetic("tiny-qwen3", layers=2, quant="q4_k_m", experts=16, progress=False)
+    assert path.name == "tiny-qwen3-L2-E16-q4_k_m-v2.gguf"
+    g = GGUFModel(path)
+    assert g.architecture == "qwen3moe" and g.kv["qwen3moe.expert_count"] == 16
+    assert g.kv["qwen3moe.attention.head_count_kv"] == 2 and g.tensors["blk.1.attn_q_norm.weight"].shape == (64,)
+    result = run_bench(path, p=8, n=4, r=1, threads=2, compare="llama.cpp", log=lambda m: None)
+    tg = result["rows"][1]
+    assert tg["tps_mean"] > 0 and tg["llama_cpp_tps_mean"] > 0
+    steps = tg["decode_step_us"]
+    assert steps["attention"] > 0 and steps["experts"] > 0
+    with pytest.raises(ValueError, match="--experts 7 must be >= top-k \\(8\\)"):
+        synthetic.model_config("qwen3-30b-a3b", experts=7)
+
+
 def test_bench_rows_against_llama_cpp(tiny_gguf):
     result = run_bench(tiny_gguf, p=24, n=6, r=2, threads=2, compare="llama.cpp", log=lambda m: None)
     pp, tg = result["rows"]

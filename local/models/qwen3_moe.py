@@ -14,7 +14,7 @@ from torch import nn
 from ..config import BaseConfig, ConfigError, RopeSpec, rope_spec
 from .deepseek_v2 import Backbone, CausalLM
 from .layers import Linear, MLP, RMSNorm, Rope
-from .layers import quantize_activation
+from .layers import engine_pre_norm, quantize_activation
 from .mla import cache_precision, causal_mask
 from .moe import MoE, Router
 
@@ -74,6 +74,10 @@ class Qwen3MoeConfig(BaseConfig):
 
 
 class GQAttention(nn.Module):
+    # GGUF on the CPU engine, with every projection an engine weight: the whole block is one engine call
+    # (offload.torch_ops.gqa_layer)
+    engine_layer = None
+
     def __init__(self, cfg: Qwen3MoeConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -87,7 +91,34 @@ class GQAttention(nn.Module):
         self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
         self.scale = Dh ** -0.5
 
-    def forward(self, x, rope: Rope, cos_sin, cache, start):
+    def bind_engine(self, rope: Rope) -> bool:
+        """Make the whole block one CPU engine call when every projection is an engine weight without a bias
+        (a GGUF on the CPU) and rope turns every head dim; returns whether it did."""
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        if any(m.engine_weight is None or m.bias is not None for m in linears) or rope.dim != self.head_dim:
+            return False
+        from offload.torch_ops import gqa_layer
+
+        self.engine_layer = gqa_layer(
+            self.o_proj.engine_weight.rows, self.n_heads, self.n_kv, self.head_dim,
+            *(m.engine_weight for m in linears), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.scale,
+            rope.interleaved)
+        return True
+
+    def forward(self, x, rope: Rope, cos_sin, cache, start, pre_norm: RMSNorm | None = None):
+        """pre_norm (the decoder layer's input RMSNorm): x is the residual stream, and the result
+        x + attention(pre_norm(x)), one engine call on the CPU engine."""
+        if self.engine_layer is not None and x.device.type == "cpu" and not isinstance(start, torch.Tensor):
+            fused = engine_pre_norm(pre_norm, x)
+            if fused is not None:
+                from offload.torch_ops import run_gqa_forward
+
+                buf = cache.layer(self.layer_idx)
+                out = run_gqa_forward(self.engine_layer, x.float().contiguous(), *cos_sin, buf["k"], buf["v"], start,
+                                      **fused)
+                return out.to(x.dtype)
+        if pre_norm is not None:
+            return x + self.forward(pre_norm(x), rope, cos_sin, cache, start)
         T, H, K, Dh = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         q = self.q_norm(self.q_proj(x).view(T, H, Dh))
         k = self.k_norm(self.k_proj(x).view(T, K, Dh))
@@ -119,7 +150,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, rope, cos_sin, cache, start):
-        h = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, cache, start)
+        h = self.self_attn(x, rope, cos_sin, cache, start, pre_norm=self.input_layernorm)  # x + attn(norm(x))
         return self.mlp(h, pre_norm=self.post_attention_layernorm)  # h + mlp(norm(h)), fused where it can be
 
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -35,12 +36,12 @@ inline float round_to(GgmlType type, float v) {
     return v;
 }
 
-// One row's softmax in place: sc[s] = (sc[s] + pe[s]) * scale, then p = exp(sc - max) / sum over s < n,
+// One row's softmax in place: sc[s] = (sc[s] + pe[s]) * scale (pe null: sc[s] * scale), then p = exp(sc - max) / sum over s < n,
 // rounded to the cache's precision. The scalar reference (libm's expf).
 void softmax_scalar(float* sc, const float* pe, int64_t n, float scale, GgmlType type) {
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < n; ++s) {
-        sc[s] = (sc[s] + pe[s]) * scale;
+        sc[s] = (sc[s] + (pe ? pe[s] : 0.0f)) * scale;
         mx = std::max(mx, sc[s]);
     }
     float sum = 0;
@@ -80,19 +81,33 @@ void mix_rows(const MixRows& m, int64_t slice, Isa isa) {
     detail::avx2::mix_cols(m, r0, nv);
 }
 
-void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R, int64_t Dr, const float* q_lat,
-                   const float* q_pe, GgmlType cache_type, const uint8_t* c_kv, const uint8_t* k_pe, float scale,
-                   float* o_lat, Isa isa) {
-    const GgmlType act = type_info(static_cast<int32_t>(cache_type))->act_type;
-    const size_t kv_stride = row_size(cache_type, R), pe_stride = row_size(cache_type, Dr);
-    const size_t qa_stride = row_size(act, R), pa_stride = row_size(act, Dr);
-    // The new tokens in tiles of up to 8, every head of a tile at once (its rows i = h * nt + j): the cache is
-    // read once a tile for the scores and once for the mix. A head at a time, as before, read it 2 H times.
-    // DeepSeek-V2-Lite's decode (16 heads, R 512, an f16 cache), 2 threads, per layer and token: 1.21 ->
-    // 0.37 ms at 1024 positions, 3.64 -> 1.55 ms at 4096, 19.0 -> 6.3 ms at 16384 (with the vectorized
-    // softmax: libm's expf and the software f16 rounding took 0.6 ms of it at 4096).
+namespace {
+
+// One attention call over a cache shared by groups of query heads: G groups (MLA: one, every head against
+// the latent; GQA: the KV heads) of Hg heads each. Group g's key rows (R values, and Dr more from a second
+// stream of positional keys where Dr > 0) and value rows (R values) sit `group` bytes after group 0's, each
+// position `stride` bytes after the last. q [G*Hg, T, R], q_pe [G*Hg, T, Dr], out [G*Hg, T, R].
+struct Attend {
+    int64_t G, Hg, T, S, R, Dr;
+    const float *q, *q_pe;
+    GgmlType type;
+    const uint8_t *key, *pe, *val;
+    size_t key_stride, pe_stride, val_stride, key_group, pe_group, val_group;
+    float scale;
+    float* out;
+};
+
+void attend(ThreadPool& pool, const Attend& a, Isa isa) {
+    const int64_t T = a.T, S = a.S, R = a.R, Dr = a.Dr;
+    const GgmlType act = type_info(static_cast<int32_t>(a.type))->act_type;
+    const size_t qa_stride = row_size(act, R), pa_stride = Dr ? row_size(act, Dr) : 0;
+    // The new tokens in tiles of up to 8, every head of a tile at once (a group's rows i = j * nt + t for its
+    // head j): a group's cache rows are read once a tile for the scores and once for the mix. A head at a time,
+    // as before, read them 2 H times. DeepSeek-V2-Lite's decode (16 heads, R 512, an f16 cache), 2 threads, per
+    // layer and token: 1.21 -> 0.37 ms at 1024 positions, 3.64 -> 1.55 ms at 4096, 19.0 -> 6.3 ms at 16384 (with
+    // the vectorized softmax: libm's expf and the software f16 rounding took 0.6 ms of it at 4096).
     constexpr int64_t kTile = 8;
-    const int64_t tile = std::min(T, kTile), max_rows = H * tile;
+    const int64_t tile = std::min(T, kTile), max_rows = a.G * a.Hg * tile;
     // scratch kept per calling thread (the pool's threads reach it through these references: a
     // thread_local named in a lambda would be theirs)
     struct Scratch {
@@ -109,11 +124,11 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
     qa.resize(static_cast<size_t>(max_rows) * qa_stride);
     pa.resize(static_cast<size_t>(max_rows) * pa_stride);
     s1.resize(static_cast<size_t>(max_rows * S));
-    s2.resize(static_cast<size_t>(max_rows * S));
+    s2.resize(static_cast<size_t>(Dr ? max_rows * S : 0));
     n_seen.resize(static_cast<size_t>(max_rows));
     outs.resize(static_cast<size_t>(max_rows));
     // small calls on the calling thread alone (waking the pool costs more than they take)
-    const bool inline_only = H * T * S * (R + Dr) < (1 << 15);
+    const bool inline_only = a.G * a.Hg * T * S * (R + Dr) < (1 << 15);
     auto run = [&](int64_t n_tasks, const std::function<void(int64_t, int)>& fn) {
         if (inline_only) {
             for (int64_t k = 0; k < n_tasks; ++k) fn(k, 0);
@@ -122,30 +137,75 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
         }
     };
     for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-        const int64_t nt = std::min(kTile, T - t0), rows = H * nt, seen = S - T + t0 + nt;
+        const int64_t nt = std::min(kTile, T - t0), rows_g = a.Hg * nt, rows = a.G * rows_g, seen = S - T + t0 + nt;
         run(rows, [&](int64_t i, int) {
-            const int64_t h = i / nt, t = t0 + i % nt;
-            quantize_activation_row(act, q_lat + (h * T + t) * R, qa.data() + i * qa_stride, R);
-            quantize_activation_row(act, q_pe + (h * T + t) * Dr, pa.data() + i * pa_stride, Dr);
+            const int64_t h = i / nt, t = t0 + i % nt;  // h = g * Hg + j: the groups' rows follow each other
+            quantize_activation_row(act, a.q + (h * T + t) * R, qa.data() + i * qa_stride, R);
+            if (Dr) quantize_activation_row(act, a.q_pe + (h * T + t) * Dr, pa.data() + i * pa_stride, Dr);
             n_seen[i] = S - T + t + 1;  // causal: token t sees the cache and the new tokens up to itself
-            outs[i] = o_lat + (h * T + t) * R;
+            outs[i] = a.out + (h * T + t) * R;
         });
         // scores of every row against the positions the tile's last token sees, in slabs of positions
-        const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(4 * pool.threads(), seen / 64));
-        const int64_t slab = ((seen + slabs - 1) / slabs + 15) / 16 * 16;
-        run((seen + slab - 1) / slab, [&](int64_t k, int) {
-            const int64_t p0 = k * slab, p1 = std::min(seen, p0 + slab);
-            matmul_rows(cache_type, R, c_kv, kv_stride, p0, p1, qa.data(), qa_stride, rows, s1.data(), S, isa);
-            matmul_rows(cache_type, Dr, k_pe, pe_stride, p0, p1, pa.data(), pa_stride, rows, s2.data(), S, isa);
+        const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>((4 * pool.threads() + a.G - 1) / a.G, seen / 64));
+        const int64_t slab = ((seen + slabs - 1) / slabs + 15) / 16 * 16, per_group = (seen + slab - 1) / slab;
+        run(a.G * per_group, [&](int64_t k, int) {
+            const int64_t g = k / per_group, p0 = k % per_group * slab, p1 = std::min(seen, p0 + slab);
+            const int64_t r0 = g * rows_g;
+            matmul_rows(a.type, R, a.key + g * a.key_group, a.key_stride, p0, p1, qa.data() + r0 * qa_stride, qa_stride,
+                        rows_g, s1.data() + r0 * S, S, isa);
+            if (Dr)
+                matmul_rows(a.type, Dr, a.pe + g * a.pe_group, a.pe_stride, p0, p1, pa.data() + r0 * pa_stride,
+                            pa_stride, rows_g, s2.data() + r0 * S, S, isa);
         });
         run(rows, [&](int64_t i, int) {  // softmax, p rounded to the cache's precision; the outputs zeroed
-            softmax_row(s1.data() + i * S, s2.data() + i * S, n_seen[i], scale, cache_type, isa);
+            softmax_row(s1.data() + i * S, Dr ? s2.data() + i * S : nullptr, n_seen[i], a.scale, a.type, isa);
             std::fill(outs[i], outs[i] + R, 0.0f);
         });
-        const MixRows m{cache_type, c_kv, kv_stride, R, rows, n_seen.data(), s1.data(), static_cast<size_t>(S),
-                        outs.data()};
-        run(mix_slices(R, isa), [&](int64_t k, int) { mix_rows(m, k, isa); });
+        const int64_t slices = mix_slices(R, isa);
+        run(a.G * slices, [&](int64_t k, int) {
+            const int64_t g = k / slices, r0 = g * rows_g;
+            const MixRows m{a.type, a.val + g * a.val_group, a.val_stride, R, rows_g, n_seen.data() + r0,
+                            s1.data() + r0 * S, static_cast<size_t>(S), outs.data() + r0};
+            mix_rows(m, k % slices, isa);
+        });
     }
+}
+
+}  // namespace
+
+void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R, int64_t Dr, const float* q_lat,
+                   const float* q_pe, GgmlType cache_type, const uint8_t* c_kv, const uint8_t* k_pe, float scale,
+                   float* o_lat, Isa isa) {
+    const size_t kv_stride = row_size(cache_type, R), pe_stride = row_size(cache_type, Dr);
+    attend(pool, Attend{1, H, T, S, R, Dr, q_lat, q_pe, cache_type, c_kv, k_pe, c_kv, kv_stride, pe_stride, kv_stride,
+                        0, 0, 0, scale, o_lat}, isa);
+}
+
+void gqa_attention(ThreadPool& pool, int64_t H, int64_t G, int64_t T, int64_t S, int64_t Dh, const float* q,
+                   GgmlType cache_type, const uint8_t* k, const uint8_t* v, float scale, float* out, Isa isa) {
+    const size_t stride = row_size(cache_type, G * Dh), group = row_size(cache_type, Dh);
+    attend(pool, Attend{G, H / G, T, S, Dh, 0, q, nullptr, cache_type, k, nullptr, v, stride, 0, stride, group, 0, group,
+                        scale, out}, isa);
+}
+
+void rope_rotate(float* x, int64_t d, const float* cos, const float* sin, bool interleaved) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        float* a = interleaved ? x + 2 * i : x + i;
+        float* b = interleaved ? x + 2 * i + 1 : x + i + half;
+        const float x0 = *a, x1 = *b;
+        *a = x0 * cos[i] - x1 * sin[i];
+        *b = x0 * sin[i] + x1 * cos[i];
+    }
+}
+
+void store_cache_row(GgmlType type, const float* x, int64_t n, uint8_t* dst) {
+    if (type == GgmlType::F32) {
+        std::memcpy(dst, x, sizeof(float) * static_cast<size_t>(n));
+        return;
+    }
+    auto* h = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) h[i] = type == GgmlType::F16 ? float_to_half(x[i]) : float_to_bf16(x[i]);
 }
 
 }  // namespace tandem

@@ -18,6 +18,20 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
                    const float* q_pe, GgmlType cache_type, const uint8_t* c_kv, const uint8_t* k_pe, float scale,
                    float* o_lat, Isa isa);
 
+// Grouped-query attention (Qwen3-MoE) over caches of keys and values [S, G, Dh] in the same way:
+//   scores[h,t,s] = scale * q[h,t] . k[s, g],  p = softmax (causal),  out[h,t] = sum_s p[s] v[s, g]
+// for query head h of KV head g = h / (H / G) (the heads of a KV head adjacent, as HF's repeat_kv has them).
+// q and out are float32 [H, T, Dh]. Every KV head's queries of a tile go through its rows together.
+void gqa_attention(ThreadPool& pool, int64_t H, int64_t G, int64_t T, int64_t S, int64_t Dh, const float* q,
+                   GgmlType cache_type, const uint8_t* k, const uint8_t* v, float scale, float* out, Isa isa);
+
+// x[0:d] rotated by the angles whose cos/sin [d/2] are given: pairs (x0, x1) (interleaved, DeepSeek) or the
+// halves (x_i, x_{i+d/2}) (NEOX, Qwen)
+void rope_rotate(float* x, int64_t d, const float* cos, const float* sin, bool interleaved);
+
+// n floats into a cache row of `type` (F32, F16 or BF16)
+void store_cache_row(GgmlType type, const float* x, int64_t n, uint8_t* dst);
+
 // The mix of many rows of probabilities at once: out[i][0:R] += sum_{s < n[i]} p[i][s] row_s[0:R] for i <
 // n_rows, the cache rows `stride` bytes apart in `type` (F32 / F16 / BF16), p[i] at p + i * p_stride. Each
 // output value sums its products in position order, one fused multiply-add each (a scalar loop below AVX2).

@@ -35,7 +35,7 @@ void swiglu(const float* g, const float* u, float* h, int64_t n);  // swiglu() f
 // quantize_activation_row's Q8_0 / Q8_1 (q8_1) and Q8_K rows below AVX-512 (dot_avx2.cpp): the same bytes
 void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
 void quantize_act_q8_k(const float* x, void* dst, int64_t n);
-// attention.cpp's kernels (dot_simd.h): columns [r0, r0 + 8 nv) of a mix, and one row's softmax
+// attention.cpp's kernels (dot_simd.h): columns [r0, r0 + 8 nv) of a mix, and one row's softmax (pe may be null)
 void mix_cols(const MixRows& m, int64_t r0, int nv);
 void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType type);
 }

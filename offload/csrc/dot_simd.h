@@ -1362,13 +1362,14 @@ void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType ty
     const VecF vs = fset1(scale);
     VecF mx = fset1(-std::numeric_limits<float>::infinity());
     for (int64_t s = 0; s + kLanes <= n; s += kLanes) {
-        const VecF v = fmul(fadd(Lanes::load(sc + s), Lanes::load(pe + s)), vs);
+        const VecF x = Lanes::load(sc + s);
+        const VecF v = fmul(pe ? fadd(x, Lanes::load(pe + s)) : x, vs);
         fstoreu(sc + s, v);
         mx = Lanes::max(mx, v);
     }
     float top = Lanes::hmax(mx);
     for (int64_t s = n / kLanes * kLanes; s < n; ++s) {
-        sc[s] = (sc[s] + pe[s]) * scale;
+        sc[s] = (sc[s] + (pe ? pe[s] : 0.0f)) * scale;
         top = std::max(top, sc[s]);
     }
     const VecF vt = fset1(top);

@@ -25,6 +25,7 @@
 #include "attention.h"
 #include "binding.h"
 #include "engine.h"
+#include "gqa.h"
 #include "mla.h"
 #include "pages.h"
 #include "repack.h"
@@ -349,6 +350,36 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
     return m;
 }
 
+// One layer's grouped-query attention weights (Qwen3-MoE), checked once at load.
+struct GqaHandle {
+    GqaLayer layer;
+    int64_t D = 0;
+    std::vector<nb::object> keep_alive;  // the arrays the Weights point into
+};
+
+GqaHandle make_gqa(int64_t D, int64_t H, int64_t G, int64_t Dh, const WeightArg& q, const WeightArg& k,
+                   const WeightArg& v, const WeightArg& o, const std::optional<CF32>& q_norm,
+                   const std::optional<CF32>& k_norm, float eps, float scale, bool rope_interleaved) {
+    if (D <= 0 || H <= 0 || G <= 0 || Dh <= 0 || Dh % 2)
+        fail("GQA dimensions must be positive (and the head dim even: rope rotates pairs)");
+    if (H % G) fail("heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" + std::to_string(G) + ")");
+    if (q_norm.has_value() != k_norm.has_value()) fail("q_norm and k_norm come together (per-head norms) or not at all");
+    if (!(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
+    GqaHandle m;
+    GqaLayer& L = m.layer;
+    L.H = H, L.G = G, L.Dh = Dh, L.eps = eps, L.scale = scale, L.rope_interleaved = rope_interleaved;
+    m.D = D;
+    L.q = one_matrix(q, D, H * Dh, "q", m.keep_alive);
+    L.k = one_matrix(k, D, G * Dh, "k", m.keep_alive);
+    L.v = one_matrix(v, D, G * Dh, "v", m.keep_alive);
+    L.o = one_matrix(o, H * Dh, D, "o", m.keep_alive);
+    if (q_norm) {
+        L.q_norm = norm_weight(*q_norm, Dh, "q_norm");
+        L.k_norm = norm_weight(*k_norm, Dh, "k_norm");
+    }
+    return m;
+}
+
 // The pre-norm block around a fused layer (Engine.moe_layer / mla_forward): the layer reads
 // rmsnorm(x) * norm where a norm is given, and with `residual` its output is x + layer(...), so a
 // decoder layer's `h = x + op(norm(x))` is one call (in a decode step each torch op between two
@@ -519,6 +550,14 @@ void register_engine(nb::module_& m) {
              "Weights are (bytes, ggml type id): q_a [Rq, D] with q_a_norm [Rq] (or None without a q LoRA), q [H*(Dn+Dr), "
              "Rq or D], kv_a [R+Dr, D], kv_a_norm [R], uk [H, R, Dn], uv [H, Dv, R], o [D, H*Dv].");
 
+    nb::class_<GqaHandle>(m, "GqaLayer", nb::is_weak_referenceable(),
+                          "One layer's grouped-query attention weights for Engine.gqa_forward (checked here once).")
+        .def(nb::new_(&make_gqa), nb::arg("hidden"), nb::arg("heads"), nb::arg("kv_heads"), nb::arg("head_dim"),
+             nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("q_norm").none(), nb::arg("k_norm").none(),
+             nb::arg("eps"), nb::arg("scale"), nb::arg("rope_interleaved") = false,
+             "Weights are (bytes, ggml type id): q [H*Dh, D], k and v [G*Dh, D], o [D, H*Dh]; q_norm, k_norm [Dh] "
+             "float32 (per-head RMSNorms before rope, Qwen3) or None.");
+
     m.def("cuda_driver_available", &cuda_driver_available,
           "Whether the CUDA driver (libcuda.so.1) is there, for StagedMoe.launch / launch_wait.");
 
@@ -638,6 +677,69 @@ void register_engine(nb::module_& m) {
             "One layer's absorbed MLA (mla.h): x [T, D] -> out [T, D], writing the new latents into rows start..start+T "
             "of the cache c_kv [positions, R] / k_pe [positions, Dr]. norm [D] (float32): the layer reads "
             "rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
+        .def(
+            "gqa_forward",
+            [](EngineHandle& h, const GqaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& k_cache,
+               const Mut& v_cache, int64_t start, const Mut& out, const std::string& isa, const std::optional<CF32>& norm,
+               float eps, bool residual) {
+                const GqaLayer& L = m.layer;
+                if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
+                    fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
+                const int64_t T = x.shape(0);
+                check_2d(Any(cos), T, L.Dh / 2, "cos");
+                check_2d(Any(sin), T, L.Dh / 2, "sin");
+                float* y = written<float>(out, {T, m.D}, "out");
+                const GgmlType type = cache_type_of(k_cache, "k_cache");
+                if (cache_type_of(v_cache, "v_cache") != type) fail("k_cache and v_cache must share a dtype");
+                for (const Mut* c : {&k_cache, &v_cache})
+                    if (c->ndim() != 3 || static_cast<int64_t>(c->shape(1)) != L.G ||
+                        static_cast<int64_t>(c->shape(2)) != L.Dh || !c_contiguous(Any(*c)))
+                        fail("k_cache and v_cache must be C-contiguous [positions, " + std::to_string(L.G) + ", " +
+                             std::to_string(L.Dh) + "]");
+                const int64_t held = static_cast<int64_t>(std::min(k_cache.shape(0), v_cache.shape(0)));
+                if (start < 0 || start + T > held)
+                    fail("the cache holds " + std::to_string(held) + " positions; positions " + std::to_string(start) +
+                         ".." + std::to_string(start + T) + " do not fit (reserve the cache first)");
+                const Isa level = isa_arg(isa);
+                const PreNorm block(x, m.D, norm, eps, residual, y);
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                gqa_forward(h.pool, L, block.input(), T, cos.data(), sin.data(), type,
+                            static_cast<uint8_t*>(k_cache.data()), static_cast<uint8_t*>(v_cache.data()), start, y,
+                            level);
+                block.finish(y);
+            },
+            nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("k_cache"), nb::arg("v_cache"),
+            nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto", nb::arg("norm") = nb::none(),
+            nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
+            "One layer's grouped-query attention (gqa.h): x [T, D] -> out [T, D], writing the new keys and values into "
+            "rows start..start+T of the caches [positions, kv_heads, head_dim]. norm [D] (float32): the layer reads "
+            "rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
+        .def(
+            "gqa_attention",
+            [](EngineHandle& h, const CF32& q, const Any& k, const Any& v, float scale, const Mut& out,
+               const std::string& isa) {
+                if (q.ndim() != 3) fail("q must be float32 [heads, tokens, head_dim]");
+                const int64_t H = q.shape(0), T = q.shape(1), Dh = q.shape(2);
+                if (k.ndim() != 3 || v.ndim() != 3 || k.shape(0) != v.shape(0) || k.shape(1) != v.shape(1) ||
+                    static_cast<int64_t>(k.shape(2)) != Dh || static_cast<int64_t>(v.shape(2)) != Dh)
+                    fail("k and v must be [positions, kv_heads, head_dim] with q's head_dim and as many positions");
+                const int64_t G = k.shape(1), S = k.shape(0);
+                if (G < 1 || H % G) fail("q's heads must be a multiple of the cache's kv_heads");
+                if (!c_contiguous(k) || !c_contiguous(v)) fail("k and v must be C-contiguous");
+                if (k.dtype() != v.dtype()) fail("k and v must share a dtype");
+                const GgmlType type = cache_type_of(k, "the cache");
+                if (S < T) fail("the cache holds fewer positions than there are new tokens");
+                float* y = written<float>(out, {H, T, Dh}, "out (q's shape)");
+                const Isa level = isa_arg(isa);
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                gqa_attention(h.pool, H, G, T, S, Dh, q.data(), type, static_cast<const uint8_t*>(k.data()),
+                              static_cast<const uint8_t*>(v.data()), scale, y, level);
+            },
+            nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("out"), nb::arg("isa") = "auto",
+            "Grouped-query attention: softmax(scale q k^T, causal) v per KV head -> out; q [H, T, Dh] float32, "
+            "k and v [positions, G, Dh] (the new tokens the last T positions).")
         .def(
             "mla_attention",
             [](EngineHandle& h, const CF32& q_lat, const CF32& q_pe, const Any& c_kv, const Any& k_pe, float scale,

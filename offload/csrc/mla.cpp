@@ -6,31 +6,6 @@
 #include "attention.h"
 
 namespace tandem {
-namespace {
-
-// rotate x[0:d] by the angles whose cos/sin [d/2] are given
-void rope(float* x, int64_t d, const float* cos, const float* sin, bool interleaved) {
-    const int64_t half = d / 2;
-    for (int64_t i = 0; i < half; ++i) {
-        float* a = interleaved ? x + 2 * i : x + i;
-        float* b = interleaved ? x + 2 * i + 1 : x + i + half;
-        const float x0 = *a, x1 = *b;
-        *a = x0 * cos[i] - x1 * sin[i];
-        *b = x0 * sin[i] + x1 * cos[i];
-    }
-}
-
-// n floats into a cache row of `type`
-void store_row(GgmlType type, const float* x, int64_t n, uint8_t* dst) {
-    if (type == GgmlType::F32) {
-        std::memcpy(dst, x, sizeof(float) * static_cast<size_t>(n));
-        return;
-    }
-    auto* h = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < n; ++i) h[i] = type == GgmlType::F16 ? float_to_half(x[i]) : float_to_bf16(x[i]);
-}
-
-}  // namespace
 
 void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T, const float* cos, const float* sin,
                  GgmlType cache_type, uint8_t* c_kv, uint8_t* k_pe, int64_t start, float* out, Isa isa) {
@@ -66,15 +41,15 @@ void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T,
         const float *c = cos + t * (Dr / 2), *s = sin + t * (Dr / 2);
         float* lat = latent.data() + t * (R + Dr);
         rms_norm_rows(lat, 1, R, L.kv_a_norm.data(), L.eps, lat);
-        rope(lat + R, Dr, c, s, L.rope_interleaved);
-        store_row(cache_type, lat, R, c_kv + (start + t) * kv_stride);
-        store_row(cache_type, lat + R, Dr, k_pe + (start + t) * pe_stride);
+        rope_rotate(lat + R, Dr, c, s, L.rope_interleaved);
+        store_cache_row(cache_type, lat, R, c_kv + (start + t) * kv_stride);
+        store_cache_row(cache_type, lat + R, Dr, k_pe + (start + t) * pe_stride);
         for (int64_t h = 0; h < H; ++h) {
             const float* qh = q.data() + (t * H + h) * Dq;
             float* pe = q_pe.data() + (h * T + t) * Dr;
             std::memcpy(q_nope.data() + (h * T + t) * Dn, qh, sizeof(float) * static_cast<size_t>(Dn));
             std::memcpy(pe, qh + Dn, sizeof(float) * static_cast<size_t>(Dr));
-            rope(pe, Dr, c, s, L.rope_interleaved);
+            rope_rotate(pe, Dr, c, s, L.rope_interleaved);
         }
     });
     // 3. absorbed attention: W_UK into the query, the latent mix, W_UV out of it

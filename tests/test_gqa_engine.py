@@ -1,0 +1,318 @@
+"""The engine's fused grouped-query attention block (offload/csrc/gqa.h, Qwen3-MoE): one call per layer for
+the q/k/v projections, the per-head q/k norms, rope, the cache write, the attention over every KV head
+and the output projection. It must give the op-by-op path's numbers (torch attention around the engine's
+linears) and llama.cpp's logits on the same file; its attention core must match the formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import local
+import offload
+from local.models import qwen3_moe
+from local.models.layers import RMSNorm, quantize_activation
+from local.models.mla import attention_mask, cache_precision
+from local.models.moe import MoE
+from local.models.qwen3_moe import GQAttention
+from offload import torch_ops
+from offload.engine import CpuEngine
+from quant.convert import convert
+
+from .conftest import build_reference
+from .test_engine import rms_norm_ref
+from .test_gguf import N_TOKENS, agreement_with_llama_cpp, seq
+
+ISAS = offload.supported_isas()
+# qwen3moe GGUF files are MoE in every layer; "wide" has 3 query heads per KV head and 64-dim heads
+MODELS = {"qwen3": {"mlp_only_layers": [], "num_experts": 16, "initializer_range": 0.05},
+          "wide": {"mlp_only_layers": [], "num_experts": 16, "initializer_range": 0.05, "head_dim": 64,
+                   "num_attention_heads": 6, "num_key_value_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def gqa_files(tmp_path_factory, tokenizer_dir):
+    """name -> Q8_0 GGUF of a small Qwen3-MoE."""
+    out = {}
+    for name, overrides in MODELS.items():
+        d = tmp_path_factory.mktemp(f"hf_gqa_{name}")
+        build_reference("qwen3_norm", d, tokenizer_dir, seed=6, overrides=overrides)
+        out[name] = convert(d, tmp_path_factory.mktemp("gguf_gqa") / f"{name}-q8_0.gguf", "q8_0", progress=False)
+    return out
+
+
+def blocks(runner) -> list[GQAttention]:
+    return [m for m in runner.model.modules() if isinstance(m, GQAttention)]
+
+
+def fill_cache(runner, start: int, dtype, capacity: int = 64):
+    cache = runner.model.new_cache(capacity, dtype=dtype)
+    g = torch.Generator().manual_seed(start)
+    for buf in cache.buffers.values():
+        buf[:, :start] = torch.randn(buf[:, :start].shape, generator=g).to(dtype)
+    return cache
+
+
+def plain(attn: GQAttention, *args):
+    """The block op by op (torch attention around the engine's linears)."""
+    layer, attn.engine_layer = attn.engine_layer, None
+    try:
+        return attn(*args)
+    finally:
+        attn.engine_layer = layer
+
+
+# ---------------------------------------------------------------- the attention core
+
+def check_gqa_attention(isa, dtype, T, S, H, G, Dh, scale):
+    g = torch.Generator().manual_seed(T * 1000 + S + H)
+    q = torch.randn(H, T, Dh, generator=g)
+    k, v = (torch.randn(S, G, Dh, generator=g).to(dtype) for _ in range(2))
+    out = np.full((H, T, Dh), np.nan, dtype=np.float32)
+    CpuEngine(threads=2)._engine.gqa_attention(q.numpy(), k, v, scale, out, isa)
+    low = cache_precision(dtype, torch.float32)
+    rep = H // G  # query head h reads KV head h // rep, as HF's repeat_kv
+    kd, vd = (t.double().transpose(0, 1).repeat_interleave(rep, 0) for t in (k, v))  # [H, S, Dh]
+    scores = quantize_activation(q, low).double() @ kd.transpose(1, 2) * scale + attention_mask(T, S, "cpu").double()
+    p = quantize_activation(torch.softmax(scores, -1).float(), low).double()
+    want = (p @ vd).numpy()
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max() + 1e-5 + (2e-3 if low else 0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 37), (3, 3), (9, 40), (33, 300)])
+@pytest.mark.parametrize("H,G,Dh", [(4, 2, 24), (6, 2, 128), (8, 8, 64), (8, 1, 72)])
+def test_gqa_attention(isa, dtype, T, S, H, G, Dh):
+    """Every KV head against its own query heads (grouped, one, or all: MHA and MQA); head dims that are
+    and are not whole SIMD vectors; the new tokens in one tile and several; positions in several slabs."""
+    check_gqa_attention(isa, dtype, T, S, H, G, Dh, scale=Dh ** -0.5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gqa_attention_long_context(isa):
+    """Qwen3-30B-A3B's heads (32 over 4 KV heads of 128) at 1500 positions: many slabs and mix blocks a head."""
+    check_gqa_attention(isa, torch.bfloat16, 2, 1500, 32, 4, 128, scale=128 ** -0.5)
+
+
+def test_gqa_attention_checks_shapes():
+    e = CpuEngine(threads=1)._engine
+    q = np.zeros((4, 1, 8), np.float32)
+    kv = np.zeros((3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="k and v must be \\[positions, kv_heads, head_dim\\]"):
+        e.gqa_attention(q, np.zeros((3, 2, 9), np.float32), kv, 1.0, np.zeros_like(q))
+    with pytest.raises(ValueError, match="multiple of the cache's kv_heads"):
+        e.gqa_attention(np.zeros((3, 1, 8), np.float32), kv, kv, 1.0, np.zeros((3, 1, 8), np.float32))
+    with pytest.raises(ValueError, match="share a dtype"):
+        e.gqa_attention(q, kv, kv.astype(np.float16), 1.0, np.zeros_like(q))
+    with pytest.raises(ValueError, match="fewer positions than there are new tokens"):
+        e.gqa_attention(np.zeros((4, 4, 8), np.float32), kv, kv, 1.0, np.zeros((4, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        e.gqa_attention(q, kv.astype(np.float64), kv.astype(np.float64), 1.0, np.zeros_like(q))
+
+
+# ---------------------------------------------------------------- the fused block
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_block_matches_the_op_by_op_path(gqa_files, name, dtype, threads):
+    runner = local.load(gqa_files[name], device="cpu", threads=threads)
+    model = runner.model
+    assert all(a.engine_layer is not None for a in blocks(runner)), "every GQA block should be one engine call"
+    attn = blocks(runner)[1]
+    e = torch_ops.engine()
+    default_isa = e.isa
+    try:
+        for isa in ISAS:
+            e.isa = isa
+            for T, start in ((1, 0), (1, 21), (2, 21), (9, 40), (33, 0)):
+                x = torch.randn(T, model.config.hidden_size, generator=torch.Generator().manual_seed(T + start))
+                cos_sin = model.rope.cos_sin(torch.arange(start, start + T))
+                fused_cache, plain_cache = fill_cache(runner, start, dtype), fill_cache(runner, start, dtype)
+                with torch.inference_mode():
+                    got = attn(x, model.rope, cos_sin, fused_cache, start)
+                    want = plain(attn, x, model.rope, cos_sin, plain_cache, start)
+                # the per-head norms sum in another order: a last-bit change can move a Q8 rounding of
+                # o_proj's input by a step
+                rel = ((got - want).norm() / want.norm()).item()
+                assert rel <= 1e-3, (isa, T, start, rel)
+                for stream in ("k", "v"):
+                    a = fused_cache.buffers[stream][attn.layer_idx, :start + T].float()
+                    b = plain_cache.buffers[stream][attn.layer_idx, :start + T].float()
+                    ulp = 1e-5 if dtype == torch.float32 else (2 ** -10 if dtype == torch.float16 else 2 ** -7)
+                    assert torch.allclose(a, b, rtol=ulp, atol=ulp), (isa, stream, (a - b).abs().max())
+                    assert fused_cache.buffers[stream][attn.layer_idx, start + T:].abs().max() == 0  # no stray rows
+    finally:
+        e.isa = default_isa
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_model_agrees_with_llama_cpp(gqa_files, name):
+    """test_gguf's Q8_0 bar (KL <= 1e-3, top-1 >= 99% off near-ties) with every attention block one engine
+    call; and greedy decoding gives the op-by-op path's tokens."""
+    path = gqa_files[name]
+    runner = local.load(path, device="cpu", kv_cache_dtype="float16")
+    assert all(a.engine_layer is not None for a in blocks(runner))
+    agree, _, ties = agreement_with_llama_cpp(runner, path, 3)
+    assert agree >= 0.99 and ties <= 0.15 * 3 * N_TOKENS, (agree, ties)
+
+    params = local.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    fused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
+    for a in blocks(runner):
+        a.engine_layer = None
+    unfused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
+    assert fused == unfused and len(fused) == 16
+
+
+def test_pre_norm_block_adds_the_block_of_the_normed_input(gqa_files):
+    """norm= / residual=: a decoder layer's `x + attn(rmsnorm(x) * w)` in the one call; the cache gets the
+    normed input's keys and values."""
+    runner = local.load(gqa_files["wide"], device="cpu", threads=2)
+    model, attn = runner.model, blocks(runner)[1]
+    e = torch_ops.engine()._engine
+    D = runner.config.hidden_size
+    rng = np.random.default_rng(5)
+    w = (1 + 0.5 * rng.standard_normal(D)).astype(np.float32)
+    for T, start in ((1, 9), (3, 0)):
+        x = (3 * rng.standard_normal((T, D))).astype(np.float32)
+        cos, sin = (t.numpy() for t in model.rope.cos_sin(torch.arange(start, start + T)))
+        outs, caches = {}, {}
+        for how in ("plain", "block", "fused"):
+            cache = fill_cache(runner, start, torch.float32).layer(attn.layer_idx)
+            k, v = cache["k"].numpy(), cache["v"].numpy()
+            out = np.empty((T, D), np.float32)
+            if how == "plain":
+                e.gqa_forward(attn.engine_layer, rms_norm_ref(x, w, 1e-5), cos, sin, k, v, start, out)
+            else:
+                e.gqa_forward(attn.engine_layer, x, cos, sin, k, v, start, out, norm=w, eps=1e-5,
+                              residual=how == "fused")
+            outs[how], caches[how] = out, (k.copy(), v.copy())
+        np.testing.assert_array_equal(outs["block"], outs["plain"])
+        for a, b in zip(caches["block"], caches["plain"]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(outs["fused"], outs["block"] + x)
+
+
+def test_a_block_without_per_head_norms(gqa_files):
+    """q_norm / k_norm None (a GQA model without Qwen3's per-head norms): the block is the op-by-op one with
+    those norms left out."""
+    runner = local.load(gqa_files["wide"], device="cpu")
+    model, attn = runner.model, blocks(runner)[0]
+    bare = torch_ops.gqa_layer(runner.config.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim, attn.q_proj.engine_weight,
+                               attn.k_proj.engine_weight, attn.v_proj.engine_weight, attn.o_proj.engine_weight, None,
+                               None, 1e-6, attn.scale, False)
+    T, start = 3, 5
+    x = torch.randn(T, runner.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    cos_sin = model.rope.cos_sin(torch.arange(start, start + T))
+    fused_cache, plain_cache = fill_cache(runner, start, torch.float32), fill_cache(runner, start, torch.float32)
+    buf = fused_cache.layer(attn.layer_idx)
+    got = torch_ops.run_gqa_forward(bare, x, *cos_sin, buf["k"], buf["v"], start)
+    norms = attn.q_norm, attn.k_norm
+    attn.q_norm = attn.k_norm = torch.nn.Identity()
+    try:
+        with torch.inference_mode():
+            want = plain(attn, x, model.rope, cos_sin, plain_cache, start)
+    finally:
+        attn.q_norm, attn.k_norm = norms
+    assert ((got - want).norm() / want.norm()).item() <= 1e-3
+    with torch.inference_mode():
+        normed = plain(attn, x, model.rope, cos_sin, fill_cache(runner, start, torch.float32), start)
+    assert ((got - normed).norm() / normed.norm()).item() > 1e-2  # the norms do matter in this model
+
+
+def test_decoder_layers_are_two_engine_calls(gqa_files, monkeypatch):
+    """On the engine a Qwen3-MoE decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each one
+    call with its norm and residual inside: no torch norm runs but the final one, and the logits are those
+    of the layer written out op by op."""
+    runner = local.load(gqa_files["qwen3"], device="cpu")
+    model = runner.model
+    layers = model.model.layers
+    assert all(isinstance(layer.mlp, MoE) and layer.mlp.engine_layer is not None for layer in layers)
+    norms = []
+    norm_forward = RMSNorm.forward
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: norms.append(self) or norm_forward(self, x))
+    ids = torch.tensor(seq(7)[:6])
+    with torch.inference_mode():
+        fused = model(ids, model.new_cache(16))
+        fused_norms, norms[:] = len(norms), []
+
+        def op_by_op(self, x, rope, cos_sin, cache, start):
+            h = x + plain(self.self_attn, self.input_layernorm(x), rope, cos_sin, cache, start)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+        monkeypatch.setattr(qwen3_moe.DecoderLayer, "forward", op_by_op)
+        unfused = model(ids, model.new_cache(16))
+    # op by op: the two layer norms and the q and k norms of every layer, and the final norm
+    assert (fused_norms, len(norms)) == (1, 1 + 4 * len(layers))
+    rel = ((fused - unfused).norm() / unfused.norm()).item()
+    assert rel <= 1e-3, rel
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+
+
+def test_fused_block_checks_its_inputs(gqa_files):
+    runner = local.load(gqa_files["wide"], device="cpu")
+    attn = blocks(runner)[0]
+    e = torch_ops.engine()._engine
+    D = runner.config.hidden_size
+    cache = runner.model.new_cache(8).layer(0)
+    k, v = cache["k"].numpy(), cache["v"].numpy()
+    cos = np.zeros((1, 32), np.float32)
+    out = np.empty((1, D), np.float32)
+    x = np.zeros((1, D), np.float32)
+    layer = attn.engine_layer
+    with pytest.raises(ValueError, match="reserve the cache"):
+        e.gqa_forward(layer, x, cos, cos, k, v, 8, out)
+    with pytest.raises(ValueError, match=f"x must be float32 \\[tokens, {D}\\]"):
+        e.gqa_forward(layer, np.zeros((1, D + 1), np.float32), cos, cos, k, v, 0, out)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        e.gqa_forward(layer, x, np.zeros((1, 16), np.float32), cos, k, v, 0, out)
+    with pytest.raises(ValueError, match="k_cache and v_cache must be C-contiguous \\[positions, 2, 64\\]"):
+        e.gqa_forward(layer, x, cos, cos, k.reshape(8, 4, 32), v, 0, out)
+    with pytest.raises(ValueError, match="share a dtype"):
+        e.gqa_forward(layer, x, cos, cos, k, v.astype(np.float16), 0, out)
+    with pytest.raises(ValueError, match=f"norm must be float32 \\[{D}\\]"):
+        e.gqa_forward(layer, x, cos, cos, k, v, 0, out, norm=np.ones(D - 1, np.float32))
+    with pytest.raises(ValueError, match="out overlaps x"):
+        e.gqa_forward(layer, out, cos, cos, k, v, 0, out, residual=True)
+    ro = k.copy()
+    ro.flags.writeable = False
+    with pytest.raises(TypeError):  # the cache is written: a read-only array is refused
+        e.gqa_forward(layer, x, cos, cos, ro, v, 0, out)
+
+    ws = {n: (getattr(attn, f"{n}_proj").engine_weight.data, getattr(attn, f"{n}_proj").engine_weight.type_id)
+          for n in "qkvo"}
+    args = dict(hidden=D, heads=6, kv_heads=2, head_dim=64, **ws, q_norm=np.ones(64, np.float32),
+                k_norm=np.ones(64, np.float32), eps=1e-6, scale=0.125)
+    offload._C.GqaLayer(**args)  # as the loader builds it
+    with pytest.raises(ValueError, match="come together"):
+        offload._C.GqaLayer(**{**args, "k_norm": None})
+    with pytest.raises(ValueError, match="q_norm must be float32 \\[64\\]"):
+        offload._C.GqaLayer(**{**args, "q_norm": np.ones(32, np.float32)})
+    with pytest.raises(ValueError, match="heads \\(6\\) must be a multiple of kv_heads \\(4\\)"):
+        offload._C.GqaLayer(**{**args, "kv_heads": 4})
+    with pytest.raises(ValueError, match="k must be one matrix of 192 rows"):  # 3 KV heads x 64 rows asked
+        offload._C.GqaLayer(**{**args, "kv_heads": 3})
+    with pytest.raises(ValueError, match="head dim even"):
+        offload._C.GqaLayer(**{**args, "head_dim": 63})
+
+
+def test_fused_block_is_a_custom_op(gqa_files):
+    runner = local.load(gqa_files["qwen3"], device="cpu")
+    attn = blocks(runner)[0]
+    cache = runner.model.new_cache(8).layer(0)
+    x = torch.randn(2, runner.config.hidden_size)
+    cos, sin = runner.model.rope.cos_sin(torch.arange(3, 5))
+    args = (x, cos, sin, cache["k"], cache["v"], 3, id(attn.engine_layer))
+    eager = torch_ops.run_gqa_forward(attn.engine_layer, x, cos, sin, cache["k"].clone(), cache["v"].clone(), 3)
+    assert torch.equal(torch.ops.tandem.gqa_forward(*args), eager)
+    assert cache["k"][3:5].abs().sum() > 0 and cache["k"][5:].abs().sum() == 0
+    torch.library.opcheck(torch.ops.tandem.gqa_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+    norm = torch.rand(runner.config.hidden_size) + 0.5
+    args = args + (norm, 1e-5, True)
+    fused = torch.ops.tandem.gqa_forward(*args)
+    eager = torch_ops.run_gqa_forward(attn.engine_layer, x, cos, sin, cache["k"].clone(), cache["v"].clone(), 3,
+                                      norm, 1e-5, residual=True)
+    assert torch.equal(fused, eager) and not torch.allclose(fused, x + torch.ops.tandem.gqa_forward(*args[:7]))
+    torch.library.opcheck(torch.ops.tandem.gqa_forward.default, args, test_utils=("test_schema", "test_faketensor"))
