@@ -100,6 +100,9 @@ LAYERS = {
     # its own copy per method from bf16, so more experts would not fit beside it in 24 GB)
     "deepseek-v3": dict(H=7168, I=2048, E=16, A=8, n_shared=1, gate="Q4_K", down="Q4_K",
                         shared_gate="Q4_K", shared_down="Q4_K", E_model=256),
+    # Qwen3-30B-A3B: small experts (768 rows of gate and up, 885 KB each at Q4_K), eight a token, no shared
+    # expert; all 128 in RAM (340 MB a layer at Q4_K)
+    "qwen3-30b-a3b": dict(H=2048, I=768, E=128, A=8, n_shared=0, gate="Q4_K", down="Q4_K"),
 }
 
 
@@ -268,6 +271,9 @@ def main(argv=None) -> int:
     p.add_argument("--gemv-mib", type=int, default=512, help="bytes per GEMV matrix, MiB (default 512)")
     p.add_argument("--repeats", type=int, default=50, help="timed MoE calls at T=1 (default 50)")
     p.add_argument("--no-peers", action="store_true", help="skip torch and kt-kernel")
+    p.add_argument("--layer", action="append", choices=list(LAYERS), default=None,
+                   help="MoE layers to measure (repeatable; default: all)")
+    p.add_argument("--no-gemv", action="store_true", help="skip the GEMV measurements")
     args = p.parse_args(argv)
     if not args.json:
         run(args)
@@ -294,17 +300,20 @@ def run(args) -> dict:
     result = {"threads": threads, "isa": best_isa()}
     result["read_gbs"] = _C.Engine(threads).read_bandwidth()
     print(f"read bandwidth {result['read_gbs']:.1f} GB/s ({threads} threads, {best_isa()})", file=sys.stderr)
-    result["gemv"], result["gemv_fraction_of_read"] = bench_gemv(
-        engine, rng, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
-        args.gemv_mib << 20)
-    # the same at DeepSeek-V2-Lite's hidden size: short rows stream slower (Q4_K ~87% of the read at 2048
-    # columns against ~96-100% at 8192), and most of a V2-Lite decode reads rows of 2048 or 1408
-    result["gemv_k2048"], result["gemv_k2048_fraction_of_read"] = bench_gemv(
-        engine, rng, ["Q4_K", "Q6_K", "Q8_0"], args.gemv_mib << 20, cols=2048)
+    if not args.no_gemv:
+        result["gemv"], result["gemv_fraction_of_read"] = bench_gemv(
+            engine, rng, ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16", "F32"],
+            args.gemv_mib << 20)
+        # the same at DeepSeek-V2-Lite's hidden size: short rows stream slower (Q4_K ~87% of the read at 2048
+        # columns against ~96-100% at 8192), and most of a V2-Lite decode reads rows of 2048 or 1408
+        result["gemv_k2048"], result["gemv_k2048_fraction_of_read"] = bench_gemv(
+            engine, rng, ["Q4_K", "Q6_K", "Q8_0"], args.gemv_mib << 20, cols=2048)
     result["moe"] = []
     read_buf = np.ones(roofline_read_bytes(), np.uint8)  # read before each timed MoE call
     peer_read = one_thread_reader(read_buf)
     for name, spec in LAYERS.items():
+        if args.layer and name not in args.layer:
+            continue
         layers = [make_layer(rng, spec)]
         copies = copies_beyond_l3(layer_bytes(layers[0]))
         layers += [make_layer(rng, spec) for _ in range(copies - 1)]

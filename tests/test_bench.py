@@ -355,6 +355,26 @@ def test_offload_bench_times_each_moe_call_after_a_read_beyond_l3(monkeypatch):
     assert [e[0] for e in events[-18:]] == ["read", "moe", "moe"] * 6
 
 
+def test_offload_bench_measures_the_layers_asked(monkeypatch, capfd):
+    """--layer picks MoE layers (a layer without shared experts among them: Qwen3's), --no-gemv skips the
+    GEMV rows; on stand-in shapes, without peers."""
+    from offload import bench
+
+    tiny = {"plain": dict(H=256, I=256, E=8, A=2, n_shared=0, gate="Q4_K", down="Q4_K"),
+            "shared": dict(H=256, I=256, E=8, A=2, n_shared=1, gate="Q4_K", down="Q4_K", shared_gate="Q4_K",
+                           shared_down="Q4_K")}
+    monkeypatch.setattr(bench, "LAYERS", tiny)
+    monkeypatch.setattr(bench, "roofline_read_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(bench, "copies_beyond_l3", lambda nbytes: 2)
+    monkeypatch.setattr(bench, "timed", lambda *args, **kwargs: None)  # no warm-up, no settling
+    assert bench.main(["--json", "--no-gemv", "--no-peers", "--layer", "plain", "--repeats", "3"]) == 0
+    result = json.loads(capfd.readouterr().out)
+    assert "gemv" not in result and [(r["layer"], r["T"]) for r in result["moe"]] == [("plain", 1), ("plain", 128)]
+    assert all(r["us"] > 0 and r["routed_bytes"] > 0 for r in result["moe"])
+    with pytest.raises(SystemExit):
+        bench.main(["--layer", "nonesuch"])
+
+
 def test_offload_bench_peers_read_on_one_thread(monkeypatch):
     """The read before each call of a peer (torch, kt-kernel) runs on a one-thread engine: on the calling
     thread, with no worker left spinning beside the peer's threads."""
