@@ -21,6 +21,7 @@ class KVCache:
         self.length = 0  # positions filled
         self.capacity = 0
         self.buffers: dict[str, torch.Tensor] = {}
+        self._arrays: dict[int, dict] = {}
         self.reserve(capacity)
 
     @property
@@ -41,6 +42,7 @@ class KVCache:
         for name, old in self.buffers.items():
             new[name][:, : self.length] = old[:, : self.length]
         self.buffers, self.capacity = new, capacity
+        self._arrays = {}
 
     def update(self, layer: int, start: int | torch.Tensor, **values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Write values [T, *shape] at positions start..start+T of `layer`; return views [start+T, *shape].
@@ -62,6 +64,15 @@ class KVCache:
         """The whole preallocated buffers [capacity, *shape] of `layer`, for an op that writes its new
         positions in place (the engine's fused MLA)."""
         return {name: buf[layer] for name, buf in self.buffers.items()}
+
+    def arrays(self, layer: int) -> dict:
+        """layer(layer) as the CPU engine takes it without a conversion per call: numpy views (bfloat16, which
+        numpy lacks, as the tensors), kept until the buffers grow."""
+        views = self._arrays.get(layer)
+        if views is None:
+            views = self._arrays[layer] = {name: buf[layer].numpy() if buf.dtype != torch.bfloat16 else buf[layer]
+                                           for name, buf in self.buffers.items()}
+        return views
 
     def reset(self) -> None:
         self.length = 0

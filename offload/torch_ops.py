@@ -297,6 +297,23 @@ def run_moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,
     return _moe_layer(layer, x, top_k, norm, eps, residual)
 
 
+def run_engine_layer(attn, caches, moe, x, cos, sin, start: int, norms, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer whose blocks are each one engine call, back to back on numpy arrays: h = x +
+    attn(rmsnorm(x)) (attn a _C.MlaLayer or _C.GqaLayer over its two cache arrays), then out = h +
+    moe(rmsnorm(h)). norms: (weight, eps) of the two RMSNorms, weights float32 numpy. Returns (out [T, D]
+    float32, ids [T, top_k] int64): the calls the blocks' own forwards make, without their torch ops."""
+    e = engine()
+    xn = x.numpy()
+    h, out = np.empty_like(xn), np.empty_like(xn)
+    ids = np.empty((xn.shape[0], top_k), np.int64)
+    weights = np.empty((xn.shape[0], top_k), np.float32)
+    (w1, eps1), (w2, eps2) = norms
+    forward = e._engine.gqa_forward if isinstance(attn, _C.GqaLayer) else e._engine.mla_forward
+    forward(attn, xn, cos.numpy(), sin.numpy(), *caches, start, h, e.isa, w1, eps1, True)
+    e._engine.moe_layer(moe, h, out, ids, weights, e.isa, w2, eps2, True)
+    return torch.from_numpy(out), torch.from_numpy(ids)
+
+
 def run_moe(x, ids, weights, gate, up, down, types, shared, shared_types) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.tandem.moe(x, ids, weights, _t(gate), _t(up), _t(down), types, [_t(s) for s in shared],

@@ -11,7 +11,7 @@ import torch
 
 import local
 import offload
-from local.models import qwen3_moe
+from local.models import deepseek_v2, qwen3_moe
 from local.models.layers import RMSNorm, quantize_activation
 from local.models.mla import attention_mask, cache_precision
 from local.models.moe import MoE
@@ -40,6 +40,16 @@ def gqa_files(tmp_path_factory, tokenizer_dir):
         build_reference("qwen3_norm", d, tokenizer_dir, seed=6, overrides=overrides)
         out[name] = convert(d, tmp_path_factory.mktemp("gguf_gqa") / f"{name}-q8_0.gguf", "q8_0", progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def mla_file(tmp_path_factory, tokenizer_dir):
+    """A Q8_0 GGUF of a small DeepSeek-V3 whose MLA weights all run on the engine (head dims of 32)."""
+    from .test_mla_engine import MLA_DIMS
+
+    d = tmp_path_factory.mktemp("hf_gqa_mla")
+    build_reference("v3", d, tokenizer_dir, seed=4, overrides={**MLA_DIMS, "q_lora_rank": 64})
+    return convert(d, tmp_path_factory.mktemp("gguf_gqa_mla") / "v3-q8_0.gguf", "q8_0", progress=False)
 
 
 def blocks(runner) -> list[GQAttention]:
@@ -316,3 +326,42 @@ def test_fused_block_is_a_custom_op(gqa_files):
                                       norm, 1e-5, residual=True)
     assert torch.equal(fused, eager) and not torch.allclose(fused, x + torch.ops.tandem.gqa_forward(*args[:7]))
     torch.library.opcheck(torch.ops.tandem.gqa_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("which", ["qwen3", "mla"])
+def test_a_decoder_layer_is_its_two_block_calls_back_to_back(gqa_files, mla_file, which, monkeypatch):
+    """With both blocks on the engine a decoder layer runs the two calls straight from numpy views of its
+    cache (layers.engine_layer_forward): the same numbers, bit for bit, as the blocks' own forwards, the cache
+    written alike as it grows past its first capacity (the views follow the new buffers), and the routing
+    counted alike."""
+    runner = local.load(gqa_files["qwen3"] if which == "qwen3" else mla_file, device="cpu")
+    model = runner.model
+    moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+    assert moes and all(m.engine_layer is not None for m in moes)
+    calls = []
+    real = torch_ops.run_engine_layer
+    monkeypatch.setattr(torch_ops, "run_engine_layer", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        for m in moes:
+            m.expert_counts = torch.zeros(len(m.experts), dtype=torch.int64)
+        cache = model.new_cache(4)  # grows twice below
+        ids = seq(3)[:12]
+        with torch.inference_mode():
+            out = [model(torch.tensor(ids[:3]), cache)]
+            out += [model(torch.tensor([i]), cache) for i in ids[3:]]
+        assert cache.capacity >= 12
+        return out, {n: b[:, :12].clone() for n, b in cache.buffers.items()}, [m.expert_counts.clone() for m in moes]
+
+    fused = run()
+    assert len(calls) == len(moes) * 10  # every MoE layer, every step, as one pair of calls
+    for module in (qwen3_moe, deepseek_v2):  # the blocks' own forwards
+        monkeypatch.setattr(module, "engine_layer_forward", lambda *a: None)
+    plain = run()
+    assert len(calls) == len(moes) * 10
+    for a, b in zip(fused[0], plain[0]):
+        assert torch.equal(a, b)
+    for n in fused[1]:
+        assert torch.equal(fused[1][n], plain[1][n]), n
+    for a, b in zip(fused[2], plain[2]):
+        assert torch.equal(a, b) and a.sum() > 0

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import BaseConfig, ConfigError, RopeSpec, mla_softmax_scale, rope_spec
 from ..kv_cache import KVCache
-from .layers import Linear, MLP, RMSNorm, Rope
+from .layers import Linear, MLP, RMSNorm, Rope, engine_layer_forward
 from .mla import MLAttention
 from .moe import SCORING_FUNCS, TOPK_METHODS, MoE, Router
 
@@ -105,6 +105,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, cos_sin, cache, start):
         # h = x + attn(norm(x)), then h + mlp(norm(h)): each block one engine call where the engine runs it
+        fused = engine_layer_forward(self, x, cos_sin, cache, start)  # both blocks on the engine: two calls
+        if fused is not None:
+            return fused
         h = self.self_attn(x, rope, cos_sin, cache, start, pre_norm=self.input_layernorm)
         return self.mlp(h, pre_norm=self.post_attention_layernorm)
 

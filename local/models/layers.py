@@ -111,6 +111,34 @@ def engine_pre_norm(pre_norm: RMSNorm | None, x: torch.Tensor) -> dict | None:
     return None
 
 
+def engine_layer_forward(layer: nn.Module, x: torch.Tensor, cos_sin, cache, start) -> torch.Tensor | None:
+    """A decoder layer (self_attn, mlp and their RMSNorms) whose attention block and MoE layer are each one CPU
+    engine call, run as those two calls back to back: x + attn(norm(x)), then h + moe(norm(h)), the numbers
+    of the blocks' own forwards without the torch ops around each call (in a decode step each such op cost
+    ~40-90 us, the caches just swept by the weights: ~0.2 ms a layer). None where it does not apply (a block
+    not on the engine, x not float32 on the CPU, a fixed-shape step, torch.compile, hooks on the blocks):
+    then the modules run."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if (getattr(attn, "engine_layer", None) is None or getattr(mlp, "engine_layer", None) is None
+            or isinstance(start, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu"
+            or attn._forward_hooks or attn._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks
+            or torch.compiler.is_compiling()):
+        return None
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    norms = layer.__dict__.get("_engine_norms")
+    if norms is None or norms[0] is not n1.weight or norms[1] is not n2.weight:  # float32 numpy views, once
+        if n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32 or n1.weight.device.type != "cpu":
+            return None
+        views = tuple((n.weight.detach().numpy(), n.eps) for n in (n1, n2))
+        norms = layer.__dict__["_engine_norms"] = (n1.weight, n2.weight, views)
+    from offload.torch_ops import run_engine_layer
+
+    out, ids = run_engine_layer(attn.engine_layer, attn.engine_cache(cache), mlp.engine_layer, x.contiguous(),
+                                *cos_sin, start, norms[2], mlp.gate.top_k)
+    mlp._count(ids)
+    return out
+
+
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)); also one routed or shared expert."""
 

@@ -106,6 +106,11 @@ class MLAttention(nn.Module):
             self.kv_a_layernorm.eps, self.softmax_scale, rope.interleaved)
         return True
 
+    def engine_cache(self, cache: KVCache) -> tuple:
+        """This layer's cache arrays, in the order the engine's mla_forward takes them."""
+        arrays = cache.arrays(self.layer_idx)
+        return arrays["c_kv"], arrays["k_pe"]
+
     def forward(self, x: torch.Tensor, rope: Rope, cos_sin, cache: KVCache, start: int,
                 pre_norm: RMSNorm | None = None) -> torch.Tensor:
         """pre_norm (the decoder layer's input RMSNorm): x is the residual stream, and the result
