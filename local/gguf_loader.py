@@ -192,6 +192,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
         for module in model.modules():
             if isinstance(module, GQAttention):
                 module.bind_engine(model.rope)
+        from .models.layers import engine_stacks
+
+        model.engine_stacks = engine_stacks(model.model.layers)  # ...and runs of such layers, one call
     model.checkpoint = gmodel
     model.placement = placement
     return cfg, model, gmodel

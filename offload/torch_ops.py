@@ -297,20 +297,26 @@ def run_moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,
     return _moe_layer(layer, x, top_k, norm, eps, residual)
 
 
-def run_engine_layer(attn, caches, moe, x, cos, sin, start: int, norms, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder layer whose blocks are each one engine call, back to back on numpy arrays: h = x +
-    attn(rmsnorm(x)) (attn a _C.MlaLayer or _C.GqaLayer over its two cache arrays), then out = h +
-    moe(rmsnorm(h)). norms: (weight, eps) of the two RMSNorms, weights float32 numpy. Returns (out [T, D]
-    float32, ids [T, top_k] int64): the calls the blocks' own forwards make, without their torch ops."""
+def decoder_stack(attn: list, moe: list, norms1: list, norms2: list):
+    """Consecutive decoder layers for `run_decoder_stack` (a _C.DecoderStack, which keeps them alive): per layer
+    its attention block's and MoE layer's engine handles and the RMSNorm modules before them."""
+    def weights(norms):
+        return [n.weight.detach().float().contiguous().numpy() for n in norms]
+
+    return _C.DecoderStack(attn, moe, weights(norms1), [n.eps for n in norms1], weights(norms2),
+                           [n.eps for n in norms2])
+
+
+def run_decoder_stack(stack, x, cos, sin, caches: list, start: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder layers in one engine call: x [T, D] float32 -> (the last layer's output [T, D], every layer's
+    routed expert ids [layers, T, top_k] int64). caches: per layer its two cache arrays (KVCache.arrays)."""
     e = engine()
     xn = x.numpy()
-    h, out = np.empty_like(xn), np.empty_like(xn)
-    ids = np.empty((xn.shape[0], top_k), np.int64)
-    weights = np.empty((xn.shape[0], top_k), np.float32)
-    (w1, eps1), (w2, eps2) = norms
-    forward = e._engine.gqa_forward if isinstance(attn, _C.GqaLayer) else e._engine.mla_forward
-    forward(attn, xn, cos.numpy(), sin.numpy(), *caches, start, h, e.isa, w1, eps1, True)
-    e._engine.moe_layer(moe, h, out, ids, weights, e.isa, w2, eps2, True)
+    out = np.empty_like(xn)
+    ids = np.empty((len(stack), xn.shape[0], top_k), np.int64)
+    weights = np.empty((len(stack), xn.shape[0], top_k), np.float32)
+    e._engine.decoder_stack(stack, xn, cos.numpy(), sin.numpy(), [c[0] for c in caches], [c[1] for c in caches], start,
+                            out, ids, weights, e.isa)
     return torch.from_numpy(out), torch.from_numpy(ids)
 
 

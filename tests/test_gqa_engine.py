@@ -233,9 +233,9 @@ def test_a_block_without_per_head_norms(gqa_files):
 
 
 def test_decoder_layers_are_two_engine_calls(gqa_files, monkeypatch):
-    """On the engine a Qwen3-MoE decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each one
-    call with its norm and residual inside: no torch norm runs but the final one, and the logits are those
-    of the layer written out op by op."""
+    """On the engine a Qwen3-MoE decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each block
+    with its norm and residual inside one engine call (every layer in one, layers.EngineStack): no torch
+    norm runs but the final one, and the logits are those of the layer written out op by op."""
     runner = local.load(gqa_files["qwen3"], device="cpu")
     model = runner.model
     layers = model.model.layers
@@ -253,6 +253,7 @@ def test_decoder_layers_are_two_engine_calls(gqa_files, monkeypatch):
             return h + self.mlp(self.post_attention_layernorm(h))
 
         monkeypatch.setattr(qwen3_moe.DecoderLayer, "forward", op_by_op)
+        monkeypatch.setattr(model, "engine_stacks", {})  # every layer through its own forward
         unfused = model(ids, model.new_cache(16))
     # op by op: the two layer norms and the q and k norms of every layer, and the final norm
     assert (fused_norms, len(norms)) == (1, 1 + 4 * len(layers))
@@ -329,18 +330,20 @@ def test_fused_block_is_a_custom_op(gqa_files):
 
 
 @pytest.mark.parametrize("which", ["qwen3", "mla"])
-def test_a_decoder_layer_is_its_two_block_calls_back_to_back(gqa_files, mla_file, which, monkeypatch):
-    """With both blocks on the engine a decoder layer runs the two calls straight from numpy views of its
-    cache (layers.engine_layer_forward): the same numbers, bit for bit, as the blocks' own forwards, the cache
-    written alike as it grows past its first capacity (the views follow the new buffers), and the routing
-    counted alike."""
+def test_decoder_layers_run_as_one_engine_call(gqa_files, mla_file, which, monkeypatch):
+    """The runs of decoder layers whose blocks are each one engine call go through the engine as one call
+    (layers.EngineStack): the same numbers, bit for bit, as the blocks' own forwards, the cache written
+    alike as it grows past its first capacity (the engine's views follow the new buffers), the routing
+    counted alike; and a hooked block (the bench's stage breakdown) makes its run go through the modules."""
     runner = local.load(gqa_files["qwen3"] if which == "qwen3" else mla_file, device="cpu")
     model = runner.model
-    moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
-    assert moes and all(m.engine_layer is not None for m in moes)
+    layers = model.model.layers
+    moes = [layer.mlp for layer in layers if isinstance(layer.mlp, MoE)]
+    first = 0 if which == "qwen3" else 2  # the V3 model's first two layers are dense
+    assert {i: len(s) for i, s in model.engine_stacks.items()} == {first: len(layers) - first}
     calls = []
-    real = torch_ops.run_engine_layer
-    monkeypatch.setattr(torch_ops, "run_engine_layer", lambda *a: calls.append(1) or real(*a))
+    real = torch_ops.run_decoder_stack
+    monkeypatch.setattr(torch_ops, "run_decoder_stack", lambda *a: calls.append(1) or real(*a))
 
     def run():
         for m in moes:
@@ -353,15 +356,63 @@ def test_a_decoder_layer_is_its_two_block_calls_back_to_back(gqa_files, mla_file
         assert cache.capacity >= 12
         return out, {n: b[:, :12].clone() for n, b in cache.buffers.items()}, [m.expert_counts.clone() for m in moes]
 
-    fused = run()
-    assert len(calls) == len(moes) * 10  # every MoE layer, every step, as one pair of calls
-    for module in (qwen3_moe, deepseek_v2):  # the blocks' own forwards
-        monkeypatch.setattr(module, "engine_layer_forward", lambda *a: None)
-    plain = run()
-    assert len(calls) == len(moes) * 10
-    for a, b in zip(fused[0], plain[0]):
+    stacked = run()
+    assert len(calls) == 10  # one call a step
+    stacks = model.engine_stacks
+    model.engine_stacks = {}
+    try:
+        plain = run()
+    finally:
+        model.engine_stacks = stacks
+    assert len(calls) == 10
+    for a, b in zip(stacked[0], plain[0]):
         assert torch.equal(a, b)
-    for n in fused[1]:
-        assert torch.equal(fused[1][n], plain[1][n]), n
-    for a, b in zip(fused[2], plain[2]):
+    for n in stacked[1]:
+        assert torch.equal(stacked[1][n], plain[1][n]), n
+    for a, b in zip(stacked[2], plain[2]):
         assert torch.equal(a, b) and a.sum() > 0
+
+    handle = layers[-1].self_attn.register_forward_hook(lambda *a: None)
+    try:
+        run()
+    finally:
+        handle.remove()
+    assert len(calls) == 10
+
+
+def test_decoder_stack_checks_its_inputs(gqa_files):
+    runner = local.load(gqa_files["wide"], device="cpu")
+    model = runner.model
+    stack = model.engine_stacks[0]
+    attn, moe = stack.bound[0]
+    D, n = runner.config.hidden_size, len(stack)
+    cache = model.new_cache(8)
+    caches = [a.engine_cache(cache) for _, a, _ in stack.blocks]
+    e = torch_ops.engine()._engine
+    x, cos = np.zeros((1, D), np.float32), np.zeros((1, 32), np.float32)
+    k = stack.top_k
+    out, ids, w = np.empty((1, D), np.float32), np.empty((n, 1, k), np.int64), np.empty((n, 1, k), np.float32)
+    e.decoder_stack(stack.stack, x, cos, cos, [c[0] for c in caches], [c[1] for c in caches], 0, out, ids, w)
+    with pytest.raises(ValueError, match=f"one array per layer \\({n}\\)"):
+        e.decoder_stack(stack.stack, x, cos, cos, [c[0] for c in caches[1:]], [c[1] for c in caches], 0, out, ids, w)
+    with pytest.raises(ValueError, match="reserve the cache"):
+        e.decoder_stack(stack.stack, x, cos, cos, [c[0] for c in caches], [c[1] for c in caches], 8, out, ids, w)
+    with pytest.raises(ValueError, match="k_cache and v_cache must be C-contiguous"):
+        e.decoder_stack(stack.stack, x, cos, cos, [c[1].reshape(8, 4, 32) for c in caches], [c[1] for c in caches], 0,
+                        out, ids, w)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        e.decoder_stack(stack.stack, x, cos, cos, [c[0] for c in caches], [c[1] for c in caches], 0, out, ids[:1], w)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        e.decoder_stack(stack.stack, out, cos, cos, [c[0] for c in caches], [c[1] for c in caches], 0, out, ids, w)
+    norm = np.ones(D, np.float32)
+    offload._C.DecoderStack([attn], [moe], [norm], [1e-6], [norm], [1e-6])  # one layer
+    with pytest.raises(ValueError, match="one entry per layer"):
+        offload._C.DecoderStack([attn, attn], [moe], [norm], [1e-6], [norm], [1e-6])
+    with pytest.raises(ValueError, match="layer 0: attn must be an MlaLayer or a GqaLayer"):
+        offload._C.DecoderStack([moe], [moe], [norm], [1e-6], [norm], [1e-6])
+    with pytest.raises(ValueError, match="layer 0: moe must be a MoeLayer"):
+        offload._C.DecoderStack([attn], [attn], [norm], [1e-6], [norm], [1e-6])
+    with pytest.raises(ValueError, match=f"norm1 must be float32 \\[{D}\\]"):
+        offload._C.DecoderStack([attn], [moe], [norm[1:]], [1e-6], [norm], [1e-6])
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        offload._C.DecoderStack([attn], [moe], [norm], [float("nan")], [norm], [1e-6])

@@ -139,9 +139,10 @@ def test_pre_norm_block_adds_the_block_of_the_normed_input(mla_files, name):
 
 
 def test_decoder_layers_are_two_engine_calls(mla_files, monkeypatch):
-    """On the engine a decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each one call with
-    its norm and residual inside: no torch norm runs but the dense layers' and the final one, and the
-    logits are those of the layer written out op by op."""
+    """On the engine a decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each block with its
+    norm and residual inside one engine call (and the MoE layers all in one, layers.EngineStack): no torch
+    norm runs but the dense layers' and the final one, and the logits are those of the layer written out op
+    by op."""
     runner = local.load(mla_files["v3"], device="cpu")
     model = runner.model
     layers = model.model.layers
@@ -159,6 +160,7 @@ def test_decoder_layers_are_two_engine_calls(mla_files, monkeypatch):
             return h + self.mlp(self.post_attention_layernorm(h))
 
         monkeypatch.setattr(deepseek_v2.DecoderLayer, "forward", op_by_op)
+        monkeypatch.setattr(model, "engine_stacks", {})  # every layer through its own forward
         plain = model(ids, model.new_cache(16))
     dense = sum(not isinstance(layer.mlp, MoE) for layer in layers)
     assert (fused_norms, len(norms)) == (1 + dense, 1 + 2 * len(layers))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import BaseConfig, ConfigError, RopeSpec, mla_softmax_scale, rope_spec
 from ..kv_cache import KVCache
-from .layers import Linear, MLP, RMSNorm, Rope, engine_layer_forward
+from .layers import Linear, MLP, RMSNorm, Rope
 from .mla import MLAttention
 from .moe import SCORING_FUNCS, TOPK_METHODS, MoE, Router
 
@@ -105,9 +105,6 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, cos_sin, cache, start):
         # h = x + attn(norm(x)), then h + mlp(norm(h)): each block one engine call where the engine runs it
-        fused = engine_layer_forward(self, x, cos_sin, cache, start)  # both blocks on the engine: two calls
-        if fused is not None:
-            return fused
         h = self.self_attn(x, rope, cos_sin, cache, start, pre_norm=self.input_layernorm)
         return self.mlp(h, pre_norm=self.post_attention_layernorm)
 
@@ -134,6 +131,9 @@ class CausalLM(nn.Module):
 
     config: BaseConfig
     rope: Rope
+    # runs of decoder layers that are one engine call together (layers.engine_stacks), by first index; set by
+    # the GGUF loader on the CPU engine
+    engine_stacks: dict = {}
 
     def new_cache(self, capacity: int = 256, dtype=None, device=None) -> KVCache:
         p = self.model.embed_tokens.weight
@@ -157,8 +157,15 @@ class CausalLM(nn.Module):
             positions = position + torch.arange(T, device=ids.device)
         x = self.model.embed_tokens(ids)  # [T, D]
         cos_sin = self.rope.cos_sin(positions)
-        for layer in self.model.layers:
-            x = layer(x, self.rope, cos_sin, cache, start)
+        layers, i = self.model.layers, 0
+        while i < len(layers):
+            stack = self.engine_stacks.get(i)
+            if stack is not None and stack.usable(x, start):  # these layers in one engine call
+                x = stack(x, cos_sin, cache, start)
+                i += len(stack)
+                continue
+            x = layers[i](x, self.rope, cos_sin, cache, start)
+            i += 1
         if position is None:
             cache.length = start + T
         x = self.model.norm(x[-1:] if last_only else x)

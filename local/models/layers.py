@@ -111,32 +111,70 @@ def engine_pre_norm(pre_norm: RMSNorm | None, x: torch.Tensor) -> dict | None:
     return None
 
 
-def engine_layer_forward(layer: nn.Module, x: torch.Tensor, cos_sin, cache, start) -> torch.Tensor | None:
-    """A decoder layer (self_attn, mlp and their RMSNorms) whose attention block and MoE layer are each one CPU
-    engine call, run as those two calls back to back: x + attn(norm(x)), then h + moe(norm(h)), the numbers
-    of the blocks' own forwards without the torch ops around each call (in a decode step each such op cost
-    ~40-90 us, the caches just swept by the weights: ~0.2 ms a layer). None where it does not apply (a block
-    not on the engine, x not float32 on the CPU, a fixed-shape step, torch.compile, hooks on the blocks):
-    then the modules run."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if (getattr(attn, "engine_layer", None) is None or getattr(mlp, "engine_layer", None) is None
-            or isinstance(start, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu"
-            or attn._forward_hooks or attn._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks
-            or torch.compiler.is_compiling()):
-        return None
-    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-    norms = layer.__dict__.get("_engine_norms")
-    if norms is None or norms[0] is not n1.weight or norms[1] is not n2.weight:  # float32 numpy views, once
-        if n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32 or n1.weight.device.type != "cpu":
-            return None
-        views = tuple((n.weight.detach().numpy(), n.eps) for n in (n1, n2))
-        norms = layer.__dict__["_engine_norms"] = (n1.weight, n2.weight, views)
-    from offload.torch_ops import run_engine_layer
+class EngineStack:
+    """Consecutive decoder layers (self_attn, mlp and their RMSNorms) whose attention block and MoE layer are
+    each one CPU engine call (a GGUF on the CPU), run as one engine call for them all (torch_ops.run_decoder_stack):
+    per layer x + attn(norm(x)), then h + moe(norm(h)), the numbers of the blocks' own forwards without the
+    Python and torch ops around each (in a decode step they run with the caches just swept by the weights:
+    ~0.2 ms a layer)."""
 
-    out, ids = run_engine_layer(attn.engine_layer, attn.engine_cache(cache), mlp.engine_layer, x.contiguous(),
-                                *cos_sin, start, norms[2], mlp.gate.top_k)
-    mlp._count(ids)
-    return out
+    def __init__(self, layers: list):
+        from offload.torch_ops import decoder_stack
+
+        self.blocks = [(layer, layer.self_attn, layer.mlp) for layer in layers]
+        self.bound = [(attn.engine_layer, mlp.engine_layer) for _, attn, mlp in self.blocks]
+        self.top_k = layers[0].mlp.gate.top_k
+        self.stack = decoder_stack([a for a, _ in self.bound], [m for _, m in self.bound],
+                                   [layer.input_layernorm for layer in layers],
+                                   [layer.post_attention_layernorm for layer in layers])
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """Whether a decoder layer can be part of a stack: both blocks bound to the engine, float32 norms."""
+        return (getattr(layer.self_attn, "engine_layer", None) is not None
+                and getattr(layer.mlp, "engine_layer", None) is not None
+                and all(n.weight.dtype == torch.float32 and n.weight.device.type == "cpu"
+                        for n in (layer.input_layernorm, layer.post_attention_layernorm)))
+
+    def usable(self, x: torch.Tensor, start) -> bool:
+        """Whether this step can run as the stack: x float32 on the CPU, an int start (not a fixed-shape step),
+        no torch.compile, and every block still bound as it was and without hooks (the bench's stage breakdown
+        hooks them: then the modules run)."""
+        if isinstance(start, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        for (layer, attn, mlp), (a, m) in zip(self.blocks, self.bound):
+            if (attn.engine_layer is not a or mlp.engine_layer is not m or layer._forward_hooks
+                    or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks
+                    or mlp._forward_hooks or mlp._forward_pre_hooks):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, cos_sin, cache, start: int) -> torch.Tensor:
+        from offload.torch_ops import run_decoder_stack
+
+        caches = [attn.engine_cache(cache) for _, attn, _ in self.blocks]
+        out, ids = run_decoder_stack(self.stack, x.contiguous(), *cos_sin, caches, start, self.top_k)
+        for (_, _, mlp), layer_ids in zip(self.blocks, ids):
+            mlp._count(layer_ids)
+        return out
+
+
+def engine_stacks(layers) -> dict[int, EngineStack]:
+    """The runs of consecutive layers that fit an EngineStack, by their first layer's index."""
+    stacks, i = {}, 0
+    while i < len(layers):
+        j = i
+        while j < len(layers) and EngineStack.fits(layers[j]):
+            j += 1
+        if j > i:
+            stacks[i] = EngineStack(list(layers[i:j]))
+        i = max(j, i + 1)
+    return stacks
 
 
 class MLP(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import BaseConfig, ConfigError, RopeSpec, rope_spec
 from .deepseek_v2 import Backbone, CausalLM
 from .layers import Linear, MLP, RMSNorm, Rope
-from .layers import engine_layer_forward, engine_pre_norm, quantize_activation
+from .layers import engine_pre_norm, quantize_activation
 from .mla import cache_precision, causal_mask
 from .moe import MoE, Router
 
@@ -155,9 +155,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, rope, cos_sin, cache, start):
-        fused = engine_layer_forward(self, x, cos_sin, cache, start)  # both blocks on the engine: two calls
-        if fused is not None:
-            return fused
         h = self.self_attn(x, rope, cos_sin, cache, start, pre_norm=self.input_layernorm)  # x + attn(norm(x))
         return self.mlp(h, pre_norm=self.post_attention_layernorm)  # h + mlp(norm(h)), fused where it can be
 

@@ -530,6 +530,93 @@ void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& i
                      nb::cast(up), nb::cast(down)};
 }
 
+// The checks of a layer's cache arrays at the boundary (Engine.mla_forward / gqa_forward / decoder_stack):
+// their dtype (the cache type they share), shapes, and room for positions start..start+T.
+void check_room(int64_t held, int64_t start, int64_t T) {
+    if (start < 0 || start + T > held)
+        fail("the cache holds " + std::to_string(held) + " positions; positions " + std::to_string(start) + ".." +
+             std::to_string(start + T) + " do not fit (reserve the cache first)");
+}
+
+GgmlType mla_cache_type(const MlaLayer& L, const Mut& c_kv, const Mut& k_pe, int64_t start, int64_t T) {
+    const GgmlType type = cache_type_of(c_kv, "c_kv");
+    if (cache_type_of(k_pe, "k_pe") != type) fail("c_kv and k_pe must share a dtype");
+    if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != L.R ||
+        static_cast<int64_t>(k_pe.shape(1)) != L.Dr || !c_contiguous(Any(c_kv)) || !c_contiguous(Any(k_pe)))
+        fail("c_kv must be C-contiguous [positions, " + std::to_string(L.R) + "] and k_pe [positions, " +
+             std::to_string(L.Dr) + "]");
+    check_room(static_cast<int64_t>(std::min(c_kv.shape(0), k_pe.shape(0))), start, T);
+    return type;
+}
+
+GgmlType gqa_cache_type(const GqaLayer& L, const Mut& k_cache, const Mut& v_cache, int64_t start, int64_t T) {
+    const GgmlType type = cache_type_of(k_cache, "k_cache");
+    if (cache_type_of(v_cache, "v_cache") != type) fail("k_cache and v_cache must share a dtype");
+    for (const Mut* c : {&k_cache, &v_cache})
+        if (c->ndim() != 3 || static_cast<int64_t>(c->shape(1)) != L.G || static_cast<int64_t>(c->shape(2)) != L.Dh ||
+            !c_contiguous(Any(*c)))
+            fail("k_cache and v_cache must be C-contiguous [positions, " + std::to_string(L.G) + ", " +
+                 std::to_string(L.Dh) + "]");
+    check_room(static_cast<int64_t>(std::min(k_cache.shape(0), v_cache.shape(0))), start, T);
+    return type;
+}
+
+// Consecutive decoder layers whose attention block (MLA or GQA) and MoE layer are each one engine call, with
+// their two RMSNorms: Engine.decoder_stack runs them all in one call, the hidden state kept here between
+// layers (in a decode step the Python between two layers' calls cost ~0.1 ms, run with cold caches).
+struct StackLayer {
+    const MlaHandle* mla = nullptr;
+    const GqaHandle* gqa = nullptr;
+    const MoeHandle* moe = nullptr;
+    std::vector<float> norm1, norm2;
+    float eps1 = 0, eps2 = 0;
+};
+
+struct DecoderStack {
+    std::vector<StackLayer> layers;
+    int64_t D = 0, rope_half = 0;
+    std::vector<nb::object> keep_alive;  // the layer handles
+};
+
+DecoderStack make_stack(const std::vector<nb::object>& attn, const std::vector<nb::object>& moe,
+                        const std::vector<CF32>& norm1, const std::vector<float>& eps1, const std::vector<CF32>& norm2,
+                        const std::vector<float>& eps2) {
+    const size_t n = attn.size();
+    if (n == 0) fail("a decoder stack needs at least one layer");
+    if (moe.size() != n || norm1.size() != n || eps1.size() != n || norm2.size() != n || eps2.size() != n)
+        fail("attn, moe, norm1, eps1, norm2 and eps2 must have one entry per layer");
+    DecoderStack st;
+    for (size_t i = 0; i < n; ++i) {
+        StackLayer l;
+        const std::string at = "layer " + std::to_string(i);
+        if (nb::isinstance<MlaHandle>(attn[i])) l.mla = nb::inst_ptr<MlaHandle>(attn[i]);
+        else if (nb::isinstance<GqaHandle>(attn[i])) l.gqa = nb::inst_ptr<GqaHandle>(attn[i]);
+        else fail(at + ": attn must be an MlaLayer or a GqaLayer");
+        if (!nb::isinstance<MoeHandle>(moe[i])) fail(at + ": moe must be a MoeLayer");
+        l.moe = nb::inst_ptr<MoeHandle>(moe[i]);
+        const int64_t D = l.mla ? l.mla->D : l.gqa->D;
+        const int64_t half = l.mla ? l.mla->layer.Dr / 2 : l.gqa->layer.Dh / 2;
+        if (i == 0) st.D = D, st.rope_half = half;
+        if (D != st.D || l.moe->H != D || half != st.rope_half)
+            fail(at + ": its hidden size or rope dims differ from layer 0's (" + std::to_string(st.D) + ", " +
+                 std::to_string(2 * st.rope_half) + ")");
+        if ((l.mla != nullptr) != (st.layers.empty() ? l.mla != nullptr : st.layers[0].mla != nullptr))
+            fail(at + ": every layer of a stack has the same attention (MLA or GQA)");
+        for (float e : {eps1[i], eps2[i]})
+            if (!(e >= 0 && std::isfinite(e))) fail(at + ": eps must be a finite number >= 0");
+        if (!st.layers.empty() && l.moe->router.top_k != st.layers[0].moe->router.top_k)
+            fail(at + ": its MoE picks " + std::to_string(l.moe->router.top_k) + " experts a token, layer 0's " +
+                 std::to_string(st.layers[0].moe->router.top_k));
+        l.norm1 = norm_weight(norm1[i], D, "norm1");
+        l.norm2 = norm_weight(norm2[i], D, "norm2");
+        l.eps1 = eps1[i], l.eps2 = eps2[i];
+        st.layers.push_back(std::move(l));
+        st.keep_alive.push_back(attn[i]);
+        st.keep_alive.push_back(moe[i]);
+    }
+    return st;
+}
+
 }  // namespace
 
 void register_engine(nb::module_& m) {
@@ -557,6 +644,14 @@ void register_engine(nb::module_& m) {
              nb::arg("eps"), nb::arg("scale"), nb::arg("rope_interleaved") = false,
              "Weights are (bytes, ggml type id): q [H*Dh, D], k and v [G*Dh, D], o [D, H*Dh]; q_norm, k_norm [Dh] "
              "float32 (per-head RMSNorms before rope, Qwen3) or None.");
+
+    nb::class_<DecoderStack>(m, "DecoderStack", nb::is_weak_referenceable(),
+                             "Consecutive decoder layers (attention block + MoE layer, each one engine call) for "
+                             "Engine.decoder_stack, checked here once.")
+        .def(nb::new_(&make_stack), nb::arg("attn"), nb::arg("moe"), nb::arg("norm1"), nb::arg("eps1"),
+             nb::arg("norm2"), nb::arg("eps2"),
+             "Per layer: its MlaLayer or GqaLayer, its MoeLayer, and the RMSNorms before them (float32 [D], eps).")
+        .def("__len__", [](const DecoderStack& st) { return st.layers.size(); });
 
     m.def("cuda_driver_available", &cuda_driver_available,
           "Whether the CUDA driver (libcuda.so.1) is there, for StagedMoe.launch / launch_wait.");
@@ -653,16 +748,7 @@ void register_engine(nb::module_& m) {
                 check_2d(Any(cos), T, L.Dr / 2, "cos");
                 check_2d(Any(sin), T, L.Dr / 2, "sin");
                 float* y = written<float>(out, {T, m.D}, "out");
-                const GgmlType type = cache_type_of(c_kv, "c_kv");
-                if (cache_type_of(k_pe, "k_pe") != type) fail("c_kv and k_pe must share a dtype");
-                if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != L.R ||
-                    static_cast<int64_t>(k_pe.shape(1)) != L.Dr || !c_contiguous(Any(c_kv)) || !c_contiguous(Any(k_pe)))
-                    fail("c_kv must be C-contiguous [positions, " + std::to_string(L.R) + "] and k_pe [positions, " +
-                         std::to_string(L.Dr) + "]");
-                if (start < 0 || start + T > static_cast<int64_t>(std::min(c_kv.shape(0), k_pe.shape(0))))
-                    fail("the cache holds " + std::to_string(std::min(c_kv.shape(0), k_pe.shape(0))) +
-                         " positions; positions " + std::to_string(start) + ".." + std::to_string(start + T) +
-                         " do not fit (reserve the cache first)");
+                const GgmlType type = mla_cache_type(L, c_kv, k_pe, start, T);
                 const Isa level = isa_arg(isa);
                 const PreNorm block(x, m.D, norm, eps, residual, y);
                 h.pool.wait();
@@ -689,17 +775,7 @@ void register_engine(nb::module_& m) {
                 check_2d(Any(cos), T, L.Dh / 2, "cos");
                 check_2d(Any(sin), T, L.Dh / 2, "sin");
                 float* y = written<float>(out, {T, m.D}, "out");
-                const GgmlType type = cache_type_of(k_cache, "k_cache");
-                if (cache_type_of(v_cache, "v_cache") != type) fail("k_cache and v_cache must share a dtype");
-                for (const Mut* c : {&k_cache, &v_cache})
-                    if (c->ndim() != 3 || static_cast<int64_t>(c->shape(1)) != L.G ||
-                        static_cast<int64_t>(c->shape(2)) != L.Dh || !c_contiguous(Any(*c)))
-                        fail("k_cache and v_cache must be C-contiguous [positions, " + std::to_string(L.G) + ", " +
-                             std::to_string(L.Dh) + "]");
-                const int64_t held = static_cast<int64_t>(std::min(k_cache.shape(0), v_cache.shape(0)));
-                if (start < 0 || start + T > held)
-                    fail("the cache holds " + std::to_string(held) + " positions; positions " + std::to_string(start) +
-                         ".." + std::to_string(start + T) + " do not fit (reserve the cache first)");
+                const GgmlType type = gqa_cache_type(L, k_cache, v_cache, start, T);
                 const Isa level = isa_arg(isa);
                 const PreNorm block(x, m.D, norm, eps, residual, y);
                 h.pool.wait();
@@ -715,6 +791,66 @@ void register_engine(nb::module_& m) {
             "One layer's grouped-query attention (gqa.h): x [T, D] -> out [T, D], writing the new keys and values into "
             "rows start..start+T of the caches [positions, kv_heads, head_dim]. norm [D] (float32): the layer reads "
             "rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
+        .def(
+            "decoder_stack",
+            [](EngineHandle& h, const DecoderStack& st, const CF32& x, const CF32& cos, const CF32& sin,
+               const std::vector<Mut>& cache_a, const std::vector<Mut>& cache_b, int64_t start, const Mut& out,
+               const Mut& ids, const Mut& weights, const std::string& isa) {
+                const int64_t n = static_cast<int64_t>(st.layers.size()), D = st.D;
+                if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != D)
+                    fail("x must be float32 [tokens, " + std::to_string(D) + "]");
+                const int64_t T = x.shape(0), A = st.layers[0].moe->router.top_k;
+                check_2d(Any(cos), T, st.rope_half, "cos");
+                check_2d(Any(sin), T, st.rope_half, "sin");
+                if (static_cast<int64_t>(cache_a.size()) != n || static_cast<int64_t>(cache_b.size()) != n)
+                    fail("cache_a and cache_b must hold one array per layer (" + std::to_string(n) + ")");
+                std::vector<GgmlType> types(static_cast<size_t>(n));
+                for (int64_t i = 0; i < n; ++i) {
+                    const StackLayer& l = st.layers[static_cast<size_t>(i)];
+                    types[static_cast<size_t>(i)] = l.mla ? mla_cache_type(l.mla->layer, cache_a[i], cache_b[i], start, T)
+                                                          : gqa_cache_type(l.gqa->layer, cache_a[i], cache_b[i], start, T);
+                }
+                float* y = written<float>(out, {T, D}, "out");
+                int64_t* id = written<int64_t>(ids, {n, T, A}, "ids");
+                float* wt = written<float>(weights, {n, T, A}, "weights");
+                const PreNorm overlap_check(x, D, std::nullopt, 0.0f, false, y);  // out must not overlap x
+                const Isa level = isa_arg(isa);
+                h.pool.wait();
+                nb::gil_scoped_release release;
+                // per layer, as Engine.mla_forward / gqa_forward and moe_layer with norm= and residual=True:
+                // hid = cur + attn(rmsnorm(cur)), then out = hid + moe(rmsnorm(hid)); out is the next layer's cur
+                thread_local std::vector<float> hid, normed;
+                hid.resize(static_cast<size_t>(T * D));
+                normed.resize(static_cast<size_t>(T * D));
+                const float* cur = x.data();
+                for (int64_t i = 0; i < n; ++i) {
+                    const StackLayer& l = st.layers[static_cast<size_t>(i)];
+                    const size_t k = static_cast<size_t>(i);
+                    auto* a = static_cast<uint8_t*>(cache_a[k].data());
+                    auto* b = static_cast<uint8_t*>(cache_b[k].data());
+                    rms_norm_rows(cur, T, D, l.norm1.data(), l.eps1, normed.data());
+                    if (l.mla)
+                        mla_forward(h.pool, l.mla->layer, normed.data(), T, cos.data(), sin.data(), types[k], a, b,
+                                    start, hid.data(), level);
+                    else
+                        gqa_forward(h.pool, l.gqa->layer, normed.data(), T, cos.data(), sin.data(), types[k], a, b,
+                                    start, hid.data(), level);
+                    for (int64_t j = 0; j < T * D; ++j) hid[static_cast<size_t>(j)] += cur[j];
+                    rms_norm_rows(hid.data(), T, D, l.norm2.data(), l.eps2, normed.data());
+                    const MoeHandle& m = *l.moe;
+                    route(h.pool, m.router, normed.data(), T, id + i * T * A, wt + i * T * A, level);
+                    moe(h.pool, normed.data(), T, D, id + i * T * A, wt + i * T * A, static_cast<int>(A),
+                        m.experts.data(), static_cast<int64_t>(m.experts.size()), m.shared.data(),
+                        static_cast<int>(m.shared.size()), nullptr, y, level);
+                    for (int64_t j = 0; j < T * D; ++j) y[j] += hid[static_cast<size_t>(j)];
+                    cur = y;
+                }
+            },
+            nb::arg("stack"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("cache_a"), nb::arg("cache_b"),
+            nb::arg("start"), nb::arg("out"), nb::arg("ids"), nb::arg("weights"), nb::arg("isa") = "auto",
+            "Decoder layers in one call: per layer h = x + attn(rmsnorm(x)), then x = h + moe(rmsnorm(h)), the "
+            "attention writing rows start..start+T of its caches (cache_a[i], cache_b[i]: c_kv and k_pe, or k and "
+            "v). out [T, D] gets the last layer's x; ids, weights [layers, T, top_k] each layer's routing.")
         .def(
             "gqa_attention",
             [](EngineHandle& h, const CF32& q, const Any& k, const Any& v, float scale, const Mut& out,
