@@ -600,7 +600,7 @@ DecoderStack make_stack(const std::vector<nb::object>& attn, const std::vector<n
         if (D != st.D || l.moe->H != D || half != st.rope_half)
             fail(at + ": its hidden size or rope dims differ from layer 0's (" + std::to_string(st.D) + ", " +
                  std::to_string(2 * st.rope_half) + ")");
-        if ((l.mla != nullptr) != (st.layers.empty() ? l.mla != nullptr : st.layers[0].mla != nullptr))
+        if (!st.layers.empty() && (l.mla != nullptr) != (st.layers[0].mla != nullptr))
             fail(at + ": every layer of a stack has the same attention (MLA or GQA)");
         for (float e : {eps1[i], eps2[i]})
             if (!(e >= 0 && std::isfinite(e))) fail(at + ": eps must be a finite number >= 0");
