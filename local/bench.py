@@ -70,8 +70,8 @@ def active_bytes_per_token(g) -> int:
 # ---------------------------------------------------------------- Tandem
 
 # what the model code calls the CPU engine through (offload.torch_ops): the time inside them is the engine's
-ENGINE_CALLS = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_gqa_forward", "run_moe",
-                "run_moe_layer", "run_decoder_stack", "submit_moe", "wait_moe")
+ENGINE_CALLS = ("run_linear", "run_linear_batched", "run_mla_attention", "run_mla_forward", "run_gqa_forward",
+                "run_moe", "run_moe_layer", "run_decoder_stack", "submit_moe", "wait_moe")
 
 
 class TandemTarget:

@@ -129,21 +129,14 @@ def _moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,
     return out, weights, ids
 
 
-def _mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int, norm=None, eps: float = 1e-6,
-                 residual: bool = False) -> torch.Tensor:
+def _attention_block(layer, x, cos, sin, cache_a, cache_b, start: int, norm=None, eps: float = 1e-6,
+                     residual: bool = False) -> torch.Tensor:
+    """Engine.mla_forward (layer a _C.MlaLayer, caches c_kv, k_pe) or gqa_forward (a _C.GqaLayer; k, v)."""
     out = torch.empty_like(x, dtype=torch.float32)
     e = engine()
-    e._engine.mla_forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()),
-                          _np(c_kv), _np(k_pe), start, out.numpy(), e.isa, _np(norm), eps, residual)
-    return out
-
-
-def _gqa_forward(layer, x, cos, sin, k_cache, v_cache, start: int, norm=None, eps: float = 1e-6,
-                 residual: bool = False) -> torch.Tensor:
-    out = torch.empty_like(x, dtype=torch.float32)
-    e = engine()
-    e._engine.gqa_forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()),
-                          _np(k_cache), _np(v_cache), start, out.numpy(), e.isa, _np(norm), eps, residual)
+    forward = e._engine.gqa_forward if isinstance(layer, _C.GqaLayer) else e._engine.mla_forward
+    forward(layer, _np(x.contiguous()), _np(cos.contiguous()), _np(sin.contiguous()), _np(cache_a), _np(cache_b), start,
+            out.numpy(), e.isa, _np(norm), eps, residual)
     return out
 
 
@@ -215,7 +208,7 @@ def mla_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_kv: tor
     """One layer's absorbed MLA (offload/csrc/mla.h): x [T, D] float32 -> [T, D]; the new latents go into
     rows start..start+T of c_kv [positions, R] / k_pe [positions, Dr]; `layer` is id() of an mla_layer().
     norm [D] float32: attend from rmsnorm(x) * norm; residual: return x + the attention's output."""
-    return _mla_forward(_LAYERS[layer], x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
+    return _attention_block(_LAYERS[layer], x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
 
 
 @mla_forward.register_fake
@@ -230,7 +223,7 @@ def gqa_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: 
     """One layer's grouped-query attention (offload/csrc/gqa.h): x [T, D] float32 -> [T, D]; the new keys and
     values go into rows start..start+T of k_cache / v_cache [positions, kv_heads, head_dim]; `layer` is id() of
     a gqa_layer(). norm [D] float32: attend from rmsnorm(x) * norm; residual: return x + the attention's output."""
-    return _gqa_forward(_LAYERS[layer], x, cos, sin, k_cache, v_cache, start, norm, eps, residual)
+    return _attention_block(_LAYERS[layer], x, cos, sin, k_cache, v_cache, start, norm, eps, residual)
 
 
 @gqa_forward.register_fake
@@ -280,14 +273,14 @@ def run_mla_forward(layer, x, cos, sin, c_kv, k_pe, start: int, norm=None, eps: 
                     residual: bool = False) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.tandem.mla_forward(x, cos, sin, c_kv, k_pe, start, id(layer), norm, eps, residual)
-    return _mla_forward(layer, x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
+    return _attention_block(layer, x, cos, sin, c_kv, k_pe, start, norm, eps, residual)
 
 
 def run_gqa_forward(layer, x, cos, sin, k_cache, v_cache, start: int, norm=None, eps: float = 1e-6,
                     residual: bool = False) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.tandem.gqa_forward(x, cos, sin, k_cache, v_cache, start, id(layer), norm, eps, residual)
-    return _gqa_forward(layer, x, cos, sin, k_cache, v_cache, start, norm, eps, residual)
+    return _attention_block(layer, x, cos, sin, k_cache, v_cache, start, norm, eps, residual)
 
 
 def run_moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,

@@ -21,8 +21,8 @@ from offload.engine import CpuEngine
 from quant.convert import convert
 
 from .conftest import build_reference
-from .test_engine import rms_norm_ref
 from .test_gguf import N_TOKENS, agreement_with_llama_cpp, seq
+from .test_mla_engine import MLA_DIMS, check_pre_norm_block
 
 ISAS = offload.supported_isas()
 # qwen3moe GGUF files are MoE in every layer; "wide" has 3 query heads per KV head and 64-dim heads
@@ -45,8 +45,6 @@ def gqa_files(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def mla_file(tmp_path_factory, tokenizer_dir):
     """A Q8_0 GGUF of a small DeepSeek-V3 whose MLA weights all run on the engine (head dims of 32)."""
-    from .test_mla_engine import MLA_DIMS
-
     d = tmp_path_factory.mktemp("hf_gqa_mla")
     build_reference("v3", d, tokenizer_dir, seed=4, overrides={**MLA_DIMS, "q_lora_rank": 64})
     return convert(d, tmp_path_factory.mktemp("gguf_gqa_mla") / "v3-q8_0.gguf", "q8_0", progress=False)
@@ -180,29 +178,7 @@ def test_pre_norm_block_adds_the_block_of_the_normed_input(gqa_files):
     """norm= / residual=: a decoder layer's `x + attn(rmsnorm(x) * w)` in the one call; the cache gets the
     normed input's keys and values."""
     runner = local.load(gqa_files["wide"], device="cpu", threads=2)
-    model, attn = runner.model, blocks(runner)[1]
-    e = torch_ops.engine()._engine
-    D = runner.config.hidden_size
-    rng = np.random.default_rng(5)
-    w = (1 + 0.5 * rng.standard_normal(D)).astype(np.float32)
-    for T, start in ((1, 9), (3, 0)):
-        x = (3 * rng.standard_normal((T, D))).astype(np.float32)
-        cos, sin = (t.numpy() for t in model.rope.cos_sin(torch.arange(start, start + T)))
-        outs, caches = {}, {}
-        for how in ("plain", "block", "fused"):
-            cache = fill_cache(runner, start, torch.float32).layer(attn.layer_idx)
-            k, v = cache["k"].numpy(), cache["v"].numpy()
-            out = np.empty((T, D), np.float32)
-            if how == "plain":
-                e.gqa_forward(attn.engine_layer, rms_norm_ref(x, w, 1e-5), cos, sin, k, v, start, out)
-            else:
-                e.gqa_forward(attn.engine_layer, x, cos, sin, k, v, start, out, norm=w, eps=1e-5,
-                              residual=how == "fused")
-            outs[how], caches[how] = out, (k.copy(), v.copy())
-        np.testing.assert_array_equal(outs["block"], outs["plain"])
-        for a, b in zip(caches["block"], caches["plain"]):
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(outs["fused"], outs["block"] + x)
+    check_pre_norm_block(runner, blocks(runner)[1], torch_ops.engine()._engine.gqa_forward, fill_cache)
 
 
 def test_a_block_without_per_head_norms(gqa_files):
@@ -210,9 +186,10 @@ def test_a_block_without_per_head_norms(gqa_files):
     those norms left out."""
     runner = local.load(gqa_files["wide"], device="cpu")
     model, attn = runner.model, blocks(runner)[0]
-    bare = torch_ops.gqa_layer(runner.config.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim, attn.q_proj.engine_weight,
-                               attn.k_proj.engine_weight, attn.v_proj.engine_weight, attn.o_proj.engine_weight, None,
-                               None, 1e-6, attn.scale, False)
+    weights = (attn.q_proj.engine_weight, attn.k_proj.engine_weight, attn.v_proj.engine_weight,
+               attn.o_proj.engine_weight)
+    bare = torch_ops.gqa_layer(runner.config.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim, *weights, None, None,
+                               1e-6, attn.scale, False)
     T, start = 3, 5
     x = torch.randn(T, runner.config.hidden_size, generator=torch.Generator().manual_seed(2))
     cos_sin = model.rope.cos_sin(torch.arange(start, start + T))

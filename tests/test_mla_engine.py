@@ -113,8 +113,13 @@ def test_pre_norm_block_adds_the_block_of_the_normed_input(mla_files, name):
     """norm= / residual=: a decoder layer's `x + attn(rmsnorm(x) * w)` in the one call; the cache gets the
     normed input's latents."""
     runner = local.load(mla_files[name], device="cpu", threads=2)
-    model, attn = runner.model, blocks(runner)[1]
-    e = torch_ops.engine()._engine
+    check_pre_norm_block(runner, blocks(runner)[1], torch_ops.engine()._engine.mla_forward, fill_cache)
+
+
+def check_pre_norm_block(runner, attn, forward, fill_cache):
+    """An attention block's engine call (forward: Engine.mla_forward / gqa_forward) with norm= and residual=
+    against the same call on the input normed here, and that plus x; the caches written alike."""
+    model = runner.model
     D = runner.config.hidden_size
     rng = np.random.default_rng(5)
     w = (1 + 0.5 * rng.standard_normal(D)).astype(np.float32)
@@ -123,15 +128,13 @@ def test_pre_norm_block_adds_the_block_of_the_normed_input(mla_files, name):
         cos, sin = (t.numpy() for t in model.rope.cos_sin(torch.arange(start, start + T)))
         outs, caches = {}, {}
         for how in ("plain", "block", "fused"):
-            cache = fill_cache(runner, start, torch.float32).layer(attn.layer_idx)
-            c_kv, k_pe = cache["c_kv"].numpy(), cache["k_pe"].numpy()
+            cache = [b.numpy() for b in fill_cache(runner, start, torch.float32).layer(attn.layer_idx).values()]
             out = np.empty((T, D), np.float32)
             if how == "plain":
-                e.mla_forward(attn.engine_layer, rms_norm_ref(x, w, 1e-5), cos, sin, c_kv, k_pe, start, out)
+                forward(attn.engine_layer, rms_norm_ref(x, w, 1e-5), cos, sin, *cache, start, out)
             else:
-                e.mla_forward(attn.engine_layer, x, cos, sin, c_kv, k_pe, start, out, norm=w, eps=1e-5,
-                              residual=how == "fused")
-            outs[how], caches[how] = out, (c_kv.copy(), k_pe.copy())
+                forward(attn.engine_layer, x, cos, sin, *cache, start, out, norm=w, eps=1e-5, residual=how == "fused")
+            outs[how], caches[how] = out, [c.copy() for c in cache]
         np.testing.assert_array_equal(outs["block"], outs["plain"])
         for a, b in zip(caches["block"], caches["plain"]):
             np.testing.assert_array_equal(a, b)

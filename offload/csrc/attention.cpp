@@ -36,8 +36,8 @@ inline float round_to(GgmlType type, float v) {
     return v;
 }
 
-// One row's softmax in place: sc[s] = (sc[s] + pe[s]) * scale (pe null: sc[s] * scale), then p = exp(sc - max) / sum over s < n,
-// rounded to the cache's precision. The scalar reference (libm's expf).
+// One row's softmax in place: sc[s] = (sc[s] + pe[s]) * scale (pe null: sc[s] * scale), then
+// p = exp(sc - max) / sum over s < n, rounded to the cache's precision. The scalar reference (libm's expf).
 void softmax_scalar(float* sc, const float* pe, int64_t n, float scale, GgmlType type) {
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < n; ++s) {
@@ -184,8 +184,8 @@ void mla_attention(ThreadPool& pool, int64_t H, int64_t T, int64_t S, int64_t R,
 void gqa_attention(ThreadPool& pool, int64_t H, int64_t G, int64_t T, int64_t S, int64_t Dh, const float* q,
                    GgmlType cache_type, const uint8_t* k, const uint8_t* v, float scale, float* out, Isa isa) {
     const size_t stride = row_size(cache_type, G * Dh), group = row_size(cache_type, Dh);
-    attend(pool, Attend{G, H / G, T, S, Dh, 0, q, nullptr, cache_type, k, nullptr, v, stride, 0, stride, group, 0, group,
-                        scale, out}, isa);
+    attend(pool, Attend{G, H / G, T, S, Dh, 0, q, nullptr, cache_type, k, nullptr, v, stride, 0, stride, group, 0,
+                        group, scale, out}, isa);
 }
 
 void rope_rotate(float* x, int64_t d, const float* cos, const float* sin, bool interleaved) {

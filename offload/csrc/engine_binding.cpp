@@ -363,7 +363,8 @@ GqaHandle make_gqa(int64_t D, int64_t H, int64_t G, int64_t Dh, const WeightArg&
     if (D <= 0 || H <= 0 || G <= 0 || Dh <= 0 || Dh % 2)
         fail("GQA dimensions must be positive (and the head dim even: rope rotates pairs)");
     if (H % G) fail("heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" + std::to_string(G) + ")");
-    if (q_norm.has_value() != k_norm.has_value()) fail("q_norm and k_norm come together (per-head norms) or not at all");
+    if (q_norm.has_value() != k_norm.has_value())
+        fail("q_norm and k_norm come together (per-head norms) or not at all");
     if (!(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
     GqaHandle m;
     GqaLayer& L = m.layer;
@@ -561,6 +562,47 @@ GgmlType gqa_cache_type(const GqaLayer& L, const Mut& k_cache, const Mut& v_cach
     return type;
 }
 
+// What Engine.mla_forward, gqa_forward and decoder_stack do alike with either attention block: the width of
+// its cos / sin rows, the checks of its two cache arrays, and the block itself.
+int64_t rope_half(const MlaHandle& m) { return m.layer.Dr / 2; }
+int64_t rope_half(const GqaHandle& m) { return m.layer.Dh / 2; }
+GgmlType cache_type(const MlaHandle& m, const Mut& a, const Mut& b, int64_t start, int64_t T) {
+    return mla_cache_type(m.layer, a, b, start, T);
+}
+GgmlType cache_type(const GqaHandle& m, const Mut& a, const Mut& b, int64_t start, int64_t T) {
+    return gqa_cache_type(m.layer, a, b, start, T);
+}
+void run_block(ThreadPool& pool, const MlaHandle& m, const float* x, int64_t T, const float* cos, const float* sin,
+               GgmlType type, const Mut& a, const Mut& b, int64_t start, float* out, Isa isa) {
+    mla_forward(pool, m.layer, x, T, cos, sin, type, static_cast<uint8_t*>(a.data()), static_cast<uint8_t*>(b.data()),
+                start, out, isa);
+}
+void run_block(ThreadPool& pool, const GqaHandle& m, const float* x, int64_t T, const float* cos, const float* sin,
+               GgmlType type, const Mut& a, const Mut& b, int64_t start, float* out, Isa isa) {
+    gqa_forward(pool, m.layer, x, T, cos, sin, type, static_cast<uint8_t*>(a.data()), static_cast<uint8_t*>(b.data()),
+                start, out, isa);
+}
+
+// Engine.mla_forward / gqa_forward: one layer's attention block, its caches a, b (c_kv, k_pe or k, v) written
+template <class Handle>
+void attention_block(EngineHandle& h, const Handle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& a,
+                     const Mut& b, int64_t start, const Mut& out, const std::string& isa,
+                     const std::optional<CF32>& norm, float eps, bool residual) {
+    if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
+        fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
+    const int64_t T = x.shape(0);
+    check_2d(Any(cos), T, rope_half(m), "cos");
+    check_2d(Any(sin), T, rope_half(m), "sin");
+    float* y = written<float>(out, {T, m.D}, "out");
+    const GgmlType type = cache_type(m, a, b, start, T);
+    const Isa level = isa_arg(isa);
+    const PreNorm block(x, m.D, norm, eps, residual, y);
+    h.pool.wait();
+    nb::gil_scoped_release release;
+    run_block(h.pool, m, block.input(), T, cos.data(), sin.data(), type, a, b, start, y, level);
+    block.finish(y);
+}
+
 // Consecutive decoder layers whose attention block (MLA or GQA) and MoE layer are each one engine call, with
 // their two RMSNorms: Engine.decoder_stack runs them all in one call, the hidden state kept here between
 // layers (in a decode step the Python between two layers' calls cost ~0.1 ms, run with cold caches).
@@ -595,7 +637,7 @@ DecoderStack make_stack(const std::vector<nb::object>& attn, const std::vector<n
         if (!nb::isinstance<MoeHandle>(moe[i])) fail(at + ": moe must be a MoeLayer");
         l.moe = nb::inst_ptr<MoeHandle>(moe[i]);
         const int64_t D = l.mla ? l.mla->D : l.gqa->D;
-        const int64_t half = l.mla ? l.mla->layer.Dr / 2 : l.gqa->layer.Dh / 2;
+        const int64_t half = l.mla ? rope_half(*l.mla) : rope_half(*l.gqa);
         if (i == 0) st.D = D, st.rope_half = half;
         if (D != st.D || l.moe->H != D || half != st.rope_half)
             fail(at + ": its hidden size or rope dims differ from layer 0's (" + std::to_string(st.D) + ", " +
@@ -736,61 +778,18 @@ void register_engine(nb::module_& m) {
             nb::arg("norm") = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
             "One MoE layer: route x [T, H] (ids, weights [T, top_k] are written), then the fused experts -> out. "
             "norm [H] (float32): the layer reads rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
-        .def(
-            "mla_forward",
-            [](EngineHandle& h, const MlaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& c_kv,
-               const Mut& k_pe, int64_t start, const Mut& out, const std::string& isa, const std::optional<CF32>& norm,
-               float eps, bool residual) {
-                const MlaLayer& L = m.layer;
-                if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
-                    fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
-                const int64_t T = x.shape(0);
-                check_2d(Any(cos), T, L.Dr / 2, "cos");
-                check_2d(Any(sin), T, L.Dr / 2, "sin");
-                float* y = written<float>(out, {T, m.D}, "out");
-                const GgmlType type = mla_cache_type(L, c_kv, k_pe, start, T);
-                const Isa level = isa_arg(isa);
-                const PreNorm block(x, m.D, norm, eps, residual, y);
-                h.pool.wait();
-                nb::gil_scoped_release release;
-                mla_forward(h.pool, L, block.input(), T, cos.data(), sin.data(), type,
-                            static_cast<uint8_t*>(c_kv.data()), static_cast<uint8_t*>(k_pe.data()), start, y, level);
-                block.finish(y);
-            },
-            nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("c_kv"), nb::arg("k_pe"),
-            nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto", nb::arg("norm") = nb::none(),
-            nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
-            "One layer's absorbed MLA (mla.h): x [T, D] -> out [T, D], writing the new latents into rows start..start+T "
-            "of the cache c_kv [positions, R] / k_pe [positions, Dr]. norm [D] (float32): the layer reads "
-            "rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
-        .def(
-            "gqa_forward",
-            [](EngineHandle& h, const GqaHandle& m, const CF32& x, const CF32& cos, const CF32& sin, const Mut& k_cache,
-               const Mut& v_cache, int64_t start, const Mut& out, const std::string& isa, const std::optional<CF32>& norm,
-               float eps, bool residual) {
-                const GqaLayer& L = m.layer;
-                if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != m.D)
-                    fail("x must be float32 [tokens, " + std::to_string(m.D) + "]");
-                const int64_t T = x.shape(0);
-                check_2d(Any(cos), T, L.Dh / 2, "cos");
-                check_2d(Any(sin), T, L.Dh / 2, "sin");
-                float* y = written<float>(out, {T, m.D}, "out");
-                const GgmlType type = gqa_cache_type(L, k_cache, v_cache, start, T);
-                const Isa level = isa_arg(isa);
-                const PreNorm block(x, m.D, norm, eps, residual, y);
-                h.pool.wait();
-                nb::gil_scoped_release release;
-                gqa_forward(h.pool, L, block.input(), T, cos.data(), sin.data(), type,
-                            static_cast<uint8_t*>(k_cache.data()), static_cast<uint8_t*>(v_cache.data()), start, y,
-                            level);
-                block.finish(y);
-            },
-            nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("k_cache"), nb::arg("v_cache"),
-            nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto", nb::arg("norm") = nb::none(),
-            nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
-            "One layer's grouped-query attention (gqa.h): x [T, D] -> out [T, D], writing the new keys and values into "
-            "rows start..start+T of the caches [positions, kv_heads, head_dim]. norm [D] (float32): the layer reads "
-            "rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
+        .def("mla_forward", &attention_block<MlaHandle>, nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"),
+             nb::arg("c_kv"), nb::arg("k_pe"), nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto",
+             nb::arg("norm") = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
+             "One layer's absorbed MLA (mla.h): x [T, D] -> out [T, D], writing the new latents into rows "
+             "start..start+T of the cache c_kv [positions, R] / k_pe [positions, Dr]. norm [D] (float32): the layer "
+             "reads rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
+        .def("gqa_forward", &attention_block<GqaHandle>, nb::arg("layer"), nb::arg("x"), nb::arg("cos"), nb::arg("sin"),
+             nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("start"), nb::arg("out"), nb::arg("isa") = "auto",
+             nb::arg("norm") = nb::none(), nb::arg("eps") = 1e-6f, nb::arg("residual") = false,
+             "One layer's grouped-query attention (gqa.h): x [T, D] -> out [T, D], writing the new keys and values "
+             "into rows start..start+T of the caches [positions, kv_heads, head_dim]. norm [D] (float32): the layer "
+             "reads rmsnorm(x) * norm instead of x; residual: out = x + the layer's output.")
         .def(
             "decoder_stack",
             [](EngineHandle& h, const DecoderStack& st, const CF32& x, const CF32& cos, const CF32& sin,
@@ -807,8 +806,8 @@ void register_engine(nb::module_& m) {
                 std::vector<GgmlType> types(static_cast<size_t>(n));
                 for (int64_t i = 0; i < n; ++i) {
                     const StackLayer& l = st.layers[static_cast<size_t>(i)];
-                    types[static_cast<size_t>(i)] = l.mla ? mla_cache_type(l.mla->layer, cache_a[i], cache_b[i], start, T)
-                                                          : gqa_cache_type(l.gqa->layer, cache_a[i], cache_b[i], start, T);
+                    types[static_cast<size_t>(i)] = l.mla ? cache_type(*l.mla, cache_a[i], cache_b[i], start, T)
+                                                          : cache_type(*l.gqa, cache_a[i], cache_b[i], start, T);
                 }
                 float* y = written<float>(out, {T, D}, "out");
                 int64_t* id = written<int64_t>(ids, {n, T, A}, "ids");
@@ -826,15 +825,13 @@ void register_engine(nb::module_& m) {
                 for (int64_t i = 0; i < n; ++i) {
                     const StackLayer& l = st.layers[static_cast<size_t>(i)];
                     const size_t k = static_cast<size_t>(i);
-                    auto* a = static_cast<uint8_t*>(cache_a[k].data());
-                    auto* b = static_cast<uint8_t*>(cache_b[k].data());
                     rms_norm_rows(cur, T, D, l.norm1.data(), l.eps1, normed.data());
                     if (l.mla)
-                        mla_forward(h.pool, l.mla->layer, normed.data(), T, cos.data(), sin.data(), types[k], a, b,
-                                    start, hid.data(), level);
+                        run_block(h.pool, *l.mla, normed.data(), T, cos.data(), sin.data(), types[k], cache_a[k],
+                                  cache_b[k], start, hid.data(), level);
                     else
-                        gqa_forward(h.pool, l.gqa->layer, normed.data(), T, cos.data(), sin.data(), types[k], a, b,
-                                    start, hid.data(), level);
+                        run_block(h.pool, *l.gqa, normed.data(), T, cos.data(), sin.data(), types[k], cache_a[k],
+                                  cache_b[k], start, hid.data(), level);
                     for (int64_t j = 0; j < T * D; ++j) hid[static_cast<size_t>(j)] += cur[j];
                     rms_norm_rows(hid.data(), T, D, l.norm2.data(), l.eps2, normed.data());
                     const MoeHandle& m = *l.moe;
