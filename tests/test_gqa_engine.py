@@ -307,7 +307,8 @@ def test_fused_block_is_a_custom_op(gqa_files):
 
 
 @pytest.mark.parametrize("which", ["qwen3", "mla"])
-def test_decoder_layers_run_as_one_engine_call(gqa_files, mla_file, which, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 caches reach it as tensors, not numpy
+def test_decoder_layers_run_as_one_engine_call(gqa_files, mla_file, which, dtype, monkeypatch):
     """The runs of decoder layers whose blocks are each one engine call go through the engine as one call
     (layers.EngineStack): the same numbers, bit for bit, as the blocks' own forwards, the cache written
     alike as it grows past its first capacity (the engine's views follow the new buffers), the routing
@@ -325,7 +326,7 @@ def test_decoder_layers_run_as_one_engine_call(gqa_files, mla_file, which, monke
     def run():
         for m in moes:
             m.expert_counts = torch.zeros(len(m.experts), dtype=torch.int64)
-        cache = model.new_cache(4)  # grows twice below
+        cache = model.new_cache(4, dtype=dtype)  # grows twice below
         ids = seq(3)[:12]
         with torch.inference_mode():
             out = [model(torch.tensor(ids[:3]), cache)]
