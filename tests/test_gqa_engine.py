@@ -350,12 +350,15 @@ def test_decoder_layers_run_as_one_engine_call(gqa_files, mla_file, which, dtype
     for a, b in zip(stacked[2], plain[2]):
         assert torch.equal(a, b) and a.sum() > 0
 
-    handle = layers[-1].self_attn.register_forward_hook(lambda *a: None)
-    try:
-        run()
-    finally:
-        handle.remove()
-    assert len(calls) == 10
+    for handle in (layers[-1].self_attn.register_forward_hook(lambda *a: None),
+                   torch.nn.modules.module.register_module_forward_hook(lambda *a: None)):  # a hook on every module
+        try:
+            run()
+        finally:
+            handle.remove()
+        assert len(calls) == 10
+    run()
+    assert len(calls) == 20  # hooks gone, one call a step again
 
 
 def test_decoder_stack_checks_its_inputs(gqa_files):

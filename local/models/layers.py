@@ -123,6 +123,10 @@ class EngineStack:
 
         self.blocks = [(layer, layer.self_attn, layer.mlp) for layer in layers]
         self.bound = [(attn.engine_layer, mlp.engine_layer) for _, attn, mlp in self.blocks]
+        # the blocks' hook dicts themselves (register_forward_hook adds to them): checked each step without a
+        # lookup in each module (cold in a decode step: ~8 us a layer that way)
+        self.hooks = tuple(getattr(m, name) for block in self.blocks for m in block
+                           for name in ("_forward_hooks", "_forward_pre_hooks"))
         self.top_k = layers[0].mlp.gate.top_k
         self.stack = decoder_stack([a for a, _ in self.bound], [m for _, m in self.bound],
                                    [layer.input_layernorm for layer in layers],
@@ -145,14 +149,10 @@ class EngineStack:
         hooks them: then the modules run)."""
         if isinstance(start, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
             return False
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or any(self.hooks) or _global_hooks():
             return False
-        for (layer, attn, mlp), (a, m) in zip(self.blocks, self.bound):
-            if (attn.engine_layer is not a or mlp.engine_layer is not m or layer._forward_hooks
-                    or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks
-                    or mlp._forward_hooks or mlp._forward_pre_hooks):
-                return False
-        return True
+        return all(attn.engine_layer is a and mlp.engine_layer is m
+                   for (_, attn, mlp), (a, m) in zip(self.blocks, self.bound))
 
     def __call__(self, x: torch.Tensor, cos_sin, cache, start: int) -> torch.Tensor:
         from offload.torch_ops import run_decoder_stack
@@ -162,6 +162,13 @@ class EngineStack:
         for (_, _, mlp), layer_ids in zip(self.blocks, ids):
             mlp._count(layer_ids)
         return out
+
+
+def _global_hooks() -> bool:
+    """Whether a forward hook is registered for every module (torch.nn.modules.module.register_module_forward_hook)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def engine_stacks(layers) -> dict[int, EngineStack]:
