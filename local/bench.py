@@ -426,7 +426,8 @@ def render(result: dict) -> str:
     split = {k: steps.pop(k) for k in ("engine calls (all stages)", "torch + Python outside the engine") if k in steps}
     total = sum(v for v in steps.values() if not math.isnan(v))
     parts = [f"{k} {v:.0f}" if not math.isnan(v) else f"{k}: in the experts call" for k, v in steps.items()]
-    lines.append(f"one decode step, µs (hooks add a little): total {total:.0f} = " + ", ".join(parts))
+    lines.append(f"one decode step, µs (its blocks one by one so that hooks time them): total {total:.0f} = "
+                 + ", ".join(parts))
     if split:
         lines.append("the same step split by who runs it, µs: " + ", ".join(f"{k} {v:.0f}" for k, v in split.items()))
     return "\n".join(lines)

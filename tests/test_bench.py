@@ -134,10 +134,12 @@ def test_bench_depth_runs_each_test_after_the_context(tiny_gguf, monkeypatch):
     assert filled[0] == ("tandem", 0)
     assert sorted({name for name, _ in filled[1:]}) == ["llama.cpp", "tandem"] and len(filled) >= 7
     assert all(n == 20 for _, n in filled[1:]), filled
-    # the decode-step breakdown counts the decode steps, not the untimed context before them
+    # the decode-step breakdown counts the decode steps, not the untimed context before them (20 positions'
+    # prefill spread over 4 steps would be several steps' time); its stages are timed with the layers' blocks
+    # called one by one (hooks), a little slower than the timed rows' one-call runs of layers
     steps = tg["decode_step_us"]
     assert 0 < steps["engine calls (all stages)"] < 1e6 / tg["tps_mean"]
-    assert 0 < steps["attention"] + steps["experts"] + steps["lm_head"] < 1e6 / tg["tps_mean"]
+    assert 0 < steps["attention"] + steps["experts"] + steps["lm_head"] < 2e6 / tg["tps_mean"]
     assert steps["other"] > 0 and steps["torch + Python outside the engine"] > 0
     assert "pp8 @ d20" in render(result)
 
