@@ -41,6 +41,11 @@ def _np(t):
     return t.numpy() if isinstance(t, torch.Tensor) and t.dtype != torch.bfloat16 else t
 
 
+def _f32(t):
+    """A float32 numpy array of a (parameter) tensor, for a fused layer to copy at load; None stays None."""
+    return None if t is None else t.detach().float().contiguous().numpy()
+
+
 def _t(a):
     """The tensor for a custom op's argument (weights may be kept as numpy views of the file)."""
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
@@ -82,11 +87,8 @@ def mla_layer(hidden: int, heads: int, nope_dim: int, rope_dim: int, kv_lora_ran
     def w(e):
         return None if e is None else (e.data, e.type_id)
 
-    def norm(t):
-        return None if t is None else t.detach().float().contiguous().numpy()
-
-    layer = _C.MlaLayer(hidden, heads, nope_dim, rope_dim, kv_lora_rank, v_dim, w(q_a), norm(q_a_norm), w(q), w(kv_a),
-                        norm(kv_a_norm), w(uk), w(uv), w(o), eps, scale, rope_interleaved)
+    layer = _C.MlaLayer(hidden, heads, nope_dim, rope_dim, kv_lora_rank, v_dim, w(q_a), _f32(q_a_norm), w(q), w(kv_a),
+                        _f32(kv_a_norm), w(uk), w(uv), w(o), eps, scale, rope_interleaved)
     _LAYERS[id(layer)] = layer
     return layer
 
@@ -95,11 +97,8 @@ def gqa_layer(hidden: int, heads: int, kv_heads: int, head_dim: int, q, k, v, o,
               scale: float, rope_interleaved: bool):
     """One layer's grouped-query attention weights, checked once, for `run_gqa_forward` (a _C.GqaLayer, which
     keeps them alive). Weights are EngineWeights; q_norm / k_norm float32 tensors [head_dim] or None."""
-    def norm(t):
-        return None if t is None else t.detach().float().contiguous().numpy()
-
-    layer = _C.GqaLayer(hidden, heads, kv_heads, head_dim, *((w.data, w.type_id) for w in (q, k, v, o)), norm(q_norm),
-                        norm(k_norm), eps, scale, rope_interleaved)
+    layer = _C.GqaLayer(hidden, heads, kv_heads, head_dim, *((w.data, w.type_id) for w in (q, k, v, o)), _f32(q_norm),
+                        _f32(k_norm), eps, scale, rope_interleaved)
     _LAYERS[id(layer)] = layer
     return layer
 
@@ -110,10 +109,9 @@ def moe_layer(gate, up, down, types, shared, shared_types, router_weight: torch.
     `run_moe_layer` (a _C.MoeLayer, which keeps the weights alive). router_weight float32 [E, H]."""
     spec = [(_np(shared[i]), shared_types[i], _np(shared[i + 1]), shared_types[i + 1], _np(shared[i + 2]),
              shared_types[i + 2]) for i in range(0, len(shared), 3)]
-    router = (router_weight.detach().float().contiguous().numpy(), 0)
-    bias = None if bias is None else bias.detach().float().contiguous().numpy()
-    layer = _C.MoeLayer(_np(gate), types[0], _np(up), types[1], _np(down), types[2], spec, router, bias, top_k, scoring,
-                        topk_method, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    layer = _C.MoeLayer(_np(gate), types[0], _np(up), types[1], _np(down), types[2], spec, (_f32(router_weight), 0),
+                        _f32(bias), top_k, scoring, topk_method, n_group, topk_group, norm_topk_prob,
+                        routed_scaling_factor)
     _LAYERS[id(layer)] = layer
     return layer
 
@@ -293,11 +291,8 @@ def run_moe_layer(layer, x, top_k: int, norm=None, eps: float = 1e-6,
 def decoder_stack(attn: list, moe: list, norms1: list, norms2: list):
     """Consecutive decoder layers for `run_decoder_stack` (a _C.DecoderStack, which keeps them alive): per layer
     its attention block's and MoE layer's engine handles and the RMSNorm modules before them."""
-    def weights(norms):
-        return [n.weight.detach().float().contiguous().numpy() for n in norms]
-
-    return _C.DecoderStack(attn, moe, weights(norms1), [n.eps for n in norms1], weights(norms2),
-                           [n.eps for n in norms2])
+    return _C.DecoderStack(attn, moe, [_f32(n.weight) for n in norms1], [n.eps for n in norms1],
+                           [_f32(n.weight) for n in norms2], [n.eps for n in norms2])
 
 
 def run_decoder_stack(stack, x, cos, sin, caches: list, start: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

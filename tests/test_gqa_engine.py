@@ -22,7 +22,8 @@ from quant.convert import convert
 
 from .conftest import build_reference
 from .test_gguf import N_TOKENS, agreement_with_llama_cpp, seq
-from .test_mla_engine import MLA_DIMS, check_pre_norm_block
+from .test_mla_engine import (MLA_DIMS, check_block_inputs, check_custom_op, check_fused_block, check_pre_norm_block,
+                              plain)
 
 ISAS = offload.supported_isas()
 # qwen3moe GGUF files are MoE in every layer; "wide" has 3 query heads per KV head and 64-dim heads
@@ -60,15 +61,6 @@ def fill_cache(runner, start: int, dtype, capacity: int = 64):
     for buf in cache.buffers.values():
         buf[:, :start] = torch.randn(buf[:, :start].shape, generator=g).to(dtype)
     return cache
-
-
-def plain(attn: GQAttention, *args):
-    """The block op by op (torch attention around the engine's linears)."""
-    layer, attn.engine_layer = attn.engine_layer, None
-    try:
-        return attn(*args)
-    finally:
-        attn.engine_layer = layer
 
 
 # ---------------------------------------------------------------- the attention core
@@ -127,33 +119,10 @@ def test_gqa_attention_checks_shapes():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_block_matches_the_op_by_op_path(gqa_files, name, dtype, threads):
     runner = local.load(gqa_files[name], device="cpu", threads=threads)
-    model = runner.model
     assert all(a.engine_layer is not None for a in blocks(runner)), "every GQA block should be one engine call"
-    attn = blocks(runner)[1]
-    e = torch_ops.engine()
-    default_isa = e.isa
-    try:
-        for isa in ISAS:
-            e.isa = isa
-            for T, start in ((1, 0), (1, 21), (2, 21), (9, 40), (33, 0)):
-                x = torch.randn(T, model.config.hidden_size, generator=torch.Generator().manual_seed(T + start))
-                cos_sin = model.rope.cos_sin(torch.arange(start, start + T))
-                fused_cache, plain_cache = fill_cache(runner, start, dtype), fill_cache(runner, start, dtype)
-                with torch.inference_mode():
-                    got = attn(x, model.rope, cos_sin, fused_cache, start)
-                    want = plain(attn, x, model.rope, cos_sin, plain_cache, start)
-                # the per-head norms sum in another order: a last-bit change can move a Q8 rounding of
-                # o_proj's input by a step
-                rel = ((got - want).norm() / want.norm()).item()
-                assert rel <= 1e-3, (isa, T, start, rel)
-                for stream in ("k", "v"):
-                    a = fused_cache.buffers[stream][attn.layer_idx, :start + T].float()
-                    b = plain_cache.buffers[stream][attn.layer_idx, :start + T].float()
-                    ulp = 1e-5 if dtype == torch.float32 else (2 ** -10 if dtype == torch.float16 else 2 ** -7)
-                    assert torch.allclose(a, b, rtol=ulp, atol=ulp), (isa, stream, (a - b).abs().max())
-                    assert fused_cache.buffers[stream][attn.layer_idx, start + T:].abs().max() == 0  # no stray rows
-    finally:
-        e.isa = default_isa
+    # the per-head norms sum in another order: a last-bit change can move a Q8 rounding of o_proj's input by
+    # a step
+    check_fused_block(runner, blocks(runner)[1], dtype, ((1, 0), (1, 21), (2, 21), (9, 40), (33, 0)), f32_ulp=1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -244,30 +213,11 @@ def test_fused_block_checks_its_inputs(gqa_files):
     attn = blocks(runner)[0]
     e = torch_ops.engine()._engine
     D = runner.config.hidden_size
-    cache = runner.model.new_cache(8).layer(0)
-    k, v = cache["k"].numpy(), cache["v"].numpy()
-    cos = np.zeros((1, 32), np.float32)
-    out = np.empty((1, D), np.float32)
-    x = np.zeros((1, D), np.float32)
-    layer = attn.engine_layer
-    with pytest.raises(ValueError, match="reserve the cache"):
-        e.gqa_forward(layer, x, cos, cos, k, v, 8, out)
-    with pytest.raises(ValueError, match=f"x must be float32 \\[tokens, {D}\\]"):
-        e.gqa_forward(layer, np.zeros((1, D + 1), np.float32), cos, cos, k, v, 0, out)
-    with pytest.raises(ValueError, match="cos must have shape"):
-        e.gqa_forward(layer, x, np.zeros((1, 16), np.float32), cos, k, v, 0, out)
+    check_block_inputs(runner, attn, e.gqa_forward, rope_half=32)
+    k, v = (a.numpy() for a in runner.model.new_cache(8).layer(0).values())
+    cos, out, x = np.zeros((1, 32), np.float32), np.empty((1, D), np.float32), np.zeros((1, D), np.float32)
     with pytest.raises(ValueError, match="k_cache and v_cache must be C-contiguous \\[positions, 2, 64\\]"):
-        e.gqa_forward(layer, x, cos, cos, k.reshape(8, 4, 32), v, 0, out)
-    with pytest.raises(ValueError, match="share a dtype"):
-        e.gqa_forward(layer, x, cos, cos, k, v.astype(np.float16), 0, out)
-    with pytest.raises(ValueError, match=f"norm must be float32 \\[{D}\\]"):
-        e.gqa_forward(layer, x, cos, cos, k, v, 0, out, norm=np.ones(D - 1, np.float32))
-    with pytest.raises(ValueError, match="out overlaps x"):
-        e.gqa_forward(layer, out, cos, cos, k, v, 0, out, residual=True)
-    ro = k.copy()
-    ro.flags.writeable = False
-    with pytest.raises(TypeError):  # the cache is written: a read-only array is refused
-        e.gqa_forward(layer, x, cos, cos, ro, v, 0, out)
+        e.gqa_forward(attn.engine_layer, x, cos, cos, k.reshape(8, 4, 32), v, 0, out)
 
     ws = {n: (getattr(attn, f"{n}_proj").engine_weight.data, getattr(attn, f"{n}_proj").engine_weight.type_id)
           for n in "qkvo"}
@@ -288,22 +238,7 @@ def test_fused_block_checks_its_inputs(gqa_files):
 
 def test_fused_block_is_a_custom_op(gqa_files):
     runner = local.load(gqa_files["qwen3"], device="cpu")
-    attn = blocks(runner)[0]
-    cache = runner.model.new_cache(8).layer(0)
-    x = torch.randn(2, runner.config.hidden_size)
-    cos, sin = runner.model.rope.cos_sin(torch.arange(3, 5))
-    args = (x, cos, sin, cache["k"], cache["v"], 3, id(attn.engine_layer))
-    eager = torch_ops.run_gqa_forward(attn.engine_layer, x, cos, sin, cache["k"].clone(), cache["v"].clone(), 3)
-    assert torch.equal(torch.ops.tandem.gqa_forward(*args), eager)
-    assert cache["k"][3:5].abs().sum() > 0 and cache["k"][5:].abs().sum() == 0
-    torch.library.opcheck(torch.ops.tandem.gqa_forward.default, args, test_utils=("test_schema", "test_faketensor"))
-    norm = torch.rand(runner.config.hidden_size) + 0.5
-    args = args + (norm, 1e-5, True)
-    fused = torch.ops.tandem.gqa_forward(*args)
-    eager = torch_ops.run_gqa_forward(attn.engine_layer, x, cos, sin, cache["k"].clone(), cache["v"].clone(), 3,
-                                      norm, 1e-5, residual=True)
-    assert torch.equal(fused, eager) and not torch.allclose(fused, x + torch.ops.tandem.gqa_forward(*args[:7]))
-    torch.library.opcheck(torch.ops.tandem.gqa_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+    check_custom_op(runner, blocks(runner)[0], torch.ops.tandem.gqa_forward, torch_ops.run_gqa_forward)
 
 
 @pytest.mark.parametrize("which", ["qwen3", "mla"])

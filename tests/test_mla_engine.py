@@ -57,33 +57,44 @@ def fill_cache(runner, start: int, dtype):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_block_matches_the_op_by_op_path(mla_files, name, dtype, threads):
     runner = local.load(mla_files[name], device="cpu", threads=threads)
-    model = runner.model
     assert all(a.engine_layer is not None for a in blocks(runner)), "every MLA block should be one engine call"
-    attn = blocks(runner)[1]
+    # the latent norm sums in another order: a last-bit change can move one Q8 rounding of W_UV's input by a
+    # step, so the block agrees to ~1e-4 (T=1 agrees exactly here)
+    check_fused_block(runner, blocks(runner)[1], dtype, ((1, 0), (1, 21), (2, 21), (7, 40), (33, 0)), f32_ulp=1e-6)
+
+
+def plain(attn, *args):
+    """An attention block op by op (its engine_layer left out for the call)."""
+    layer, attn.engine_layer = attn.engine_layer, None
+    try:
+        return attn(*args)
+    finally:
+        attn.engine_layer = layer
+
+
+def check_fused_block(runner, attn, dtype, cases, f32_ulp: float):
+    """An attention block as one engine call against its op-by-op path, every ISA, for the (tokens, start)
+    cases: outputs within 1e-3 relative, each cache stream within a unit of its dtype (f32_ulp for float32)
+    and nothing written past the new positions."""
+    model = runner.model
     e = torch_ops.engine()
     default_isa = e.isa
     try:
         for isa in ISAS:
             e.isa = isa
-            for T, start in ((1, 0), (1, 21), (2, 21), (7, 40), (33, 0)):
+            for T, start in cases:
                 x = torch.randn(T, model.config.hidden_size, generator=torch.Generator().manual_seed(T + start))
                 cos_sin = model.rope.cos_sin(torch.arange(start, start + T))
                 fused_cache, plain_cache = fill_cache(runner, start, dtype), fill_cache(runner, start, dtype)
                 with torch.inference_mode():
                     got = attn(x, model.rope, cos_sin, fused_cache, start)
-                    layer, attn.engine_layer = attn.engine_layer, None
-                    try:
-                        want = attn(x, model.rope, cos_sin, plain_cache, start)
-                    finally:
-                        attn.engine_layer = layer
-                # the latent norm sums in another order: a last-bit change can move one Q8 rounding of
-                # W_UV's input by a step, so the block agrees to ~1e-4 (T=1 agrees exactly here)
+                    want = plain(attn, x, model.rope, cos_sin, plain_cache, start)
                 rel = ((got - want).norm() / want.norm()).item()
                 assert rel <= 1e-3, (isa, T, start, rel)
-                for stream in ("c_kv", "k_pe"):
+                for stream in fused_cache.buffers:
                     a = fused_cache.buffers[stream][attn.layer_idx, :start + T].float()
                     b = plain_cache.buffers[stream][attn.layer_idx, :start + T].float()
-                    ulp = 1e-6 if dtype == torch.float32 else (2 ** -10 if dtype == torch.float16 else 2 ** -7)
+                    ulp = f32_ulp if dtype == torch.float32 else (2 ** -10 if dtype == torch.float16 else 2 ** -7)
                     assert torch.allclose(a, b, rtol=ulp, atol=ulp), (isa, stream, (a - b).abs().max())
                     assert fused_cache.buffers[stream][attn.layer_idx, start + T:].abs().max() == 0  # no stray rows
     finally:
@@ -178,31 +189,11 @@ def test_fused_block_checks_its_inputs(mla_files):
     attn = blocks(runner)[0]
     e = torch_ops.engine()._engine
     D = runner.config.hidden_size
-    cache = runner.model.new_cache(8).layer(0)
-    c_kv, k_pe = cache["c_kv"].numpy(), cache["k_pe"].numpy()
-    cos = np.zeros((1, 8), np.float32)
-    out = np.empty((1, D), np.float32)
-    x = np.zeros((1, D), np.float32)
-    with pytest.raises(ValueError, match="reserve the cache"):
-        e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe, 8, out)
-    with pytest.raises(ValueError, match=f"x must be float32 \\[tokens, {D}\\]"):
-        e.mla_forward(attn.engine_layer, np.zeros((1, D + 1), np.float32), cos, cos, c_kv, k_pe, 0, out)
-    with pytest.raises(ValueError, match="cos must have shape"):
-        e.mla_forward(attn.engine_layer, x, np.zeros((1, 4), np.float32), cos, c_kv, k_pe, 0, out)
+    check_block_inputs(runner, attn, e.mla_forward, rope_half=8)
+    c_kv, k_pe = (a.numpy() for a in runner.model.new_cache(8).layer(0).values())
+    cos, out, x = np.zeros((1, 8), np.float32), np.empty((1, D), np.float32), np.zeros((1, D), np.float32)
     with pytest.raises(ValueError, match="c_kv must be"):
         e.mla_forward(attn.engine_layer, x, cos, cos, k_pe, k_pe, 0, out)
-    with pytest.raises(ValueError, match="share a dtype"):
-        e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe.astype(np.float16), 0, out)
-    with pytest.raises(ValueError, match=f"norm must be float32 \\[{D}\\]"):
-        e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe, 0, out, norm=np.ones(D - 1, np.float32))
-    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
-        e.mla_forward(attn.engine_layer, x, cos, cos, c_kv, k_pe, 0, out, norm=np.ones(D, np.float32), eps=-1.0)
-    with pytest.raises(ValueError, match="out overlaps x"):
-        e.mla_forward(attn.engine_layer, out, cos, cos, c_kv, k_pe, 0, out, residual=True)
-    ro = c_kv.copy()
-    ro.flags.writeable = False
-    with pytest.raises(TypeError):  # the cache is written: a read-only array is refused
-        e.mla_forward(attn.engine_layer, x, cos, cos, ro, k_pe, 0, out)
 
     w = attn.kv_a_proj_with_mqa.engine_weight
     args = dict(hidden=D, heads=attn.n_heads, nope_dim=32, rope_dim=16, kv_lora_rank=64, v_dim=32,
@@ -224,21 +215,55 @@ def test_fused_block_checks_its_inputs(mla_files):
         offload._C.MlaLayer(**{**args, "kv_lora_rank": 96, "kv_a_norm": np.ones(96, np.float32)})
 
 
+def check_block_inputs(runner, attn, forward, rope_half: int):
+    """What Engine.mla_forward / gqa_forward (forward) check alike at the boundary: room in the cache, x's and
+    cos's shapes, caches of one dtype, the norm's shape and eps, out apart from x, a writable cache."""
+    D = runner.config.hidden_size
+    a, b = (t.numpy() for t in runner.model.new_cache(8).layer(0).values())
+    cos = np.zeros((1, rope_half), np.float32)
+    out = np.empty((1, D), np.float32)
+    x = np.zeros((1, D), np.float32)
+    layer = attn.engine_layer
+    with pytest.raises(ValueError, match="reserve the cache"):
+        forward(layer, x, cos, cos, a, b, 8, out)
+    with pytest.raises(ValueError, match=f"x must be float32 \\[tokens, {D}\\]"):
+        forward(layer, np.zeros((1, D + 1), np.float32), cos, cos, a, b, 0, out)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        forward(layer, x, np.zeros((1, rope_half // 2), np.float32), cos, a, b, 0, out)
+    with pytest.raises(ValueError, match="share a dtype"):
+        forward(layer, x, cos, cos, a, b.astype(np.float16), 0, out)
+    with pytest.raises(ValueError, match=f"norm must be float32 \\[{D}\\]"):
+        forward(layer, x, cos, cos, a, b, 0, out, norm=np.ones(D - 1, np.float32))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        forward(layer, x, cos, cos, a, b, 0, out, norm=np.ones(D, np.float32), eps=-1.0)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        forward(layer, out, cos, cos, a, b, 0, out, residual=True)
+    ro = a.copy()
+    ro.flags.writeable = False
+    with pytest.raises(TypeError):  # the cache is written: a read-only array is refused
+        forward(layer, x, cos, cos, ro, b, 0, out)
+
+
 def test_fused_block_is_a_custom_op(mla_files):
     runner = local.load(mla_files["v2_lite"], device="cpu")
-    attn = blocks(runner)[0]
-    cache = runner.model.new_cache(8).layer(0)
+    check_custom_op(runner, blocks(runner)[0], torch.ops.tandem.mla_forward, torch_ops.run_mla_forward)
+
+
+def check_custom_op(runner, attn, op, run):
+    """An attention block's torch.ops.tandem op (mla_forward / gqa_forward) gives the eager call's numbers
+    (run: torch_ops.run_mla_forward / run_gqa_forward), writes only the new rows of its caches, takes
+    norm= / residual=, and passes torch's op checks."""
+    a, b = runner.model.new_cache(8).layer(0).values()
     x = torch.randn(2, runner.config.hidden_size)
     cos, sin = runner.model.rope.cos_sin(torch.arange(3, 5))
-    args = (x, cos, sin, cache["c_kv"], cache["k_pe"], 3, id(attn.engine_layer))
-    eager = torch_ops.run_mla_forward(attn.engine_layer, x, cos, sin, cache["c_kv"].clone(), cache["k_pe"].clone(), 3)
-    assert torch.equal(torch.ops.tandem.mla_forward(*args), eager)
-    assert cache["c_kv"][3:5].abs().sum() > 0 and cache["c_kv"][5:].abs().sum() == 0
-    torch.library.opcheck(torch.ops.tandem.mla_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+    args = (x, cos, sin, a, b, 3, id(attn.engine_layer))
+    eager = run(attn.engine_layer, x, cos, sin, a.clone(), b.clone(), 3)
+    assert torch.equal(op(*args), eager)
+    assert a[3:5].abs().sum() > 0 and a[5:].abs().sum() == 0
+    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
     norm = torch.rand(runner.config.hidden_size) + 0.5
     args = args + (norm, 1e-5, True)
-    fused = torch.ops.tandem.mla_forward(*args)
-    eager = torch_ops.run_mla_forward(attn.engine_layer, x, cos, sin, cache["c_kv"].clone(), cache["k_pe"].clone(), 3,
-                                      norm, 1e-5, residual=True)
-    assert torch.equal(fused, eager) and not torch.allclose(fused, x + torch.ops.tandem.mla_forward(*args[:7]))
-    torch.library.opcheck(torch.ops.tandem.mla_forward.default, args, test_utils=("test_schema", "test_faketensor"))
+    fused = op(*args)
+    eager = run(attn.engine_layer, x, cos, sin, a.clone(), b.clone(), 3, norm, 1e-5, residual=True)
+    assert torch.equal(fused, eager) and not torch.allclose(fused, x + op(*args[:7]))
+    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -199,6 +199,17 @@ void rope_rotate(float* x, int64_t d, const float* cos, const float* sin, bool i
     }
 }
 
+const float* heads_to_tokens(ThreadPool& pool, const float* src, int64_t H, int64_t T, int64_t D,
+                             std::vector<float>& buf) {
+    if (T == 1) return src;
+    buf.resize(static_cast<size_t>(T * H * D));
+    pool.parallel_for(T, [&](int64_t t, int) {
+        for (int64_t h = 0; h < H; ++h)
+            std::memcpy(buf.data() + (t * H + h) * D, src + (h * T + t) * D, sizeof(float) * static_cast<size_t>(D));
+    });
+    return buf.data();
+}
+
 void store_cache_row(GgmlType type, const float* x, int64_t n, uint8_t* dst) {
     if (type == GgmlType::F32) {
         std::memcpy(dst, x, sizeof(float) * static_cast<size_t>(n));

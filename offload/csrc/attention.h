@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "dot.h"
 #include "threadpool.h"
@@ -28,6 +29,11 @@ void gqa_attention(ThreadPool& pool, int64_t H, int64_t G, int64_t T, int64_t S,
 // x[0:d] rotated by the angles whose cos/sin [d/2] are given: pairs (x0, x1) (interleaved, DeepSeek) or the
 // halves (x_i, x_{i+d/2}) (NEOX, Qwen)
 void rope_rotate(float* x, int64_t d, const float* cos, const float* sin, bool interleaved);
+
+// Per-head rows [H, T, D] as per-token rows [T, H*D] (an output projection's input): src itself for one token
+// (the same layout), else copied into `buf` over the pool
+const float* heads_to_tokens(ThreadPool& pool, const float* src, int64_t H, int64_t T, int64_t D,
+                             std::vector<float>& buf);
 
 // n floats into a cache row of `type` (F32, F16 or BF16)
 void store_cache_row(GgmlType type, const float* x, int64_t n, uint8_t* dst);

@@ -350,6 +350,20 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
     return m;
 }
 
+// An RMSNorm epsilon from Python: finite and >= 0 (`where` prefixes the error).
+void check_eps(float eps, const std::string& where = "") {
+    if (!(eps >= 0 && std::isfinite(eps))) fail(where + "eps must be a finite number >= 0, not " + std::to_string(eps));
+}
+
+// A fused layer reads x [T, D] while it writes out: the two must not share memory.
+void check_no_overlap(const float* x, int64_t T, int64_t D, const void* out) {
+    const auto* o = static_cast<const char*>(out);
+    const auto* xb = reinterpret_cast<const char*>(x);
+    const size_t bytes = static_cast<size_t>(T * D) * sizeof(float);
+    if (o < xb + bytes && xb < o + bytes)
+        fail("out overlaps x: the layer reads x while it writes out (pass a separate output array)");
+}
+
 // One layer's grouped-query attention weights (Qwen3-MoE), checked once at load.
 struct GqaHandle {
     GqaLayer layer;
@@ -365,7 +379,7 @@ GqaHandle make_gqa(int64_t D, int64_t H, int64_t G, int64_t Dh, const WeightArg&
     if (H % G) fail("heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" + std::to_string(G) + ")");
     if (q_norm.has_value() != k_norm.has_value())
         fail("q_norm and k_norm come together (per-head norms) or not at all");
-    if (!(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
+    check_eps(eps);
     GqaHandle m;
     GqaLayer& L = m.layer;
     L.H = H, L.G = G, L.Dh = Dh, L.eps = eps, L.scale = scale, L.rope_interleaved = rope_interleaved;
@@ -397,14 +411,10 @@ struct PreNorm {
         if (norm_) {
             if (norm_->ndim() != 1 || static_cast<int64_t>(norm_->shape(0)) != D)
                 fail("norm must be float32 [" + std::to_string(D) + "] (the block's RMSNorm weight)");
-            if (!(eps >= 0 && std::isfinite(eps))) fail("eps must be a finite number >= 0, not " + std::to_string(eps));
+            check_eps(eps);
             norm = norm_->data();
         }
-        const auto* o = static_cast<const char*>(out);
-        const auto* xb = reinterpret_cast<const char*>(x);
-        const size_t bytes = static_cast<size_t>(T * D) * sizeof(float);
-        if (o < xb + bytes && xb < o + bytes)
-            fail("out overlaps x: the layer reads x while it writes out (pass a separate output array)");
+        check_no_overlap(x, T, D, out);
     }
     // What the layer reads: x, or x normed into a buffer of the calling thread.
     const float* input() const {
@@ -531,15 +541,20 @@ void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& i
                      nb::cast(up), nb::cast(down)};
 }
 
-// The checks of a layer's cache arrays at the boundary (Engine.mla_forward / gqa_forward / decoder_stack):
-// their dtype (the cache type they share), shapes, and room for positions start..start+T.
+// Room in a layer's cache arrays (`held` positions) for positions start..start+T.
 void check_room(int64_t held, int64_t start, int64_t T) {
     if (start < 0 || start + T > held)
         fail("the cache holds " + std::to_string(held) + " positions; positions " + std::to_string(start) + ".." +
              std::to_string(start + T) + " do not fit (reserve the cache first)");
 }
 
-GgmlType mla_cache_type(const MlaLayer& L, const Mut& c_kv, const Mut& k_pe, int64_t start, int64_t T) {
+// What Engine.mla_forward, gqa_forward and decoder_stack do alike with either attention block: the width of
+// its cos / sin rows, the checks of its two cache arrays at the boundary (their dtype, the cache type they
+// share; their shapes; room for the new positions), and the block itself.
+int64_t rope_half(const MlaHandle& m) { return m.layer.Dr / 2; }
+int64_t rope_half(const GqaHandle& m) { return m.layer.Dh / 2; }
+GgmlType cache_type(const MlaHandle& m, const Mut& c_kv, const Mut& k_pe, int64_t start, int64_t T) {
+    const MlaLayer& L = m.layer;
     const GgmlType type = cache_type_of(c_kv, "c_kv");
     if (cache_type_of(k_pe, "k_pe") != type) fail("c_kv and k_pe must share a dtype");
     if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != L.R ||
@@ -549,8 +564,8 @@ GgmlType mla_cache_type(const MlaLayer& L, const Mut& c_kv, const Mut& k_pe, int
     check_room(static_cast<int64_t>(std::min(c_kv.shape(0), k_pe.shape(0))), start, T);
     return type;
 }
-
-GgmlType gqa_cache_type(const GqaLayer& L, const Mut& k_cache, const Mut& v_cache, int64_t start, int64_t T) {
+GgmlType cache_type(const GqaHandle& m, const Mut& k_cache, const Mut& v_cache, int64_t start, int64_t T) {
+    const GqaLayer& L = m.layer;
     const GgmlType type = cache_type_of(k_cache, "k_cache");
     if (cache_type_of(v_cache, "v_cache") != type) fail("k_cache and v_cache must share a dtype");
     for (const Mut* c : {&k_cache, &v_cache})
@@ -560,17 +575,6 @@ GgmlType gqa_cache_type(const GqaLayer& L, const Mut& k_cache, const Mut& v_cach
                  std::to_string(L.Dh) + "]");
     check_room(static_cast<int64_t>(std::min(k_cache.shape(0), v_cache.shape(0))), start, T);
     return type;
-}
-
-// What Engine.mla_forward, gqa_forward and decoder_stack do alike with either attention block: the width of
-// its cos / sin rows, the checks of its two cache arrays, and the block itself.
-int64_t rope_half(const MlaHandle& m) { return m.layer.Dr / 2; }
-int64_t rope_half(const GqaHandle& m) { return m.layer.Dh / 2; }
-GgmlType cache_type(const MlaHandle& m, const Mut& a, const Mut& b, int64_t start, int64_t T) {
-    return mla_cache_type(m.layer, a, b, start, T);
-}
-GgmlType cache_type(const GqaHandle& m, const Mut& a, const Mut& b, int64_t start, int64_t T) {
-    return gqa_cache_type(m.layer, a, b, start, T);
 }
 void run_block(ThreadPool& pool, const MlaHandle& m, const float* x, int64_t T, const float* cos, const float* sin,
                GgmlType type, const Mut& a, const Mut& b, int64_t start, float* out, Isa isa) {
@@ -644,8 +648,7 @@ DecoderStack make_stack(const std::vector<nb::object>& attn, const std::vector<n
                  std::to_string(2 * st.rope_half) + ")");
         if (!st.layers.empty() && (l.mla != nullptr) != (st.layers[0].mla != nullptr))
             fail(at + ": every layer of a stack has the same attention (MLA or GQA)");
-        for (float e : {eps1[i], eps2[i]})
-            if (!(e >= 0 && std::isfinite(e))) fail(at + ": eps must be a finite number >= 0");
+        for (float e : {eps1[i], eps2[i]}) check_eps(e, at + ": ");
         if (!st.layers.empty() && l.moe->router.top_k != st.layers[0].moe->router.top_k)
             fail(at + ": its MoE picks " + std::to_string(l.moe->router.top_k) + " experts a token, layer 0's " +
                  std::to_string(st.layers[0].moe->router.top_k));
@@ -812,7 +815,7 @@ void register_engine(nb::module_& m) {
                 float* y = written<float>(out, {T, D}, "out");
                 int64_t* id = written<int64_t>(ids, {n, T, A}, "ids");
                 float* wt = written<float>(weights, {n, T, A}, "weights");
-                const PreNorm overlap_check(x, D, std::nullopt, 0.0f, false, y);  // out must not overlap x
+                check_no_overlap(x.data(), T, D, y);
                 const Isa level = isa_arg(isa);
                 h.pool.wait();
                 nb::gil_scoped_release release;

@@ -18,7 +18,7 @@ void gqa_forward(ThreadPool& pool, const GqaLayer& L, const float* x, int64_t T,
     auto &q = scratch.q, &k = scratch.k, &v = scratch.v, &heads_q = scratch.heads_q, &heads_o = scratch.heads_o;
     auto& o = scratch.o;
     q.resize(T * H * Dh), k.resize(T * G * Dh), v.resize(T * G * Dh);
-    heads_q.resize(H * T * Dh), heads_o.resize(H * T * Dh), o.resize(T * H * Dh);
+    heads_q.resize(H * T * Dh), heads_o.resize(H * T * Dh);
     // 1. the three projections of x in one pass (x quantized once per activation format)
     const Weight ws[3] = {L.q, L.k, L.v};
     float* ys[3] = {q.data(), k.data(), v.data()};
@@ -48,17 +48,8 @@ void gqa_forward(ThreadPool& pool, const GqaLayer& L, const float* x, int64_t T,
     // 3. attention over the cache, every KV head's query heads together
     gqa_attention(pool, H, G, T, start + T, Dh, heads_q.data(), cache_type, k_cache, v_cache, L.scale,
                   heads_o.data(), isa);
-    // 4. [H, T, Dh] -> [T, H*Dh] (one token: the same layout), then the output projection
-    const float* heads = heads_o.data();
-    if (T > 1) {
-        pool.parallel_for(T, [&](int64_t t, int) {
-            for (int64_t h = 0; h < H; ++h)
-                std::memcpy(o.data() + (t * H + h) * Dh, heads_o.data() + (h * T + t) * Dh,
-                            sizeof(float) * static_cast<size_t>(Dh));
-        });
-        heads = o.data();
-    }
-    linear(pool, L.o, heads, T, out, isa);
+    // 4. the output projection, of [H, T, Dh] as [T, H*Dh]
+    linear(pool, L.o, heads_to_tokens(pool, heads_o.data(), H, T, Dh, o), T, out, isa);
 }
 
 }  // namespace tandem

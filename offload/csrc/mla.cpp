@@ -20,7 +20,7 @@ void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T,
     auto &q = scratch.q, &latent = scratch.latent, &qa = scratch.qa, &q_nope = scratch.q_nope, &q_pe = scratch.q_pe;
     auto &q_lat = scratch.q_lat, &o_lat = scratch.o_lat, &v = scratch.v, &heads = scratch.heads;
     q.resize(T * H * Dq), latent.resize(T * (R + Dr)), q_nope.resize(H * T * Dn), q_pe.resize(H * T * Dr);
-    q_lat.resize(H * T * R), o_lat.resize(H * T * R), v.resize(H * T * Dv), heads.resize(T * H * Dv);
+    q_lat.resize(H * T * R), o_lat.resize(H * T * R), v.resize(H * T * Dv);
     // 1. projections of x: q (through the q LoRA when there is one) and the latent, in one pass
     if (L.q_a.rows) {
         qa.resize(T * L.q_a.rows);
@@ -57,12 +57,8 @@ void mla_forward(ThreadPool& pool, const MlaLayer& L, const float* x, int64_t T,
     mla_attention(pool, H, T, start + T, R, Dr, q_lat.data(), q_pe.data(), cache_type, c_kv, k_pe, L.scale,
                   o_lat.data(), isa);
     linear_batched(pool, L.uv.data(), H, o_lat.data(), T, v.data(), isa);
-    pool.parallel_for(T, [&](int64_t t, int) {  // [H, T, Dv] -> [T, H*Dv]
-        for (int64_t h = 0; h < H; ++h)
-            std::memcpy(heads.data() + (t * H + h) * Dv, v.data() + (h * T + t) * Dv, sizeof(float) * static_cast<size_t>(Dv));
-    });
-    // 4. the output projection
-    linear(pool, L.o, heads.data(), T, out, isa);
+    // 4. the output projection, of [H, T, Dv] as [T, H*Dv]
+    linear(pool, L.o, heads_to_tokens(pool, v.data(), H, T, Dv, heads), T, out, isa);
 }
 
 }  // namespace tandem
