@@ -177,9 +177,10 @@ def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
     return call
 
 
-def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0) -> tuple[list, list]:
+def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0, twin=None) -> tuple[list, list, list]:
     """Seconds of `repeats` calls of `call` (each on the next layer copy), each found cold as in decode,
-    and the seconds of the reads that made them so; warm-up as `timed`. Before each timed call, `read()`
+    the seconds of the reads that made them so, and (with `twin`) the seconds of `twin` timed the same way
+    in the same rounds, each right after a call (the same moments); warm-up as `timed`. Before each timed call, `read()`
     (a streaming read of `roofline_read_bytes`) evicts every expert, then one untimed call (on the copy
     before) brings back the code and buffers but not the experts the timed call reads. At T=1 a call
     reads only the few experts its token picks (31 MB on V2-Lite), and merely cycling through copies of
@@ -187,7 +188,7 @@ def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0) ->
     1012 us that way, 1113-1127 us this way. A read alone, right before the timed call, also evicts the
     code: 1143-1185 us (a cold 64-row GEMV 72 us instead of 21)."""
     timed(call, 1, warmup=warmup, settle_s=settle_s)
-    calls, reads = [], []
+    calls, reads, twins = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         read()
@@ -196,7 +197,24 @@ def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0) ->
         t1 = time.perf_counter()
         call()
         calls.append(time.perf_counter() - t1)
-    return calls, reads
+        if twin is not None:
+            read()
+            twin()
+            t2 = time.perf_counter()
+            twin()
+            twins.append(time.perf_counter() - t2)
+    return calls, reads, twins
+
+
+def same_bytes_reader(engine, nbytes: int):
+    """A plain read of `nbytes` for `after_reads`' twin: two buffers of that size read in turn on the
+    engine's threads (the untimed read before each timed one reads the other), so it finds its bytes out
+    of the cache as a MoE call finds its experts. A T=1 call's own roofline: as many bytes, read as fast
+    as this machine reads, at the same moment. A burst of tens of megabytes from a cold start streams
+    slower than the long read of `roofline_us` (V2-Lite's 31 MB: 34-35 GB/s against 36-37)."""
+    bufs = [np.ones(nbytes, np.uint8) for _ in range(2)]
+    turn = iter(range(10**9))
+    return lambda: engine.read_pass(bufs[next(turn) % 2])
 
 
 def one_thread_reader(buf):
@@ -206,15 +224,19 @@ def one_thread_reader(buf):
     return lambda: reader.read_pass(buf)
 
 
-def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, buf,
-                     with_shared: bool = True) -> tuple[float, float, float]:
+def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, buf, with_shared: bool = True,
+                     twin_bytes: int = 0) -> tuple[float, float, float, float | None]:
     """(median, stdev) seconds of a T-token call of the layer (the routed experts alone without
-    `with_shared`), each call after a read of `buf` on the engine's own threads, and those reads' GB/s:
-    the memory roofline of the same moment (the bandwidth swings between about 38 and 71 GB/s from
-    minute to minute here; the figure measured at the start of the run is minutes old by then)."""
-    calls, reads = after_reads(moe_call(engine, rng, spec, layers, T, with_shared), lambda: engine.read_pass(buf),
-                               repeats, warmup=len(layers) + 1)
-    return statistics.median(calls), statistics.stdev(calls), buf.nbytes / statistics.median(reads) / 1e9
+    `with_shared`), each call after a read of `buf` on the engine's own threads; those reads' GB/s: the
+    memory roofline of the same moment (the bandwidth swings between about 38 and 71 GB/s from minute to
+    minute here; the figure measured at the start of the run is minutes old by then); and with
+    `twin_bytes`, the median seconds of a cold plain read of that many bytes timed in the same rounds
+    (`same_bytes_reader`), else None."""
+    twin = same_bytes_reader(engine, twin_bytes) if twin_bytes else None
+    calls, reads, twins = after_reads(moe_call(engine, rng, spec, layers, T, with_shared),
+                                      lambda: engine.read_pass(buf), repeats, warmup=len(layers) + 1, twin=twin)
+    return (statistics.median(calls), statistics.stdev(calls), buf.nbytes / statistics.median(reads) / 1e9,
+            statistics.median(twins) if twins else None)
 
 
 def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
@@ -321,8 +343,11 @@ def run(args) -> dict:
               f"cache {l3_bytes() / 2**20:.0f} MiB), called in turn", file=sys.stderr)
         timed(moe_call(engine, rng, spec, layers, 8), 1, settle_s=5.0)  # the fresh gigabytes settle
         for T, repeats in ((1, args.repeats), (128, max(10, args.repeats // 5))):
-            secs, std, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf)
-            routed, _, read_gbs = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf, with_shared=False)
+            secs, std, _, _ = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf)
+            # at T=1 (decode, bound by the memory) also a plain read of as many bytes, in the same rounds
+            twin_bytes = int(routed_bytes(spec, layers[0], T)) if T == 1 else 0
+            routed, _, read_gbs, twin_s = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf,
+                                                           with_shared=False, twin_bytes=twin_bytes)
             row = {"layer": name, "T": T, "copies": copies, "us": secs * 1e6, "us_std": std * 1e6, "tokens_per_s": T / secs,
                    "routed_us": routed * 1e6, "routed_tokens_per_s": T / routed, "read_gbs": read_gbs}
             # the memory roofline of the routed experts: their bytes at the rate of the reads between their
@@ -330,6 +355,9 @@ def run(args) -> dict:
             row["routed_bytes"] = routed_bytes(spec, layers[0], T)
             row["roofline_us"] = row["routed_bytes"] / (read_gbs * 1e3)
             row["routed_roofline_fraction"] = row["roofline_us"] / row["routed_us"]
+            if twin_s is not None:
+                row["same_bytes_read_us"] = twin_s * 1e6
+                row["same_bytes_read_fraction"] = twin_s / routed
             if not args.no_peers:
                 row["torch_bf16_us"] = bench_moe_torch(rng, spec, T, max(3, repeats // 5), threads, peer_read) * 1e6
                 row["torch_bf16_ratio"] = row["torch_bf16_us"] / row["us"]
@@ -345,23 +373,32 @@ def run(args) -> dict:
                     kt_s, method, kt_threads, variant = kt
                     row.update(kt_kernel_us=kt_s * 1e6, kt_kernel_method=method, kt_kernel_threads=kt_threads,
                                kt_kernel_variant=variant)
-                    after, _, read_after = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf,
-                                                            with_shared=False)
+                    after, _, read_after, twin_after = bench_moe_engine(engine, rng, spec, layers, T, repeats, read_buf,
+                                                                        with_shared=False, twin_bytes=twin_bytes)
                     row["routed_us_after"], row["read_gbs_after"] = after * 1e6, read_after
+                    if twin_after is not None:
+                        # kt-kernel's time in reads of its bytes, at the mean of the reads before and after it
+                        row["same_bytes_read_us_after"] = twin_after * 1e6
+                        row["kt_kernel_same_bytes_reads"] = kt_s / ((twin_s + twin_after) / 2)
                     row["kt_kernel_ratio"] = (routed + after) / 2 / kt_s
                     # its roofline at the mean of the read rates measured just before and after it
                     kt_roofline_us = row["routed_bytes"] / ((read_gbs + read_after) / 2 * 1e3)
                     row["kt_kernel_roofline_fraction"] = kt_roofline_us / row["kt_kernel_us"]
             result["moe"].append(row)
             peers = "".join(f", {k} {v:.0f}" for k, v in row.items()
-                            if k.endswith("_us") and k not in ("us", "roofline_us"))
+                            if k.endswith("_us") and k not in ("us", "roofline_us", "same_bytes_read_us"))
             if "kt_kernel_ratio" in row:
                 peers += (f", routed {row['routed_us']:.0f}/{row['routed_us_after']:.0f} (before/after) vs kt-kernel "
                           f"{row['kt_kernel_us']:.0f} us = {row['kt_kernel_ratio']:.2f}x ({row['kt_kernel_method']}, "
                           f"{row['kt_kernel_threads']} thr, its {row['kt_kernel_variant']} build)")
             print(f"  moe {name:<17} T={T:<4} {row['us']:9.0f} us  {row['tokens_per_s']:8.1f} tok/s{peers}; the routed "
                   f"experts' {row['routed_bytes'] / 1e6:.1f} MB at the {read_gbs:.1f} GB/s read between their calls "
-                  f"take {row['roofline_us']:.0f} us ({100 * row['routed_roofline_fraction']:.0f}% of it reached)",
+                  f"take {row['roofline_us']:.0f} us ({100 * row['routed_roofline_fraction']:.0f}% of it reached)"
+                  + (f"; a plain cold read of as many bytes takes {row['same_bytes_read_us']:.0f} us "
+                     f"({100 * row['same_bytes_read_fraction']:.0f}% of the routed call)"
+                     if "same_bytes_read_us" in row else "")
+                  + (f", kt-kernel {row['kt_kernel_same_bytes_reads']:.1f} such reads"
+                     if "kt_kernel_same_bytes_reads" in row else ""),
                   file=sys.stderr)
         del layers
     del read_buf, peer_read

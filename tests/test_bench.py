@@ -334,15 +334,16 @@ def test_offload_bench_times_each_moe_call_after_a_read_beyond_l3(monkeypatch):
             clock[0] += 0.002
 
         def read_pass(self, buf):
-            events.append(("read",))
-            clock[0] += 0.010
+            events.append(("read",) if buf.nbytes == 5_000_000 else ("twin", id(buf), buf.nbytes))
+            clock[0] += 0.010 if buf.nbytes == 5_000_000 else 0.0015
             return 0.010
 
     spec = {"H": 8, "E": 4, "A": 2}
     layers = [("g0", "u0", "d0", ["s"]), ("g1", "u1", "d1", ["s"])]
     buf = np.zeros(5_000_000, np.uint8)
     rng = np.random.default_rng(0)
-    routed, _, read_gbs = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 8, buf, with_shared=False)
+    routed, _, read_gbs, twin = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 8, buf, with_shared=False)
+    assert twin is None and not any(e[0] == "twin" for e in events)
     assert routed == pytest.approx(0.002)
     assert read_gbs == pytest.approx(5_000_000 / 0.010 / 1e9)
     assert all(e[2] == 0 for e in events if e[0] == "moe")  # the routed experts alone
@@ -351,10 +352,19 @@ def test_offload_bench_times_each_moe_call_after_a_read_beyond_l3(monkeypatch):
         assert events[i + 1][1] != events[i + 2][1]
 
     events.clear()
-    median, std, _ = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 6, buf)
+    median, std, _, _ = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 6, buf)
     assert median == pytest.approx(0.002) and std == pytest.approx(0, abs=1e-12)
     assert all(e[2] == 1 for e in events if e[0] == "moe")  # the shared expert too
     assert [e[0] for e in events[-18:]] == ["read", "moe", "moe"] * 6
+
+    # the twin: a plain read of as many bytes as a call reads, found cold the same way in the same rounds
+    events.clear()
+    routed, _, _, twin = bench.bench_moe_engine(Engine(), rng, spec, layers, 1, 4, buf, with_shared=False,
+                                                twin_bytes=12345)
+    assert routed == pytest.approx(0.002) and twin == pytest.approx(0.0015)
+    assert [e[0] for e in events[-24:]] == ["read", "moe", "moe", "read", "twin", "twin"] * 4
+    for i in range(-24, 0, 6):  # the twin's untimed read on the other buffer than the timed one
+        assert events[i + 4][2] == events[i + 5][2] == 12345 and events[i + 4][1] != events[i + 5][1]
 
 
 def test_offload_bench_measures_the_layers_asked(monkeypatch, capfd):
@@ -373,6 +383,8 @@ def test_offload_bench_measures_the_layers_asked(monkeypatch, capfd):
     result = json.loads(capfd.readouterr().out)
     assert "gemv" not in result and [(r["layer"], r["T"]) for r in result["moe"]] == [("plain", 1), ("plain", 128)]
     assert all(r["us"] > 0 and r["routed_bytes"] > 0 for r in result["moe"])
+    # decode's row also times a plain read of the bytes its call reads; prefill's (bound by compute) does not
+    assert result["moe"][0]["same_bytes_read_us"] > 0 and "same_bytes_read_us" not in result["moe"][1]
     with pytest.raises(SystemExit):
         bench.main(["--layer", "nonesuch"])
 
