@@ -63,6 +63,13 @@ void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType ty
 // then one for the columns past the whole vectors, on the scalar loop. Below AVX2, one scalar slice.
 int64_t mix_width(int64_t R, Isa isa) { return isa >= Isa::Avx512 ? 16 : isa >= Isa::Avx2 ? 8 : R; }
 
+// Columns [c0, c1) of slice `slice` of mix_slices(R, isa)
+std::pair<int64_t, int64_t> slice_cols(int64_t R, int64_t slice, Isa isa) {
+    if (isa < Isa::Avx2) return {0, R};
+    const int64_t width = mix_width(R, isa), simd = R / width * width, r0 = slice * 8 * width;
+    return r0 >= simd ? std::pair<int64_t, int64_t>{simd, R} : std::pair<int64_t, int64_t>{r0, std::min(simd, r0 + 8 * width)};
+}
+
 }  // namespace
 
 int64_t mix_slices(int64_t R, Isa isa) {
@@ -82,6 +89,26 @@ void mix_rows(const MixRows& m, int64_t slice, Isa isa) {
 }
 
 namespace {
+
+// Cache rows [p0, p1) (`stride` bytes apart) from byte `c0` to `c1` of each, into the L2 ahead of their use.
+// A KV head's rows of a GQA cache [S, G, Dh] are a quarter or less of each position's bytes, and the hardware
+// prefetchers, which stop at every 4 KiB page, did not keep up with them: Qwen3-30B-A3B's attention (32
+// heads, 4 KV heads of 128, f16, 4096 positions, 2 threads) found its cache out of the caches (as in decode,
+// where the layers' weights sweep it out) took 1330 us against 610 from the L3; prefetched, 830-1010. An
+// 8-layer model's decode step at 4096 positions: 0.87-0.93x the time (f16 and f32 caches); MLA's, whose rows
+// are whole positions, 0.90-0.95x the attention call.
+void prefetch_rows(const uint8_t* rows, size_t stride, int64_t p0, int64_t p1, size_t c0, size_t c1) {
+    for (int64_t p = p0; p < p1; ++p) {
+        const uintptr_t row = reinterpret_cast<uintptr_t>(rows + p * stride);
+        for (uintptr_t a = (row + c0) & ~uintptr_t(63); a < row + c1; a += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(a), 0, 2);
+    }
+}
+
+// Positions a score or mix task computes at a time, prefetching the next span's rows while it does: a span
+// of scores is 16 positions x 8 query rows x 128 values (~0.6 us of FMAs per thread here), a span of the
+// mix a block of its kernel's (kMixBlock, kMixBlockBf16).
+constexpr int64_t kScoreSpan = 16;
 
 // One attention call over a cache shared by groups of query heads: G groups (MLA: one, every head against
 // the latent; GQA: the KV heads) of Hg heads each. Group g's key rows (R values, and Dr more from a second
@@ -148,25 +175,46 @@ void attend(ThreadPool& pool, const Attend& a, Isa isa) {
         // scores of every row against the positions the tile's last token sees, in slabs of positions
         const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>((4 * pool.threads() + a.G - 1) / a.G, seen / 64));
         const int64_t slab = ((seen + slabs - 1) / slabs + 15) / 16 * 16, per_group = (seen + slab - 1) / slab;
+        const size_t key_bytes = row_size(a.type, R), pe_bytes = Dr ? row_size(a.type, Dr) : 0;
         run(a.G * per_group, [&](int64_t k, int) {
             const int64_t g = k / per_group, p0 = k % per_group * slab, p1 = std::min(seen, p0 + slab);
             const int64_t r0 = g * rows_g;
-            matmul_rows(a.type, R, a.key + g * a.key_group, a.key_stride, p0, p1, qa.data() + r0 * qa_stride, qa_stride,
-                        rows_g, s1.data() + r0 * S, S, isa);
-            if (Dr)
-                matmul_rows(a.type, Dr, a.pe + g * a.pe_group, a.pe_stride, p0, p1, pa.data() + r0 * pa_stride,
-                            pa_stride, rows_g, s2.data() + r0 * S, S, isa);
+            const uint8_t *key = a.key + g * a.key_group, *pe = Dr ? a.pe + g * a.pe_group : nullptr;
+            for (int64_t q0 = p0; q0 < p1; q0 += kScoreSpan) {
+                const int64_t q1 = std::min(p1, q0 + kScoreSpan), next = std::min(p1, q1 + kScoreSpan);
+                prefetch_rows(key, a.key_stride, q1, next, 0, key_bytes);
+                if (Dr) prefetch_rows(pe, a.pe_stride, q1, next, 0, pe_bytes);
+                matmul_rows(a.type, R, key, a.key_stride, q0, q1, qa.data() + r0 * qa_stride, qa_stride, rows_g,
+                            s1.data() + r0 * S, S, isa);
+                if (Dr)
+                    matmul_rows(a.type, Dr, pe, a.pe_stride, q0, q1, pa.data() + r0 * pa_stride, pa_stride, rows_g,
+                                s2.data() + r0 * S, S, isa);
+            }
         });
         run(rows, [&](int64_t i, int) {  // softmax, p rounded to the cache's precision; the outputs zeroed
             softmax_row(s1.data() + i * S, Dr ? s2.data() + i * S : nullptr, n_seen[i], a.scale, a.type, isa);
             std::fill(outs[i], outs[i] + R, 0.0f);
         });
+        // the mix in spans of positions, in position order (each output sums its products in the same order as
+        // in one pass), every row's count cut to the span
         const int64_t slices = mix_slices(R, isa);
+        const bool bf16_mix = isa >= Isa::Avx512Vnni && a.type == GgmlType::BF16 && cpu_features().avx512_bf16;
+        const int64_t span = bf16_mix ? kMixBlockBf16 : kMixBlock;
+        const size_t elt = a.type == GgmlType::F32 ? 4 : 2;
         run(a.G * slices, [&](int64_t k, int) {
             const int64_t g = k / slices, r0 = g * rows_g;
-            const MixRows m{a.type, a.val + g * a.val_group, a.val_stride, R, rows_g, n_seen.data() + r0,
-                            s1.data() + r0 * S, static_cast<size_t>(S), outs.data() + r0};
-            mix_rows(m, k % slices, isa);
+            const auto [c0, c1] = slice_cols(R, k % slices, isa);
+            const uint8_t* val = a.val + g * a.val_group;
+            std::vector<int64_t> n_span(static_cast<size_t>(rows_g));
+            const int64_t last = *std::max_element(n_seen.begin() + r0, n_seen.begin() + r0 + rows_g);
+            for (int64_t p0 = 0; p0 < last; p0 += span) {
+                const int64_t p1 = std::min(last, p0 + span);
+                prefetch_rows(val, a.val_stride, p1, std::min(last, p1 + span), c0 * elt, c1 * elt);
+                for (int64_t i = 0; i < rows_g; ++i) n_span[i] = std::clamp<int64_t>(n_seen[r0 + i] - p0, 0, p1 - p0);
+                const MixRows m{a.type, val + p0 * a.val_stride, a.val_stride, R, rows_g, n_span.data(),
+                                s1.data() + r0 * S + p0, static_cast<size_t>(S), outs.data() + r0};
+                mix_rows(m, k % slices, isa);
+            }
         });
     }
 }
