@@ -59,11 +59,12 @@ def interleaved_layouts() -> bool:
 def prepare(type_id: int, data: np.ndarray, cols: int, force: bool = False) -> tuple[int, np.ndarray]:
     """(type id, bytes) the engine should compute with for a matrix (or stack) in a GGUF type: a new
     row-interleaved copy for Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K with a multiple of 16 rows, when interleaved_layouts()
-    (or force), in the same huge-page memory as `resident`; the input itself otherwise."""
+    (or force), in the same huge-page memory as `resident`, repacked on `default_threads()` threads; the input
+    itself otherwise."""
     r16 = _C.r16_type(type_id)
     if r16 == type_id or data.ndim < 2 or data.shape[-2] % 16 or not (force or interleaved_layouts()):
         return type_id, data
-    return r16, _C.repack_r16(type_id, np.ascontiguousarray(data), cols)
+    return r16, _C.repack_r16(type_id, np.ascontiguousarray(data), cols, threads=default_threads())
 
 
 # below this a weight gains nothing from huge pages (it spans less than one)

@@ -214,7 +214,7 @@ OutAny resident_copy(const Array& weight) {
 }
 
 // weight uint8 [..., rows, row bytes] of `wtype` (rows a multiple of 16) -> the same bytes row-interleaved.
-OutU8N repack(int wtype, const Array& weight, int64_t cols) {
+OutU8N repack(int wtype, const Array& weight, int64_t cols, int threads) {
     const tandem::TypeInfo& t = weight_type(wtype);
     const GgmlType wt = static_cast<GgmlType>(wtype), r16 = tandem::r16_of(wt);
     if (r16 == wt)
@@ -239,7 +239,7 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
     tandem::PageBuffer out = tandem::allocate_pages(std::max<size_t>(1, weight.size()));
     {
         nb::gil_scoped_release release;
-        tandem::repack_r16(wt, static_cast<const uint8_t*>(weight.data()), rows, cols, out.data);
+        tandem::repack_r16(wt, static_cast<const uint8_t*>(weight.data()), rows, cols, out.data, threads);
     }
     std::vector<size_t> shape(nd);
     for (size_t i = 0; i < nd; ++i) shape[i] = weight.shape(i);
@@ -249,10 +249,10 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols) {
 }  // namespace
 
 void register_dot(nb::module_& m) {
-    m.def("repack_r16", &repack, nb::arg("wtype"), nb::arg("weight"), nb::arg("cols"),
+    m.def("repack_r16", &repack, nb::arg("wtype"), nb::arg("weight"), nb::arg("cols"), nb::arg("threads") = 1,
           "weight uint8 [..., rows, row_bytes] in Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K (rows a\n"
           "multiple of 16) -> a new array of the same shape and bytes in the engine's row-interleaved layout, whose\n"
-          "type id is r16_type(wtype).");
+          "type id is r16_type(wtype); on up to `threads` threads (one for every few MiB).");
     m.def("resident_copy", &resident_copy, nb::arg("weight"),
           "A copy of a C-contiguous array (any dtype) in the engine's weight memory: 2 MiB aligned, advised\n"
           "MADV_HUGEPAGE, so streaming it takes a TLB entry per 2 MiB rather than per 4 KiB page.");

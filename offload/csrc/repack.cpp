@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -172,11 +173,23 @@ int offset_of(GgmlType base) { return base == GgmlType::Q4_0 ? 8 : base == GgmlT
 
 }  // namespace
 
-void repack_r16(GgmlType base, const uint8_t* src, int64_t rows, int64_t n, uint8_t* dst) {
+void repack_r16(GgmlType base, const uint8_t* src, int64_t rows, int64_t n, uint8_t* dst, int threads) {
     if (rows % kR16) throw std::invalid_argument("repack_r16: the row count must be a multiple of 16");
+    if (r16_of(base) == base)
+        throw std::invalid_argument(std::string("no row-interleaved layout for ") + type_info(static_cast<int32_t>(base))->name);
     const size_t group = row_size(base, n) * kR16;
-    for (int64_t g = 0; g < rows / kR16; ++g)
-        convert(base, const_cast<uint8_t*>(src + g * group), n, dst + g * group, true);  // src only read
+    const int64_t groups = rows / kR16;
+    auto run = [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g)
+            convert(base, const_cast<uint8_t*>(src + g * group), n, dst + g * group, true);  // src only read
+    };
+    // a thread per 4 MiB at least: the threads fault in the source's pages and the new copy's as they go
+    const int64_t most = std::max<int64_t>(1, static_cast<int64_t>(groups * group >> 22));
+    const int64_t t = std::clamp<int64_t>(threads, 1, std::min(groups, most));
+    std::vector<std::thread> helpers;
+    for (int64_t i = 1; i < t; ++i) helpers.emplace_back(run, groups * i / t, groups * (i + 1) / t);
+    run(0, groups / t);
+    for (auto& h : helpers) h.join();
 }
 
 void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst) {

@@ -46,8 +46,9 @@ GgmlType r16_of(GgmlType base);
 GgmlType base_of(GgmlType type);
 inline bool is_r16(GgmlType t) { return base_of(t) != t; }
 
-// rows (a multiple of 16) rows of n values in `base`, row r at src + r * row_size -> dst (same size).
-void repack_r16(GgmlType base, const uint8_t* src, int64_t rows, int64_t n, uint8_t* dst);
+// rows (a multiple of 16) rows of n values in `base`, row r at src + r * row_size -> dst (same size), on up to
+// `threads` threads (the caller's and new ones; one for a few MiB).
+void repack_r16(GgmlType base, const uint8_t* src, int64_t rows, int64_t n, uint8_t* dst, int threads = 1);
 // One group (16 interleaved rows of n values) back to 16 plain rows of `base` at dst (row_size apart).
 void unpack_r16(GgmlType base, const uint8_t* group, int64_t n, uint8_t* dst);
 
