@@ -238,3 +238,16 @@ def test_resident_copy_is_the_same_array_in_weight_memory():
     assert resident(big) is big or not np.shares_memory(resident(big), big)
     with pytest.raises(ValueError, match="C-contiguous"):
         _C.resident_copy(big[:, ::2])
+
+
+@pytest.mark.parametrize("wtype", [QT.Q4_K, QT.Q8_0])
+def test_repack_on_threads_gives_the_same_bytes(wtype):
+    """The loader repacks on every core: each thread takes a contiguous run of 16-row groups, so the bytes
+    are those of one thread's repack (matrices of 17-19 MiB: four threads' worth)."""
+    rng = np.random.default_rng(3)
+    rows, k = 16 * 251, 8192 if wtype == QT.Q4_K else 4096
+    w = rng.integers(0, 256, (rows, F.GGML_QUANT_SIZES[wtype][1] * k // F.GGML_QUANT_SIZES[wtype][0]), dtype=np.uint8)
+    one = _C.repack_r16(int(wtype), w, k)
+    for threads in (2, 3, 64):
+        assert np.array_equal(_C.repack_r16(int(wtype), w, k, threads=threads), one)
+    assert np.array_equal(_C.repack_r16(int(wtype), w[:32], k, threads=8), one[:32])  # fewer groups than threads
