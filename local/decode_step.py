@@ -20,7 +20,7 @@ class DecodeStep:
 
     def __init__(self, model: torch.nn.Module, cache: KVCache):
         self.model, self.cache = model, cache
-        device = model.model.embed_tokens.weight.device
+        device = model.device
         self.ids = torch.zeros(1, dtype=torch.int64, device=device)
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         self.use_graph = device.type == "cuda"

@@ -70,7 +70,7 @@ def generate_tokens(model, cache: KVCache, prompt_ids: list[int], params: Sampli
     Stops at EOS (unless params.ignore_eos), after params.max_tokens, or at max_context.
     step(token) -> logits [1, V] runs one decode step (default: the model's forward; --cuda-graph: a
     local.decode_step.DecodeStep)."""
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     if step is None:
         def step(token: int) -> torch.Tensor:
             return model(torch.tensor([token], device=device), cache)

@@ -156,10 +156,23 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
         by_engine |= {n for n in mapping.values()
                       if n.startswith(f"{m}.experts.") and int(n.split(".")[5]) not in on_gpu}
     tied = cfg.tie_word_embeddings
+    # on the CPU engine the token embedding's rows are read from the file's blocks as a step needs them
+    # (an output head tied to it needs the table in float)
+    embed = bool(plan) and not tied and dev.type == "cpu" and \
+        tensors.sources.get("model.embed_tokens.weight") == ("plain", "token_embd.weight") and \
+        mapping.get("model.embed_tokens.weight") == "model.embed_tokens.weight"
+    if embed:
+        by_engine.add("model.embed_tokens.weight")
     load_weights(model, tensors, mapping, dtype, dev, derived={"lm_head.weight"} if tied else set(),
                  engine=by_engine, progress=progress)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if embed:
+        from .models.layers import QuantEmbedding
+
+        t = gmodel.tensors["token_embd.weight"]
+        model.model.embed_tokens = QuantEmbedding(gmodel.raw("token_embd.weight").reshape(t.shape[0], -1), t.qtype,
+                                                  cfg.hidden_size, dtype)
     if not hybrid or dtype == torch.float32:
         # float32 reproduces llama.cpp's rounding (hybrid included: its torch side then gives the plain
         # path's numbers); a bf16 GPU side does not try

@@ -130,7 +130,7 @@ class Runner:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.model.embed_tokens.weight.dtype
+        return self.model.dtype
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -5,7 +5,8 @@
   the file's blocks; `gpu_experts=N` also keeps each MoE layer's N busiest experts (from routing
   statistics, `tandem inspect --routing-stats`) on the GPU.
 - No GPU or `device="cpu"`: every tensor on the CPU; the engine computes every block-quantized linear and
-  expert from the file (memory-mapped), torch the rest (norms, embeddings, MLA's kv_b halves, dequantized).
+  expert from the file (memory-mapped), torch the rest (norms, routers, MLA's kv_b halves, dequantized); the
+  token embedding's rows are read from the file as a step needs them.
 
 `make_plan` builds it from the file, the machine and the options; `check_fits` refuses, before anything
 is allocated, a plan whose memory the machine does not have, saying what would fit.
@@ -74,7 +75,8 @@ class Placement:
                          "mapped from the file")
         else:
             lines.append(f"  CPU engine {self.count(ENGINE)} tensors computed from the file's blocks")
-            lines.append(f"  CPU torch  {self.count(CPU_TORCH)} tensors (norms, embeddings, routers), dequantized")
+            lines.append(f"  CPU torch  {self.count(CPU_TORCH)} tensors (norms, routers, the token embedding: its "
+                         "rows a step reads, or all of it when the output is tied to it), dequantized")
             lines.append(f"  RAM        {self.ram_bytes / GIB:.2f} GiB + KV cache {self.kv_bytes / GIB:.2f} GiB")
         lines += [f"  note       {n}" for n in self.notes]
         return "\n".join(lines)
@@ -129,7 +131,10 @@ def make_plan(gguf, device: str = "auto", gpu_experts: int = 0, routing=None, ma
             engine = t.qtype.name in ENGINE_TYPES and len(t.shape) >= 2 and not name.startswith("token_embd") \
                 and not name.endswith("ffn_gate_inp.weight")
             plan.assign[name] = ENGINE if engine else CPU_TORCH
-            plan.ram_bytes += t.nbytes if engine else t.n_elements * 4
+            # the token embedding's rows are read from the file's blocks (local QuantEmbedding), unless the
+            # output head is tied to it (no output.weight): then the table is dequantized
+            mapped = engine or (name == "token_embd.weight" and "output.weight" in gguf.tensors)
+            plan.ram_bytes += t.nbytes if mapped else t.n_elements * 4
     return plan
 
 

@@ -286,6 +286,51 @@ def test_engine_runs_gguf_from_the_blocks(name, converted):
     assert events[-1].stats.generated_tokens == 8
 
 
+def test_cpu_engine_reads_the_embedding_from_the_file(converted):
+    """On the CPU engine the token embedding stays in the file's blocks (no float table: V3's would take 3.7
+    GB); the logits equal those of the dequantized table's path, and the plan counts its mapped bytes."""
+    from local.models.layers import QuantEmbedding
+    from offload.placement import make_plan
+
+    path = converted["qwen3_norm"]["q8_0"]
+    fast, slow = local.load(path, device="cpu"), local.load(path, device="cpu", engine=False)
+    assert isinstance(fast.model.model.embed_tokens, QuantEmbedding)
+    assert isinstance(slow.model.model.embed_tokens, torch.nn.Embedding)
+    assert fast.model.dtype == torch.float32 and fast.model.device.type == "cpu"
+    assert fast.model.new_cache(8).dtype == torch.float32
+    ids = seq(2)
+    ours = fast.model.model.embed_tokens(torch.tensor(ids))
+    assert torch.equal(ours, slow.model.model.embed_tokens(torch.tensor(ids)))
+    g = GGUFModel(path)
+    t = g.tensors["token_embd.weight"]
+    plan, dense = make_plan(g, "cpu"), t.n_elements * 4
+    assert "output.weight" in g.tensors and plan.ram_bytes == sum(
+        u.nbytes if plan.assign[n] == "cpu-engine" or n == "token_embd.weight" else u.n_elements * 4
+        for n, u in g.tensors.items())
+    assert dense > t.nbytes
+
+
+def test_tied_output_keeps_the_embedding_table(tokenizer_dir, tmp_path):
+    """A model whose output head is its token embedding (no output.weight in the file) keeps the table in
+    float on the CPU engine too, shared with the head, and the plan counts it dequantized."""
+    from offload.placement import make_plan
+
+    build_reference("qwen3_norm", tmp_path, tokenizer_dir, seed=4,
+                    overrides={**GGUF_INIT, "mlp_only_layers": [], "num_experts": 16, "tie_word_embeddings": True})
+    path = convert(tmp_path, tmp_path / "tied.gguf", "q8_0", progress=False)
+    g = GGUFModel(path)
+    assert "output.weight" not in g.tensors
+    fast, slow = local.load(path, device="cpu"), local.load(path, device="cpu", engine=False)
+    emb = fast.model.model.embed_tokens
+    assert isinstance(emb, torch.nn.Embedding) and fast.model.lm_head.weight is emb.weight
+    ids = seq(4)
+    kl, _ = kl_top1(fast.logits(ids), slow.logits(ids))
+    assert kl <= 1e-4
+    plan = make_plan(g, "cpu")
+    assert plan.ram_bytes == sum(u.nbytes if plan.assign[n] == "cpu-engine" else u.n_elements * 4
+                                 for n, u in g.tensors.items())
+
+
 @pytest.fixture(scope="module")
 def wide_v2_lite(tmp_path_factory, tokenizer_dir):
     """The V2-Lite variant with 256-wide rows (hidden size, expert widths), so the K-quant mixes keep

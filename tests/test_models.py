@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,29 @@ def test_f16_kv_cache(name, reference_models):
     kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
     assert kl <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_1", "Q4_K", "Q6_K"])
+def test_quant_embedding_reads_the_rows_it_is_asked(qtype):
+    """QuantEmbedding: the rows of the dequantized table for any shape of ids, as the model's dtype; ids
+    outside the vocabulary (negative ones too, which numpy would wrap) are an error naming the id."""
+    from local.models.layers import QuantEmbedding
+    from quant.formats import dequantize, quantize
+    from gguf import GGMLQuantizationType as QT
+
+    rng = np.random.default_rng(0)
+    table = quantize(rng.standard_normal((37, 256), dtype=np.float32), QT[qtype])
+    if qtype == "BF16":
+        table = table.view(np.uint8)  # as GGUFModel.raw gives BF16: the raw bytes
+    full = torch.from_numpy(dequantize(table, QT[qtype]))
+    emb = QuantEmbedding(table, QT[qtype], 256)
+    for ids in (torch.tensor([5]), torch.tensor([0, 36, 5, 5]), torch.tensor([[1, 2, 3], [4, 5, 6]]),
+                torch.zeros(0, dtype=torch.int64)):
+        out = emb(ids)
+        assert out.shape == (*ids.shape, 256) and out.dtype == torch.float32
+        assert torch.equal(out, full[ids])
+    assert emb(torch.tensor([3])).sum() != 0
+    assert QuantEmbedding(table, QT[qtype], 256, torch.bfloat16)(torch.tensor([3])).dtype == torch.bfloat16
+    for bad in (37, -1):
+        with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary"):
+            emb(torch.tensor([1, bad]))

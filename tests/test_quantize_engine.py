@@ -212,3 +212,45 @@ def test_gil_released():
         time.sleep(0.001)
     t.join()
     assert ticks > 20
+
+
+@pytest.mark.parametrize("qtype", ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+def test_get_rows_bit_exact_with_numpy(qtype):
+    """_C.get_rows (a token embedding's lookup from the file's blocks): the rows asked for, repeated and in
+    any order, bit for bit as quant.formats.dequantize gives them, on tables of random bytes (any scale,
+    infinities and NaNs among them) and of quantized weights; widths of one block up to several."""
+    rng = np.random.default_rng(1)
+    t = QT[qtype]
+    block, size = F.GGML_QUANT_SIZES[t]
+    for cols in (block, 3 * block, 2048 if block == 256 else 96):
+        raw = rng.integers(0, 256, (19, cols // block * size), dtype=np.uint8)
+        table = raw.view({"F32": np.float32, "F16": np.float16}.get(qtype, np.uint8))
+        real = F.quantize(realistic(rng, 19, cols), t)
+        for tab in (table, real.view(np.uint8) if qtype == "BF16" else real):
+            ids = np.array([0, 18, 5, 5, 11, 0], np.int64)
+            got = offload._C.get_rows(int(t), tab, ids, cols)
+            with np.errstate(all="ignore"):  # inf * 0 in the random tables
+                want = F.dequantize(tab, t)[ids]
+            assert got.shape == (6, cols) and got.dtype == np.float32
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert offload._C.get_rows(int(t), table, np.zeros(0, np.int64), cols).shape == (0, cols)
+
+
+def test_get_rows_checks_its_inputs():
+    rng = np.random.default_rng(2)
+    q8 = F.quantize(realistic(rng, 4, 64), QT.Q8_0)
+    get = offload._C.get_rows
+    with pytest.raises(ValueError, match="id 4 is outside the table's 4 rows"):
+        get(int(QT.Q8_0), q8, np.array([1, 4], np.int64), 64)
+    with pytest.raises(ValueError, match="id -1 is outside"):
+        get(int(QT.Q8_0), q8, np.array([-1], np.int64), 64)
+    with pytest.raises(ValueError, match="ids must be a contiguous int64 array"):
+        get(int(QT.Q8_0), q8, np.array([1], np.int32), 64)
+    with pytest.raises(ValueError, match="rows hold 68 bytes, but Q8_0 rows of K = 96"):
+        get(int(QT.Q8_0), q8, np.array([1], np.int64), 96)
+    with pytest.raises(ValueError, match="do not split into blocks of 32"):
+        get(int(QT.Q8_0), q8, np.array([1], np.int64), 50)
+    with pytest.raises(ValueError, match="not a weight type"):
+        get(int(QT.Q2_K), q8, np.array([1], np.int64), 64)
+    with pytest.raises(ValueError, match="row-interleaved"):
+        get(offload._C.r16_type(int(QT.Q8_0)), q8, np.array([1], np.int64), 64)

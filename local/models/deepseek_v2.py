@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import BaseConfig, ConfigError, RopeSpec, mla_softmax_scale, rope_spec
 from ..kv_cache import KVCache
-from .layers import Linear, MLP, RMSNorm, Rope
+from .layers import Linear, MLP, QuantEmbedding, RMSNorm, Rope
 from .mla import MLAttention
 from .moe import SCORING_FUNCS, TOPK_METHODS, MoE, Router
 
@@ -135,10 +135,21 @@ class CausalLM(nn.Module):
     # the GGUF loader on the CPU engine
     engine_stacks: dict = {}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the hidden states live (the token embedding's output)."""
+        e = self.model.embed_tokens
+        return e.device if isinstance(e, QuantEmbedding) else e.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The hidden states' dtype (the token embedding's output)."""
+        e = self.model.embed_tokens
+        return e.out_dtype if isinstance(e, QuantEmbedding) else e.weight.dtype
+
     def new_cache(self, capacity: int = 256, dtype=None, device=None) -> KVCache:
-        p = self.model.embed_tokens.weight
-        return KVCache(self.config.num_hidden_layers, self.cache_streams(), dtype or p.dtype,
-                       device or p.device, capacity)
+        return KVCache(self.config.num_hidden_layers, self.cache_streams(), dtype or self.dtype,
+                       device or self.device, capacity)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False,
                 position: torch.Tensor | None = None) -> torch.Tensor:

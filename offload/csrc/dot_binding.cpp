@@ -14,6 +14,7 @@
 #include "binding.h"
 #include "dot.h"
 #include "pages.h"
+#include "quantize.h"
 #include "repack.h"
 
 namespace nb = nanobind;
@@ -96,18 +97,10 @@ const float* float_rows(const Array& x, const char* what) {
     return static_cast<const float*>(x.data());
 }
 
-OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string& isa_name) {
-    const tandem::TypeInfo& t = weight_type(wtype);
-    const GgmlType wt = static_cast<GgmlType>(wtype);
-    const tandem::Isa isa = isa_from(isa_name);
-    const float* xp = float_rows(x, "x");
-    const size_t T = x.shape(0), K = x.shape(1);
-    if (K % t.block_size)
-        fail(std::string(t.name) + " works in blocks of " + std::to_string(t.block_size) + " values, but x has rows of " +
-             std::to_string(K) + ": K must be a multiple of " + std::to_string(t.block_size));
-    check_matrix(weight, "weight");
-    const size_t N = weight.shape(0), rb = tandem::row_size(wt, static_cast<int64_t>(K));
-    // uint8 raw blocks [N, row_bytes]; or the natural dtype [N, K] for F32 / F16 / BF16 (uint16 bits)
+// The rows of `weight` (2-D, C-contiguous) hold those of K values of `wt`: uint8 raw blocks [N, row_bytes], or
+// the natural dtype [N, K] for F32 / F16 / BF16 (uint16 bits).
+void check_row_bytes(const tandem::TypeInfo& t, GgmlType wt, const Array& weight, size_t K, const char* what) {
+    const size_t rb = tandem::row_size(wt, static_cast<int64_t>(K));
     size_t row_bytes;
     if (is_dtype(weight, nb::dlpack::dtype_code::UInt, 8)) {
         row_bytes = weight.shape(1);
@@ -121,13 +114,27 @@ OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string&
         const char* natural = wt == GgmlType::F32 ? " or float32 [N, K]"
                               : wt == GgmlType::F16 ? " or float16 [N, K]"
                               : wt == GgmlType::BF16 ? " or uint16 bfloat16 bits [N, K]" : "";
-        fail(std::string("weight of type ") + t.name + " must be uint8 raw blocks [N, row_bytes]" + natural + ", got " +
-             dtype_name(weight.dtype()));
+        fail(std::string(what) + " of type " + t.name + " must be uint8 raw blocks [N, row_bytes]" + natural +
+             ", got " + dtype_name(weight.dtype()));
     }
     if (row_bytes != rb)
-        fail(std::string("weight rows hold ") + std::to_string(row_bytes) + " bytes, but " + t.name + " rows of K = " +
+        fail(std::string(what) + " rows hold " + std::to_string(row_bytes) + " bytes, but " + t.name + " rows of K = " +
              std::to_string(K) + " values take " + std::to_string(rb) + " bytes (" + std::to_string(K / t.block_size) +
              " blocks of " + std::to_string(t.type_size) + ")");
+}
+
+OutF32 matmul(int wtype, const Array& weight, const Array& x, const std::string& isa_name) {
+    const tandem::TypeInfo& t = weight_type(wtype);
+    const GgmlType wt = static_cast<GgmlType>(wtype);
+    const tandem::Isa isa = isa_from(isa_name);
+    const float* xp = float_rows(x, "x");
+    const size_t T = x.shape(0), K = x.shape(1);
+    if (K % t.block_size)
+        fail(std::string(t.name) + " works in blocks of " + std::to_string(t.block_size) + " values, but x has rows of " +
+             std::to_string(K) + ": K must be a multiple of " + std::to_string(t.block_size));
+    check_matrix(weight, "weight");
+    const size_t N = weight.shape(0), rb = tandem::row_size(wt, static_cast<int64_t>(K));
+    check_row_bytes(t, wt, weight, K, "weight");
 
     if (tandem::is_r16(wt) && N % tandem::kR16)
         fail(std::string("a row-interleaved ") + t.name + " weight needs a multiple of 16 rows, got " +
@@ -214,6 +221,31 @@ OutAny resident_copy(const Array& weight) {
 }
 
 // weight uint8 [..., rows, row bytes] of `wtype` (rows a multiple of 16) -> the same bytes row-interleaved.
+// table [V, row] of `wtype` as matmul's weight (the file's layout, not a row-interleaved one), ids int64 [T]
+// -> float32 [T, cols]: the rows dequantized (llama.cpp's get_rows; a token embedding's lookup).
+OutF32 get_rows(int wtype, const Array& table, const Array& ids, int64_t cols) {
+    const tandem::TypeInfo& t = weight_type(wtype);
+    const GgmlType wt = static_cast<GgmlType>(wtype);
+    if (tandem::is_r16(wt))
+        fail(std::string("get_rows reads a table in the file's layout; ") + t.name + " is row-interleaved");
+    if (cols <= 0 || cols % t.block_size)
+        fail(std::string(t.name) + " rows of " + std::to_string(cols) + " values do not split into blocks of " +
+             std::to_string(t.block_size));
+    check_matrix(table, "table");
+    check_row_bytes(t, wt, table, static_cast<size_t>(cols), "table");
+    if (ids.ndim() != 1 || !is_dtype(ids, nb::dlpack::dtype_code::Int, 64) || (ids.shape(0) > 1 && ids.stride(0) != 1))
+        fail("ids must be a contiguous int64 array [T], got " + std::to_string(ids.ndim()) + "-D " + dtype_name(ids.dtype()));
+    const size_t T = ids.shape(0), V = table.shape(0), rb = tandem::row_size(wt, cols);
+    const int64_t* id = static_cast<const int64_t*>(ids.data());
+    for (size_t i = 0; i < T; ++i)
+        if (id[i] < 0 || static_cast<size_t>(id[i]) >= V)
+            fail("id " + std::to_string(id[i]) + " is outside the table's " + std::to_string(V) + " rows");
+    float* out = new float[std::max<size_t>(1, T * static_cast<size_t>(cols))];
+    const auto* base = static_cast<const uint8_t*>(table.data());
+    for (size_t i = 0; i < T; ++i) tandem::dequantize_row(wtype, base + id[i] * rb, cols, out + i * cols);
+    return owned<float, OutF32>(out, T, static_cast<size_t>(cols));
+}
+
 OutU8N repack(int wtype, const Array& weight, int64_t cols, int threads) {
     const tandem::TypeInfo& t = weight_type(wtype);
     const GgmlType wt = static_cast<GgmlType>(wtype), r16 = tandem::r16_of(wt);
@@ -266,6 +298,9 @@ void register_dot(nb::module_& m) {
           "(or float32 / float16 / uint16-bf16 [N, K] for F32 / F16 / BF16), x float32 [T, K], quantized internally\n"
           "to the type's activation format. isa: 'auto' (best, capped by TANDEM_ISA), 'scalar', 'avx2', 'avx512'\n"
           "or 'avx512_vnni'. Returns float32 [T, N]. Single-threaded.");
+    m.def("get_rows", &get_rows, nb::arg("wtype"), nb::arg("table"), nb::arg("ids"), nb::arg("cols"),
+          "float32 [T, cols]: rows ids (int64 [T]) of table (as matmul's weight: uint8 raw blocks [V, row_bytes],\n"
+          "or float32 / float16 / uint16-bf16 [V, cols]) dequantized, bit for bit as quant.formats.dequantize.");
     m.def("quantize_activation", &quantize_activation, nb::arg("fmt"), nb::arg("x"), nb::arg("isa") = "auto",
           "x float32 [T, K] -> uint8 [T, row_bytes]: activation rows as the dot kernels take them\n"
           "(fmt q8_0, q8_1, q8_K, f16, bf16 or f32; Q8_0/Q8_1 round half to even as llama.cpp's x86 path).");

@@ -631,4 +631,111 @@ void quantize_rows_parallel(QuantType type, const float* src, void* dst, int64_t
     for (std::thread& th : pool) th.join();
 }
 
+// ---- dequantization (the numpy formulas of quant/formats.py, in their order of operations)
+
+namespace {
+
+// Q4_K / Q5_K sub-block j's 6-bit scale and min (get_scale_min_k4)
+inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
+    if (j < 4) {
+        sc = s[j] & 63, m = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+template <class B, int Offset>
+void dequantize_q_0(const void* src, int64_t nb, float* y) {  // Q4_0, Q5_0: x = d * (q - Offset)
+    for (int64_t i = 0; i < nb; ++i, y += 32) {
+        const B& b = static_cast<const B*>(src)[i];
+        uint32_t qh = 0;
+        if constexpr (Offset == 16) std::memcpy(&qh, b.qh, 4);
+        const float d = fp16_to_fp32(b.d);
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (b.qs[j] & 0xF) | (Offset == 16 ? ((qh >> j) & 1) << 4 : 0);
+            const int hi = (b.qs[j] >> 4) | (Offset == 16 ? ((qh >> (j + 16)) & 1) << 4 : 0);
+            y[j] = d * static_cast<float>(lo - Offset);
+            y[j + 16] = d * static_cast<float>(hi - Offset);
+        }
+    }
+}
+
+template <class B, bool kFifthBit>
+void dequantize_q_1(const void* src, int64_t nb, float* y) {  // Q4_1, Q5_1: x = d * q + m
+    for (int64_t i = 0; i < nb; ++i, y += 32) {
+        const B& b = static_cast<const B*>(src)[i];
+        uint32_t qh = 0;
+        if constexpr (kFifthBit) std::memcpy(&qh, b.qh, 4);
+        const float d = fp16_to_fp32(b.d), m = fp16_to_fp32(b.m);
+        for (int j = 0; j < 16; ++j) {
+            const int lo = (b.qs[j] & 0xF) | (kFifthBit ? ((qh >> j) & 1) << 4 : 0);
+            const int hi = (b.qs[j] >> 4) | (kFifthBit ? ((qh >> (j + 16)) & 1) << 4 : 0);
+            y[j] = d * static_cast<float>(lo) + m;
+            y[j + 16] = d * static_cast<float>(hi) + m;
+        }
+    }
+}
+
+template <class B, bool kFifthBit>
+void dequantize_qx_k(const void* src, int64_t nb, float* y) {  // Q4_K, Q5_K: x = (d sc) q - (dmin m)
+    for (int64_t i = 0; i < nb; ++i, y += QK_K) {
+        const B& b = static_cast<const B*>(src)[i];
+        const float d = fp16_to_fp32(b.d), dmin = fp16_to_fp32(b.dmin);
+        for (int j = 0; j < 8; ++j) {  // sub-block j: nibble j % 2 of qs[32 (j / 2) + l]
+            int sc, m;
+            scale_min_k4(b.scales, j, sc, m);
+            const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(m);
+            for (int l = 0; l < 32; ++l) {
+                int q = (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF;
+                if constexpr (kFifthBit) q |= ((b.qh[l] >> j) & 1) << 4;
+                y[32 * j + l] = dl * static_cast<float>(q) - ml;
+            }
+        }
+    }
+}
+
+void dequantize_q6_k(const void* src, int64_t nb, float* y) {  // x = (d scale) (q - 32)
+    for (int64_t i = 0; i < nb; ++i, y += QK_K) {
+        const block_q6_K& b = static_cast<const block_q6_K*>(src)[i];
+        const float d = fp16_to_fp32(b.d);
+        for (int v = 0; v < QK_K; ++v) {
+            const int h = v / 128, r = v % 128, k = r / 32, l = r % 32;  // value 128h + 32k + l
+            const int low = (b.ql[64 * h + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0xF;
+            const int high = (b.qh[32 * h + l] >> (2 * k)) & 3;
+            y[v] = d * static_cast<float>(b.scales[v / 16]) * static_cast<float>((low | high << 4) - 32);
+        }
+    }
+}
+
+}  // namespace
+
+bool dequantize_row(int type_id, const void* src, int64_t n, float* y) {
+    switch (type_id) {
+        case 0: std::memcpy(y, src, sizeof(float) * static_cast<size_t>(n)); return true;  // F32
+        case 1:  // F16
+            for (int64_t i = 0; i < n; ++i) y[i] = fp16_to_fp32(static_cast<const ggml_half*>(src)[i]);
+            return true;
+        case 30:  // BF16
+            for (int64_t i = 0; i < n; ++i)
+                y[i] = float_of(static_cast<uint32_t>(static_cast<const uint16_t*>(src)[i]) << 16);
+            return true;
+        case 2: dequantize_q_0<block_q4_0, 8>(src, n / 32, y); return true;
+        case 3: dequantize_q_1<block_q4_1, false>(src, n / 32, y); return true;
+        case 6: dequantize_q_0<block_q5_0, 16>(src, n / 32, y); return true;
+        case 7: dequantize_q_1<block_q5_1, true>(src, n / 32, y); return true;
+        case 8:  // Q8_0: x = q * d
+            for (int64_t i = 0; i < n / 32; ++i) {
+                const block_q8_0& b = static_cast<const block_q8_0*>(src)[i];
+                const float d = fp16_to_fp32(b.d);
+                for (int j = 0; j < 32; ++j) y[32 * i + j] = static_cast<float>(b.qs[j]) * d;
+            }
+            return true;
+        case 12: dequantize_qx_k<block_q4_K, false>(src, n / QK_K, y); return true;
+        case 13: dequantize_qx_k<block_q5_K, true>(src, n / QK_K, y); return true;
+        case 14: dequantize_q6_k(src, n / QK_K, y); return true;
+        default: return false;
+    }
+}
+
 }  // namespace tandem

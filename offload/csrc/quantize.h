@@ -152,4 +152,9 @@ int quant_type_size(QuantType type);    // bytes per block
 void quantize_rows_parallel(QuantType type, const float* src, void* dst, int64_t nrows, int64_t n_per_row,
                             int threads, Isa isa);
 
+// One row of n values of GGML type `type_id` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; n a
+// multiple of its block size) -> float32, as quant/formats.py's dequantize computes it (bit for bit; llama.cpp's
+// get_rows). False for another type.
+bool dequantize_row(int type_id, const void* src, int64_t n, float* y);
+
 }  // namespace tandem
