@@ -122,7 +122,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     for tests): everything but the routed experts is dequantized onto `device`; each MoE layer submits
     its routed experts to the CPU engine and computes its shared experts (and `gpu_experts` busiest
     routed ones) on the device meanwhile."""
-    from offload.placement import Machine, check_fits, make_plan
+    from offload.placement import ENGINE_TYPES, Machine, check_fits, make_plan
 
     from .loader import load_weights
 
@@ -157,10 +157,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
                       if n.startswith(f"{m}.experts.") and int(n.split(".")[5]) not in on_gpu}
     tied = cfg.tie_word_embeddings
     # on the CPU engine the token embedding's rows are read from the file's blocks as a step needs them
-    # (an output head tied to it needs the table in float)
+    # (an output head tied to it needs the table in float; so does a type the engine does not read)
     embed = bool(plan) and not tied and dev.type == "cpu" and \
         tensors.sources.get("model.embed_tokens.weight") == ("plain", "token_embd.weight") and \
-        mapping.get("model.embed_tokens.weight") == "model.embed_tokens.weight"
+        mapping.get("model.embed_tokens.weight") == "model.embed_tokens.weight" and \
+        gmodel.tensors["token_embd.weight"].qtype.name in ENGINE_TYPES
     if embed:
         by_engine.add("model.embed_tokens.weight")
     load_weights(model, tensors, mapping, dtype, dev, derived={"lm_head.weight"} if tied else set(),

@@ -133,7 +133,8 @@ def make_plan(gguf, device: str = "auto", gpu_experts: int = 0, routing=None, ma
             plan.assign[name] = ENGINE if engine else CPU_TORCH
             # the token embedding's rows are read from the file's blocks (local QuantEmbedding), unless the
             # output head is tied to it (no output.weight): then the table is dequantized
-            mapped = engine or (name == "token_embd.weight" and "output.weight" in gguf.tensors)
+            mapped = engine or (name == "token_embd.weight" and "output.weight" in gguf.tensors
+                                and t.qtype.name in ENGINE_TYPES)
             plan.ram_bytes += t.nbytes if mapped else t.n_elements * 4
     return plan
 

@@ -103,46 +103,32 @@ class RMSNorm(nn.Module):
 
 class QuantEmbedding(nn.Module):
     """nn.Embedding's lookup straight from a GGUF's token embedding blocks as stored (memory-mapped): only the
-    rows a step asks for are dequantized, as llama.cpp's get_rows does (by the engine, `_C.get_rows`, for its
-    types; by quant.formats otherwise). A float32 table would take 0.84 GB for DeepSeek-V2-Lite, 1.24 GB for
-    Qwen3-30B-A3B and 3.7 GB for DeepSeek-V3, and seconds to dequantize at load."""
+    rows a step asks for are dequantized, by the engine (`_C.get_rows`, as llama.cpp's get_rows; any type the
+    engine reads). A float32 table would take 0.84 GB for DeepSeek-V2-Lite, 1.24 GB for Qwen3-30B-A3B and
+    3.7 GB for DeepSeek-V3, and seconds to dequantize at load."""
 
     def __init__(self, blocks, qtype, embedding_dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.blocks, self.qtype, self.out_dtype = blocks, qtype, dtype
+        self.blocks, self.type_id, self.out_dtype = blocks, int(qtype), dtype
+        self.qtype_name = getattr(qtype, "name", str(qtype))
         self.num_embeddings, self.embedding_dim = int(blocks.shape[0]), embedding_dim
-        self._engine = False
-        try:
-            from offload import _C
-
-            _C.get_rows(int(qtype), blocks, np.zeros(1, np.int64), embedding_dim)
-            self._engine = True
-        except (ImportError, ValueError):
-            pass  # a type the engine does not read (or no engine): quant.formats dequantizes the rows
-        self(torch.zeros(1, dtype=torch.int64))  # an unsupported type fails here, at load
+        self(torch.zeros(1, dtype=torch.int64))  # a type or a table the engine cannot read fails here, at load
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from offload import _C
+
         if ids.device.type != "cpu":
             raise ValueError(f"token ids on {ids.device}: this embedding is read from the GGUF file on the CPU")
         index = ids.reshape(-1).numpy()
         if index.dtype != np.int64:
             index = index.astype(np.int64)
         try:
-            if self._engine:  # it checks the ids itself
-                from offload import _C
-
-                rows = _C.get_rows(int(self.qtype), self.blocks, index, self.embedding_dim)
-            else:
-                from quant.formats import dequantize
-
-                if index.size and index.min() < 0:
-                    raise IndexError  # numpy would wrap it around
-                rows = dequantize(self.blocks[index], self.qtype)
-        except (IndexError, ValueError):
+            rows = _C.get_rows(self.type_id, self.blocks, index, self.embedding_dim)  # it checks the ids
+        except ValueError:
             bad = index[(index < 0) | (index >= self.num_embeddings)]
             if not bad.size:
                 raise
@@ -151,7 +137,7 @@ class QuantEmbedding(nn.Module):
         return out if self.out_dtype == torch.float32 else out.to(self.out_dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {getattr(self.qtype, 'name', self.qtype)} blocks"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype_name} blocks"
 
 
 def engine_pre_norm(pre_norm: RMSNorm | None, x: torch.Tensor) -> dict | None:
