@@ -75,13 +75,11 @@ void convert_unit(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
                 if (to_unit) std::memcpy(&qh[j], rows[j][b].qh, 4);
                 else qh[j] = 0;
             }
-            for (int k = 0; k < 8; ++k)
-                for (int j = 0; j < kR16; ++j)
-                    for (int l = 0; l < 4; ++l) {
-                        const int src = 4 * k + l, dst = 4 * j + l;
-                        if (to_unit) w[k] |= static_cast<uint64_t>((qh[j] >> src) & 1u) << dst;
-                        else qh[j] |= static_cast<uint32_t>((w[k] >> dst) & 1u) << src;
-                    }
+            for (int k = 0; k < 8; ++k)  // bits 4k..4k+3 of qh[j] are nibble j of w[k]
+                for (int j = 0; j < kR16; ++j) {
+                    if (to_unit) w[k] |= static_cast<uint64_t>((qh[j] >> 4 * k) & 0xFu) << 4 * j;
+                    else qh[j] |= static_cast<uint32_t>((w[k] >> 4 * j) & 0xFu) << 4 * k;
+                }
             if (to_unit) std::memcpy(words, w, sizeof(w));
             else
                 for (int j = 0; j < kR16; ++j) std::memcpy(rows[j][b].qh, &qh[j], 4);
@@ -107,23 +105,34 @@ void convert_unit_k(Block* const* rows, int64_t b, uint8_t* u, bool to_unit) {
             for (int k = 0; k < 8; ++k) move(u + 256 + 512 * i + 64 * k + 4 * j, rows[j][b].qs + 32 * i + 4 * k, 4);
     }
     if constexpr (std::is_same_v<Block, block_q5_K>) {
+        // nibble j of word (i, k, h) holds bit 2i + h of qh_j's bytes 4k..4k+3 (byte l at bit l): gathered from
+        // the four bytes of a u32 by one multiply (0x01020408 moves the bits at 0, 8, 16, 24 to 24..27, and no two
+        // of its partial products meet, so nothing carries), scattered back by another (0x00204081)
         uint8_t* words = u + 256 + 2048;
         uint64_t w[4][8][2] = {};
-        if (!to_unit) {
+        uint32_t qh[kR16][8] = {};
+        if (to_unit)
+            for (int j = 0; j < kR16; ++j) std::memcpy(qh[j], rows[j][b].qh, sizeof(qh[j]));
+        else
             std::memcpy(w, words, sizeof(w));
-            for (int j = 0; j < kR16; ++j) std::memset(rows[j][b].qh, 0, sizeof(rows[j][b].qh));
-        }
         for (int i = 0; i < 4; ++i)
             for (int k = 0; k < 8; ++k)
-                for (int h = 0; h < 2; ++h)
-                    for (int j = 0; j < kR16; ++j)
-                        for (int l = 0; l < 4; ++l) {
-                            uint8_t& qh = rows[j][b].qh[4 * k + l];
-                            const int src = 2 * i + h, dst = 4 * j + l;  // bit in qh, bit in the word
-                            if (to_unit) w[i][k][h] |= static_cast<uint64_t>((qh >> src) & 1u) << dst;
-                            else qh |= static_cast<uint8_t>(((w[i][k][h] >> dst) & 1u) << src);
+                for (int h = 0; h < 2; ++h) {
+                    const int src = 2 * i + h;
+                    for (int j = 0; j < kR16; ++j) {
+                        if (to_unit) {
+                            const uint32_t nibble = (((qh[j][k] >> src) & 0x01010101u) * 0x01020408u) >> 24;
+                            w[i][k][h] |= static_cast<uint64_t>(nibble & 0xFu) << 4 * j;
+                        } else {
+                            const uint32_t nibble = static_cast<uint32_t>(w[i][k][h] >> 4 * j) & 0xFu;
+                            qh[j][k] |= ((nibble * 0x00204081u) & 0x01010101u) << src;
                         }
-        if (to_unit) std::memcpy(words, w, sizeof(w));
+                    }
+                }
+        if (to_unit)
+            std::memcpy(words, w, sizeof(w));
+        else
+            for (int j = 0; j < kR16; ++j) std::memcpy(rows[j][b].qh, qh[j], sizeof(qh[j]));
     }
 }
 void convert_unit(block_q4_K* const* rows, int64_t b, uint8_t* u, bool to_unit) { convert_unit_k(rows, b, u, to_unit); }
