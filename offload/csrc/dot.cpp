@@ -358,16 +358,6 @@ float q5_1(int64_t n, const void* vw, const void* va) {
     return sum;
 }
 
-// Q4_K / Q5_K sub-block k: 6-bit scale and min (get_scale_min_k4).
-void scale_min(const uint8_t* s, int k, int& sc, int& m) {
-    if (k < 4) {
-        sc = s[k] & 63, m = s[k + 4] & 63;
-    } else {
-        sc = (s[k + 4] & 0xF) | ((s[k - 4] >> 6) << 4);
-        m = (s[k + 4] >> 4) | ((s[k] >> 6) << 4);
-    }
-}
-
 // d_a (d sum_k sc_k sum_l q y - dmin sum_k m_k (bsums[2k] + bsums[2k+1])), q from qs (and qh for Q5_K).
 template <class W, bool kFifthBit>
 float qx_k(int64_t n, const void* vw, const void* va) {
@@ -378,7 +368,7 @@ float qx_k(int64_t n, const void* vw, const void* va) {
         int sumi = 0, summ = 0;
         for (int k = 0; k < 8; ++k) {
             int sc, m;
-            scale_min(x[i].scales, k, sc, m);
+            scale_min_k4(x[i].scales, k, sc, m);
             int s = 0;
             for (int l = 0; l < 32; ++l) {
                 int q = (x[i].qs[32 * (k / 2) + l] >> (4 * (k & 1))) & 0xF;

@@ -635,16 +635,6 @@ void quantize_rows_parallel(QuantType type, const float* src, void* dst, int64_t
 
 namespace {
 
-// Q4_K / Q5_K sub-block j's 6-bit scale and min (get_scale_min_k4)
-inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
-    if (j < 4) {
-        sc = s[j] & 63, m = s[j + 4] & 63;
-    } else {
-        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 template <class B, int Offset>
 void dequantize_q_0(const void* src, int64_t nb, float* y) {  // Q4_0, Q5_0: x = d * (q - Offset)
     for (int64_t i = 0; i < nb; ++i, y += 32) {

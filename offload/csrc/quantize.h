@@ -111,6 +111,16 @@ struct block_q6_K {
 };
 static_assert(sizeof(block_q6_K) == qk::QK_K / 2 + qk::QK_K / 4 + qk::QK_K / 16 + 2, "wrong q6_K block size/padding");
 
+// Q4_K / Q5_K sub-block j's 6-bit scale and min (llama.cpp's get_scale_min_k4)
+inline void scale_min_k4(const uint8_t* s, int j, int& sc, int& m) {
+    if (j < 4) {
+        sc = s[j] & 63, m = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
 // Activations for the K-quant dot products: x = d * q.
 struct block_q8_K {
     float d;                    // delta
