@@ -75,8 +75,8 @@ class Placement:
                          "mapped from the file")
         else:
             lines.append(f"  CPU engine {self.count(ENGINE)} tensors computed from the file's blocks")
-            lines.append(f"  CPU torch  {self.count(CPU_TORCH)} tensors (norms, routers, the token embedding: its "
-                         "rows a step reads, or all of it when the output is tied to it), dequantized")
+            lines.append(f"  CPU torch  {self.count(CPU_TORCH)} tensors (norms, routers, token embedding), dequantized "
+                         "(of the embedding only the rows a step reads, unless the output head is tied to it)")
             lines.append(f"  RAM        {self.ram_bytes / GIB:.2f} GiB + KV cache {self.kv_bytes / GIB:.2f} GiB")
         lines += [f"  note       {n}" for n in self.notes]
         return "\n".join(lines)
