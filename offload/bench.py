@@ -179,10 +179,11 @@ def moe_call(engine, rng, spec, layers, T: int, with_shared: bool = True):
 
 def after_reads(call, read, repeats: int, warmup: int, settle_s: float = 1.0, twin=None) -> tuple[list, list, list]:
     """Seconds of `repeats` calls of `call` (each on the next layer copy), each found cold as in decode,
-    the seconds of the reads that made them so, and (with `twin`) the seconds of `twin` timed the same way
-    in the same rounds, each right after a call (the same moments); warm-up as `timed`. Before each timed call, `read()`
-    (a streaming read of `roofline_read_bytes`) evicts every expert, then one untimed call (on the copy
-    before) brings back the code and buffers but not the experts the timed call reads. At T=1 a call
+    the seconds of the reads that made them so, and (with `twin`) the seconds of `twin` timed the same
+    way in the same rounds, each right after a call (the same moments); warm-up as `timed`. Before each
+    timed call, `read()` (a streaming read of `roofline_read_bytes`) evicts every expert, then one untimed
+    call (on the copy before) brings back the code and buffers but not the experts the timed call reads.
+    At T=1 a call
     reads only the few experts its token picks (31 MB on V2-Lite), and merely cycling through copies of
     the layer left some of them in this machine's 480 MiB L3 cache: V2-Lite's routed experts took
     1012 us that way, 1113-1127 us this way. A read alone, right before the timed call, also evicts the

@@ -214,7 +214,7 @@ def test_gil_released():
     assert ticks > 20
 
 
-@pytest.mark.parametrize("qtype", ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+@pytest.mark.parametrize("qtype", ("F32", "F16", "BF16") + TYPES[:-1])  # every type the engine reads (not Q8_K)
 def test_get_rows_bit_exact_with_numpy(qtype):
     """_C.get_rows (a token embedding's lookup from the file's blocks): the rows asked for, repeated and in
     any order, bit for bit as quant.formats.dequantize gives them, on tables of random bytes (any scale,

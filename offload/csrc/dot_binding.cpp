@@ -220,7 +220,6 @@ OutAny resident_copy(const Array& weight) {
     return OutAny(b.data, weight.ndim(), shape.data(), page_owner(b), nullptr, weight.dtype());
 }
 
-// weight uint8 [..., rows, row bytes] of `wtype` (rows a multiple of 16) -> the same bytes row-interleaved.
 // table [V, row] of `wtype` as matmul's weight (the file's layout, not a row-interleaved one), ids int64 [T]
 // -> float32 [T, cols]: the rows dequantized (llama.cpp's get_rows; a token embedding's lookup).
 OutF32 get_rows(int wtype, const Array& table, const Array& ids, int64_t cols) {
@@ -246,6 +245,7 @@ OutF32 get_rows(int wtype, const Array& table, const Array& ids, int64_t cols) {
     return owned<float, OutF32>(out, T, static_cast<size_t>(cols));
 }
 
+// weight uint8 [..., rows, row bytes] of `wtype` (rows a multiple of 16) -> the same bytes row-interleaved.
 OutU8N repack(int wtype, const Array& weight, int64_t cols, int threads) {
     const tandem::TypeInfo& t = weight_type(wtype);
     const GgmlType wt = static_cast<GgmlType>(wtype), r16 = tandem::r16_of(wt);
