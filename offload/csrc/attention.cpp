@@ -78,10 +78,10 @@ int64_t mix_slices(int64_t R, Isa isa) {
 }
 
 void mix_rows(const MixRows& m, int64_t slice, Isa isa) {
-    if (isa < Isa::Avx2) return mix_scalar(m, 0, m.R);
-    const int64_t width = mix_width(m.R, isa), simd = m.R / width * width, r0 = slice * 8 * width;
-    if (r0 >= simd) return mix_scalar(m, simd, m.R);
-    const int nv = static_cast<int>((std::min(simd, r0 + 8 * width) - r0) / width);
+    const auto [r0, r1] = slice_cols(m.R, slice, isa);
+    const int64_t width = mix_width(m.R, isa);
+    if (isa < Isa::Avx2 || r0 >= m.R / width * width) return mix_scalar(m, r0, r1);  // the columns past the vectors
+    const int nv = static_cast<int>((r1 - r0) / width);
     if (isa >= Isa::Avx512Vnni && m.type == GgmlType::BF16 && cpu_features().avx512_bf16)
         return detail::avx512_vnni::mix_cols_bf16(m, r0, nv);
     if (isa >= Isa::Avx512) return detail::avx512::mix_cols(m, r0, nv);
