@@ -12,7 +12,7 @@ import torch
 import local
 import offload
 from local.models import deepseek_v2, qwen3_moe
-from local.models.layers import RMSNorm, quantize_activation
+from local.models.layers import quantize_activation
 from local.models.mla import attention_mask, cache_precision
 from local.models.moe import MoE
 from local.models.qwen3_moe import GQAttention
@@ -21,9 +21,9 @@ from offload.engine import CpuEngine
 from quant.convert import convert
 
 from .conftest import build_reference
-from .test_gguf import N_TOKENS, agreement_with_llama_cpp, seq
-from .test_mla_engine import (MLA_DIMS, check_block_inputs, check_custom_op, check_fused_block, check_pre_norm_block,
-                              plain)
+from .test_gguf import seq
+from .test_mla_engine import (MLA_DIMS, check_block_inputs, check_custom_op, check_fused_block, check_fused_model,
+                              check_pre_norm_block, norms_fused_and_op_by_op, plain)
 
 ISAS = offload.supported_isas()
 # qwen3moe GGUF files are MoE in every layer; "wide" has 3 query heads per KV head and 64-dim heads
@@ -129,18 +129,7 @@ def test_fused_block_matches_the_op_by_op_path(gqa_files, name, dtype, threads):
 def test_fused_model_agrees_with_llama_cpp(gqa_files, name):
     """test_gguf's Q8_0 bar (KL <= 1e-3, top-1 >= 99% off near-ties) with every attention block one engine
     call; and greedy decoding gives the op-by-op path's tokens."""
-    path = gqa_files[name]
-    runner = local.load(path, device="cpu", kv_cache_dtype="float16")
-    assert all(a.engine_layer is not None for a in blocks(runner))
-    agree, _, ties = agreement_with_llama_cpp(runner, path, 3)
-    assert agree >= 0.99 and ties <= 0.15 * 3 * N_TOKENS, (agree, ties)
-
-    params = local.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    fused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
-    for a in blocks(runner):
-        a.engine_layer = None
-    unfused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
-    assert fused == unfused and len(fused) == 16
+    check_fused_model(gqa_files[name], blocks)
 
 
 def test_pre_norm_block_adds_the_block_of_the_normed_input(gqa_files):
@@ -183,29 +172,11 @@ def test_decoder_layers_are_two_engine_calls(gqa_files, monkeypatch):
     with its norm and residual inside one engine call (every layer in one, layers.EngineStack): no torch
     norm runs but the final one, and the logits are those of the layer written out op by op."""
     runner = local.load(gqa_files["qwen3"], device="cpu")
-    model = runner.model
-    layers = model.model.layers
+    layers = runner.model.model.layers
     assert all(isinstance(layer.mlp, MoE) and layer.mlp.engine_layer is not None for layer in layers)
-    norms = []
-    norm_forward = RMSNorm.forward
-    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: norms.append(self) or norm_forward(self, x))
-    ids = torch.tensor(seq(7)[:6])
-    with torch.inference_mode():
-        fused = model(ids, model.new_cache(16))
-        fused_norms, norms[:] = len(norms), []
-
-        def op_by_op(self, x, rope, cos_sin, cache, start):
-            h = x + plain(self.self_attn, self.input_layernorm(x), rope, cos_sin, cache, start)
-            return h + self.mlp(self.post_attention_layernorm(h))
-
-        monkeypatch.setattr(qwen3_moe.DecoderLayer, "forward", op_by_op)
-        monkeypatch.setattr(model, "engine_stacks", {})  # every layer through its own forward
-        unfused = model(ids, model.new_cache(16))
+    counts = norms_fused_and_op_by_op(runner, qwen3_moe.DecoderLayer, plain, monkeypatch)
     # op by op: the two layer norms and the q and k norms of every layer, and the final norm
-    assert (fused_norms, len(norms)) == (1, 1 + 4 * len(layers))
-    rel = ((fused - unfused).norm() / unfused.norm()).item()
-    assert rel <= 1e-3, rel
-    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    assert counts == (1, 1 + 4 * len(layers))
 
 
 def test_fused_block_checks_its_inputs(gqa_files):

@@ -105,7 +105,12 @@ def check_fused_block(runner, attn, dtype, cases, f32_ulp: float):
 def test_fused_model_agrees_with_llama_cpp(mla_files, name):
     """The same bar as test_gguf's Q8_0 test (KL <= 1e-3, top-1 >= 99% off near-ties), now with every MLA
     weight on the engine; and greedy decoding gives the op-by-op path's tokens."""
-    path = mla_files[name]
+    check_fused_model(mla_files[name], blocks)
+
+
+def check_fused_model(path, blocks):
+    """The file's model, every attention block (`blocks(runner)`) one engine call, against llama.cpp on the
+    same file; then greedy decoding with and without those calls."""
     runner = local.load(path, device="cpu", kv_cache_dtype="float16")
     assert all(a.engine_layer is not None for a in blocks(runner))
     agree, _, ties = agreement_with_llama_cpp(runner, path, 3)
@@ -115,8 +120,8 @@ def test_fused_model_agrees_with_llama_cpp(mla_files, name):
     fused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
     for a in blocks(runner):
         a.engine_layer = None
-    plain = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
-    assert fused == plain and len(fused) == 16
+    unfused = [ev.token_id for ev in runner.generate(seq(7)[:8], params) if ev.token_id is not None]
+    assert fused == unfused and len(fused) == 16
 
 
 @pytest.mark.parametrize("name", ["v2_lite", "v3"])
@@ -152,15 +157,12 @@ def check_pre_norm_block(runner, attn, forward, fill_cache):
         np.testing.assert_array_equal(outs["fused"], outs["block"] + x)
 
 
-def test_decoder_layers_are_two_engine_calls(mla_files, monkeypatch):
-    """On the engine a decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each block with its
-    norm and residual inside one engine call (and the MoE layers all in one, layers.EngineStack): no torch
-    norm runs but the dense layers' and the final one, and the logits are those of the layer written out op
-    by op."""
-    runner = local.load(mla_files["v3"], device="cpu")
+def norms_fused_and_op_by_op(runner, layer_class, attend, monkeypatch) -> tuple[int, int]:
+    """How many torch RMSNorms run in the model's forward over 6 tokens as loaded, then with every layer
+    written out op by op (`h = x + attend(self.self_attn, norm(x), ...)`, `h + mlp(norm(h))`, layer_class's
+    forward replaced, no stack); the two forwards' logits agree (torch's norm and the engine's sum in other
+    orders: a last-bit change can move a Q8 rounding)."""
     model = runner.model
-    layers = model.model.layers
-    assert any(isinstance(layer.mlp, MoE) and layer.mlp.engine_layer is not None for layer in layers)
     norms = []
     norm_forward = RMSNorm.forward
     monkeypatch.setattr(RMSNorm, "forward", lambda self, x: norms.append(self) or norm_forward(self, x))
@@ -170,18 +172,29 @@ def test_decoder_layers_are_two_engine_calls(mla_files, monkeypatch):
         fused_norms, norms[:] = len(norms), []
 
         def op_by_op(self, x, rope, cos_sin, cache, start):
-            h = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, cache, start)
+            h = x + attend(self.self_attn, self.input_layernorm(x), rope, cos_sin, cache, start)
             return h + self.mlp(self.post_attention_layernorm(h))
 
-        monkeypatch.setattr(deepseek_v2.DecoderLayer, "forward", op_by_op)
+        monkeypatch.setattr(layer_class, "forward", op_by_op)
         monkeypatch.setattr(model, "engine_stacks", {})  # every layer through its own forward
-        plain = model(ids, model.new_cache(16))
-    dense = sum(not isinstance(layer.mlp, MoE) for layer in layers)
-    assert (fused_norms, len(norms)) == (1 + dense, 1 + 2 * len(layers))
-    # torch's norm and the engine's sum in other orders: a last-bit change can move a Q8 rounding
-    rel = ((fused - plain).norm() / plain.norm()).item()
+        unfused = model(ids, model.new_cache(16))
+    rel = ((fused - unfused).norm() / unfused.norm()).item()
     assert rel <= 1e-3, rel
-    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    assert torch.equal(fused.argmax(-1), unfused.argmax(-1))
+    return fused_norms, len(norms)
+
+
+def test_decoder_layers_are_two_engine_calls(mla_files, monkeypatch):
+    """On the engine a decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each block with its
+    norm and residual inside one engine call (and the MoE layers all in one, layers.EngineStack): no torch
+    norm runs but the dense layers' and the final one, and the logits are those of the layer written out op
+    by op."""
+    runner = local.load(mla_files["v3"], device="cpu")
+    layers = runner.model.model.layers
+    assert any(isinstance(layer.mlp, MoE) and layer.mlp.engine_layer is not None for layer in layers)
+    counts = norms_fused_and_op_by_op(runner, deepseek_v2.DecoderLayer, lambda attn, *a: attn(*a), monkeypatch)
+    dense = sum(not isinstance(layer.mlp, MoE) for layer in layers)
+    assert counts == (1 + dense, 1 + 2 * len(layers))
 
 
 def test_fused_block_checks_its_inputs(mla_files):
