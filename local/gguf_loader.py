@@ -157,8 +157,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
                       if n.startswith(f"{m}.experts.") and int(n.split(".")[5]) not in on_gpu}
     tied = cfg.tie_word_embeddings
     # on the CPU engine the token embedding's rows are read from the file's blocks as a step needs them
-    # (an output head tied to it needs the table in float; so does a type the engine does not read)
-    embed = bool(plan) and not tied and dev.type == "cpu" and \
+    # (an output head tied to it needs the table in float; so does a type the engine does not read). The
+    # hybrid path keeps its GPU side's table, as the placement plan counts it, on a CUDA device or not.
+    embed = bool(plan) and not hybrid and not tied and \
         tensors.sources.get("model.embed_tokens.weight") == ("plain", "token_embd.weight") and \
         mapping.get("model.embed_tokens.weight") == "model.embed_tokens.weight" and \
         gmodel.tensors["token_embd.weight"].qtype.name in ENGINE_TYPES

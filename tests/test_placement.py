@@ -95,6 +95,9 @@ def test_overlap_path_gives_the_plain_paths_tokens(demo):
     moes = [layer.mlp for layer in hybrid.model.model.layers if hasattr(layer.mlp, "gate")]
     assert moes and all(m.overlap and m.engine is not None and not m.engine[4] for m in moes)  # shared in torch
     assert "CPU engine: routed experts" in hybrid.describe()["placement"]
+    # the GPU side keeps its embedding table, as on a CUDA device; the CPU engine reads rows from the file
+    assert type(hybrid.model.model.embed_tokens) is torch.nn.Embedding
+    assert type(plain.model.model.embed_tokens) is not torch.nn.Embedding
     ids = plain.tokenizer.encode("The list of values is")
     a, b = plain.logits(ids), hybrid.logits(ids)
     # the plain path rounds activations as llama.cpp does (Q8), the hybrid one computes in float: the
