@@ -199,3 +199,5 @@ def test_quant_embedding_reads_the_rows_it_is_asked(qtype):
     for bad in (37, -1):
         with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary"):
             emb(torch.tensor([1, bad]))
+    with pytest.raises(ValueError, match="token ids on meta: this embedding is read from the GGUF file on the CPU"):
+        emb(torch.zeros(1, dtype=torch.int64, device="meta"))
