@@ -11,7 +11,8 @@ import torch
 import local
 from local import SamplingParams
 from local.generate import TextStream, starts_in_reasoning
-from local.sampling import apply_repetition_penalty, min_p_filter, sample_next, top_k_filter, top_p_filter
+from local.sampling import (TOP_P_BUCKETS, TOP_P_HEAD, apply_repetition_penalty, categorical, min_p_filter,
+                            sample_next, top_k_filter, top_p_filter)
 
 NEG = float("-inf")
 
@@ -27,6 +28,72 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [True, True, False, False]
     assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [True, True, True, False]
     assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [True, False, False, False]
+
+
+def top_p_by_full_sort(logits, p):
+    """top-p by its definition: the whole vocabulary sorted, tokens kept while the mass before them is below p
+    (summed in float64, as top_p_filter sums)."""
+    probs, order = torch.sort(logits.softmax(-1), descending=True)
+    probs = probs.double()
+    drop = probs.cumsum(-1) - probs >= p
+    drop[0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), NEG)
+
+
+@pytest.mark.parametrize("V", [7, TOP_P_HEAD, TOP_P_BUCKETS + 1, 5000, 151936])
+@pytest.mark.parametrize("shape", ["peaky", "flat", "masked", "narrow", "plateau"])
+def test_top_p_without_a_full_sort_keeps_what_a_full_sort_keeps(V, shape):
+    """The nucleus found from the most likely tokens alone (peaky) or by bucketing the logits, with only the
+    bucket where the mass reaches p sorted (flat), is the one a full sort gives: most tokens masked, all in a
+    few buckets, small and large p."""
+    g = torch.Generator().manual_seed(V + len(shape))
+    logits = torch.randn(V, generator=g) * 3
+    if shape == "peaky":  # a trained model's next token: a few clear candidates
+        logits[torch.randint(0, V, (5,), generator=g)] += 15
+    if shape == "masked":  # after top_k: most tokens already out
+        logits = top_k_filter(logits, max(1, V // 3))
+    if shape == "narrow":  # every logit within 0.1 of the others: all in a few buckets
+        logits = logits / 300
+    if shape == "plateau":  # more likely tokens than the first look takes, close together: the top buckets
+        many = torch.randperm(V, generator=g)[:max(1, V // 4)]
+        logits[many] = 20 + 0.5 * torch.rand(many.shape[0], generator=g)
+    for p in (0.01, 0.3, 0.9, 0.95, 0.999, 1 - 1e-9):  # the last beyond what float32 probabilities sum to
+        got, want = top_p_filter(logits, p), top_p_by_full_sort(logits, p)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (p, int(torch.isfinite(got).sum()),
+                                                                          int(torch.isfinite(want).sum()))
+        assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(got)])
+
+
+def test_categorical_draws_with_the_given_probabilities():
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.125, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    counts = torch.bincount(torch.tensor([categorical(probs * 3, g) for _ in range(n)]), minlength=6)
+    assert counts[2] == 0 and counts[5] == 0  # zero probability: never, the last token included
+    sigma = (probs * (1 - probs) * n).sqrt()
+    assert ((counts - probs * n).abs() <= 4 * sigma + 1).all(), counts.tolist()
+    assert {categorical(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) for _ in range(100)} == {2}
+    for bad in (torch.zeros(4), torch.tensor([float("nan"), 1.0])):
+        with pytest.raises(ValueError, match="positive probability"):
+            categorical(bad, g)
+
+
+@pytest.mark.parametrize("draw, want", [(0.0, 1), (0.5, 3), (1.0, 3)])
+def test_categorical_at_the_ends_of_the_draw(monkeypatch, draw, want):
+    """A uniform draw at 0, on a boundary, and rounded up to the total never lands on a zero-probability token."""
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor(draw, dtype=torch.float64))
+    assert categorical(torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0])) == want
+
+
+def test_sampling_follows_the_tempered_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    params = SamplingParams(temperature=0.5)
+    g = torch.Generator().manual_seed(1)
+    n = 40000
+    counts = torch.bincount(torch.tensor([sample_next(logits, params, torch.tensor([]), g) for _ in range(n)]),
+                            minlength=5)
+    want = (logits / 0.5).softmax(-1)
+    assert ((counts - want * n).abs() <= 4 * (want * (1 - want) * n).sqrt() + 1).all(), counts.tolist()
 
 
 def test_min_p():
