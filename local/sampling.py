@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -101,10 +102,14 @@ def _top_p_by_buckets(logits: torch.Tensor, probs: torch.Tensor, p: float) -> to
     top = logits.max()
     if not torch.isfinite(top):  # NaN logits: nothing to choose among, left to the sampler
         return logits
-    lo = max(float(logits[logits > float("-inf")].min()), float(top) - TOP_P_SPAN)
+    least = float(logits.min())
+    if least == float("-inf"):  # (a masked copy of 152k logits took 0.4 ms: only where some are out already)
+        least = float(logits[logits > least].min())
+    lo = max(least, float(top) - TOP_P_SPAN)
     width = (float(top) - lo) / TOP_P_BUCKETS or 1.0
-    # bucket 0 the highest logits; those more than TOP_P_SPAN below the top (and -inf) share the last
-    bucket = ((top - logits) / width).floor_().clamp_(0, TOP_P_BUCKETS - 1).long()
+    # bucket 0 the highest logits; those more than TOP_P_SPAN below the top (and -inf) share the last (int32:
+    # int64 indices were another 1.2 MB of fresh pages, up to 0.8 ms)
+    bucket = ((top - logits) / width).floor_().clamp_(0, TOP_P_BUCKETS - 1).int()
     mass = torch.zeros(TOP_P_BUCKETS, dtype=torch.float64).index_add_(0, bucket, probs.double())
     cum = mass.cumsum(0)
     k = min(int(torch.searchsorted(cum, torch.tensor(p, dtype=torch.float64))), TOP_P_BUCKETS - 1)
@@ -123,8 +128,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the top token's."""
     if min_p <= 0:
         return logits
-    probs = logits.softmax(-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    # p < min_p * p_max  <=>  logit < logit_max + log(min_p): no softmax over the vocabulary (0.2 ms of 152k)
+    return logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,

@@ -99,6 +99,11 @@ def test_sampling_follows_the_tempered_softmax():
 def test_min_p():
     logits = torch.log(torch.tensor([0.6, 0.27, 0.08, 0.05]))
     assert torch.isfinite(min_p_filter(logits, 0.1)).tolist() == [True, True, True, False]
+    g = torch.Generator().manual_seed(0)
+    logits = top_k_filter(torch.randn(5000, generator=g) * 4, 3000)  # some already out
+    for min_p in (0.001, 0.05, 0.3, 0.9):
+        probs = logits.softmax(-1)
+        assert torch.equal(torch.isfinite(min_p_filter(logits, min_p)), probs >= min_p * probs.max())
 
 
 def test_repetition_penalty_is_ctrl_style():
