@@ -132,11 +132,20 @@ def test_escape_stops_a_long_reply_on_demo_model(demo_path):
         app = ChatApp(demo_path, threads=2, settings=ChatSettings(params))
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: app.runner is not None)
+            chat = app.runner.chat
+
+            def paced(messages, params):  # the demo model's ~1000 tokens/s at most 300: 1500 take 5 s
+                for ev in chat(messages, params):
+                    time.sleep(1 / 300)
+                    yield ev
+
+            app.runner.chat = paced
             await pilot.click("#prompt")
             await pilot.press(*"Tell me about lists")
             await pilot.press("enter")
-            await wait_for(pilot, lambda: app.throughput.current is not None
-                           and app.throughput.current.generated_tokens >= 5)
+            # five tokens out of the generating thread (shown or still queued: a batch may wait while the UI
+            # has had its share of a core)
+            await wait_for(pilot, lambda: app._reply_tokens + len(app._events) >= 5)
             await pilot.press("escape")
             await wait_for(pilot, lambda: not app.generating, timeout=5)
             reply = app.query(AssistantMessage).last()
@@ -310,6 +319,40 @@ def test_ctrl_j_starts_a_new_line_and_enter_sends():
             assert app.query_one("#prompt").text == ""
 
     asyncio.run(main())
+
+
+def test_batches_wait_while_the_ui_has_had_its_share_of_a_core(monkeypatch):
+    """While a reply streams, a batch waits if the UI thread used more than UI_SHARE of a core since the last
+    one it applied (its rendering takes the engine's cores), but never past HOLD_SECONDS, and never the end."""
+    import tui.app as chat
+
+    clock = {"wall": 100.0, "cpu": 5.0}
+    monkeypatch.setattr(chat.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(chat.time, "thread_time", lambda: clock["cpu"])
+    app = ChatApp(runner=FakeRunner(), sysinfo=FIXED_SYSTEM)
+    app.generating = True
+    token = (app._turn, Event("token", "x", 1, False))
+    app._events.append(token)
+
+    def step(wall: float, cpu: float) -> bool:
+        clock["wall"] += wall
+        clock["cpu"] += cpu
+        return app._hold_batch()
+
+    assert not step(0.1, 0.0)  # a first batch: applied
+    assert step(0.1, 0.025)  # 25% of a core since: held
+    assert step(0.1, 0.0)  # 12.5% over the 0.2 s
+    assert not step(0.1, 0.0)  # 8%: applied
+    assert step(0.1, 0.5)
+    assert step(chat.HOLD_SECONDS - 0.2, 0.0) and not step(0.25, 0.0)  # held no longer than HOLD_SECONDS
+    assert step(0.01, 0.01)
+    app._events.append((app._turn, Event("done", "", None, False)))
+    assert not step(0.0, 0.0)  # the end of the reply: at once
+    app._events.clear()
+    app._events.append(token)
+    assert step(0.01, 0.01)
+    app.generating = False
+    assert not step(0.0, 0.0)  # not streaming (a stopped or failed reply's last events): at once
 
 
 def test_a_late_event_of_an_earlier_turn_is_dropped():
