@@ -25,10 +25,13 @@ class Stats:
     prompt_seconds: float = 0.0  # prefill, up to the first sampled token
     decode_seconds: float = 0.0  # every later token
     ttft_seconds: float = 0.0  # from the call to the first token, tokenization included
+    cached_tokens: int = 0  # prompt tokens whose cache was kept from the previous call (not run again)
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+        """Prompt tokens run a second (the kept ones not counted: they took no time)."""
+        run = self.prompt_tokens - self.cached_tokens
+        return run / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -36,7 +39,8 @@ class Stats:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"prompt {self.prompt_tokens} tok, {self.prompt_tps:.1f} tok/s | "
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"prompt {self.prompt_tokens} tok{cached}, {self.prompt_tps:.1f} tok/s | "
                 f"decode {self.generated_tokens} tok, {self.decode_tps:.1f} tok/s | "
                 f"ttft {self.ttft_seconds * 1000:.0f} ms")
 
@@ -68,8 +72,13 @@ def generate_tokens(model, cache: KVCache, prompt_ids: list[int], params: Sampli
                     step: Callable[[int], torch.Tensor] | None = None) -> Iterator[TokenStep]:
     """Prefill the prompt in chunks, then decode one token at a time; yields each token with timing.
     Stops at EOS (unless params.ignore_eos), after params.max_tokens, or at max_context.
+    The cache may hold the prompt's first cache.length positions already (a kept prefix): only the rest is
+    prefilled (at least one token: it gives the first logits).
     step(token) -> logits [1, V] runs one decode step (default: the model's forward; --cuda-graph: a
     local.decode_step.DecodeStep)."""
+    if not cache.length < len(prompt_ids):
+        raise ValueError(f"the cache holds {cache.length} positions of a {len(prompt_ids)}-token prompt: at least "
+                         "its last token must be left to run")
     device = model.device
     if step is None:
         def step(token: int) -> torch.Tensor:
@@ -81,7 +90,7 @@ def generate_tokens(model, cache: KVCache, prompt_ids: list[int], params: Sampli
     history = torch.tensor(prompt_ids, dtype=torch.int64)
     t0 = time.perf_counter()
     logits = None
-    for i in range(0, len(prompt_ids), prefill_chunk):
+    for i in range(cache.length, len(prompt_ids), prefill_chunk):
         chunk = torch.tensor(prompt_ids[i:i + prefill_chunk], dtype=torch.int64, device=device)
         logits = model(chunk, cache, last_only=True)
     prompt_seconds, decode_start = None, None

@@ -12,6 +12,7 @@ import torch
 
 from .config import read_json
 from .generate import Event, Stats, TextStream, generate_tokens, starts_in_reasoning
+from .kv_cache import KVCache
 from .loader import load_hf
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -68,7 +69,9 @@ def eos_token_ids(path: Path, config, tokenizer: Tokenizer, extra=()) -> set[int
 
 
 class Runner:
-    """A loaded model with its tokenizer; one conversation's cache at a time."""
+    """A loaded model with its tokenizer; one conversation's cache at a time: each generate / chat call keeps its
+    cache, and the next one runs only what follows the longest prefix the two share (a chat's next turn: the
+    new message, not the whole conversation again)."""
 
     def __init__(self, path: Path, config, model, tokenizer: Tokenizer, device: torch.device, threads: int,
                  eos_ids: set[int], kv_cache_dtype: torch.dtype | None = None):
@@ -82,6 +85,8 @@ class Runner:
         # --cuda-graph: decode through a fixed-shape step (local.decode_step), captured into a CUDA graph on a
         # GPU; on the CPU it runs eagerly (how its logic is tested)
         self.fixed_decode = False
+        # the last call's cache and the token ids of the positions it holds (None while a call runs)
+        self._kept: tuple[KVCache, list[int]] | None = None
 
     # ---- what the model is (for `tandem chat`'s header and the bench)
     def describe(self) -> dict:
@@ -182,17 +187,50 @@ class Runner:
         if len(ids) >= self.max_context:
             raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {self.max_context}")
 
+    def reset(self) -> None:
+        """Let go of the kept cache: the next call starts from an empty one."""
+        self._kept = None
+
+    def kept_cache(self, ids: Sequence[int], capacity: int) -> KVCache:
+        """A cache for a sequence that starts with `ids`, room for `capacity` positions: the last call's, its
+        length cut to the longest prefix it shares with ids (one token at least left to run), when they share
+        one; else a new one (the old one let go first)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            cache, held = kept
+            n = 0
+            for a, b in zip(held, ids[:len(ids) - 1]):
+                if a != b:
+                    break
+                n += 1
+            if n:
+                cache.length = n
+                cache.reserve(capacity)
+                return cache
+            del cache, kept
+        return self.new_cache(capacity)
+
     def _stream(self, ids: list[int], params: SamplingParams, in_reasoning: bool, t0: float) -> Iterator[Event]:
         self._check_ids(ids)
-        cache = self.new_cache(self.ctx or min(len(ids) + params.max_tokens + 1, self.max_context))
+        cache = self.kept_cache(ids, self.ctx or min(len(ids) + params.max_tokens + 1, self.max_context))
+        tokens = list(ids)
+        try:
+            yield from self._run(cache, ids, tokens, params, in_reasoning, t0)
+        finally:  # what the cache holds now, for the next call (also when the caller stopped early)
+            self._kept = (cache, tokens[:cache.length])
+
+    def _run(self, cache, ids: list[int], tokens: list[int], params: SamplingParams, in_reasoning: bool,
+             t0: float) -> Iterator[Event]:
+        cached = cache.length
         decoder = StreamDecoder(self.tokenizer, skip_special_tokens=True)  # as llama.cpp prints them
         text = TextStream(params.stop, in_reasoning)
-        n, stats, finish = 0, Stats(prompt_tokens=len(ids)), "length"
+        n, stats, finish = 0, Stats(prompt_tokens=len(ids), cached_tokens=cached), "length"
         for step in generate_tokens(self.model, cache, ids, params, self.eos_ids, self.max_context,
                                     prefill_chunk=self.prefill_chunk, step=self.decoder(cache)):
             n += 1
+            tokens.append(step.token_id)
             ttft = stats.ttft_seconds or (time.perf_counter() - t0)
-            stats = Stats(len(ids), n, step.prompt_seconds, step.decode_seconds, ttft)
+            stats = Stats(len(ids), n, step.prompt_seconds, step.decode_seconds, ttft, cached)
             if step.token_id in self.eos_ids and not params.ignore_eos:
                 finish = "eos"
                 break

@@ -214,6 +214,81 @@ def test_chat_uses_template(runner):
     assert got == want
 
 
+@pytest.fixture(scope="module")
+def demo_runner():
+    return local.load(None, device="cpu")  # the bundled demo model: a GGUF on the CPU engine
+
+
+def forward_calls(runner, monkeypatch) -> list[tuple[int, torch.Tensor]]:
+    """Each forward of runner.model from now on: (tokens run, logits of the last one)."""
+    calls, forward = [], runner.model.forward
+
+    def recorded(ids, cache, *args, **kwargs):
+        out = forward(ids, cache, *args, **kwargs)
+        calls.append((ids.shape[0], out[-1].float().clone()))
+        return out
+
+    monkeypatch.setattr(runner.model, "forward", recorded)
+    return calls
+
+
+def template_ids(runner, messages) -> list[int]:
+    text = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return runner.tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("which", ["runner", "demo_runner"])
+def test_a_chat_turn_runs_only_what_follows_the_kept_prefix(which, request, monkeypatch):
+    """The next turn keeps the cache of what it shares with the last call (its prompt, and its reply as far
+    as the template repeats it) and runs the rest; its logits are those of running it all from the start."""
+    r = request.getfixturevalue(which)
+    r.reset()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first = [{"role": "user", "content": "What is a list?"}]
+    events = list(r.chat(first, params))
+    held = template_ids(r, first) + [e.token_id for e in events if e.token_id is not None][:-1]  # last not run
+    second = first + [{"role": "assistant", "content": "".join(e.text for e in events)},
+                      {"role": "user", "content": "And a dict?"}]
+    ids = template_ids(r, second)
+    shared = next(i for i, (a, b) in enumerate(zip(held + [None], ids)) if a != b)
+    assert shared >= len(template_ids(r, first))
+    calls = forward_calls(r, monkeypatch)
+    reused = list(r.chat(second, params))
+    assert reused[-1].stats.cached_tokens == shared and reused[-1].stats.prompt_tokens == len(ids)
+    assert calls[0][0] == len(ids) - shared  # the prompt's rest, one pass
+    r.reset()
+    fresh = list(r.chat(second, params))
+    assert fresh[-1].stats.cached_tokens == 0 and calls[6][0] == len(ids)
+    torch.testing.assert_close(calls[0][1], calls[6][1], atol=2e-4, rtol=2e-4)  # the first token's logits
+
+
+def test_the_kept_cache_after_a_stopped_call_and_for_any_prompt(runner, monkeypatch):
+    runner.reset()
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    ids = runner.tokenizer.encode("The quick brown fox")
+    calls = forward_calls(runner, monkeypatch)
+    stream = runner.generate(ids, params)
+    got = [next(stream).token_id for _ in range(3)]  # the caller stops after three tokens
+    stream.close()
+    kept, held = runner._kept
+    assert kept.length == len(ids) + 2 and held == ids + got[:2]
+    # the same prompt again: all but its last token kept, that one run for the first logits
+    again = list(runner.generate(ids, params))
+    assert again[-1].stats.cached_tokens == len(ids) - 1 and calls[3][0] == 1
+    assert [e.token_id for e in again[:3]] == got
+    torch.testing.assert_close(calls[3][1], calls[0][1], atol=2e-4, rtol=2e-4)
+    # a prompt that shares nothing: a new cache
+    other = [i for i in runner.tokenizer.encode("Zebras") if i != ids[0]] or [ids[0] + 1]
+    assert list(runner.generate(other, SamplingParams(max_tokens=2, temperature=0)))[-1].stats.cached_tokens == 0
+    assert runner._kept[0] is not kept
+    # tokens straight after the kept ones: nothing to cut, the cache grows as it must
+    runner.reset()
+    first = list(runner.generate(ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
+    longer = ids + [e.token_id for e in first if e.token_id is not None] + ids
+    out = list(runner.generate(longer, SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)))
+    assert out[-1].stats.cached_tokens == len(ids) + 3 and out[-1].stats.generated_tokens == 300
+
+
 def test_cli_run_streams_and_summarises(tiny_v3_dir):
     out = subprocess.run([sys.executable, "-m", "local.cli", "run", str(tiny_v3_dir), "-p", "Hello", "-n", "8",
                           "--temp", "0", "--ignore-eos"], capture_output=True, text=True, timeout=300)

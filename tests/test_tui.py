@@ -118,9 +118,14 @@ def test_reply_streams_on_demo_model(demo_path, tmp_path):
             k = app.runner.config.num_experts_per_tok
             assert all(sum(row) == k * (stats.prompt_tokens + stats.generated_tokens - 1) for row in heat.counts)
             assert app.context_used == stats.prompt_tokens + stats.generated_tokens
-            # a second turn carries the first reply in the prompt
+            # a second turn carries the first reply in the prompt, and runs only what follows the kept cache:
+            # every position of the conversation routed once
             await send(pilot, app, "And json.loads?")
-            assert app.throughput.last.prompt_tokens > stats.prompt_tokens + 3
+            second = app.throughput.last
+            assert second.prompt_tokens > stats.prompt_tokens + 3 and second.cached_tokens >= stats.prompt_tokens
+            run = (stats.prompt_tokens + stats.generated_tokens - 1
+                   + second.prompt_tokens - second.cached_tokens + second.generated_tokens - 1)
+            assert all(sum(row) == k * run for row in app.query_one(Heatmap).counts)
             assert [m["role"] for m in app.messages] == ["user", "assistant", "user", "assistant"]
 
     asyncio.run(main())

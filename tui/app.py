@@ -383,7 +383,8 @@ class ChatApp(App):
 def _stats_dict(stats) -> dict | None:
     if stats is None:
         return None
-    return {"prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+    return {"prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
+            "generated_tokens": stats.generated_tokens,
             "prompt_tps": round(stats.prompt_tps, 2), "decode_tps": round(stats.decode_tps, 2),
             "ttft_ms": round(stats.ttft_seconds * 1000, 1)}
 
