@@ -119,7 +119,7 @@ def _top_p_by_buckets(logits: torch.Tensor, probs: torch.Tensor, p: float) -> to
         return out
     q, order = torch.sort(probs[inside].double(), descending=True)
     drop = (cum[k - 1] if k else 0.0) + q.cumsum(0) - q >= p
-    drop[0] = k > 0 and bool(drop[0])  # the most likely token stays
+    drop[0] = False  # the most likely token, or one with less than p before it (k is the first bucket to reach p)
     out[inside[order[drop]]] = float("-inf")
     return out
 

@@ -26,9 +26,10 @@ from .widgets import (AssistantMessage, ErrorMessage, PromptInput, StatsPanel, T
 
 DRAIN_SECONDS = 0.1  # up to 10 UI updates a second: at 20 the Markdown rendering halved decode speed on 2 cores
 # ... and while the UI thread has used more than UI_SHARE of a core since the last batch it applied, the next
-# waits (up to HOLD_SECONDS: the text still moves twice a second). Each batch re-renders the reply's Markdown and the screen it scrolls: 20-40 ms at
-# 120x40, more as the conversation grows, and on 2 cores that time comes out of the engine's threads (an
-# 8-layer Qwen3-30B-A3B at 10 batches a second: 0.42-0.64x the tokens/s of runner.generate alone)
+# waits (up to HOLD_SECONDS: the text still moves twice a second). Each batch re-renders the reply's Markdown
+# and the screen it scrolls, 20-40 ms at 120x40 and more as the conversation grows, and on 2 cores that time
+# comes out of the engine's threads: an 8-layer Qwen3-30B-A3B decoded at 0.44-0.74x the tokens/s of
+# runner.generate alone at 10 batches a second (less the longer the conversation), 0.62-0.90x so held
 UI_SHARE = 0.1
 HOLD_SECONDS = 0.5
 SYSTEM_SECONDS = 1.0
