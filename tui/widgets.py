@@ -176,7 +176,7 @@ class Heatmap(Static):
     def set_counts(self, layers: list[int], counts) -> None:
         self.moe_layers = list(layers)
         self.counts = counts.tolist() if hasattr(counts, "tolist") else counts
-        self.refresh(layout=True)
+        self.refresh()  # its size is the layout's (CSS), not its content's: a repaint, no layout pass
 
     def render(self):
         return self.grid_text(self.size.width, self.size.height)
