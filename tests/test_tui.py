@@ -360,6 +360,27 @@ def test_batches_wait_while_the_ui_has_had_its_share_of_a_core(monkeypatch):
     assert not step(0.0, 0.0)  # not streaming (a stopped or failed reply's last events): at once
 
 
+def test_the_heatmap_waits_while_a_reply_streams_and_is_drawn_at_its_end(monkeypatch):
+    import tui.app as chat
+
+    monkeypatch.setattr(chat, "ROUTING_SECONDS", 3600.0)
+
+    async def main():
+        app = ChatApp(runner=FakeRunner(delay=0.05), sysinfo=FIXED_SYSTEM)
+        async with app.run_test(size=(80, 24)) as pilot:
+            heat = app.query_one(Heatmap)
+            await pilot.click("#prompt")
+            await pilot.press(*"hi", "enter")
+            await wait_for(pilot, lambda: heat.counts is not None)  # the reply's first batch draws it
+            first = [list(row) for row in heat.counts]
+            await wait_for(pilot, lambda: app._reply_tokens >= 6)
+            assert heat.counts == first  # not again while the reply streams
+            await wait_for(pilot, lambda: not app.generating)
+            assert heat.counts == app.runner.counts.tolist() != first  # the whole reply, at its end
+
+    asyncio.run(main())
+
+
 def test_a_late_event_of_an_earlier_turn_is_dropped():
     """The generating thread's events carry their turn: one that arrives after the next message was sent
     (a failed turn's closing "end", say) must not finish the new reply early."""

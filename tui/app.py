@@ -98,7 +98,7 @@ class ChatApp(App):
         self._reply_tokens = 0
         self._load_progress: tuple[int, int] = (0, 0)
         self._last_batch = (time.monotonic(), time.thread_time())  # when the UI applied one, and its CPU time
-        self._routing_at = 0.0  # when the heatmap was last redrawn
+        self._routing_at = float("-inf")  # when the heatmap was last redrawn
 
     # ---------------------------------------------------------------- layout
     def compose(self):
