@@ -153,7 +153,7 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -
     tokens are never drawn."""
     n, B = probs.shape[0], CATEGORICAL_BLOCK
     whole = n // B * B  # the whole blocks, then the rest (no float64 copy of all V: ~0.3 ms of fresh pages)
-    sums = probs[:whole].view(-1, B).sum(1, dtype=torch.float64)
+    sums = probs[:whole].reshape(-1, B).sum(1, dtype=torch.float64)
     if whole < n:
         sums = torch.cat((sums, probs[whole:].sum(0, dtype=torch.float64, keepdim=True)))
     cdf = sums.cumsum(0)
