@@ -140,6 +140,24 @@ def test_chunked_prefill_equals_one_shot(name, loaded):
     assert (torch.cat(parts) - whole).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("rope_type", ["default", "yarn"])
+@pytest.mark.parametrize("dim", [8, 24, 64, 128])
+def test_rope_table_gives_the_floats_of_each_step(rope_type, dim):
+    """A forward's cos / sin come from a table of every position so far (cos_sin_range): the same floats as
+    computing the step's rows alone, at any start and length, across the table's growth."""
+    from local.config import RopeSpec
+    from local.models.layers import Rope
+
+    spec = RopeSpec() if rope_type == "default" else RopeSpec(rope_type="yarn", factor=40.0, mscale=1.0,
+                                                               mscale_all_dim=1.0,
+                                                               original_max_position_embeddings=4096)
+    rope = Rope(spec, dim, interleaved=dim % 16 == 0)
+    for start, T in [(0, 1), (0, 7), (5, 1), (100, 3), (1000, 1), (4095, 1), (3000, 513), (7, 2)]:
+        got = rope.cos_sin_range(start, T, "cpu")
+        want = rope.cos_sin(torch.arange(start, start + T))
+        assert got[0].shape == (T, dim // 2) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_legacy_rope_scaling_config(reference_models, tmp_path):
     """DeepSeek's own config.json style: `rope_scaling` with "type", `rope_theta` at the top level."""
     import json

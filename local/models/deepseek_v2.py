@@ -162,12 +162,11 @@ class CausalLM(nn.Module):
         if position is None:
             start = cache.length
             cache.reserve(start + T)
-            positions = torch.arange(start, start + T, device=ids.device)
+            cos_sin = self.rope.cos_sin_range(start, T, ids.device)
         else:
             start = position
-            positions = position + torch.arange(T, device=ids.device)
+            cos_sin = self.rope.cos_sin(position + torch.arange(T, device=ids.device))
         x = self.model.embed_tokens(ids)  # [T, D]
-        cos_sin = self.rope.cos_sin(positions)
         layers, i = self.model.layers, 0
         while i < len(layers):
             stack = self.engine_stacks.get(i)

@@ -288,6 +288,7 @@ class Rope:
         self.interleaved = interleaved
         self.dim = dim
         self._inv_on: dict[torch.device, torch.Tensor] = {}  # inv_freq per device: no copy per step (nor in a graph)
+        self._table_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # cos_sin_range's, per device
 
     def cos_sin(self, positions: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, dim/2] in fp32 for integer positions [T]."""
@@ -297,6 +298,16 @@ class Rope:
             inv = self._inv_on[dev] = self.inv_freq.to(dev)
         freqs = positions.to(inv.device).float()[:, None] * inv[None, :]
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+    def cos_sin_range(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin(arange(start, start + T)) as views of a table of every position so far, on `device` (grown to
+        twice the positions asked when short): a decode step computed its one row in 4 cold torch ops,
+        ~65-120 us. The same floats: cos and sin element by element of the same products."""
+        dev = torch.device(device)
+        table = self._table_on.get(dev)
+        if table is None or table[0].shape[0] < start + T:
+            table = self._table_on[dev] = self.cos_sin(torch.arange(2 * (start + T), device=dev))
+        return table[0][start:start + T], table[1][start:start + T]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, ..., dim] rotated; cos/sin [T, dim/2] broadcast over the middle dims."""
