@@ -366,15 +366,16 @@ def test_the_heatmap_waits_while_a_reply_streams_and_is_drawn_at_its_end(monkeyp
     monkeypatch.setattr(chat, "ROUTING_SECONDS", 3600.0)
 
     async def main():
-        app = ChatApp(runner=FakeRunner(delay=0.05), sysinfo=FIXED_SYSTEM)
+        app = ChatApp(runner=FakeRunner(delay=0.02, endless=True), sysinfo=FIXED_SYSTEM)  # until Esc
         async with app.run_test(size=(80, 24)) as pilot:
             heat = app.query_one(Heatmap)
             await pilot.click("#prompt")
             await pilot.press(*"hi", "enter")
             await wait_for(pilot, lambda: heat.counts is not None)  # the reply's first batch draws it
             first = [list(row) for row in heat.counts]
-            await wait_for(pilot, lambda: app._reply_tokens >= 6)
-            assert heat.counts == first  # not again while the reply streams
+            await wait_for(pilot, lambda: app._reply_tokens >= 20)
+            assert app.generating and heat.counts == first  # not again while the reply streams
+            await pilot.press("escape")
             await wait_for(pilot, lambda: not app.generating)
             assert heat.counts == app.runner.counts.tolist() != first  # the whole reply, at its end
 
