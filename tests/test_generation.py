@@ -10,7 +10,7 @@ import torch
 
 import local
 from local import SamplingParams
-from local.generate import TextStream, starts_in_reasoning
+from local.generate import TextStream, generate_tokens, starts_in_reasoning
 from local.sampling import (TOP_P_BUCKETS, TOP_P_HEAD, apply_repetition_penalty, categorical, min_p_filter,
                             sample_next, top_k_filter, top_p_filter)
 
@@ -260,6 +260,14 @@ def test_a_chat_turn_runs_only_what_follows_the_kept_prefix(which, request, monk
     fresh = list(r.chat(second, params))
     assert fresh[-1].stats.cached_tokens == 0 and calls[6][0] == len(ids)
     torch.testing.assert_close(calls[0][1], calls[6][1], atol=2e-4, rtol=2e-4)  # the first token's logits
+
+
+def test_generate_tokens_refuses_a_cache_that_leaves_no_prompt_token_to_run(runner):
+    ids = runner.tokenizer.encode("The quick brown fox")
+    cache = runner.new_cache(len(ids) + 4)
+    cache.length = len(ids)  # as if the whole prompt were kept: no token left to give the first logits
+    with pytest.raises(ValueError, match="at least its last token must be left to run"):
+        next(generate_tokens(runner.model, cache, ids, SamplingParams(max_tokens=2, temperature=0)))
 
 
 def test_the_kept_cache_after_a_stopped_call_and_for_any_prompt(runner, monkeypatch):
