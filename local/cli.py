@@ -11,6 +11,7 @@ from .synthetic import GEOMETRIES
 
 DIM, RESET = "\033[2m", "\033[0m"
 CUDA_GRAPH_HELP = "decode steps replay a CUDA graph (CUDA devices; attention spans the whole --ctx cache)"
+THREADS_HELP = "CPU threads (default: the physical cores this process may use: CPU affinity, cgroup quota)"
 KV_CACHE_HELP = ("attention cache dtype: float16 or bfloat16 halve it; on an AVX512-BF16 CPU bfloat16 also attends "
                  "fastest (default: --dtype)")
 
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     r.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     r.add_argument("--kv-cache-dtype", default=None, help=KV_CACHE_HELP)
-    r.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    r.add_argument("-t", "--threads", type=int, default=None, help=THREADS_HELP)
     r.add_argument("-c", "--ctx", type=int, default=None, help="context length; the KV cache is preallocated for it")
     r.add_argument("--chunk", type=int, default=512, help="prompt tokens per prefill pass (default 512)")
     r.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("model", nargs="?", default=None, help="GGUF file or HF directory (default: the demo model)")
     ch.add_argument("--system", default=None, help="system prompt")
     ch.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    ch.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    ch.add_argument("-t", "--threads", type=int, default=None, help=THREADS_HELP)
     ch.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: the model's)")
     ch.add_argument("--kv-cache-dtype", default=None, help=KV_CACHE_HELP)
     ch.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-d", "--depth", type=int, default=0,
                    help="tokens already in the context before each test, prefilled untimed (llama-bench's -d; "
                         "default 0)")
-    b.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    b.add_argument("-t", "--threads", type=int, default=None, help=THREADS_HELP)
     b.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
     b.add_argument("--chunk", type=int, default=512, help="prefill chunk, tokens (default 512)")
     b.add_argument("--kv-cache-dtype", default=None,
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--routing", metavar="JSON", default=None,
                    help="routing counts from --routing-out: --gpu-experts picks the busiest experts")
     i.add_argument("--ctx-size", type=int, default=4096, help="context the placement reserves KV cache for")
-    i.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (for --routing-stats)")
+    i.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (for --routing-stats; default: the physical cores this process may use)")
     i.set_defaults(func=cmd_inspect)
 
     q = sub.add_parser("perplexity", help="perplexity over a text, and KL divergence against a base model")
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kld-base", default=None, help="base model (same tokenizer) for KL divergence")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     q.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    q.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    q.add_argument("-t", "--threads", type=int, default=None, help=THREADS_HELP)
     q.set_defaults(func=cmd_perplexity)
     return p
 
@@ -241,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):  # more threads than CPUs: a clear slowdown, not an error
+        from offload.cpus import threads_warning
+
+        if warning := threads_warning(args.threads):
+            print(f"tandem: warning: {warning}", file=sys.stderr)
     try:
         return args.func(args)
     except KeyboardInterrupt:

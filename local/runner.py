@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import psutil
 import torch
 
 from .config import read_json
@@ -30,7 +29,10 @@ def gpu_memory_allocated() -> int | None:
 
 
 def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    """Physical cores this process may use: its CPU affinity and cgroup quota (offload/cpus.py)."""
+    from offload.cpus import available_cores
+
+    return available_cores()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,7 +92,10 @@ class Runner:
 
     # ---- what the model is (for `tandem chat`'s header and the bench)
     def describe(self) -> dict:
-        """Architecture, parameters (total / active per token), storage types, placement, threads."""
+        """Architecture, parameters (total / active per token), storage types, placement, threads, and
+        `threads_warning` when there are more threads than CPUs this process may run on."""
+        from offload.cpus import threads_warning
+
         from .inspect_model import summarize
 
         if not hasattr(self, "_summary"):
@@ -107,10 +112,13 @@ class Runner:
             placement = "CPU engine: every linear and expert"
         else:
             placement = f"torch on {self.device.type}"
-        return {"architecture": getattr(self.config, "model_type", "?"), "format": s.format,
+        info = {"architecture": getattr(self.config, "model_type", "?"), "format": s.format,
                 "total_params": s.total_params, "active_params": s.active_params, "types": types,
                 "placement": placement, "device": str(self.device), "threads": self.threads,
                 "context": self.max_context, "path": str(self.path)}
+        if warning := threads_warning(self.threads):
+            info["threads_warning"] = warning
+        return info
 
     @property
     def uses_engine(self) -> bool:
@@ -280,6 +288,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads must be at least 1 (0 or none: the {physical_cores()} physical cores this process "
+                         f"may use), got {threads}")
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     dev = resolve_device(device)

@@ -6,12 +6,12 @@ activations are quantized inside the engine exactly as llama.cpp quantizes them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _C
+from .cpus import available_cores
 
 GGML_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
             "Q6_K": 14, "BF16": 30}
@@ -21,12 +21,8 @@ ENGINE_IDS = {**GGML_IDS, **R16_IDS}
 
 
 def default_threads() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
+    """Physical cores this process may use (its CPU affinity and cgroup quota; offload/cpus.py)."""
+    return available_cores()
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ is allocated, a plan whose memory the machine does not have, saying what would f
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
+
+from .cpus import available_cores
 
 GPU, ENGINE, CPU_TORCH = "gpu", "cpu-engine", "cpu-torch"
 ENGINE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
@@ -35,7 +36,7 @@ class Machine:
     def detect(cls) -> "Machine":
         import psutil
 
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        cores = available_cores()
         name, vram = None, 0
         try:
             import torch

@@ -131,6 +131,23 @@ def test_reply_streams_on_demo_model(demo_path, tmp_path):
     asyncio.run(main())
 
 
+def test_more_threads_than_cpus_is_a_warning_toast(demo_path, monkeypatch):
+    from offload import cpus
+
+    monkeypatch.setattr(cpus, "affinity_cpus", lambda: [0])
+
+    async def main():
+        app = ChatApp(demo_path, threads=2)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.runner is not None or app.load_error)
+            await pilot.pause(0.1)
+            toasts = [(n.title, n.message, n.severity) for n in app._notifications]
+            assert [(t, s) for t, _, s in toasts] == [("Threads", "warning")]
+            assert "2 threads on 1 CPUs" in toasts[0][1]
+
+    asyncio.run(main())
+
+
 def test_escape_stops_a_long_reply_on_demo_model(demo_path):
     async def main():
         params = SamplingParams(max_tokens=1500, temperature=0.8, ignore_eos=True, seed=1)

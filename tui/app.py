@@ -146,6 +146,8 @@ class ChatApp(App):
             self.query_one("#model-info", Static).update(describe_line(info))
             self.context_size = int(info.get("context", 0))
             self.runner.record_routing(True)
+            if warning := info.get("threads_warning"):
+                self.notify(warning, title="Threads", severity="warning", timeout=15)
         except Exception as e:  # noqa: BLE001
             self.query_one("#model-info", Static).update(f"model loaded ({type(e).__name__}: {e})")
             self.context_size = 0

@@ -1,5 +1,6 @@
 #include "threadpool.h"
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 
@@ -19,6 +20,23 @@ constexpr int kSpinRounds = 1 << 14;
 // calls of a decode step the torch glue runs on the caller's core for ~0.1-2 ms, and a worker woken
 // from sleep for every call cost ~50 us each (measured: 52 us per small linear call).
 constexpr auto kWorkerSpin = std::chrono::microseconds(3000);
+// Every this many spin rounds a spinning thread yields its CPU to any other runnable thread (the caller's
+// glue, a UI, another process): with more threads than free CPUs a spinner would otherwise hold the CPU the
+// thread it waits for needs, for a whole scheduler slice. With nothing else to run, a yield returns at once.
+constexpr int kYieldEvery = 256;
+
+// work_: generation (20 bits) | task count (22 bits) | next task (22 bits)
+constexpr int kIndexBits = 22;
+constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
+constexpr int64_t kMaxTasks = int64_t{1} << (kIndexBits - 1);  // one call's tasks; more run as several calls
+inline uint64_t generation_of(uint64_t w) { return w >> (2 * kIndexBits); }
+inline int64_t count_of(uint64_t w) { return static_cast<int64_t>((w >> kIndexBits) & kIndexMask); }
+inline int64_t index_of(uint64_t w) { return static_cast<int64_t>(w & kIndexMask); }
+
+inline void spin_pause(int spin) {
+    cpu_relax();
+    if ((spin % kYieldEvery) == kYieldEvery - 1) std::this_thread::yield();
+}
 }  // namespace
 
 ThreadPool::ThreadPool(int threads) {
@@ -35,7 +53,8 @@ ThreadPool::~ThreadPool() {
     {
         std::lock_guard<std::mutex> lock(sleep_mutex_);
         stop_.store(true, std::memory_order_release);
-        generation_.fetch_add(1, std::memory_order_acq_rel);
+        const uint64_t w = work_.load(std::memory_order_relaxed);
+        work_.store((generation_of(w) + 1) << (2 * kIndexBits), std::memory_order_release);
     }
     wake_cv_.notify_all();
     {
@@ -46,36 +65,41 @@ ThreadPool::~ThreadPool() {
     driver_.join();
 }
 
+// Claim and run tasks of the current call until none is left (or the call is over).
 void ThreadPool::run_tasks(int thread_index) {
+    uint64_t w = work_.load(std::memory_order_acquire);
     for (;;) {
-        const int64_t task = next_.fetch_add(1, std::memory_order_relaxed);
-        if (task >= n_tasks_) break;
-        (*fn_)(task, thread_index);
+        const int64_t task = index_of(w);
+        if (task >= count_of(w)) return;
+        if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        // the claim proves the call is still running: its caller waits for this task, so fn_ is its fn
+        (*fn_.load(std::memory_order_relaxed))(task, thread_index);
+        if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_of(w) && thread_index != 0) {
+            std::lock_guard<std::mutex> lock(sleep_mutex_);  // the caller may be asleep on done_cv_
+            done_cv_.notify_all();
+        }
+        w = work_.load(std::memory_order_acquire);
     }
 }
 
 void ThreadPool::worker_loop(int index) {
     uint64_t seen = 0;
     for (;;) {
-        uint64_t gen = generation_.load(std::memory_order_acquire);
+        uint64_t gen = generation_of(work_.load(std::memory_order_acquire));
         const auto spin_until = std::chrono::steady_clock::now() + kWorkerSpin;
         for (int spin = 0; gen == seen; ++spin) {
-            cpu_relax();
-            gen = generation_.load(std::memory_order_acquire);
+            spin_pause(spin);
+            gen = generation_of(work_.load(std::memory_order_acquire));
             if ((spin & 255) == 255 && std::chrono::steady_clock::now() > spin_until) break;
         }
         if (gen == seen) {
             std::unique_lock<std::mutex> lock(sleep_mutex_);
-            wake_cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-            gen = generation_.load(std::memory_order_acquire);
+            wake_cv_.wait(lock, [&] { return generation_of(work_.load(std::memory_order_acquire)) != seen; });
+            gen = generation_of(work_.load(std::memory_order_acquire));
         }
         seen = gen;
         if (stop_.load(std::memory_order_acquire)) return;
         run_tasks(index);
-        if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-            std::lock_guard<std::mutex> lock(sleep_mutex_);
-            done_cv_.notify_all();
-        }
     }
 }
 
@@ -86,22 +110,27 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t,
         for (int64_t i = 0; i < n_tasks; ++i) fn(i, 0);
         return;
     }
-    fn_ = &fn;
-    n_tasks_ = n_tasks;
-    next_.store(0, std::memory_order_relaxed);
-    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-    {
-        std::lock_guard<std::mutex> lock(sleep_mutex_);
-        generation_.fetch_add(1, std::memory_order_acq_rel);
+    for (int64_t base = 0; base < n_tasks; base += kMaxTasks) {  // in practice one round: calls have < 2M tasks
+        const int64_t count = std::min(kMaxTasks, n_tasks - base);
+        const std::function<void(int64_t, int)> shifted = [&](int64_t i, int t) { fn(base + i, t); };
+        fn_.store(base == 0 && count == n_tasks ? &fn : &shifted, std::memory_order_relaxed);
+        done_.store(0, std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lock(sleep_mutex_);
+            const uint64_t gen = generation_of(work_.load(std::memory_order_relaxed)) + 1;
+            work_.store((gen << (2 * kIndexBits)) | (static_cast<uint64_t>(count) << kIndexBits),
+                        std::memory_order_release);
+        }
+        wake_cv_.notify_all();
+        run_tasks(0);
+        for (int spin = 0; done_.load(std::memory_order_acquire) != count && spin < kSpinRounds; ++spin)
+            spin_pause(spin);
+        if (done_.load(std::memory_order_acquire) != count) {
+            std::unique_lock<std::mutex> lock(sleep_mutex_);
+            done_cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire) == count; });
+        }
     }
-    wake_cv_.notify_all();
-    run_tasks(0);
-    for (int spin = 0; active_.load(std::memory_order_acquire) != 0 && spin < kSpinRounds; ++spin) cpu_relax();
-    if (active_.load(std::memory_order_acquire) != 0) {
-        std::unique_lock<std::mutex> lock(sleep_mutex_);
-        done_cv_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
-    }
-    fn_ = nullptr;
+    fn_.store(nullptr, std::memory_order_relaxed);
 }
 
 void ThreadPool::driver_loop() {
@@ -140,7 +169,7 @@ void ThreadPool::submit(std::function<void()> job) {
 
 void ThreadPool::wait() {
     // spin briefly: the typical wait follows GPU work that took about as long as the job
-    for (int spin = 0; job_running_.load(std::memory_order_acquire) && spin < kSpinRounds; ++spin) cpu_relax();
+    for (int spin = 0; job_running_.load(std::memory_order_acquire) && spin < kSpinRounds; ++spin) spin_pause(spin);
     std::exception_ptr error;
     {
         std::unique_lock<std::mutex> lock(job_mutex_);

@@ -38,16 +38,15 @@ private:
     void worker_loop(int index);
     void driver_loop();
     void run_tasks(int thread_index);
-
     std::vector<std::thread> workers_;
     std::mutex call_mutex_;  // one parallel_for at a time
-
-    // current parallel_for
-    const std::function<void(int64_t, int)>* fn_ = nullptr;
-    int64_t n_tasks_ = 0;
-    std::atomic<int64_t> next_{0};
-    std::atomic<int> active_{0};
-    std::atomic<uint64_t> generation_{0};
+    // The current parallel_for: one word holds its generation, task count and next task, so a thread claims a
+    // task with one compare-exchange that fails if the call it read is over. The caller waits for its tasks
+    // to be done, not for every worker to check in: a worker the OS has not scheduled yet (more threads
+    // than free CPUs) costs nothing once the others have run its share.
+    std::atomic<uint64_t> work_{0};
+    std::atomic<const std::function<void(int64_t, int)>*> fn_{nullptr};
+    std::atomic<int64_t> done_{0};
     std::atomic<bool> stop_{false};
     std::mutex sleep_mutex_;
     std::condition_variable wake_cv_, done_cv_;
