@@ -219,3 +219,21 @@ def test_quant_embedding_reads_the_rows_it_is_asked(qtype):
             emb(torch.tensor([1, bad]))
     with pytest.raises(ValueError, match="token ids on meta: this embedding is read from the GGUF file on the CPU"):
         emb(torch.zeros(1, dtype=torch.int64, device="meta"))
+
+
+@pytest.mark.parametrize("geometry", ["deepseek-v2-lite", "deepseek-v3", "qwen3-30b-a3b"])
+def test_models_build_without_random_init_of_the_embedding(geometry, monkeypatch):
+    """Loaders build on the meta device and fill every tensor: the token embedding's normal_ init there ran
+    torch's Python decompositions (importing them took ~1.3 s, half of `tandem run` on the demo model)."""
+    from local.models import get_architecture
+    from local.synthetic import model_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's construction drew random weights")
+
+    monkeypatch.setattr(torch.Tensor, "normal_", refuse)
+    cfg = model_config(geometry, 1, 16)
+    arch = get_architecture(cfg["model_type"])
+    with torch.device("meta"):
+        model = arch.build(arch.Config.from_dict(cfg), [])
+    assert model.model.embed_tokens.weight.shape == (cfg["vocab_size"], cfg["hidden_size"])

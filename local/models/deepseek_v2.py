@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import BaseConfig, ConfigError, RopeSpec, mla_softmax_scale, rope_spec
 from ..kv_cache import KVCache
-from .layers import Linear, MLP, QuantEmbedding, RMSNorm, Rope
+from .layers import Linear, MLP, QuantEmbedding, RMSNorm, Rope, empty_embedding
 from .mla import MLAttention
 from .moe import SCORING_FUNCS, TOPK_METHODS, MoE, Router
 
@@ -121,7 +121,7 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg, layer_cls, make_router):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layer_cls(cfg, i, make_router) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .deepseek_v2 import Backbone, DecoderLayer, DeepseekV2Config, DeepseekV2ForCausalLM, make_router, remap
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, empty_embedding
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class MTPLayer(DecoderLayer):
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         if has_embed:
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
         if has_head:
             self.shared_head = SharedHead(cfg)
 
