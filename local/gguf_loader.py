@@ -29,6 +29,8 @@ from .models import get_architecture
 log = logging.getLogger("tandem")
 _EXPERTS = {g: h for h, g in EXPERT_NAMES}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+# how far the file is read ahead of the loader (at most a quarter of the free RAM): the disk stays busy
+READ_AHEAD_WINDOW = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     placement = make_plan(gmodel, where, gpu_experts, routing, machine,
                           context=min(context, cfg.max_position_embeddings), kv_bytes_per_token=kv_bytes)
     check_fits(placement, machine, path.name)
+    # the file comes off the disk in order while tensors are repacked (stopped below; on an error, once idle)
+    gmodel.read_ahead(int(min(max(machine.ram_available // 4, 64 << 20), READ_AHEAD_WINDOW)))
     tensors = GGUFTensors(gmodel, cfg.num_hidden_layers)
     mapping = arch.remap(tensors.names(), cfg)
     with torch.device("meta"):
@@ -212,6 +216,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
         model.engine_stacks = engine_stacks(model.model.layers)  # ...and runs of such layers, one call
     model.checkpoint = gmodel
     model.placement = placement
+    gmodel.stop_read_ahead()
     return cfg, model, gmodel
 
 

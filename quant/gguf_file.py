@@ -2,7 +2,8 @@
 
 We parse the header ourselves rather than trust it: a damaged or hostile file must give a
 GGUFError that says what is wrong, never a crash, a hang or a giant allocation. Tensor data is
-memory-mapped, never read into RAM. Split models (`name-00001-of-00003.gguf`) open as one.
+memory-mapped, never read into RAM (a loader may have it read ahead from disk while it works: `read_ahead`).
+Split models (`name-00001-of-00003.gguf`) open as one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import mmap
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+READ_AHEAD_CHUNK = 32 << 20  # bytes advised at a time
+READ_AHEAD_IDLE_S = 30.0  # a read-ahead whose loader has not moved for this long ends
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 _SCALARS = {
@@ -121,6 +125,7 @@ class GGUFFile:
         except (ValueError, OSError) as e:  # e.g. an empty file cannot be mapped
             raise GGUFError(f"{self.path}: cannot map the file ({e}); it is empty or unreadable") from e
         size = len(self._map)
+        self._position, self._reader = 0, None
         c = _Cursor(self._map, self.path)
         c.need(4, "the magic number")
         if bytes(self._map[:4]) != GGUF_MAGIC:
@@ -191,10 +196,48 @@ class GGUFFile:
     def raw(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as a (copy-on-write) view: typed [*shape] for F32/F16/ints, uint8 [*shape[:-1], row_bytes]
         for block types (BF16 too, as gguf.quants expects)."""
+        self._position = t.offset  # where a read-ahead's window starts
         data = self._map[t.offset:t.offset + t.nbytes]
         if t.qtype in _TYPED:
             return data.view(_TYPED[t.qtype]).reshape(t.shape)
         return data.reshape(*t.shape[:-1], -1)
+
+    def read_ahead(self, window: int, chunk: int = READ_AHEAD_CHUNK) -> None:
+        """Have the kernel read the file into the page cache in file order on a background thread, at most
+        `window` bytes past the tensor raw() gave out last, while the caller works on what it has: a loader
+        then waits on the disk once, not at each tensor's first page (cold load of a 3.4 GB file here: 5.6 s
+        -> 4.0 s, the disk's sequential read alone 3.9 s). Advice only: no error reaches the caller."""
+        if self._reader is not None or not hasattr(mmap, "MADV_WILLNEED") or not hasattr(self._map, "_mmap"):
+            return
+        self._reader_stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_ahead, args=(self._map._mmap, window, chunk),
+                                        name=f"read-ahead {self.path.name}", daemon=True)
+        self._reader.start()
+
+    def stop_read_ahead(self) -> None:
+        if self._reader is not None:
+            self._reader_stop.set()
+            self._reader.join()
+            self._reader = None
+
+    def _read_ahead(self, mm: mmap.mmap, window: int, chunk: int) -> None:
+        pos, size = 0, len(mm)
+        last, idle = self._position, 0.0
+        try:
+            while pos < size and not self._reader_stop.is_set():
+                pos = max(pos, self._position // mmap.PAGESIZE * mmap.PAGESIZE)
+                if pos >= self._position + window:  # the loader is a window behind: wait for it
+                    idle = 0.0 if self._position != last else idle + 0.01
+                    last = self._position
+                    if idle > READ_AHEAD_IDLE_S:  # a loader that stopped (an error) without stop_read_ahead
+                        return
+                    self._reader_stop.wait(0.01)
+                    continue
+                n = min(chunk, size - pos, max(mmap.PAGESIZE, self._position + window - pos))
+                mm.madvise(mmap.MADV_WILLNEED, pos, n)  # returns once the reads are queued
+                pos += n
+        except (OSError, ValueError):  # a closed map or refused advice: reading ahead is only a hint
+            pass
 
     def release(self, t: GGUFTensor) -> None:
         """Let go of the resident pages of a tensor whose bytes were copied elsewhere (a repacked layout), so
@@ -238,6 +281,15 @@ class GGUFModel:
 
     def raw(self, name: str) -> np.ndarray:
         return self._owner[name].raw(self.tensors[name])
+
+    def read_ahead(self, window: int) -> None:
+        """GGUFFile.read_ahead for every part, each window following the loader's place in that part."""
+        for f in self.files:
+            f.read_ahead(window)
+
+    def stop_read_ahead(self) -> None:
+        for f in self.files:
+            f.stop_read_ahead()
 
     def release(self, name: str) -> None:
         self._owner[name].release(self.tensors[name])
