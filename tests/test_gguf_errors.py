@@ -53,6 +53,25 @@ def test_truncated(small_gguf):
         GGUFModel(small_gguf)
 
 
+def test_damaged_string_array(small_gguf):
+    """The vocabulary's strings (read in one loop, as there are 150k+ of them): a bad element names itself."""
+    data = small_gguf.read_bytes()
+    at = data.index(struct.pack("<Q", 1) + b"a" + struct.pack("<Q", 1) + b"b")  # tokens "a", "b", ...
+    bad = bytearray(data)
+    bad[at + 17] = 0xFF  # "b" -> b"\xff"
+    small_gguf.write_bytes(bytes(bad))
+    with pytest.raises(GGUFError, match="tokenizer.ggml.tokens is not valid UTF-8"):
+        GGUFModel(small_gguf)
+    bad = bytearray(data)
+    bad[at + 18:at + 26] = struct.pack("<Q", 1 << 40)  # "c" claims a terabyte
+    small_gguf.write_bytes(bytes(bad))
+    with pytest.raises(GGUFError, match="ends inside the value of tokenizer.ggml.tokens"):
+        GGUFModel(small_gguf)
+    small_gguf.write_bytes(data[:at + 34])  # cut inside the last string, "<s>"
+    with pytest.raises(GGUFError, match="ends inside the value of tokenizer.ggml.tokens"):
+        GGUFModel(small_gguf)
+
+
 def test_not_gguf(small_gguf):
     small_gguf.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(GGUFError, match="not a GGUF file"):
