@@ -297,6 +297,39 @@ def test_the_kept_cache_after_a_stopped_call_and_for_any_prompt(runner, monkeypa
     assert out[-1].stats.cached_tokens == len(ids) + 3 and out[-1].stats.generated_tokens == 300
 
 
+def conversation(turns: int) -> list[dict]:
+    out = [{"role": "system", "content": "You answer questions about Python."}]
+    for i in range(turns):
+        out += [{"role": "user", "content": f"What does json.dumps do with the object number {i}?"},
+                {"role": "assistant", "content": f"It serializes object {i} to a JSON formatted string, "
+                                                 "following the conversion table."}]
+    return out
+
+
+def test_fit_chat_leaves_out_the_oldest_turns_once_the_context_is_full():
+    runner = local.load(None, device="cpu", ctx=256)
+    tokens = lambda msgs: len(runner.tokenizer.apply_chat_template(msgs, tokenize=True))  # noqa: E731
+    short = conversation(2) + [{"role": "user", "content": "And json.loads?"}]
+    assert runner.fit_chat(short, reserve=64) == 0  # fits: nothing left out
+    long = conversation(12) + [{"role": "user", "content": "And json.loads?"}]
+    assert tokens(long) + 64 > 256
+    k = runner.fit_chat(long, reserve=64)
+    kept = long[:1] + long[1 + k:]
+    assert k > 0 and kept[0]["role"] == "system" and kept[1]["role"] == "user" and kept[-1] == long[-1]
+    assert tokens(kept) <= 128 < tokens(long[:1] + long[1 + k - 2:])  # down to half the context, no further
+    # the next turn keeps the same start while it fits (the kept cache stays usable), then moves on
+    longer = long + [{"role": "assistant", "content": "It parses JSON."}, {"role": "user", "content": "Thanks."}]
+    assert runner.fit_chat(longer, reserve=64, dropped=k) == k
+    much_longer = longer + conversation(6)[1:] + [{"role": "user", "content": "Bye."}]
+    assert runner.fit_chat(much_longer, reserve=64, dropped=k) > k
+    # a reserve beyond half the context counts as half; a last message too long alone is all that stays
+    assert runner.fit_chat(short, reserve=10_000) == 0
+    huge = long + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "json " * 300}]
+    assert runner.fit_chat(huge, reserve=64) == len(huge) - 2
+    with pytest.raises(ValueError, match="context is 256"):
+        list(runner.chat(huge[:1] + huge[-1:], SamplingParams(max_tokens=4)))
+
+
 def test_cli_run_streams_and_summarises(tiny_v3_dir):
     out = subprocess.run([sys.executable, "-m", "local.cli", "run", str(tiny_v3_dir), "-p", "Hello", "-n", "8",
                           "--temp", "0", "--ignore-eos"], capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import torch
 
 from local import Event, SamplingParams, Stats
 from tui import ChatApp, ChatSettings
-from tui.widgets import AssistantMessage, ErrorMessage, Heatmap, StatsPanel, UserMessage
+from tui.widgets import AssistantMessage, ErrorMessage, Heatmap, PromptInput, StatsPanel, UserMessage
 
 FIXED_SYSTEM = lambda: (150.0, 412 * 2**20, None)  # noqa: E731 - deterministic CPU % / RSS / GPU
 
@@ -41,6 +41,9 @@ class FakeRunner:
 
     def routing_counts(self):
         return None if self.counts is None else ([1, 2, 3], self.counts.clone())
+
+    def fit_chat(self, messages, reserve, dropped=0):
+        return dropped  # its conversations never fill the context
 
     def chat(self, messages, params):
         self.calls.append((list(messages), params))
@@ -144,6 +147,29 @@ def test_more_threads_than_cpus_is_a_warning_toast(demo_path, monkeypatch):
             toasts = [(n.title, n.message, n.severity) for n in app._notifications]
             assert [(t, s) for t, _, s in toasts] == [("Threads", "warning")]
             assert "2 threads on 1 CPUs" in toasts[0][1]
+
+    asyncio.run(main())
+
+
+def test_a_conversation_longer_than_the_context_goes_on(demo_path):
+    """Once the conversation outgrows --ctx, the model stops seeing its oldest messages (with a toast saying
+    so) instead of every later reply coming back empty, cut by the context."""
+    async def main():
+        app = ChatApp(demo_path, threads=2, ctx=96,
+                      settings=ChatSettings(SamplingParams(max_tokens=40, temperature=0.0)))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.runner is not None or app.load_error)
+            for turn in range(5):
+                app.query_one("#prompt", PromptInput).text = f"What does json.dumps do? ({turn})"  # not typed: fast
+                await pilot.click("#prompt")
+                await pilot.press("enter")
+                await wait_for(pilot, lambda: len(app.transcript) == 2 * turn + 2 and not app.generating)
+                reply = app.transcript[-1]
+                assert reply["finish_reason"] in ("length", "eos") and (reply["content"] + reply["reasoning"]).strip()
+                assert app.throughput.last.prompt_tokens < 96
+            assert app._dropped > 0 and len(app.messages) == 10  # the transcript keeps them all
+            titles = [n.title for n in app._notifications]
+            assert titles and set(titles) == {"Context full"}
 
     asyncio.run(main())
 

@@ -93,6 +93,7 @@ class ChatApp(App):
         # (a failed turn's closing "end" can arrive after the next message was sent)
         self._events: deque = deque()
         self._turn = 0
+        self._dropped = 0  # the oldest messages the model no longer sees (the context is full)
         self._stop = threading.Event()
         self._reply: AssistantMessage | None = None
         self._reply_tokens = 0
@@ -194,7 +195,7 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self, turn: int, messages: list[dict], params) -> None:
         try:
-            events = self.runner.chat(messages, params)
+            events = self.runner.chat(self._fit(turn, messages, params.max_tokens), params)
             try:
                 for ev in events:
                     self._events.append((turn, ev))
@@ -207,6 +208,18 @@ class ChatApp(App):
         except Exception as e:  # noqa: BLE001 - shown in the UI
             self._events.append((turn, ("error", f"{type(e).__name__}: {e}")))
         self._events.append((turn, ("end", self._stop.is_set())))
+
+    def _fit(self, turn: int, messages: list[dict], reserve: int) -> list[dict]:
+        """The conversation as the model sees it: once it outgrows the context, without its oldest messages
+        (Runner.fit_chat; the system prompt stays)."""
+        head = 0
+        while head < len(messages) and messages[head]["role"] == "system":
+            head += 1
+        dropped = self.runner.fit_chat(messages, reserve, self._dropped)
+        if dropped > self._dropped:
+            self._events.append((turn, ("dropped", dropped)))
+        self._dropped = dropped
+        return messages[:head] + messages[head + dropped:]
 
     async def _drain(self) -> None:
         """Apply the queued events to the UI, one batch per tick."""
@@ -230,7 +243,10 @@ class ChatApp(App):
                 return  # shutdown began during an await below
             if isinstance(ev, tuple):
                 kind, value = ev
-                if kind == "error":
+                if kind == "dropped":
+                    self.notify(f"The conversation outgrew the context ({self.context_size} tokens): the model "
+                                f"no longer sees its first {value} messages.", title="Context full", timeout=10)
+                elif kind == "error":
                     await self._failed_reply(reply, value)
                 else:
                     await self._finish_reply(reply, "stopped" if value else None)
@@ -339,6 +355,7 @@ class ChatApp(App):
             self._stop.set()
         self.messages.clear()
         self.transcript.clear()
+        self._dropped = 0
         self.throughput = Throughput()
         self.context_used = 0
         self._reply = None
