@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--routing", metavar="JSON", default=None,
                    help="routing counts from --routing-out: --gpu-experts picks the busiest experts")
     i.add_argument("--ctx-size", type=int, default=4096, help="context the placement reserves KV cache for")
-    i.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (for --routing-stats; default: the physical cores this process may use)")
+    i.add_argument("-t", "--threads", type=int, default=None, help="for --routing-stats: " + THREADS_HELP)
     i.set_defaults(func=cmd_inspect)
 
     q = sub.add_parser("perplexity", help="perplexity over a text, and KL divergence against a base model")

@@ -66,8 +66,9 @@ def open_llama(path, **kwargs):
     try:
         import llama_cpp
     except ImportError:
-        raise RuntimeError(f"llama.cpp is needed here: `make setup-test` installs it (or pip install {SPEC}, with "
-                           'CMAKE_ARGS="$(python local/llama_cpp_peer.py cmake-args)" to build it for this CPU)') from None
+        raise RuntimeError(f"llama.cpp is needed here: `make setup-test` installs it (or pip install {SPEC}, "
+                           'with CMAKE_ARGS="$(python local/llama_cpp_peer.py cmake-args)" to build it for this '
+                           "CPU)") from None
     problem = build_problem(llama_cpp)
     if problem:
         raise RuntimeError(problem)

@@ -290,7 +290,8 @@ def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int, read) -> floa
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the physical cores this process may use)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="engine threads (default: the physical cores this process may use)")
     p.add_argument("--gemv-mib", type=int, default=512, help="bytes per GEMV matrix, MiB (default 512)")
     p.add_argument("--repeats", type=int, default=50, help="timed MoE calls at T=1 (default 50)")
     p.add_argument("--no-peers", action="store_true", help="skip torch and kt-kernel")

@@ -47,7 +47,8 @@ def physical_cores_of(cpus: list[int], sysfs: Path = Path("/sys/devices/system/c
     return max(1, len(cores))
 
 
-def cgroup_cpu_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_cpu_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                     root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The CPU quota of this process's cgroup (and of its ancestors) in CPUs, e.g. 1.5; None when unlimited."""
     text = _read(proc_cgroup)
     if not text:

@@ -274,10 +274,11 @@ class GGUFModel:
     def read_ahead(self, window: int, chunk: int = READ_AHEAD_CHUNK) -> None:
         """Have the kernel read the files into the page cache in order on a background thread, at most `window`
         bytes past the tensor raw() gave out last, while the caller works on what it has: a loader then waits
-        on the disk once, not at each tensor's first page (cold loads of a 3.4 GB file here, the disk at 0.9
-        GB/s: 5.4-8.4 -> 4.3 s, the disk alone 3.9 s; at 1.6 GB/s, repacking the bound: 3.8-4.2 -> 4.2-4.3 s). A split model's parts are read one after the other, each
-        once the loader has come to it. Advice only: no error reaches the caller. Ends at the last byte, at
-        stop_read_ahead(), or when the loader has taken no tensor for READ_AHEAD_IDLE_S."""
+        on the disk once, not at each tensor's first page. Cold loads of a 3.4 GB file here: with the disk at
+        0.9 GB/s, 5.4-8.4 -> 4.3 s (the disk alone 3.9 s); at 1.6 GB/s, where repacking is the bound, 3.8-4.2
+        -> 4.2-4.3 s. A split model's parts are read one after the other, each once the loader has come to
+        it. Advice only: no error reaches the caller. Ends at the last byte, at stop_read_ahead(), or when the
+        loader has taken no tensor for READ_AHEAD_IDLE_S."""
         if self._reader is not None or not hasattr(mmap, "MADV_WILLNEED"):
             return
         self._reader_stop = threading.Event()
