@@ -168,6 +168,11 @@ def test_a_conversation_longer_than_the_context_goes_on(demo_path):
                 assert reply["finish_reason"] in ("length", "eos") and (reply["content"] + reply["reasoning"]).strip()
                 assert app.throughput.last.prompt_tokens < 96
             assert app._dropped > 0 and len(app.messages) == 10  # the transcript keeps them all
+            shown = list(app.query(UserMessage)) + list(app.query(AssistantMessage))
+            unseen = [w for w in shown if w.has_class("unseen")]  # dimmed
+            assert len(unseen) == app._dropped and set(unseen) == set(app._message_widgets[:app._dropped])
+            assert app.query(UserMessage).first().has_class("unseen")  # the oldest
+            assert not app.query(UserMessage).last().has_class("unseen")
             titles = [n.title for n in app._notifications]
             assert titles and set(titles) == {"Context full"}
 

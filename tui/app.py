@@ -84,6 +84,7 @@ class ChatApp(App):
         self.sysinfo = sysinfo or SystemSampler()
         self.export_dir = Path(export_dir) if export_dir else Path.cwd()
         self.messages: list[dict] = []  # the conversation as the chat template sees it
+        self._message_widgets: list = []  # the widget showing each of self.messages
         self.transcript: list[dict] = []  # the same with reasoning and stats, for export
         self.throughput = Throughput()
         self.context_used = 0
@@ -177,7 +178,9 @@ class ChatApp(App):
     def send(self, text: str) -> None:
         """Start a reply to `text` (as if typed and sent)."""
         conversation = self.query_one("#conversation")
-        conversation.mount(UserMessage(text))
+        user = UserMessage(text)
+        conversation.mount(user)
+        self._message_widgets.append(user)
         self._reply = AssistantMessage(self.settings.show_reasoning)
         conversation.mount(self._reply)
         conversation.scroll_end(animate=False)
@@ -244,6 +247,8 @@ class ChatApp(App):
             if isinstance(ev, tuple):
                 kind, value = ev
                 if kind == "dropped":
+                    for widget in self._message_widgets[:value]:
+                        widget.add_class("unseen")  # dimmed: the model no longer sees it
                     self.notify(f"The conversation outgrew the context ({self.context_size} tokens): the model "
                                 f"no longer sees its first {value} messages.", title="Context full", timeout=10)
                 elif kind == "error":
@@ -289,6 +294,7 @@ class ChatApp(App):
         footer = f"{stats.generated_tokens} tok · {stats.decode_tps:.1f} tok/s · {reason}" if stats else reason
         await reply.finish(footer)
         self.messages.append({"role": "assistant", "content": reply.answer})
+        self._message_widgets.append(reply)
         self.transcript.append({"role": "assistant", "content": reply.answer, "reasoning": reply.reasoning,
                                 "finish_reason": reason, "stats": _stats_dict(stats)})
         if stats is not None:
@@ -304,6 +310,7 @@ class ChatApp(App):
         await reply.finish("error")
         if self.messages and self.messages[-1]["role"] == "user":
             self.messages.pop()
+            self._message_widgets.pop()
         self.transcript.append({"role": "assistant", "content": reply.answer, "reasoning": reply.reasoning,
                                 "finish_reason": "error", "error": error,
                                 "stats": _stats_dict(self.throughput.current)})
@@ -354,6 +361,7 @@ class ChatApp(App):
         if self.generating:
             self._stop.set()
         self.messages.clear()
+        self._message_widgets.clear()
         self.transcript.clear()
         self._dropped = 0
         self.throughput = Throughput()
