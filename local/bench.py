@@ -288,13 +288,14 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
     kv_cache_dtype: the attention cache's dtype for both engines (None: each its own default, the compute
     dtype here and f16 in llama.cpp)."""
     from offload import _C
+    from offload.engine import default_threads
 
     from . import load
-    from .runner import physical_cores, resolve_dtype
+    from .runner import resolve_dtype
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     path = Path(model)
-    threads = threads or physical_cores()
+    threads = threads or default_threads()
     if compare not in (None, "llama.cpp"):
         raise ValueError(f"--compare {compare}: only llama.cpp is supported")
     if compare and path.suffix != ".gguf":

@@ -28,13 +28,6 @@ def gpu_memory_allocated() -> int | None:
         return None
 
 
-def physical_cores() -> int:
-    """Physical cores this process may use: its CPU affinity and cgroup quota (offload/cpus.py)."""
-    from offload.cpus import available_cores
-
-    return available_cores()
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -315,10 +308,12 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
+    from offload.engine import default_threads
+
     if threads is not None and threads < 0:
-        raise ValueError(f"threads must be at least 1 (0 or none: the {physical_cores()} physical cores this process "
-                         f"may use), got {threads}")
-    threads = threads or physical_cores()
+        raise ValueError(f"threads must be at least 1 (0 or none: the {default_threads()} physical cores this "
+                         f"process may use), got {threads}")
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
     if cuda_graph and dev.type != "cuda":

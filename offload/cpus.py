@@ -85,23 +85,23 @@ def _ratio(quota: str | None, period: str | None) -> float | None:
     return q / p if q > 0 and p > 0 else None
 
 
+def _capped(cpus: int, limit: float | None) -> int:
+    """`cpus`, at most a cgroup quota of `limit` CPUs rounded down (a throttled cgroup stops spinning workers
+    mid-barrier), at least 1."""
+    return cpus if limit is None else min(cpus, max(1, math.floor(limit)))
+
+
 def available_cores() -> int:
-    """Physical cores this process may use: those in its CPU affinity, at most its cgroup quota rounded down
-    (a throttled cgroup stops spinning workers mid-barrier), at least 1."""
-    cores = physical_cores_of(affinity_cpus())
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        cores = min(cores, max(1, math.floor(limit)))
-    return cores
+    """Physical cores this process may use: those in its CPU affinity, at most its cgroup quota."""
+    return _capped(physical_cores_of(affinity_cpus()), cgroup_cpu_limit())
 
 
 def threads_warning(threads: int) -> str | None:
     """A warning when `threads` is more than the CPUs this process may run on, else None."""
-    cpus = len(affinity_cpus())
-    limit = cgroup_cpu_limit()
-    usable = cpus if limit is None else min(cpus, max(1, math.floor(limit)))
-    if threads <= usable:
+    cpus, limit = affinity_cpus(), cgroup_cpu_limit()
+    if threads <= _capped(len(cpus), limit):
         return None
-    where = f"{cpus} CPUs" + (f" with a cgroup quota of {limit:g}" if limit is not None and limit < cpus else "")
+    where = f"{len(cpus)} CPUs" + (f" with a cgroup quota of {limit:g}" if limit is not None and limit < len(cpus)
+                                   else "")
     return (f"{threads} threads on {where} available to this process: the threads wait on each other at every "
-            f"op and run far slower; use -t {available_cores()} or leave -t out")
+            f"op and run far slower; use -t {_capped(physical_cores_of(cpus), limit)} or leave -t out")
