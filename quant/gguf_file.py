@@ -81,17 +81,11 @@ class _Cursor:
         return v
 
     def string(self, what: str) -> str:
-        n = self.scalar("<Q", what)
-        self.need(n, what)
-        raw = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise GGUFError(f"{self.path}: {what} is not valid UTF-8 ({e})") from e
+        return self.strings(1, what)[0]
 
     def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings in a row: string() in one loop (a vocabulary holds 150k+ of them, merges as many)."""
+        """`count` strings in a row (u64 length, then UTF-8 bytes), read in one loop: a vocabulary holds 150k+
+        of them, its merges as many."""
         view, pos, end, unpack = memoryview(self.data), self.pos, len(self.data), _U64.unpack_from
         out = []
         for _ in range(count):
