@@ -179,32 +179,35 @@ class Runner:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return self._stream(ids, params or SamplingParams(), starts_in_reasoning(text), t0)
 
-    def fit_chat(self, messages: list[dict], reserve: int, dropped: int = 0, **template_kwargs) -> int:
-        """How many of the oldest messages after the leading system ones to leave out of `messages` so that
-        the templated prompt and `reserve` tokens of reply (at most half the context) fit the context:
-        `dropped` (the last call's answer, so that the prompt's start, and the kept cache with it, stays put)
-        while that fits; else more, until the prompt takes at most half the context (llama.cpp's context
-        shift also drops half), so the turns after it reuse the cache again. The last message always stays,
-        and what is kept starts with a user message."""
+    def fit_chat(self, messages: list[dict], reserve: int, dropped: int = 0,
+                 **template_kwargs) -> tuple[list[dict], int]:
+        """`messages` without as many of their oldest messages after the leading system ones as it takes for
+        the templated prompt and `reserve` tokens of reply (at most half the context) to fit the context, and
+        that count: `dropped` (the last call's count, so that the prompt's start, and the kept cache with it,
+        stays put) while that fits; else more, until the prompt takes at most half the context (llama.cpp's
+        context shift also drops half), so the turns after it reuse the cache again. The last message always
+        stays, and what is kept starts with a user message."""
         head = 0
         while head < len(messages) and messages[head].get("role") == "system":
             head += 1
         body, ctx = messages[head:], self.max_context
 
+        def kept(k: int) -> list[dict]:
+            return messages[:head] + body[k:]
+
         def prompt_tokens(k: int) -> int:
-            return len(self.tokenizer.apply_chat_template(messages[:head] + body[k:], tokenize=True,
-                                                          **template_kwargs))
+            return len(self.tokenizer.apply_chat_template(kept(k), tokenize=True, **template_kwargs))
 
         k = min(max(dropped, 0), max(len(body) - 1, 0))
         if prompt_tokens(k) + min(reserve, ctx // 2) <= ctx:
-            return k
+            return kept(k), k
         while k < len(body) - 1:
             k += 1
             while k < len(body) - 1 and body[k].get("role") != "user":
                 k += 1
             if prompt_tokens(k) <= ctx // 2:
                 break
-        return k
+        return kept(k), k
 
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:

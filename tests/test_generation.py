@@ -310,22 +310,22 @@ def test_fit_chat_leaves_out_the_oldest_turns_once_the_context_is_full():
     runner = local.load(None, device="cpu", ctx=256)
     tokens = lambda msgs: len(runner.tokenizer.apply_chat_template(msgs, tokenize=True))  # noqa: E731
     short = conversation(2) + [{"role": "user", "content": "And json.loads?"}]
-    assert runner.fit_chat(short, reserve=64) == 0  # fits: nothing left out
+    assert runner.fit_chat(short, reserve=64) == (short, 0)  # fits: nothing left out
     long = conversation(12) + [{"role": "user", "content": "And json.loads?"}]
     assert tokens(long) + 64 > 256
-    k = runner.fit_chat(long, reserve=64)
-    kept = long[:1] + long[1 + k:]
+    kept, k = runner.fit_chat(long, reserve=64)
+    assert kept == long[:1] + long[1 + k:]
     assert k > 0 and kept[0]["role"] == "system" and kept[1]["role"] == "user" and kept[-1] == long[-1]
     assert tokens(kept) <= 128 < tokens(long[:1] + long[1 + k - 2:])  # down to half the context, no further
     # the next turn keeps the same start while it fits (the kept cache stays usable), then moves on
     longer = long + [{"role": "assistant", "content": "It parses JSON."}, {"role": "user", "content": "Thanks."}]
-    assert runner.fit_chat(longer, reserve=64, dropped=k) == k
+    assert runner.fit_chat(longer, reserve=64, dropped=k)[1] == k
     much_longer = longer + conversation(6)[1:] + [{"role": "user", "content": "Bye."}]
-    assert runner.fit_chat(much_longer, reserve=64, dropped=k) > k
+    assert runner.fit_chat(much_longer, reserve=64, dropped=k)[1] > k
     # a reserve beyond half the context counts as half; a last message too long alone is all that stays
-    assert runner.fit_chat(short, reserve=10_000) == 0
+    assert runner.fit_chat(short, reserve=10_000)[1] == 0
     huge = long + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "json " * 300}]
-    assert runner.fit_chat(huge, reserve=64) == len(huge) - 2
+    assert runner.fit_chat(huge, reserve=64) == (huge[:1] + huge[-1:], len(huge) - 2)
     with pytest.raises(ValueError, match="context is 256"):
         list(runner.chat(huge[:1] + huge[-1:], SamplingParams(max_tokens=4)))
 

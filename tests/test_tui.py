@@ -43,7 +43,7 @@ class FakeRunner:
         return None if self.counts is None else ([1, 2, 3], self.counts.clone())
 
     def fit_chat(self, messages, reserve, dropped=0):
-        return dropped  # its conversations never fill the context
+        return messages, dropped  # its conversations never fill the context
 
     def chat(self, messages, params):
         self.calls.append((list(messages), params))

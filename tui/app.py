@@ -215,14 +215,11 @@ class ChatApp(App):
     def _fit(self, turn: int, messages: list[dict], reserve: int) -> list[dict]:
         """The conversation as the model sees it: once it outgrows the context, without its oldest messages
         (Runner.fit_chat; the system prompt stays)."""
-        head = 0
-        while head < len(messages) and messages[head]["role"] == "system":
-            head += 1
-        dropped = self.runner.fit_chat(messages, reserve, self._dropped)
+        kept, dropped = self.runner.fit_chat(messages, reserve, self._dropped)
         if dropped > self._dropped:
             self._events.append((turn, ("dropped", dropped)))
         self._dropped = dropped
-        return messages[:head] + messages[head + dropped:]
+        return kept
 
     async def _drain(self) -> None:
         """Apply the queued events to the UI, one batch per tick."""
