@@ -77,8 +77,8 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         """No random init: every loader fills the weights. On the meta device, where loaders build models,
-        the init took half the build: Qwen3-30B-A3B's 18k expert projections 2.2 -> 1.1 s, DeepSeek-V3's
-        4.4 -> 2.5 s."""
+        the init took near half the build: Qwen3-30B-A3B's 18k expert projections 2.2 -> 1.3 s, DeepSeek-V3's
+        4.4 -> 2.6 s."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.engine_weight
