@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .read_ahead import advice_limit
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-READ_AHEAD_CHUNK = 32 << 20  # bytes advised at a time
 READ_AHEAD_IDLE_S = 30.0  # a read-ahead whose loader has not moved for this long ends
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -265,14 +266,15 @@ class GGUFModel:
         self._taken += 1
         return self._owner[name].raw(self.tensors[name])
 
-    def read_ahead(self, window: int, chunk: int = READ_AHEAD_CHUNK) -> None:
+    def read_ahead(self, window: int, chunk: int | None = None) -> None:
         """Have the kernel read the files into the page cache in order on a background thread, at most `window`
         bytes past the tensor raw() gave out last, while the caller works on what it has: a loader then waits
-        on the disk once, not at each tensor's first page. Cold loads of a 3.4 GB file here: with the disk at
-        0.9 GB/s, 5.4-8.4 -> 4.3 s (the disk alone 3.9 s); at 1.6 GB/s, where repacking is the bound, 3.8-4.2
-        -> 4.2-4.3 s. A split model's parts are read one after the other, each once the loader has come to
-        it. Advice only: no error reaches the caller. Ends at the last byte, at stop_read_ahead(), or when the
-        loader has taken no tensor for READ_AHEAD_IDLE_S."""
+        on the disk once, not at each tensor's first page. Cold loads of a 3.4 GB file here, in alternation:
+        disk at 2.5 GB/s, 4.2-4.5 s without it, 3.3-3.8 s with it (3.9-4.3 s with the 32 MiB advice it first
+        had, which the kernel cut to 8 MiB each: see advice_limit); the disk throttled to 500 MB/s, 8.2 -> 7.9 s
+        (the disk alone 6.9 s). A split model's parts are read one after the other, each once the loader has
+        come to it. Advice only: no error reaches the caller. Ends at the last byte, at stop_read_ahead(), or
+        when the loader has taken no tensor for READ_AHEAD_IDLE_S."""
         if self._reader is not None or not hasattr(mmap, "MADV_WILLNEED"):
             return
         self._reader_stop = threading.Event()
@@ -298,8 +300,9 @@ class GGUFModel:
         return self.kv.get(key.replace("{arch}", str(self.architecture)), default)
 
 
-def _read_ahead(model: GGUFModel, window: int, chunk: int, stop: threading.Event) -> None:
-    """GGUFModel.read_ahead's thread: each part in turn, advised a chunk at a time within the window."""
+def _read_ahead(model: GGUFModel, window: int, chunk: int | None, stop: threading.Event) -> None:
+    """GGUFModel.read_ahead's thread: each part in turn, advised a chunk at a time within the window (chunk
+    None: the most one advice reads on the part's device, advice_limit)."""
     last, idle = model._taken, 0.0
 
     def wait() -> bool:  # one pause for the loader; False once it has been idle too long
@@ -314,7 +317,7 @@ def _read_ahead(model: GGUFModel, window: int, chunk: int, stop: threading.Event
             mm = getattr(f._map, "_mmap", None)
             if mm is None:
                 return
-            pos, size = 0, len(mm)
+            pos, size, step = 0, len(mm), chunk or advice_limit(f.path)
             while pos < size and not stop.is_set():
                 if any(later._touched for later in model.files[i + 1:]):
                     break  # the loader has moved on to a later part
@@ -327,7 +330,7 @@ def _read_ahead(model: GGUFModel, window: int, chunk: int, stop: threading.Event
                     if not wait():
                         return
                     continue
-                n = min(chunk, size - pos, max(mmap.PAGESIZE, f._position + window - pos))
+                n = min(step, size - pos, max(mmap.PAGESIZE, f._position + window - pos))
                 mm.madvise(mmap.MADV_WILLNEED, pos, n)  # returns once the reads are queued
                 pos += n
     except (OSError, ValueError):  # a closed map or refused advice: reading ahead is only a hint

@@ -1,0 +1,108 @@
+"""`tandem convert` reading its source: BF16 and F16 checkpoints (most published ones) give exactly the values
+they hold, a layer's experts are stacked in their order, shards are read through their index, and the bytes
+are read ahead in the order the converter takes them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import quant.convert as convert_module
+from quant.convert import ConvertError, convert
+from quant.gguf_file import GGUFModel
+from quant.read_ahead import ReadAhead
+from quant.safetensors_file import Checkpoint
+
+from .conftest import build_reference
+
+
+@pytest.fixture(scope="module")
+def f32_model(tmp_path_factory, tokenizer_dir) -> Path:
+    d = tmp_path_factory.mktemp("hf_f32")
+    build_reference("v3", d, tokenizer_dir, seed=5)
+    return d
+
+
+def save_as(src: Path, dst: Path, dtype: torch.dtype, stored: torch.dtype | None = None, shards: int = 2) -> Path:
+    """A copy of the HF directory `src` with its float tensors rounded to `dtype` and stored as `stored`
+    (default: `dtype`), in `shards` files with an index, tensors dealt out round-robin."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    state = load_file(src / "model.safetensors")
+    parts: list[dict] = [{} for _ in range(shards)]
+    for i, (name, t) in enumerate(sorted(state.items())):
+        if t.is_floating_point():
+            t = t.to(dtype).to(stored or dtype)
+        parts[i % shards][name] = t.contiguous()
+    if shards == 1:
+        save_file(parts[0], dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    weight_map = {}
+    for i, part in enumerate(parts):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, dst / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def tensors_of(path: Path) -> dict[str, np.ndarray]:
+    g = GGUFModel(path)
+    return {name: np.array(g.raw(name)) for name in g.tensors}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_checkpoints_convert_to_their_exact_values(f32_model, tmp_path, dtype):
+    half = save_as(f32_model, tmp_path / "half", dtype)
+    same_in_f32 = save_as(f32_model, tmp_path / "f32", dtype, stored=torch.float32, shards=1)
+    a = tensors_of(convert(half, tmp_path / "half.gguf", "f32", progress=False))
+    b = tensors_of(convert(same_in_f32, tmp_path / "f32.gguf", "f32", progress=False))
+    assert a.keys() == b.keys() and any(".ffn_gate_exps." in n for n in a)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    # and the experts are stacked in their order: expert 3's gate of layer 2 is plane 3
+    state = load_file(same_in_f32 / "model.safetensors")
+    want = state["model.layers.2.mlp.experts.3.gate_proj.weight"].numpy()
+    gate = "blk.2.ffn_gate_exps.weight"
+    assert np.array_equal(a[gate][3], want)
+
+
+def test_experts_of_different_shapes_are_refused(f32_model, tmp_path):
+    d = save_as(f32_model, tmp_path / "bad", torch.bfloat16, shards=1)
+    state = load_file(d / "model.safetensors")
+    name = "model.layers.2.mlp.experts.2.up_proj.weight"
+    state[name] = state[name][:-1].contiguous()
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match="experts.2.up_proj.*must agree"):
+        convert(d, tmp_path / "bad.gguf", "q8_0", progress=False)
+
+
+def test_reads_ahead_every_source_byte_in_the_jobs_order(f32_model, tmp_path, monkeypatch):
+    src = save_as(f32_model, tmp_path / "src", torch.bfloat16, shards=3)
+    seen: dict = {}
+
+    class Recording(ReadAhead):
+        def __init__(self, jobs, *args, **kwargs):
+            seen["jobs"], seen["at"] = [list(j) for j in jobs], []
+            super().__init__(jobs, *args, **kwargs)
+
+        def at(self, job):
+            seen["at"].append(job)
+            super().at(job)
+
+    monkeypatch.setattr(convert_module, "ReadAhead", Recording)
+    out = convert(src, tmp_path / "m.gguf", "q8_0", progress=False)
+    jobs = seen["jobs"]
+    assert seen["at"] == list(range(len(jobs))) == list(range(len(GGUFModel(out).tensors)))
+    ckpt = Checkpoint(src)
+    every = {(ckpt.info(n).file, ckpt.info(n).begin, ckpt.info(n).end) for n in ckpt.names()}
+    advised = {r for job in jobs for r in job}
+    assert advised == every  # each tensor's bytes, in whichever shard holds them
+    # the expert stack jobs name their experts' ranges in the experts' order
+    gates = [ckpt.info(f"model.layers.2.mlp.experts.{i}.gate_proj.weight") for i in range(16)]
+    assert [(i.file, i.begin, i.end) for i in gates] in jobs
