@@ -5,10 +5,10 @@ byte ranges of the next jobs (`POSIX_FADV_WILLNEED`, a chunk at a time) while th
 current one, at most `window` bytes ahead of it, so the consumer waits on the disk once rather than at every
 page it touches first.
 
-Cold converts to Q4_K_M of a 6.2 GB BF16 checkpoint (Qwen3-30B-A3B's geometry, 4 layers; 20 s warm), with and
-without it in alternation: disk at 2.5 GB/s, 24.3-29.6 -> 23.7-26.8 s; the disk throttled to 500 MB/s (a SATA
-SSD), 34.1-38.2 -> 23.9-29.6 s. (GGUF loading has its own, sequential one: `GGUFModel.read_ahead`; both advise
-in advice_limit pieces.)
+Cold converts to Q4_K_M of a 6.2 GB BF16 checkpoint (Qwen3-30B-A3B's geometry, 4 layers; 15-17 s warm), with
+and without it in alternation: the disk throttled to 500 MB/s (a SATA SSD), 22.2 -> 17.0-18.2 s; at this disk's
+2.5 GB/s no difference (18-23 s either way). (GGUF loading has its own, sequential one:
+`GGUFModel.read_ahead`; both advise in advice_limit pieces.)
 """
 
 from __future__ import annotations

@@ -56,12 +56,17 @@ def tensors_of(path: Path) -> dict[str, np.ndarray]:
     return {name: np.array(g.raw(name)) for name in g.tensors}
 
 
+@pytest.mark.parametrize("piece_values", [None, 1000], ids=["whole", "in-pieces"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_half_checkpoints_convert_to_their_exact_values(f32_model, tmp_path, dtype):
+def test_half_checkpoints_convert_to_their_exact_values(f32_model, tmp_path, monkeypatch, dtype, piece_values):
+    """In pieces: every matrix of more than 1000 values converted a few rows at a time (the last piece short),
+    as the token embedding and output head of a real model are."""
     half = save_as(f32_model, tmp_path / "half", dtype)
     same_in_f32 = save_as(f32_model, tmp_path / "f32", dtype, stored=torch.float32, shards=1)
-    a = tensors_of(convert(half, tmp_path / "half.gguf", "f32", progress=False))
     b = tensors_of(convert(same_in_f32, tmp_path / "f32.gguf", "f32", progress=False))
+    if piece_values:
+        monkeypatch.setattr(convert_module, "PIECE_VALUES", piece_values)
+    a = tensors_of(convert(half, tmp_path / "half.gguf", "f32", progress=False))
     assert a.keys() == b.keys() and any(".ffn_gate_exps." in n for n in a)
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
@@ -106,3 +111,26 @@ def test_reads_ahead_every_source_byte_in_the_jobs_order(f32_model, tmp_path, mo
     # the expert stack jobs name their experts' ranges in the experts' order
     gates = [ckpt.info(f"model.layers.2.mlp.experts.{i}.gate_proj.weight") for i in range(16)]
     assert [(i.file, i.begin, i.end) for i in gates] in jobs
+
+
+def test_requantize_in_pieces_writes_the_same_file(f32_model, tmp_path, monkeypatch):
+    f32 = convert(f32_model, tmp_path / "f32.gguf", "f32", progress=False)
+    whole = tensors_of(convert(f32, tmp_path / "whole.gguf", "q8_0", progress=False))
+    monkeypatch.setattr(convert_module, "PIECE_VALUES", 1000)
+    assert any(t.pieces is not None for t in convert_module.open_source(f32).tensors())
+    pieces = tensors_of(convert(f32, tmp_path / "pieces.gguf", "q8_0", progress=False))
+    assert whole.keys() == pieces.keys()
+    for name in whole:
+        assert np.array_equal(whole[name], pieces[name]), name
+
+
+def test_a_short_piece_is_an_error_not_a_short_file(f32_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_module, "PIECE_VALUES", 1000)
+    orig = convert_module.HFSource.read_rows
+
+    def short(self, name):
+        yield from list(orig(self, name))[:-1]
+    monkeypatch.setattr(convert_module.HFSource, "read_rows", short)
+    with pytest.raises(ConvertError, match="rows on axis 0"):
+        convert(f32_model, tmp_path / "short.gguf", "q8_0", progress=False)
+    assert not (tmp_path / "short.gguf").exists()
