@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -346,6 +347,8 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
     jobs = plan(source, recipe)
     kv = source.key_values()
     out.parent.mkdir(parents=True, exist_ok=True)
+    nbytes = {t.name: int(np.prod(t.shape[:-1], dtype=np.int64)) * row_bytes(t.shape[-1], qtype) for t, qtype in jobs}
+    _check_room(out, sum(nbytes.values()))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -355,8 +358,6 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
             writer.add_key_value(key, value, vtype, sub)
         writer.add_quantization_version(2)
         writer.add_file_type(file_type(recipe))
-        nbytes = {t.name: int(np.prod(t.shape[:-1], dtype=np.int64)) * row_bytes(t.shape[-1], qtype)
-                  for t, qtype in jobs}
         for t, qtype in jobs:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes[t.name], raw_dtype=qtype)
         writer.write_header_to_file(tmp)
@@ -383,6 +384,16 @@ def convert(src: str | Path, out: str | Path, recipe: str = "q8_0", force: bool 
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _check_room(out: Path, tensor_bytes: int) -> None:
+    """Refuse before the work, not after it, when the output's disk cannot hold it (the tensors, with 1% and
+    64 MiB for the header, the vocabulary and the alignment)."""
+    need = int(tensor_bytes * 1.01) + (64 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise ConvertError(f"{out.name} needs about {need / 2**30:.1f} GiB but {out.parent} has {free / 2**30:.1f} "
+                           "GiB free; free some space or write the output elsewhere (-o)")
 
 
 class _Pieces:

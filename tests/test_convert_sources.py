@@ -134,3 +134,15 @@ def test_a_short_piece_is_an_error_not_a_short_file(f32_model, tmp_path, monkeyp
     with pytest.raises(ConvertError, match="rows on axis 0"):
         convert(f32_model, tmp_path / "short.gguf", "q8_0", progress=False)
     assert not (tmp_path / "short.gguf").exists()
+
+
+def test_a_full_disk_is_refused_before_the_work(f32_model, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 10 << 20))
+    called = []
+    monkeypatch.setattr(convert_module, "encode", lambda *a, **k: called.append(1))
+    with pytest.raises(ConvertError, match=r"needs about .* GiB but .* has 0\.0 GiB free; free some space"):
+        convert(f32_model, tmp_path / "m.gguf", "q8_0", progress=False)
+    assert not called and list(tmp_path.iterdir()) == []
