@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -282,6 +284,24 @@ class Runner:
         yield Event("done", finish_reason=finish, stats=stats)
 
 
+def _without_gc(fn):
+    """Python's cyclic garbage collector paused while `fn` runs (then as it was). A load builds a few hundred
+    thousand long-lived objects (the vocabulary's token lists, the modules), and the collections they
+    triggered scanned them again and again: 0.6-0.8 s of a 3.7-3.9 s load of the 8-layer Qwen3 synthetic (3.0-
+    3.1 s without), 0.23 -> 0.17 s for the demo model. What a load leaves as garbage is collected later."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+    return wrapper
+
+
+@_without_gc
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
          dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None,
          engine: bool = True, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,

@@ -126,3 +126,31 @@ def test_llama_cpp_agrees_on_the_demo_model(runner):
     margin = top2[:, 0] - top2[:, 1]
     differ = ours.argmax(-1) != theirs.argmax(-1)
     assert differ.float().mean() <= 0.05 and bool((margin[differ] < 0.02).all()), margin[differ]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_load_pauses_the_garbage_collector_and_restores_it(monkeypatch, enabled):
+    """The cyclic collector is off while a model loads (its collections rescanned the load's objects: 20% of a
+    load) and as it was afterwards, whether it was on or off."""
+    import gc
+
+    import local.gguf_tokenizer as gguf_tokenizer
+
+    seen = []
+    original = gguf_tokenizer.tokenizer_from_gguf
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_tokenizer, "tokenizer_from_gguf", spy)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        local.load(device="cpu")
+        assert seen == [False] and gc.isenabled() == enabled
+        with pytest.raises(FileNotFoundError):
+            local.load("/nonexistent/model.gguf")
+        assert gc.isenabled() == enabled  # an error too
+    finally:
+        (gc.enable if was else gc.disable)()
