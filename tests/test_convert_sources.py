@@ -75,6 +75,9 @@ def test_half_checkpoints_convert_to_their_exact_values(f32_model, tmp_path, mon
     want = state["model.layers.2.mlp.experts.3.gate_proj.weight"].numpy()
     gate = "blk.2.ffn_gate_exps.weight"
     assert np.array_equal(a[gate][3], want)
+    # produce(), the whole-tensor form, gives the same stack
+    stack = next(t for t in convert_module.HFSource(half).tensors() if t.name == gate)
+    assert np.array_equal(stack.produce(), a[gate])
 
 
 def test_experts_of_different_shapes_are_refused(f32_model, tmp_path):
