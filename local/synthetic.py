@@ -140,7 +140,8 @@ def build_synthetic(name: str, layers: int | None = None, quant: str = "q4_k_m",
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         hf = Path(tmp)
-        (hf / "config.json").write_text(json.dumps(cfg))
+        # the file's general.name: the cached file's own name (else the temporary directory's random one)
+        (hf / "config.json").write_text(json.dumps({**cfg, "_name_or_path": out.stem}))
         _write_padded_tokenizer(hf, cfg["vocab_size"])
         source = HFSource(hf, ckpt=_RandomCheckpoint(shapes, seed))
         import offload

@@ -38,7 +38,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_synthetic_has_the_geometry_and_recipe(tiny_gguf):
     g = GGUFModel(tiny_gguf)
-    assert g.architecture == "deepseek2"
+    assert g.architecture == "deepseek2" and g.kv["general.name"] == tiny_gguf.stem
     assert g.kv["deepseek2.block_count"] == 2 and g.kv["deepseek2.expert_count"] == 16
     assert len(g.kv["tokenizer.ggml.tokens"]) == TINY["vocab_size"]  # padded to the embedding rows
     types = {name: t.qtype.name for name, t in g.tensors.items()}
