@@ -238,9 +238,29 @@ class ChatApp(App):
             turn, ev = self._events.popleft()
             if turn == self._turn:
                 batch.append(ev)
+        run: list = []  # the batch's consecutive text of one kind (answer or reasoning): one add, not one a token
+
+        async def apply_run() -> None:
+            if run and self.is_running:
+                await reply.add(*run)
+            run.clear()
+
         for ev in batch:
             if not self.is_running:
                 return  # shutdown began during an await below
+            if not isinstance(ev, tuple) and ev.kind != "done":
+                self.throughput.current = ev.stats
+                self._reply_tokens += 1 if ev.token_id is not None else 0
+                if ev.text or ev.token_id is not None:
+                    if run and run[1] != ev.reasoning:
+                        await apply_run()
+                    tokens = 1 if ev.token_id is not None else 0
+                    if run:
+                        run[0], run[2] = run[0] + ev.text, run[2] + tokens
+                    else:
+                        run[:] = [ev.text, ev.reasoning, tokens]
+                continue
+            await apply_run()
             if isinstance(ev, tuple):
                 kind, value = ev
                 if kind == "dropped":
@@ -253,14 +273,9 @@ class ChatApp(App):
                 else:
                     await self._finish_reply(reply, "stopped" if value else None)
                 continue
-            if ev.kind == "done":
-                reply.finish_reason = ev.finish_reason
-                self.throughput.current = ev.stats
-                continue
+            reply.finish_reason = ev.finish_reason  # "done"
             self.throughput.current = ev.stats
-            self._reply_tokens += 1 if ev.token_id is not None else 0
-            if ev.text or ev.token_id is not None:
-                await reply.add(ev.text, ev.reasoning, 1 if ev.token_id is not None else 0)
+        await apply_run()
         if not self.is_running:
             return
         stats = self.throughput.current
