@@ -141,7 +141,7 @@ class HFSource:
             if self.fp8_block is None or scale_name not in self.ckpt.index:
                 raise ConvertError(f"{name} is FP8 but {scale_name} (or quantization_config) is missing")
             scale = self.read(scale_name)
-            out[...] = dequantize_fp8_blocks(data, scale, self.fp8_block)
+            dequantize_fp8_blocks(data, scale, self.fp8_block, out=out)
         else:
             _to_f32(info.dtype, data, out)
         return out

@@ -41,6 +41,31 @@ def test_fp8_block_roundtrip(shape):
         dequantize_fp8_blocks(bits, np.ones((9, 9), np.float32))
 
 
+@pytest.mark.parametrize("shape, block", [((256, 384), (128, 128)), ((300, 200), (128, 128)), ((7, 5), (4, 2))])
+def test_fp8_dequantize_is_each_value_times_its_block_scale(shape, block):
+    """Every bit pattern (NaNs and subnormals too) times its block's scale, computed the plain way with torch's
+    own float8 decoding: the same float32 bits, whole or into a caller's buffer."""
+    rng = np.random.default_rng(1)
+    bits = rng.integers(0, 256, shape, dtype=np.uint8)
+    flat = bits.reshape(-1)
+    flat[:min(256, flat.size)] = np.arange(min(256, flat.size), dtype=np.uint8)
+    flat[-1] = 0xFF  # a NaN
+    scale_inv = rng.random((-(-shape[0] // block[0]), -(-shape[1] // block[1])), dtype=np.float32) * 4
+    values = torch.from_numpy(bits).view(torch.float8_e4m3fn).float().numpy()
+    scale = np.repeat(np.repeat(scale_inv, block[0], 0)[: shape[0]], block[1], 1)[:, : shape[1]]
+    want = values * scale
+
+    def same(got):  # the same floats bit for bit, and NaN where torch has NaN (its payload keeps the sign)
+        nan = np.isnan(want)
+        return np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan].view(np.uint32),
+                                                                   want[~nan].view(np.uint32))
+    assert np.isnan(want).any() and same(dequantize_fp8_blocks(bits, scale_inv, block))
+    out = np.full(shape, 7.0, np.float32)
+    assert dequantize_fp8_blocks(bits, scale_inv, block, out=out) is out and same(out)
+    with pytest.raises(ValueError, match="out is float64"):
+        dequantize_fp8_blocks(bits, scale_inv, block, out=np.empty(shape))
+
+
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory, tokenizer_dir):
     """The same tiny V3 twice: FP8 block-scaled, and those FP8 weights dequantized to fp32."""
