@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,8 @@ from .kv_cache import KVCache
 from .loader import load_hf
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger("tandem")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -357,6 +360,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
         raise ValueError(f"{path} is neither a .gguf file nor a model directory "
                          "(config.json + *.safetensors + tokenizer files)")
     config, model = load_hf(path, resolve_dtype(dtype, dev), dev, progress=progress)
+    if dev.type == "cpu":
+        log.info("%s is an HF directory: on the CPU it runs in torch, not in Tandem's engine. Convert it once "
+                 "(tandem convert %s -o model.gguf --quant q4_k_m) to run it several times faster.", path.name, path)
     tokenizer = Tokenizer.from_pretrained(path)
     return _configure(Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer),
                              cache_dtype), ctx, chunk, cuda_graph)
