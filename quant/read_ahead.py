@@ -30,8 +30,8 @@ def advice_limit(path: str | os.PathLike) -> int:
     """The most bytes one WILLNEED advice (posix_fadvise, madvise, readahead) reads of a file: Linux caps each
     call at the larger of its device's read-ahead (`read_ahead_kb`) and largest request (`max_sectors_kb`) and
     silently drops the rest of the range. Advising 1 GiB in 32 MiB calls here (read_ahead_kb 8192) read 256
-    MiB; at the common 128 KiB read-ahead it would read 0.4%. FALLBACK_ADVICE where sysfs does not say (a
-    filesystem without one block device)."""
+    MiB; with the common 128 KiB read-ahead on an NVMe disk's 1280 KiB requests it would read 4%.
+    FALLBACK_ADVICE where sysfs does not say (a filesystem without one block device)."""
     try:
         st = os.stat(path)
         dev = SYSFS / "dev" / "block" / f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
