@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES
 from quant.formats import dequantize
 from quant.gguf_arch import EXPERT_NAMES, hf_tensor_name, join_kv_b, kv_to_config
 from quant.gguf_file import GGUFModel
+from quant.read_ahead import default_window
 from quant.safetensors_file import CheckpointError
 
 from .config import kv_cache_values_per_token
@@ -29,8 +30,6 @@ from .models import get_architecture
 log = logging.getLogger("tandem")
 _EXPERTS = {g: h for h, g in EXPERT_NAMES}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# how far the file is read ahead of the loader (at most a quarter of the free RAM): the disk stays busy
-READ_AHEAD_WINDOW = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
                           context=min(context, cfg.max_position_embeddings), kv_bytes_per_token=kv_bytes)
     check_fits(placement, machine, path.name)
     # the file comes off the disk in order while tensors are repacked (stopped below; on an error, once idle)
-    gmodel.read_ahead(int(min(max(machine.ram_available // 4, 64 << 20), READ_AHEAD_WINDOW)))
+    gmodel.read_ahead(default_window(machine.ram_available))
     tensors = GGUFTensors(gmodel, cfg.num_hidden_layers)
     mapping = arch.remap(tensors.names(), cfg)
     with torch.device("meta"):

@@ -44,17 +44,19 @@ def advice_limit(path: str | os.PathLike) -> int:
     return max(kb << 10, 4096)
 
 
-def default_window() -> int:
-    """A quarter of the memory the kernel reports available, within [64 MiB, 1 GiB]."""
-    available = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+def default_window(available: int | None = None) -> int:
+    """How far to read ahead: a quarter of the `available` memory (None: what the kernel reports available),
+    within [64 MiB, 1 GiB]."""
+    if available is None:
+        available = 0
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
     return int(min(max(available // 4, MIN_WINDOW), MAX_WINDOW))
 
 
