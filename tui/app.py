@@ -7,6 +7,7 @@ while drawing the reply would take more than its share of a core from the engine
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -238,13 +239,7 @@ class ChatApp(App):
             turn, ev = self._events.popleft()
             if turn == self._turn:
                 batch.append(ev)
-        run: list = []  # the batch's consecutive text of one kind (answer or reasoning): one add, not one a token
-
-        async def apply_run() -> None:
-            if run and self.is_running:
-                await reply.add(*run)
-            run.clear()
-
+        text: list = []  # the batch's text events in a row, added together (_add_text)
         for ev in batch:
             if not self.is_running:
                 return  # shutdown began during an await below
@@ -252,15 +247,9 @@ class ChatApp(App):
                 self.throughput.current = ev.stats
                 self._reply_tokens += 1 if ev.token_id is not None else 0
                 if ev.text or ev.token_id is not None:
-                    if run and run[1] != ev.reasoning:
-                        await apply_run()
-                    tokens = 1 if ev.token_id is not None else 0
-                    if run:
-                        run[0], run[2] = run[0] + ev.text, run[2] + tokens
-                    else:
-                        run[:] = [ev.text, ev.reasoning, tokens]
+                    text.append(ev)
                 continue
-            await apply_run()
+            await self._add_text(reply, text)
             if isinstance(ev, tuple):
                 kind, value = ev
                 if kind == "dropped":
@@ -275,7 +264,7 @@ class ChatApp(App):
                 continue
             reply.finish_reason = ev.finish_reason  # "done"
             self.throughput.current = ev.stats
-        await apply_run()
+        await self._add_text(reply, text)
         if not self.is_running:
             return
         stats = self.throughput.current
@@ -285,6 +274,16 @@ class ChatApp(App):
         if not self.generating or time.monotonic() - self._routing_at >= ROUTING_SECONDS:
             self._show_routing()
         self.query_one("#conversation").scroll_end(animate=False)
+
+    async def _add_text(self, reply: AssistantMessage, events: list) -> None:
+        """Token events in a row, added to the reply as one run of reasoning or answer each, not token by token:
+        every add appends to the reply's Markdown, which re-lays out the screen. Empties `events`."""
+        for reasoning, run in itertools.groupby(events, key=lambda ev: ev.reasoning):
+            if not self.is_running:
+                break
+            run = list(run)
+            await reply.add("".join(ev.text for ev in run), reasoning, sum(ev.token_id is not None for ev in run))
+        events.clear()
 
     def _hold_batch(self) -> bool:
         """Whether the queued events wait for a later tick: while a reply streams, if this (the UI) thread used
