@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's `deepseek2` / `qwen3moe`) into the same modules as HF checkpoints.
+"""GGUF files (llama.cpp's `deepseek2` / `qwen3moe`) into the same modules as HF checkpoints; HF directories
+too, seen as a GGUF of their float tensors (quant.hf_gguf), so the CPU engine runs them.
 
 Tensors are renamed to HF names (`quant.gguf_arch`), 3-D expert stacks are split per expert and
 llama.cpp's `attn_k_b`/`attn_v_b` are joined back into `kv_b_proj`. Where each tensor runs is the
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
 
 from quant.formats import dequantize
 from quant.gguf_arch import EXPERT_NAMES, hf_tensor_name, join_kv_b, kv_to_config
-from quant.gguf_file import GGUFModel
+from quant.gguf_file import GGUFModel, maps_file
 from quant.read_ahead import default_window
 from quant.safetensors_file import CheckpointError
 
@@ -109,7 +111,42 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
               threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
               routing=None, context: int = 4096):
     """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32; `progress(done, total)`
-    is called per tensor.
+    is called per tensor. See load_blocks."""
+    gmodel, arch, cfg = read_gguf_config(Path(path))
+    return load_blocks(gmodel, arch, cfg, dtype, device, engine, threads, progress, hybrid, gpu_experts, routing,
+                       context)
+
+
+def load_hf_blocks(model_dir: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
+                   threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
+                   routing=None, context: int = 4096):
+    """(config, model, HFAsGGUF) for an HF directory, run as load_gguf runs a GGUF file: its tensors as GGUF
+    float tensors in their stored precision (quant.hf_gguf; FP8 as BF16), the config from config.json."""
+    from quant.hf_gguf import HFAsGGUF
+    from quant.safetensors_file import Checkpoint
+
+    from .loader import check_tensors, read_config
+
+    arch, cfg, raw = read_config(Path(model_dir))
+    ckpt = Checkpoint(model_dir)
+    mapping = arch.remap(ckpt.names(), cfg)
+    with torch.device("meta"):  # the torch path's checks and errors, before the view regroups the tensors
+        model = arch.build(cfg, list(mapping.values()))
+    tied = cfg.tie_word_embeddings and "lm_head.weight" not in mapping.values()
+    check_tensors(model, ckpt, mapping, derived={"lm_head.weight"} if tied else set())
+    # FP8 is widened to BF16, the torch path's default dtype for it; exactly, to F32, when float32 is asked for
+    view = HFAsGGUF(model_dir, ckpt, fp8_type=QT.F32 if dtype == torch.float32 else QT.BF16)
+    if getattr(cfg, "num_nextn_predict_layers", 0):
+        log.info("config.json announces %d MTP layer(s); they are not run", cfg.num_nextn_predict_layers)
+    return load_blocks(view, arch, cfg, dtype, device, engine, threads, progress, hybrid, gpu_experts, routing,
+                       context)
+
+
+def load_blocks(gmodel, arch, cfg, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
+                threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
+                routing=None, context: int = 4096):
+    """(config, model, gmodel) for a GGUFModel (or an HF checkpoint seen as one, quant.hf_gguf) with its
+    architecture module and config; dtype defaults to float32; `progress(done, total)` is called per tensor.
 
     The placement plan (offload.placement) decides where each tensor lives and is checked against the
     machine's free memory before anything is allocated.
@@ -123,12 +160,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
     for tests): everything but the routed experts is dequantized onto `device`; each MoE layer submits
     its routed experts to the CPU engine and computes its shared experts (and `gpu_experts` busiest
     routed ones) on the device meanwhile."""
-    from offload.placement import ENGINE_TYPES, Machine, check_fits, make_plan
+    from offload.placement import Machine, check_fits, make_plan
 
-    from .loader import load_weights
-
-    path = Path(path)
-    gmodel, arch, cfg = read_gguf_config(path)
     dev = torch.device(device)
     hybrid = dev.type == "cuda" if hybrid is None else hybrid
     dtype = dtype or torch.float32
@@ -140,9 +173,23 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
         where = "cuda" if dev.type == "cuda" else "hybrid"
     placement = make_plan(gmodel, where, gpu_experts, routing, machine,
                           context=min(context, cfg.max_position_embeddings), kv_bytes_per_token=kv_bytes)
-    check_fits(placement, machine, path.name)
-    # the file comes off the disk in order while tensors are repacked (stopped below; on an error, once idle)
+    check_fits(placement, machine, gmodel.path.name)
+    # the file comes off the disk in order while tensors are repacked
     gmodel.read_ahead(default_window(machine.ram_available))
+    try:
+        model = _build(gmodel, arch, cfg, placement, dtype, dev, engine, threads, progress, hybrid)
+    finally:
+        gmodel.stop_read_ahead()
+    return cfg, model, gmodel
+
+
+def _build(gmodel, arch, cfg, placement, dtype: torch.dtype, dev: torch.device, engine: bool, threads: int | None,
+           progress, hybrid: bool) -> torch.nn.Module:
+    """load_blocks' model, its placement decided and the file being read ahead."""
+    from offload.placement import ENGINE_TYPES
+
+    from .loader import load_weights
+
     tensors = GGUFTensors(gmodel, cfg.num_hidden_layers)
     mapping = arch.remap(tensors.names(), cfg)
     with torch.device("meta"):
@@ -215,8 +262,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
         model.engine_stacks = engine_stacks(model.model.layers)  # ...and runs of such layers, one call
     model.checkpoint = gmodel
     model.placement = placement
-    gmodel.stop_read_ahead()
-    return cfg, model, gmodel
+    return model
 
 
 def routed_expert_plan(model: torch.nn.Module, tensors: GGUFTensors, gpu_experts: dict) -> dict:
@@ -318,13 +364,15 @@ def engine_bytes(g: GGUFModel, gguf_name: str) -> tuple[int, np.ndarray]:
     """(engine type id, bytes) the CPU engine computes a tensor with: its faster row-interleaved copy
     (offload.engine.prepare), else a copy in huge-page memory (offload.engine.resident), else a numpy view of
     the file (the engine takes it without DLPack). After a copy the file's pages are let go, so the process
-    does not hold the weights twice."""
+    does not hold the weights twice. An array of the process's own (an HF checkpoint's experts, stacked)
+    is kept as it is: numpy gives large arrays huge pages already, and a second copy of 6 GB of BF16 experts
+    took 6 of a 9 s load here."""
     from offload.engine import GGML_IDS, prepare, resident
 
     t = g.tensors[gguf_name]
     raw = g.raw(gguf_name)
     type_id, data = prepare(GGML_IDS[t.qtype.name], raw, t.shape[-1])
-    if data is raw:
+    if data is raw and maps_file(raw):
         data = resident(raw)
     if data is not raw:
         g.release(gguf_name)

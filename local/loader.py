@@ -90,6 +90,26 @@ def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.d
     `engine` names those the CPU engine computes from the file's blocks (checked, never loaded).
     `progress(done, total)` is called after each tensor.
     """
+    provided = check_tensors(model, ckpt, mapping, derived)
+    state = {}
+    for done, (module_name, ckpt_name) in enumerate(provided.items(), 1):
+        if progress is not None:
+            progress(done, len(provided))
+        if module_name in engine:
+            continue
+        t = ckpt.get(ckpt_name)
+        want = torch.float32 if module_name.rsplit(".", 1)[-1] in FP32_TENSORS else dtype
+        if t.dtype != want:
+            t = t.to(want)
+        state[module_name] = t.to(device)
+    model.load_state_dict(state, strict=not (derived or engine), assign=True)
+    model.requires_grad_(False)
+
+
+def check_tensors(model: nn.Module, ckpt, mapping: dict[str, str], derived: set[str] = frozenset()) -> dict[str, str]:
+    """CheckpointError unless the checkpoint's tensors (`mapping`: checkpoint name -> module name) are the
+    module's, names and shapes, both ways (FP8 block scales beside their weights); module name -> checkpoint
+    name of each."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in derived}
     scales = {n for n in mapping if n.endswith(".weight_scale_inv")}
     provided = {mapping[n]: n for n in mapping if n not in scales}
@@ -112,20 +132,7 @@ def load_weights(model: nn.Module, ckpt, mapping: dict[str, str], dtype: torch.d
     for sname in scales:
         if sname.removesuffix("_scale_inv") not in mapping:
             raise CheckpointError(f"{sname} has no weight beside it in {ckpt}")
-
-    state = {}
-    for done, (module_name, ckpt_name) in enumerate(provided.items(), 1):
-        if progress is not None:
-            progress(done, len(provided))
-        if module_name in engine:
-            continue
-        t = ckpt.get(ckpt_name)
-        want = torch.float32 if module_name.rsplit(".", 1)[-1] in FP32_TENSORS else dtype
-        if t.dtype != want:
-            t = t.to(want)
-        state[module_name] = t.to(device)
-    model.load_state_dict(state, strict=not (derived or engine), assign=True)
-    model.requires_grad_(False)
+    return provided
 
 
 def load_hf(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

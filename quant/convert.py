@@ -59,6 +59,10 @@ class OutTensor:
     # the same data in pieces along axis 0 (a layer's experts, a large matrix's rows), each valid until the
     # next: converted without holding the whole float32 tensor (DeepSeek-V3's expert stacks are 15 GB of it)
     pieces: Callable[[], Iterator[np.ndarray]] | None = None
+    # the same values unconverted, as GGUF type `stored_type` (HFSource.read_stored): what the CPU engine
+    # runs an HF checkpoint with (quant.hf_gguf)
+    stored: Callable[[], np.ndarray] | None = None
+    stored_type: QT | None = None
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -84,6 +88,12 @@ def _in_pieces(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and _rows_per_piece(shape) < shape[0]
 
 
+# the GGUF float type each HF dtype is kept in unconverted (read_stored); FP8 is widened to BF16 (the torch
+# path's default dtype for it) or F32 (HFSource's fp8_stored)
+STORED_TYPES = {"BF16": QT.BF16, "F16": QT.F16, "F32": QT.F32, "F64": QT.F32, "F8_E4M3": QT.BF16}
+STORED_NUMPY = {QT.BF16: np.uint16, QT.F16: np.float16, QT.F32: np.float32}  # BF16 as its bits
+
+
 def _to_f32(dtype: str, data: np.ndarray, out: np.ndarray) -> np.ndarray:
     """BF16 / F16 / F32 / F64 data (BF16 as its uint16 bits) -> float32 in `out`."""
     if dtype == "BF16":
@@ -105,7 +115,7 @@ class HFSource:
     """An HF directory: config.json + safetensors, read as float32 one tensor at a time (`ckpt`
     replaces the safetensors with any object that has names() / info(name).shape|dtype / get(name))."""
 
-    def __init__(self, directory: Path, ckpt=None):
+    def __init__(self, directory: Path, ckpt=None, fp8_stored: QT = QT.BF16):
         self.dir = Path(directory)
         cfg_path = self.dir / "config.json"
         if not cfg_path.exists():
@@ -118,6 +128,9 @@ class HFSource:
         self.ckpt = ckpt if ckpt is not None else Checkpoint(self.dir)
         q = self.config.get("quantization_config") or {}
         self.fp8_block = tuple(q.get("weight_block_size") or (128, 128)) if q.get("quant_method") == "fp8" else None
+        if fp8_stored not in (QT.BF16, QT.F32):
+            raise ValueError(f"FP8 weights are kept as BF16 or F32, not {fp8_stored.name}")
+        self.stored_types = {**STORED_TYPES, "F8_E4M3": fp8_stored}  # read_stored's type per stored dtype
 
     def sources(self, names: list[str]) -> tuple[Range, ...]:
         """The file bytes read() reads for `names` (FP8 scales too); none for a source that has no files."""
@@ -146,6 +159,44 @@ class HFSource:
             _to_f32(info.dtype, data, out)
         return out
 
+    def stored_type(self, names: list[str]) -> QT:
+        """The GGUF type read_stored gives `names` (one tensor, or tensors stacked into one) in."""
+        types = {self.ckpt.info(n).dtype for n in names}
+        bad = sorted(types - set(self.stored_types))
+        if bad:
+            raise ConvertError(f"{names[0]} is stored as {bad[0]}, which has no GGUF float encoding")
+        if len({self.stored_types[t] for t in types}) > 1:
+            raise ConvertError(f"{names[0]} and the tensors stacked with it are stored as {sorted(types)}; "
+                               "a stack must have one dtype (convert the checkpoint: tandem convert)")
+        return self.stored_types[types.pop()]
+
+    def read_stored(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor unconverted, as its stored_types type (BF16 as uint16 bits): a view of the file when
+        stored so and no `out` is given; F64 narrowed to F32; FP8 dequantized, to F32 or rounded to BF16 (to
+        nearest even)."""
+        info = self.ckpt.info(name)
+        qtype = self.stored_type([name])
+        if info.dtype == "F8_E4M3":
+            data = self.read(name)
+            if qtype == QT.BF16:
+                data = quantize(data, QT.BF16).view(np.uint16).reshape(info.shape)
+        else:
+            data = self.ckpt.get(name)
+        if out is None:
+            return data if data.dtype == STORED_NUMPY[qtype] else data.astype(STORED_NUMPY[qtype])
+        out[...] = data
+        return out
+
+    def _read_stored_stack(self, names: list[str], shape: tuple[int, ...]) -> np.ndarray:
+        """Tensors of one shape (a layer's experts) stacked unconverted, as read_stored gives them."""
+        out = np.empty((len(names),) + shape, STORED_NUMPY[self.stored_type(names)])
+        for i, name in enumerate(names):
+            if self.ckpt.info(name).shape != shape:
+                raise ConvertError(f"{name} has shape {list(self.ckpt.info(name).shape)}, but {names[0]} has "
+                                   f"{list(shape)}: the tensors stacked into one must agree")
+            self.read_stored(name, out[i])
+        return out
+
     def read_stacked(self, names: list[str], shape: tuple[int, ...]) -> Iterator[np.ndarray]:
         """Tensors of one shape (a layer's experts) stacked, in pieces of [1, *shape]: each read in turn into
         the same buffer."""
@@ -166,8 +217,14 @@ class HFSource:
             part = data[r:r + step]
             yield _to_f32(info.dtype, part, buf[:len(part)])
 
-    def tensors(self) -> list[OutTensor]:
+    def tensors(self, stored: bool = False) -> list[OutTensor]:
+        """The GGUF tensors the checkpoint converts to; with `stored`, each able to give its values unconverted
+        too (OutTensor.stored: refused for a tensor that has no such type, or a stack of mixed dtypes)."""
         cfg = self.config
+
+        def kept(names: list[str], produce: Callable[[], np.ndarray]) -> dict:
+            return {"stored": produce, "stored_type": self.stored_type(names)} if stored else {}
+
         n_layer = cfg["num_hidden_layers"]
         names = [n for n in self.ckpt.names() if not n.endswith(".weight_scale_inv")]
         out: list[OutTensor] = []
@@ -186,7 +243,7 @@ class HFSource:
                 continue
             shape = self.ckpt.info(name).shape
             if m and m[2] == "self_attn.kv_b_proj.weight" and self.arch == "deepseek2":
-                out += self._split_kv_b(int(m[1]), name, shape)
+                out += self._split_kv_b(int(m[1]), name, shape, stored)
                 continue
             gname = gguf_tensor_name(name)
             if gname is None:
@@ -195,7 +252,8 @@ class HFSource:
             pieces = None
             if self.ckpt.info(name).dtype in ("BF16", "F16", "F32", "F64") and _in_pieces(shape):
                 pieces = functools.partial(self.read_rows, name)  # the token embedding, the output head
-            out.append(OutTensor(gname, shape, lambda n=name: self.read(n), self.sources([name]), pieces))
+            out.append(OutTensor(gname, shape, lambda n=name: self.read(n), self.sources([name]), pieces,
+                                 **kept([name], functools.partial(self.read_stored, name))))
         n_expert = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0
         gguf_of = dict(EXPERT_NAMES)
         for (layer, proj), by_id in sorted(experts.items()):
@@ -203,23 +261,30 @@ class HFSource:
                 missing = sorted(set(range(n_expert)) - set(by_id))
                 raise ConvertError(f"layer {layer} {proj}: experts {missing[:8]} are missing from the checkpoint")
             ids = [by_id[i] for i in range(n_expert)]
-            pieces = functools.partial(self.read_stacked, ids, self.ckpt.info(ids[0]).shape)
-            out.append(OutTensor(f"blk.{layer}.{gguf_of[proj]}", (n_expert,) + self.ckpt.info(ids[0]).shape,
-                                 functools.partial(_whole, pieces), self.sources(ids), pieces))
+            shape = self.ckpt.info(ids[0]).shape
+            pieces = functools.partial(self.read_stacked, ids, shape)
+            out.append(OutTensor(f"blk.{layer}.{gguf_of[proj]}", (n_expert,) + shape, functools.partial(_whole, pieces),
+                                 self.sources(ids), pieces,
+                                 **kept(ids, functools.partial(self._read_stored_stack, ids, shape))))
         if skipped_mtp:
             log.info("skipping %d MTP tensors (llama.cpp does not run MTP layers)", skipped_mtp)
         return sorted(out, key=_tensor_order)
 
-    def _split_kv_b(self, layer: int, name: str, shape) -> list[OutTensor]:
+    def _split_kv_b(self, layer: int, name: str, shape, stored: bool) -> list[OutTensor]:
         c = self.config
         H, Dn, Dv, R = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
         if shape != (H * (Dn + Dv), R):
             raise ConvertError(f"{name} has shape {list(shape)}, expected [{H * (Dn + Dv)}, {R}] from config.json")
 
-        def part(i):
-            return lambda: split_kv_b(self.read(name), H, Dn, Dv)[i]
-        return [OutTensor(f"blk.{layer}.attn_k_b.weight", (H, R, Dn), part(0), self.sources([name])),
-                OutTensor(f"blk.{layer}.attn_v_b.weight", (H, Dv, R), part(1), self.sources([name]))]
+        def part(i, read):
+            return lambda: split_kv_b(read(name), H, Dn, Dv)[i]
+
+        def kept(i):
+            return {"stored": part(i, self.read_stored), "stored_type": self.stored_type([name])} if stored else {}
+        return [OutTensor(f"blk.{layer}.attn_k_b.weight", (H, R, Dn), part(0, self.read), self.sources([name]),
+                          **kept(0)),
+                OutTensor(f"blk.{layer}.attn_v_b.weight", (H, Dv, R), part(1, self.read), self.sources([name]),
+                          **kept(1))]
 
     def key_values(self) -> dict[str, tuple[object, GGUFValueType, GGUFValueType | None]]:
         kv = {k: (v, t, None) for k, (v, t) in config_to_kv(self.config).items()}

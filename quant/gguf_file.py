@@ -42,6 +42,16 @@ _TYPED = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.flo
           GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32, GGMLQuantizationType.I64: np.int64}
 
 
+def maps_file(data) -> bool:
+    """Whether an array is a view of a memory-mapped file (GGUFFile.raw, SafetensorsFile.get), not memory of the
+    process's own."""
+    while isinstance(data, np.ndarray):
+        if isinstance(data, np.memmap):
+            return True
+        data = data.base
+    return False
+
+
 class GGUFError(ValueError):
     """A GGUF file that cannot be read as one."""
 

@@ -9,6 +9,7 @@ Tensors come out as numpy views; dtypes numpy lacks (BF16, FP8) come out as thei
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -101,6 +102,14 @@ class SafetensorsFile:
             data = data.copy()
         return data.view(dtype).reshape(info.shape)
 
+    def release_range(self, begin: int, end: int) -> None:
+        """Let go of the resident pages of bytes [begin, end) once copied elsewhere (the CPU engine's copy), so
+        the process does not hold them twice; a later get() reads them back from the file."""
+        page = mmap.PAGESIZE
+        start, stop = -(-begin // page) * page, end // page * page  # whole pages inside
+        if self._map is not None and stop > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
 
 class Checkpoint:
     """An HF model directory's weights: one safetensors file, or shards listed in an index."""
@@ -146,6 +155,10 @@ class Checkpoint:
 
     def get(self, name: str) -> np.ndarray:
         return self.index[name].get(name)
+
+    def release_range(self, file: Path, begin: int, end: int) -> None:
+        """SafetensorsFile.release_range for the shard at `file`."""
+        self.files[Path(file).name].release_range(begin, end)
 
     def __str__(self) -> str:
         return str(self.dir)

@@ -114,8 +114,25 @@ def test_fp8_checkpoint_matches_dequantized(fp8_pair):
 
 
 def test_fp8_checkpoint_defaults_to_bf16(fp8_pair):
+    """In torch an FP8 checkpoint computes in bf16; on the engine its weights are BF16 (F32 when float32 is
+    asked for: exactly the dequantized values, test_fp8_checkpoint_matches_dequantized)."""
+    from gguf import GGMLQuantizationType as QT
+
+    assert local.load(fp8_pair[0], device="cpu", engine=False).dtype == torch.bfloat16
     runner = local.load(fp8_pair[0], device="cpu")
-    assert runner.dtype == torch.bfloat16
+    view = runner.model.checkpoint
+    assert view.tensors["blk.1.ffn_up_exps.weight"].qtype == QT.BF16
+    assert view.tensors["blk.0.attn_output.weight"].qtype == QT.BF16
+    assert view.tensors["blk.0.attn_norm.weight"].qtype == QT.F32  # stored F32, kept so
+    exact = local.load(fp8_pair[0], device="cpu", dtype="float32").model.checkpoint
+    assert exact.tensors["blk.1.ffn_up_exps.weight"].qtype == QT.F32
+    ids = torch.randint(2, VOCAB, (24,), generator=torch.Generator().manual_seed(0))
+    got, want = runner.logits(ids), local.load(fp8_pair[1], device="cpu", dtype="float32").logits(ids)
+    assert (got - want).abs().max().item() > 1e-5  # BF16 rounding...
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert kl <= 0.05 and top1 >= 0.9, (kl, top1)  # ...within test_models' bf16 bounds, not another model
 
 
 def test_fp8_without_scales_is_refused(fp8_pair, tmp_path):
@@ -144,12 +161,17 @@ def test_mtp_layers_kept_aside(tiny_v3_dir, tmp_path):
     save_file(state, d / "model.safetensors")
     cfg["num_nextn_predict_layers"] = 1
     (d / "config.json").write_text(json.dumps(cfg))
-    with_mtp = local.load(d, device="cpu", dtype="float32")
+    with_mtp = local.load(d, device="cpu", dtype="float32", engine=False)
     assert len(with_mtp.model.model.layers) == n and len(with_mtp.model.mtp) == 1
     assert with_mtp.model.mtp[0].eh_proj.weight.shape == (D, 2 * D)
     ids = torch.arange(2, 30)
-    plain = local.load(tiny_v3_dir, device="cpu", dtype="float32")
+    plain = local.load(tiny_v3_dir, device="cpu", dtype="float32", engine=False)
     assert torch.equal(with_mtp.logits(ids), plain.logits(ids))
+    # on the engine the MTP layer is left out, as a GGUF's (llama.cpp does not run it either)
+    with_mtp = local.load(d, device="cpu", dtype="float32")
+    assert len(with_mtp.model.model.layers) == n and not hasattr(with_mtp.model, "mtp")
+    assert not any(name.startswith(f"blk.{n}.") for name in with_mtp.model.checkpoint.tensors)
+    assert torch.equal(with_mtp.logits(ids), local.load(tiny_v3_dir, device="cpu", dtype="float32").logits(ids))
 
 
 def test_convert_fp8_checkpoint(fp8_pair, tmp_path):

@@ -26,29 +26,42 @@ def prompt_ids(seed: int = 1) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def loaded(reference_models):
+    """name -> the runner on the CPU engine (an HF directory's tensors run there as a float GGUF's)."""
     return {name: local.load(d, device="cpu", dtype="float32") for name, (d, _) in reference_models.items()}
 
 
+@pytest.fixture(scope="module")
+def loaded_torch(reference_models):
+    """name -> the runner in torch (engine=False: the path of an HF directory on a GPU)."""
+    return {name: local.load(d, device="cpu", dtype="float32", engine=False)
+            for name, (d, _) in reference_models.items()}
+
+
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "torch"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_logits_match_transformers(name, reference_models, loaded):
+def test_logits_match_transformers(name, engine, reference_models, request):
     _, ref = reference_models[name]
+    runner = request.getfixturevalue("loaded" if engine else "loaded_torch")[name]
+    assert runner.uses_engine == engine
     ids = prompt_ids()
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
-    got = loaded[name].logits(ids)
+    got = runner.logits(ids)
     assert got.dtype == torch.float32 and got.shape == (PROMPT_LEN, VOCAB)
     assert want.abs().max() > 0.5  # not a degenerate model
     assert (got - want).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "torch"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_greedy_decode_matches_transformers(name, reference_models, loaded):
+def test_greedy_decode_matches_transformers(name, engine, reference_models, request):
     _, ref = reference_models[name]
+    runner = request.getfixturevalue("loaded" if engine else "loaded_torch")[name]
     ids = prompt_ids(seed=2)
     with torch.no_grad():
         want = ref.generate(ids[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0, PROMPT_LEN:].tolist()
-    events = list(loaded[name].generate(ids.tolist(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0,
-                                                                       ignore_eos=True)))
+    events = list(runner.generate(ids.tolist(), SamplingParams(max_tokens=NEW_TOKENS, temperature=0,
+                                                                ignore_eos=True)))
     got = [e.token_id for e in events if e.token_id is not None]
     assert len(set(want)) > 3  # the reference does not just repeat one token
     assert got == want
@@ -66,7 +79,7 @@ def kl_and_top1(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_bf16_within_tolerance(name, reference_models):
     d, ref = reference_models[name]
-    runner = local.load(d, device="cpu", dtype="bfloat16")
+    runner = local.load(d, device="cpu", dtype="bfloat16", engine=False)
     assert runner.dtype == torch.bfloat16
     assert runner.model.model.layers[-1].self_attn.o_proj.weight.dtype == torch.bfloat16
     ids = prompt_ids()
@@ -117,9 +130,9 @@ def test_sharded_checkpoint(tmp_path, tokenizer_dir):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-def test_weights_are_memory_mapped(loaded):
-    """fp32 checkpoint, fp32 compute: parameters are views of the file, not copies."""
-    runner = loaded["v3"]
+def test_weights_are_memory_mapped(loaded_torch):
+    """fp32 checkpoint, fp32 compute, in torch: parameters are views of the file, not copies."""
+    runner = loaded_torch["v3"]
     w = runner.model.model.layers[0].self_attn.kv_b_proj.weight
     ckpt = runner.model.checkpoint
     mapped = next(iter(ckpt.files.values()))._map
@@ -241,13 +254,13 @@ def test_models_build_without_random_init(geometry, monkeypatch):
     assert model.model.embed_tokens.weight.shape == (cfg["vocab_size"], cfg["hidden_size"])
 
 
-def test_an_hf_directory_on_the_cpu_points_to_convert(tiny_v3_dir, caplog):
-    """On the CPU an HF directory runs in torch (2.4x slower than the same weights as a BF16 GGUF through the
-    engine, 6x slower than Q4_K_M, on a 4-layer Qwen3-30B-A3B): the load says how to convert it."""
-    import logging
-
+def test_an_hf_directory_runs_on_the_engine(tiny_v3_dir):
+    """On the CPU an HF directory runs on the engine (torch was 2.4x slower on a 4-layer Qwen3-30B-A3B in BF16);
+    engine=False keeps it in torch."""
     import local
 
-    with caplog.at_level(logging.INFO, logger="tandem"):
-        local.load(tiny_v3_dir, device="cpu")
-    assert any("runs in torch" in r.message and f"tandem convert {tiny_v3_dir}" in r.message for r in caplog.records)
+    on_engine = local.load(tiny_v3_dir, device="cpu")
+    assert on_engine.uses_engine and on_engine.describe()["placement"] == "CPU engine: every linear and expert"
+    assert on_engine.describe()["format"] == "hf"
+    in_torch = local.load(tiny_v3_dir, device="cpu", engine=False)
+    assert not in_torch.uses_engine and in_torch.describe()["placement"] == "torch on cpu"
