@@ -319,7 +319,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     and run everything in torch).
     progress(done, total): called as the tensors load.
     hybrid: routed experts on the CPU engine, the rest in torch on `device`, overlapped; the default on a
-    CUDA device for a GGUF (an HF directory runs on the device whole unless hybrid=True).
+    CUDA device (hybrid=False there: the whole model on the device).
     gpu_experts / routing (local.routing.RoutingStats): keep each MoE layer's N busiest routed experts on
     the device too.
     ctx: context length; the latent KV cache is preallocated for it (default: the model's maximum,
@@ -361,7 +361,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     if not path.is_dir():
         raise ValueError(f"{path} is neither a .gguf file nor a model directory "
                          "(config.json + *.safetensors + tokenizer files)")
-    if engine and (dev.type == "cpu" or hybrid):
+    if hf_on_engine(dev, engine, hybrid):
         # the engine runs the checkpoint's tensors as a BF16 / F16 / F32 GGUF's (quant.hf_gguf): 2.5-3.7x
         # torch's decode speed on the CPU
         from .gguf_loader import load_hf_blocks
@@ -374,6 +374,15 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     tokenizer = Tokenizer.from_pretrained(path)
     return _configure(Runner(path, config, model, tokenizer, dev, threads, eos_token_ids(path, config, tokenizer),
                              cache_dtype), ctx, chunk, cuda_graph)
+
+
+def hf_on_engine(device: torch.device, engine: bool, hybrid: bool | None) -> bool:
+    """Whether an HF directory loads onto the CPU engine (as a GGUF of its float tensors): on the CPU unless
+    engine=False; on a GPU as a GGUF file does, hybrid (its routed experts on the engine) unless hybrid=False
+    (then whole on the GPU, in torch)."""
+    if not engine:
+        return False
+    return device.type == "cpu" or hybrid is not False
 
 
 def _configure(runner: Runner, ctx: int | None, chunk: int, cuda_graph: bool) -> Runner:

@@ -208,3 +208,15 @@ def test_an_hf_directory_too_large_is_refused_before_loading(saved, monkeypatch)
     d = saved("v3", "bf16")
     with pytest.raises(MemoryError, match=rf"{d.name} needs .* GiB of RAM .*use a smaller quantization \(tandem convert"):
         local.load(d, device="cpu")
+
+
+def test_where_an_hf_directory_runs():
+    """On the CPU: the engine unless engine=False. With a GPU: split as a GGUF file is (hybrid) unless
+    hybrid=False or engine=False, which put it on the GPU whole, in torch."""
+    from local.runner import hf_on_engine
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert hf_on_engine(cpu, True, None) and hf_on_engine(cpu, True, False) and hf_on_engine(cpu, True, True)
+    assert not hf_on_engine(cpu, False, None)
+    assert hf_on_engine(gpu, True, None) and hf_on_engine(gpu, True, True)
+    assert not hf_on_engine(gpu, True, False) and not hf_on_engine(gpu, False, None)
