@@ -359,8 +359,8 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
 
     breakdown = targets[0].stage_breakdown(gen[: min(n, 32)], context)
     out = [rows["pp"].to_json(), rows["tg"].to_json()]
-    gguf = getattr(runner.model, "checkpoint", None)  # the loaded file, already parsed
-    active = active_bytes_per_token(gguf) if path.suffix == ".gguf" else None
+    gguf = getattr(runner.model, "checkpoint", None)  # the loaded file, already parsed (an HF directory: as one)
+    active = active_bytes_per_token(gguf) if hasattr(gguf, "tensors") else None
     tg = out[1]
     tg["read_gbs"] = read_gbs
     tg["read_gbs_samples"] = reads

@@ -58,9 +58,10 @@ class HFAsGGUF:
         except ConvertError as e:
             raise CheckpointError(str(e)) from e
         self.path = self.source.dir
-        # what the placement plan reads (the model's config comes from config.json, not from key-values)
-        self.kv = {"general.architecture": self.source.arch,
-                   f"{self.source.arch}.expert_count": self.source.hparams()["n_expert"]}
+        # what the placement plan and the bench read (the model's config comes from config.json, not from these)
+        arch = self.source.arch
+        self.kv = {"general.architecture": arch, f"{arch}.expert_count": self.source.hparams()["n_expert"],
+                   f"{arch}.expert_used_count": int(self.source.config.get("num_experts_per_tok") or 0)}
         self._jobs: dict[str, OutTensor] = {t.name: t for t in jobs}
         self.tensors: dict[str, HFTensor] = {}
         for t in jobs:

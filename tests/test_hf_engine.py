@@ -220,3 +220,17 @@ def test_where_an_hf_directory_runs():
     assert not hf_on_engine(cpu, False, None)
     assert hf_on_engine(gpu, True, None) and hf_on_engine(gpu, True, True)
     assert not hf_on_engine(gpu, True, False) and not hf_on_engine(gpu, False, None)
+
+
+def test_bench_counts_an_hf_directorys_bytes_per_token(saved, tmp_path):
+    """`tandem bench DIR` reports the bytes a decode step reads, as for the GGUF of the same precision."""
+    from local.bench import active_bytes_per_token, run_bench
+    from quant.gguf_file import GGUFModel
+
+    d = saved("v3", "bf16")
+    tg = run_bench(d, p=8, n=4, r=1, threads=2, log=lambda m: None)["rows"][1]
+    gguf = GGUFModel(convert(d, tmp_path / "m.gguf", "bf16", progress=False))
+    # the BF16 GGUF keeps its norms, routers and biases in F32, the directory has them in BF16
+    f32 = sum(t.nbytes for t in gguf.tensors.values() if t.qtype.name == "F32")
+    assert f32 and tg["active_bytes_per_token"] == active_bytes_per_token(gguf) - f32 // 2
+    assert tg["bandwidth_pct"] > 0
