@@ -16,12 +16,29 @@ KV_CACHE_HELP = ("attention cache dtype: float16 or bfloat16 halve it; on an AVX
                  "fastest (default: --dtype)")
 
 
+def load_bar(what: str = "loading"):
+    """A load's progress(done, total) for stderr on a terminal: a percentage redrawn in place, erased once
+    complete (so the output starts on a clean line); None elsewhere (a log or a pipe gets nothing)."""
+    if not sys.stderr.isatty():
+        return None
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if done >= total:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        elif pct != shown[0]:
+            print(f"\r{what} {pct:3d}%", end="", file=sys.stderr, flush=True)
+        shown[0] = pct
+    return progress
+
+
 def cmd_run(args) -> int:
     from . import SamplingParams, load
 
     runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
                   kv_cache_dtype=args.kv_cache_dtype, ctx=args.ctx, chunk=args.chunk,
-                  cuda_graph=args.cuda_graph)
+                  cuda_graph=args.cuda_graph, progress=load_bar(f"loading {Path(args.model or 'demo').name}"))
     params = SamplingParams(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
@@ -73,7 +90,8 @@ def cmd_bench(args) -> int:
         raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic " + "|".join(GEOMETRIES))
     result = run_bench(model, p=args.n_prompt, n=args.n_gen, r=args.repetitions, threads=args.threads,
                        device=args.device, compare=args.compare, chunk=args.chunk,
-                       cuda_graph=args.cuda_graph, depth=args.depth, kv_cache_dtype=args.kv_cache_dtype)
+                       cuda_graph=args.cuda_graph, depth=args.depth, kv_cache_dtype=args.kv_cache_dtype,
+                       progress=load_bar())
     print(main_json(result) if args.json else render(result))
     return 0
 
@@ -115,7 +133,7 @@ def cmd_inspect(args) -> int:
         from . import load
 
         text = Path(args.routing_stats).read_text(encoding="utf-8")
-        runner = load(args.model, device=args.device, threads=args.threads)
+        runner = load(args.model, device=args.device, threads=args.threads, progress=load_bar())
         bar = _progress_printer("routing")
         stats = routing.gather(runner, text, ctx=args.ctx, progress=bar)
         print("\n" + stats.render())
@@ -138,8 +156,9 @@ def cmd_perplexity(args) -> int:
     from .perplexity import perplexity
 
     text = Path(args.file).read_text(encoding="utf-8")
-    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype)
-    base = load(args.kld_base, device=args.device, threads=args.threads, dtype=args.dtype) if args.kld_base else None
+    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype, progress=load_bar())
+    base = load(args.kld_base, device=args.device, threads=args.threads, dtype=args.dtype,
+                progress=load_bar()) if args.kld_base else None
 
     result = perplexity(runner, text, ctx=args.ctx, base=base, progress=_progress_printer("chunk"))
     print(result.summary())

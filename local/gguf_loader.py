@@ -110,8 +110,7 @@ def read_gguf_config(path: Path):
 def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
               threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
               routing=None, context: int = 4096):
-    """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32; `progress(done, total)`
-    is called per tensor. See load_blocks."""
+    """(config, model, GGUFModel) for a GGUF file; dtype defaults to float32. See load_blocks."""
     gmodel, arch, cfg = read_gguf_config(Path(path))
     return load_blocks(gmodel, arch, cfg, dtype, device, engine, threads, progress, hybrid, gpu_experts, routing,
                        context)
@@ -146,7 +145,8 @@ def load_blocks(gmodel, arch, cfg, dtype: torch.dtype | None = None, device="cpu
                 threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
                 routing=None, context: int = 4096):
     """(config, model, gmodel) for a GGUFModel (or an HF checkpoint seen as one, quant.hf_gguf) with its
-    architecture module and config; dtype defaults to float32; `progress(done, total)` is called per tensor.
+    architecture module and config; dtype defaults to float32; `progress(done, total)` is called as the
+    tensors are read (bytes of them).
 
     The placement plan (offload.placement) decides where each tensor lives and is checked against the
     machine's free memory before anything is allocated.
@@ -177,14 +177,44 @@ def load_blocks(gmodel, arch, cfg, dtype: torch.dtype | None = None, device="cpu
     # the file comes off the disk in order while tensors are repacked
     gmodel.read_ahead(default_window(machine.ram_available))
     try:
-        model = _build(gmodel, arch, cfg, placement, dtype, dev, engine, threads, progress, hybrid)
+        counted = _Progress(gmodel, progress) if progress is not None else gmodel
+        model = _build(counted, arch, cfg, placement, dtype, dev, engine, threads, hybrid)
+        model.checkpoint = gmodel
+        if progress is not None:
+            counted.finish()
     finally:
         gmodel.stop_read_ahead()
     return cfg, model, gmodel
 
 
+class _Progress:
+    """A GGUFModel (or quant.hf_gguf view) whose raw() reports a load's progress: progress(done, total) in
+    bytes of the file's tensors, each counted the first time it is read. The repacking and copying of what
+    the engine computes are most of a load (9.3 of 10.4 s on the 8-layer Qwen3 synthetic), and a count of
+    the tensors assigned to torch, reported after them, left a progress bar empty until the end."""
+
+    def __init__(self, gmodel, progress):
+        self._model, self._progress = gmodel, progress
+        self._total = sum(t.nbytes for t in gmodel.tensors.values())
+        self._done, self._seen = 0, set()
+        progress(0, self._total)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def raw(self, name: str):
+        if name not in self._seen:
+            self._seen.add(name)
+            self._done += self._model.tensors[name].nbytes
+            self._progress(self._done, self._total)
+        return self._model.raw(name)
+
+    def finish(self) -> None:
+        self._progress(self._total, self._total)
+
+
 def _build(gmodel, arch, cfg, placement, dtype: torch.dtype, dev: torch.device, engine: bool, threads: int | None,
-           progress, hybrid: bool) -> torch.nn.Module:
+           hybrid: bool) -> torch.nn.Module:
     """load_blocks' model, its placement decided and the file being read ahead."""
     from offload.placement import ENGINE_TYPES
 
@@ -216,7 +246,7 @@ def _build(gmodel, arch, cfg, placement, dtype: torch.dtype, dev: torch.device, 
     if embed:
         by_engine.add("model.embed_tokens.weight")
     load_weights(model, tensors, mapping, dtype, dev, derived={"lm_head.weight"} if tied else set(),
-                 engine=by_engine, progress=progress)
+                 engine=by_engine)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if embed:
@@ -260,7 +290,6 @@ def _build(gmodel, arch, cfg, placement, dtype: torch.dtype, dev: torch.device, 
         from .models.layers import engine_stacks
 
         model.engine_stacks = engine_stacks(model.model.layers)  # ...and runs of such layers, one call
-    model.checkpoint = gmodel
     model.placement = placement
     return model
 
