@@ -57,13 +57,13 @@ class GGUFError(ValueError):
 
 
 @dataclass(frozen=True)
-class GGUFTensor:
+class TensorDesc:
+    """What a tensor is, apart from where it is stored (quant.hf_gguf's tensors are built from several)."""
+
     name: str
     qtype: GGMLQuantizationType
     ne: tuple[int, ...]  # ggml order: ne[0] is the contiguous dimension
-    offset: int  # absolute byte offset in its file
     nbytes: int
-    file: Path
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -73,6 +73,12 @@ class GGUFTensor:
     @property
     def n_elements(self) -> int:
         return int(np.prod(self.ne, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class GGUFTensor(TensorDesc):
+    offset: int  # absolute byte offset in its file
+    file: Path
 
 
 class _Cursor:
@@ -220,7 +226,7 @@ class GGUFFile:
                                 f"has {size}; the file is truncated or its offsets are corrupt")
             if name in self.tensors:
                 raise GGUFError(f"{self.path}: tensor {name} appears twice")
-            self.tensors[name] = GGUFTensor(name, qt, ne, start, nbytes, self.path)
+            self.tensors[name] = GGUFTensor(name, qt, ne, nbytes, start, self.path)
 
     def raw(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as a (copy-on-write) view: typed [*shape] for F32/F16/ints, uint8 [*shape[:-1], row_bytes]

@@ -13,36 +13,17 @@ A 4-layer BF16 checkpoint with Qwen3-30B-A3B's geometry (6.2 GB), 2 threads, in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from .convert import ConvertError, HFSource, OutTensor
-from .gguf_file import maps_file
+from .gguf_file import TensorDesc, maps_file
 from .read_ahead import ReadAhead
 from .safetensors_file import CheckpointError
 
 _BLOCK = "blk."
-
-
-@dataclass(frozen=True)
-class HFTensor:
-    """A GGUFTensor's description of one view tensor (no file offset: it may be built from several)."""
-
-    name: str
-    qtype: QT
-    ne: tuple[int, ...]  # ggml order: ne[0] is the contiguous dimension
-    nbytes: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.ne))
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.ne, dtype=np.int64))
 
 
 class HFAsGGUF:
@@ -63,10 +44,10 @@ class HFAsGGUF:
         self.kv = {"general.architecture": arch, f"{arch}.expert_count": self.source.hparams()["n_expert"],
                    f"{arch}.expert_used_count": int(self.source.config.get("num_experts_per_tok") or 0)}
         self._jobs: dict[str, OutTensor] = {t.name: t for t in jobs}
-        self.tensors: dict[str, HFTensor] = {}
+        self.tensors: dict[str, TensorDesc] = {}
         for t in jobs:
             width = 4 if t.stored_type == QT.F32 else 2
-            self.tensors[t.name] = HFTensor(t.name, t.stored_type, t.ne, int(np.prod(t.shape, dtype=np.int64)) * width)
+            self.tensors[t.name] = TensorDesc(t.name, t.stored_type, t.ne, int(np.prod(t.shape, dtype=np.int64)) * width)
         # the read-ahead's jobs: the token embedding, then layer by layer, then the rest (the output head)
         order = sorted({_group(t.name) for t in jobs})
         self._group = {t.name: order.index(_group(t.name)) for t in jobs}
