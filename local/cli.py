@@ -117,18 +117,15 @@ def cmd_inspect(args) -> int:
     print(render(summary, show_tensors=args.tensors))
     from . import routing
 
-    # an HF directory runs on the engine on the CPU (as a GGUF of its float tensors), whole in torch on a GPU
-    from .runner import resolve_device
+    from offload.placement import make_plan
+    from quant.hf_gguf import HFAsGGUF
 
-    if summary.format == "gguf" or resolve_device(args.device).type == "cpu":
-        from offload.placement import make_plan
-        from quant.hf_gguf import HFAsGGUF
-
-        stats = routing.read(args.routing) if args.routing else None
-        model = summary.gguf if summary.format == "gguf" else HFAsGGUF(args.model)
-        plan = make_plan(model, args.device, args.gpu_experts, stats, context=args.ctx_size,
-                         kv_bytes_per_token=summary.kv_bytes_per_token)
-        print("\n" + plan.render())
+    stats = routing.read(args.routing) if args.routing else None
+    # an HF directory is placed as the GGUF of its float tensors it loads as (quant.hf_gguf)
+    model = summary.gguf if summary.format == "gguf" else HFAsGGUF(args.model)
+    plan = make_plan(model, args.device, args.gpu_experts, stats, context=args.ctx_size,
+                     kv_bytes_per_token=summary.kv_bytes_per_token)
+    print("\n" + plan.render())
     if args.routing_stats:
         from . import load
 
