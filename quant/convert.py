@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,17 @@ class OutTensor:
 
 
 PIECE_VALUES = 8 << 20  # float32 values per piece of a tensor converted in pieces (32 MiB)
+STACK_BYTES_PER_THREAD = 16 << 20  # a stack copied on more threads than this many bytes each would not gain
+MAX_STACK_THREADS = 8
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity), at most MAX_STACK_THREADS."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_STACK_THREADS))
 
 
 def _whole(pieces: Callable[[], Iterator[np.ndarray]]) -> np.ndarray:
@@ -188,13 +200,25 @@ class HFSource:
         return out
 
     def _read_stored_stack(self, names: list[str], shape: tuple[int, ...]) -> np.ndarray:
-        """Tensors of one shape (a layer's experts) stacked unconverted, as read_stored gives them."""
+        """Tensors of one shape (a layer's experts) stacked unconverted, as read_stored gives them; copied on
+        several threads (numpy lets go of the GIL while it copies): 384 MB stacks of BF16 experts out of the
+        page cache, 6.5 GB/s on one thread, 11.6 on two."""
         out = np.empty((len(names),) + shape, STORED_NUMPY[self.stored_type(names)])
-        for i, name in enumerate(names):
+        for name in names:
             if self.ckpt.info(name).shape != shape:
                 raise ConvertError(f"{name} has shape {list(self.ckpt.info(name).shape)}, but {names[0]} has "
                                    f"{list(shape)}: the tensors stacked into one must agree")
-            self.read_stored(name, out[i])
+        threads = min(_cpus(), len(names), max(1, out.nbytes // STACK_BYTES_PER_THREAD))
+        if threads == 1:
+            for i, name in enumerate(names):
+                self.read_stored(name, out[i])
+            return out
+
+        def part(k: int) -> None:
+            for i in range(k, len(names), threads):
+                self.read_stored(names[i], out[i])
+        with ThreadPoolExecutor(threads, thread_name_prefix="stack") as pool:
+            list(pool.map(part, range(threads)))  # (list: a thread's error is raised here)
         return out
 
     def read_stacked(self, names: list[str], shape: tuple[int, ...]) -> Iterator[np.ndarray]:

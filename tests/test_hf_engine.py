@@ -85,9 +85,15 @@ def test_hybrid_from_an_hf_directory(reference_models):
     assert (runner.logits(ids) - want).abs().max().item() <= 1e-4
 
 
-def test_raw_gives_views_and_stacks(saved):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_raw_gives_views_and_stacks(threads, saved, monkeypatch):
     """raw(): a tensor stored whole is a view of the shard (no copy), BF16 as bytes [rows, 2 * cols] as GGUF's;
-    a layer's experts are a new stack in expert order; kv_b is split per head."""
+    a layer's experts are a new stack in expert order (copied on one thread, or on several); kv_b is split
+    per head."""
+    import quant.convert
+
+    monkeypatch.setattr(quant.convert, "STACK_BYTES_PER_THREAD", 1 if threads > 1 else 1 << 40)
+    monkeypatch.setattr(quant.convert, "_cpus", lambda: threads)
     d = saved("v2_lite", "bf16")
     view, ckpt = HFAsGGUF(d), Checkpoint(d)
     bits = {n: ckpt.get(n) for n in ckpt.names()}
@@ -97,7 +103,11 @@ def test_raw_gives_views_and_stacks(saved):
     assert np.array_equal(q.view(np.uint16), bits["model.layers.1.self_attn.q_proj.weight"])
     assert view.tensors["blk.1.attn_q.weight"].nbytes == q.nbytes
 
+    read = []
+    read_stored = view.source.read_stored
+    monkeypatch.setattr(view.source, "read_stored", lambda name, out=None: read.append(name) or read_stored(name, out))
     up = view.raw("blk.1.ffn_up_exps.weight")
+    assert sorted(read) == sorted(f"model.layers.1.mlp.experts.{e}.up_proj.weight" for e in range(8))  # each once
     assert not maps_file(up)
     n = view.get("{arch}.expert_count")
     assert up.shape[0] == n == 8
