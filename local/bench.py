@@ -282,10 +282,10 @@ class LlamaCppTarget:
 
 def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None = None, device: str = "cpu",
               compare: str | None = None, chunk: int = 512, log=None, cuda_graph: bool = False, depth: int = 0,
-              kv_cache_dtype: str | None = None, progress=None) -> dict:
+              kv_cache_dtype: str | None = None, quant: str | None = None, progress=None) -> dict:
     """Rows pp{p} and tg{n} (+ the peer's; "pp{p} @ d{depth}" after `depth` tokens of context), measured
-    read bandwidth, achieved bandwidth, RSS, and a per-stage breakdown of one decode step. `progress`: the
-    load's (local.load).
+    read bandwidth, achieved bandwidth, RSS, and a per-stage breakdown of one decode step. `quant`,
+    `progress`: the load's (local.load).
     kv_cache_dtype: the attention cache's dtype for both engines (None: each its own default, the compute
     dtype here and f16 in llama.cpp)."""
     from offload import _C
@@ -313,7 +313,7 @@ def run_bench(model, p: int = 512, n: int = 128, r: int = 5, threads: int | None
 
     log(f"loading {path.name} ({threads} threads)")
     runner = load(path, device=device, threads=threads, cuda_graph=cuda_graph, kv_cache_dtype=cache_dtype,
-                  progress=progress)
+                  quant=quant, progress=progress)
     cache = str(runner.new_cache(1).dtype).removeprefix("torch.")  # what the runs below attend over
     vocab = runner.config.vocab_size
     rng = np.random.default_rng(1234)

@@ -16,6 +16,10 @@ KV_CACHE_HELP = ("attention cache dtype: float16 or bfloat16 halve it; on an AVX
                  "fastest (default: --dtype)")
 
 
+QUANT_HELP = ("an HF directory's weights quantized as they load, with a tandem convert recipe (q4_k_m, q8_0, ...): "
+              "convert's file, in memory, rebuilt at every load (default: the checkpoint's own precision)")
+
+
 def load_bar(what: str = "loading"):
     """A load's progress(done, total) for stderr on a terminal: a percentage redrawn in place, erased once
     complete (so the output starts on a clean line); None elsewhere (a log or a pipe gets nothing)."""
@@ -38,7 +42,8 @@ def cmd_run(args) -> int:
 
     runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype,
                   kv_cache_dtype=args.kv_cache_dtype, ctx=args.ctx, chunk=args.chunk,
-                  cuda_graph=args.cuda_graph, progress=load_bar(f"loading {Path(args.model or 'demo').name}"))
+                  cuda_graph=args.cuda_graph, quant=args.quant,
+                  progress=load_bar(f"loading {Path(args.model or 'demo').name}"))
     params = SamplingParams(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed,
                             stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
@@ -72,7 +77,7 @@ def cmd_chat(args) -> int:
     from tui import ChatApp
 
     ChatApp(args.model, system=args.system, device=args.device, threads=args.threads, ctx=args.ctx,
-            cuda_graph=args.cuda_graph, kv_cache_dtype=args.kv_cache_dtype).run()
+            cuda_graph=args.cuda_graph, kv_cache_dtype=args.kv_cache_dtype, quant=args.quant).run()
     return 0
 
 
@@ -85,13 +90,13 @@ def cmd_bench(args) -> int:
             raise ValueError("give either MODEL or --synthetic, not both")
         from .synthetic import build_synthetic
 
-        model = build_synthetic(args.synthetic, args.layers, args.quant, args.experts, progress=True)
+        model = build_synthetic(args.synthetic, args.layers, args.quant or "q4_k_m", args.experts, progress=True)
     elif not model:
         raise ValueError("give a MODEL (GGUF file or HF directory) or --synthetic " + "|".join(GEOMETRIES))
     result = run_bench(model, p=args.n_prompt, n=args.n_gen, r=args.repetitions, threads=args.threads,
                        device=args.device, compare=args.compare, chunk=args.chunk,
                        cuda_graph=args.cuda_graph, depth=args.depth, kv_cache_dtype=args.kv_cache_dtype,
-                       progress=load_bar())
+                       quant=None if args.synthetic else args.quant, progress=load_bar())
     print(main_json(result) if args.json else render(result))
     return 0
 
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--ctx", type=int, default=None, help="context length; the KV cache is preallocated for it")
     r.add_argument("--chunk", type=int, default=512, help="prompt tokens per prefill pass (default 512)")
     r.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    r.add_argument("--quant", default=None, help=QUANT_HELP)
     r.set_defaults(func=cmd_run)
 
     ch = sub.add_parser("chat", help="the terminal chat UI (live throughput, reasoning, expert routing)")
@@ -197,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: the model's)")
     ch.add_argument("--kv-cache-dtype", default=None, help=KV_CACHE_HELP)
     ch.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    ch.add_argument("--quant", default=None, help=QUANT_HELP)
     ch.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="prompt and decode throughput (llama-bench style), optionally vs llama.cpp")
@@ -220,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench a cached random-weight GGUF with this model's real geometry")
     b.add_argument("--layers", type=int, default=None, help="layers of the synthetic model (default: all)")
     b.add_argument("--experts", type=int, default=None, help="routed experts of the synthetic model (default: all)")
-    b.add_argument("--quant", default="q4_k_m", help="recipe of the synthetic model (default q4_k_m)")
+    b.add_argument("--quant", default=None,
+                   help="recipe of the synthetic model (default q4_k_m); with an HF directory: " + QUANT_HELP)
     b.add_argument("--json", action="store_true", help="one JSON object per row")
     b.set_defaults(func=cmd_bench)
 

@@ -118,9 +118,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device="cpu", 
 
 def load_hf_blocks(model_dir: str | Path, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
                    threads: int | None = None, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
-                   routing=None, context: int = 4096):
+                   routing=None, context: int = 4096, quant: str | None = None):
     """(config, model, HFAsGGUF) for an HF directory, run as load_gguf runs a GGUF file: its tensors as GGUF
-    float tensors in their stored precision (quant.hf_gguf; FP8 as BF16), the config from config.json."""
+    float tensors in their stored precision (quant.hf_gguf; FP8 as BF16), or quantized as they are read with
+    the `tandem convert` recipe `quant`; the config from config.json."""
     from quant.hf_gguf import HFAsGGUF
     from quant.safetensors_file import Checkpoint
 
@@ -134,7 +135,13 @@ def load_hf_blocks(model_dir: str | Path, dtype: torch.dtype | None = None, devi
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in mapping.values()
     check_tensors(model, ckpt, mapping, derived={"lm_head.weight"} if tied else set())
     # FP8 is widened to BF16, the torch path's default dtype for it; exactly, to F32, when float32 is asked for
-    view = HFAsGGUF(model_dir, ckpt, fp8_type=QT.F32 if dtype == torch.float32 else QT.BF16)
+    quantizer = None
+    if quant is not None:
+        import offload
+
+        quantizer = getattr(offload, "quantize", None)  # the C++ engine's, bit-exact with quant's numpy ones
+    view = HFAsGGUF(model_dir, ckpt, fp8_type=QT.F32 if dtype == torch.float32 else QT.BF16, recipe=quant,
+                    quantizer=quantizer)
     if getattr(cfg, "num_nextn_predict_layers", 0):
         log.info("config.json announces %d MTP layer(s); they are not run", cfg.num_nextn_predict_layers)
     return load_blocks(view, arch, cfg, dtype, device, engine, threads, progress, hybrid, gpu_experts, routing,

@@ -308,7 +308,8 @@ def _without_gc(fn):
 def load(path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
          dtype: str | torch.dtype | None = "auto", kv_cache_dtype: str | torch.dtype | None = None,
          engine: bool = True, progress=None, hybrid: bool | None = None, gpu_experts: int = 0,
-         routing=None, ctx: int | None = None, chunk: int = 512, cuda_graph: bool = False) -> Runner:
+         routing=None, ctx: int | None = None, chunk: int = 512, cuda_graph: bool = False,
+         quant: str | None = None) -> Runner:
     """Load a model: a GGUF file (`deepseek2`, `qwen3moe`; split files by their first part) or an HF
     directory (safetensors; BF16/FP16/FP32/FP8). None = the bundled demo model.
 
@@ -325,7 +326,9 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     ctx: context length; the latent KV cache is preallocated for it (default: the model's maximum,
     allocated as a conversation needs it). chunk: prompt tokens per prefill pass.
     cuda_graph: decode steps replay a CUDA graph (a CUDA device; attention then spans the whole cache of
-    each conversation, so keep ctx to what it needs)."""
+    each conversation, so keep ctx to what it needs).
+    quant: an HF directory's weights quantized as they load, with a `tandem convert` recipe (q4_k_m, q8_0,
+    ...): the file that convert would write, in memory (the same logits), rebuilt at every load."""
     if ctx is not None and ctx < 2:
         raise ValueError(f"--ctx {ctx} is too small")
     if chunk < 1:
@@ -347,6 +350,17 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
     if cuda_graph and dev.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device, and this run is on {dev}; leave it out on the CPU")
     cache_dtype = None if kv_cache_dtype in (None, "auto") else resolve_dtype(kv_cache_dtype, dev)
+    if quant is not None:
+        from quant.recipes import RECIPES
+
+        if quant not in RECIPES:
+            raise ValueError(f"--quant {quant} is not one of {', '.join(RECIPES)}")
+        if not path.is_dir():
+            raise ValueError(f"--quant quantizes an HF directory as it loads; {path.name} is not one (a GGUF file "
+                             f"keeps its types: tandem convert {path.name} -o OUT.gguf --quant {quant} requantizes it)")
+        if not hf_on_engine(dev, engine, hybrid):
+            raise ValueError("--quant needs the CPU engine, which computes the quantized weights; this load puts "
+                             "the model in torch (engine=False or hybrid=False)")
     if path.is_file() and path.suffix == ".gguf":
         from .gguf_loader import load_gguf
         from .gguf_tokenizer import tokenizer_from_gguf
@@ -368,7 +382,7 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", threads: i
 
         config, model, _ = load_hf_blocks(path, resolve_dtype(dtype, dev), dev, threads=threads, progress=progress,
                                           hybrid=hybrid, gpu_experts=gpu_experts, routing=routing,
-                                          context=ctx or 4096)
+                                          context=ctx or 4096, quant=quant)
     else:
         config, model = load_hf(path, resolve_dtype(dtype, dev), dev, progress=progress)
     tokenizer = Tokenizer.from_pretrained(path)

@@ -6,6 +6,9 @@ precision: BF16 / F16 / F32 as they are (F64 narrowed), FP8 dequantized to BF16.
 tensor's bytes as GGUFModel.raw does: a view of the memory-mapped shard for a tensor stored whole, a new
 array for a stack of experts or a split `kv_b`.
 
+With a `recipe` (`tandem run DIR --quant q4_k_m`) the tensors are quantized as they are read, to the types
+`tandem convert --quant RECIPE` gives them, with the same bytes: the conversion, in memory, at each load.
+
 A 4-layer BF16 checkpoint with Qwen3-30B-A3B's geometry (6.2 GB), 2 threads, in alternated runs: decode
 11.0-12.8 tok/s in torch, 30.0-46.9 through this view, 30.4-47.1 from the BF16 GGUF `tandem convert` writes
 (the memory's speed swings between runs); prefill of 32 tokens 90-105 tok/s in torch, 201-228 here.
@@ -13,12 +16,14 @@ A 4-layer BF16 checkpoint with Qwen3-30B-A3B's geometry (6.2 GB), 2 threads, in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .convert import ConvertError, HFSource, OutTensor
+from .convert import ConvertError, HFSource, OutTensor, encode
+from .formats import row_bytes
 from .gguf_file import TensorDesc, maps_file
 from .read_ahead import ReadAhead
 from .safetensors_file import CheckpointError
@@ -30,14 +35,23 @@ class HFAsGGUF:
     """What the GGUF loader reads of a GGUFModel (tensors, raw, release, kv, architecture, read_ahead), for
     an HF directory."""
 
-    def __init__(self, directory: str | Path, ckpt=None, fp8_type: QT = QT.BF16):
+    def __init__(self, directory: str | Path, ckpt=None, fp8_type: QT = QT.BF16, recipe: str | None = None,
+                 quantizer: Callable | None = None):
         """`ckpt`: the directory's safetensors_file.Checkpoint, when already open; `fp8_type`: BF16 or F32, what
-        FP8 block-scaled weights are dequantized to."""
+        FP8 block-scaled weights are dequantized to; `recipe`: quantize the tensors as `tandem convert` does
+        with it (`quantizer`: convert's, the C++ engine's)."""
         try:
             self.source = HFSource(Path(directory), ckpt, fp8_stored=fp8_type)
             jobs = self.source.tensors(stored=True)
-        except ConvertError as e:
+            self.types = {t.name: t.stored_type for t in jobs}
+            if recipe is not None:
+                from .recipes import plan_types
+
+                self.types = plan_types([(t.name, t.ne) for t in jobs], recipe, self.source.arch,
+                                        self.source.hparams())
+        except (ConvertError, ValueError) as e:
             raise CheckpointError(str(e)) from e
+        self.quantizer = quantizer
         self.path = self.source.dir
         # what the placement plan and the bench read (the model's config comes from config.json, not from these)
         arch = self.source.arch
@@ -46,8 +60,9 @@ class HFAsGGUF:
         self._jobs: dict[str, OutTensor] = {t.name: t for t in jobs}
         self.tensors: dict[str, TensorDesc] = {}
         for t in jobs:
-            width = 4 if t.stored_type == QT.F32 else 2
-            self.tensors[t.name] = TensorDesc(t.name, t.stored_type, t.ne, int(np.prod(t.shape, dtype=np.int64)) * width)
+            qtype = self.types[t.name]
+            rows = int(np.prod(t.shape[:-1], dtype=np.int64))
+            self.tensors[t.name] = TensorDesc(t.name, qtype, t.ne, rows * row_bytes(t.shape[-1], qtype))
         # the read-ahead's jobs: the token embedding, then layer by layer, then the rest (the output head)
         order = sorted({_group(t.name) for t in jobs})
         self._group = {t.name: order.index(_group(t.name)) for t in jobs}
@@ -69,6 +84,8 @@ class HFAsGGUF:
             self._furthest = max(self._furthest, self._group[name])
             self._ahead.at(self._furthest)
         try:
+            if t.qtype != job.stored_type:
+                return self._encoded(job, t.qtype)
             data = job.stored()
         except ConvertError as e:
             raise CheckpointError(str(e)) from e
@@ -79,6 +96,25 @@ class HFAsGGUF:
         if t.qtype == QT.BF16:
             return data.view(np.uint8).reshape(*t.shape[:-1], -1)
         return data
+
+    def _encoded(self, job: OutTensor, qtype: QT) -> np.ndarray:
+        """The tensor quantized to `qtype` as `tandem convert` writes it (a stack or a large matrix in pieces of
+        rows), laid out as GGUFModel.raw gives it."""
+        if qtype in (QT.F32, QT.F16):
+            out = np.empty(job.shape, np.float32 if qtype == QT.F32 else np.float16)
+        else:
+            out = np.empty((*job.shape[:-1], row_bytes(job.shape[-1], qtype)), np.uint8)
+        if job.pieces is None:
+            out[...] = encode(job.produce(), qtype, self.quantizer)
+        else:
+            r = 0
+            for piece in job.pieces():
+                out[r:r + len(piece)] = encode(piece, qtype, self.quantizer)
+                r += len(piece)
+            if r != job.shape[0]:
+                raise CheckpointError(f"{self.path}: {job.name} came out with {r} of {job.shape[0]} rows")
+        self.release(job.name)
+        return out
 
     def release(self, name: str) -> None:
         """Let go of the mapped pages of the shards' tensors behind `name`, once the engine has its own copy."""

@@ -244,3 +244,54 @@ def test_bench_counts_an_hf_directorys_bytes_per_token(saved, tmp_path):
     f32 = sum(t.nbytes for t in gguf.tensors.values() if t.qtype.name == "F32")
     assert f32 and tg["active_bytes_per_token"] == active_bytes_per_token(gguf) - f32 // 2
     assert tg["bandwidth_pct"] > 0
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tokenizer_dir):
+    """name -> a BF16 directory whose rows are 256 wide (the K-quants' blocks) and its transformers model."""
+    out = {}
+    for name in ("v2_lite", "qwen3_nonorm"):
+        d = tmp_path_factory.mktemp(f"wide_{name}")
+        ref = build_reference(name, d, tokenizer_dir, seed=4, overrides=dict(hidden_size=256, moe_intermediate_size=256))
+        ref.to(torch.bfloat16).save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("name", ["v2_lite", "qwen3_nonorm"])
+def test_quantized_as_it_loads_equals_the_converted_file(name, recipe, wide, tmp_path):
+    """load(DIR, quant=R) is `tandem convert DIR --quant R` in memory: the same types and bytes per tensor, the
+    same logits bit for bit."""
+    import offload
+    from quant.gguf_file import GGUFModel
+
+    d = wide[name]
+    gguf = convert(d, tmp_path / "m.gguf", recipe, progress=False, quantizer=offload.quantize)
+    runner = local.load(d, device="cpu", quant=recipe)
+    view, file = runner.model.checkpoint, GGUFModel(gguf)
+    assert {n: (t.qtype, t.nbytes) for n, t in view.tensors.items()} == \
+        {n: (t.qtype, t.nbytes) for n, t in file.tensors.items()}
+    assert "Q4_K" in {t.qtype.name for t in view.tensors.values()} or recipe == "q8_0"
+    ids = prompt(5)
+    assert torch.equal(runner.logits(ids), local.load(gguf, device="cpu").logits(ids))
+
+
+def test_quant_is_refused_where_it_cannot_apply(wide):
+    d = wide["v2_lite"]
+    with pytest.raises(ValueError, match="--quant q9 is not one of f32, f16, bf16, q8_0"):
+        local.load(d, device="cpu", quant="q9")
+    with pytest.raises(ValueError, match=r"not one \(a GGUF file keeps its types: tandem convert demo.gguf -o OUT.gguf "
+                                         r"--quant q8_0 requantizes it\)"):
+        local.load(local.demo.demo_model_path(), device="cpu", quant="q8_0")
+    with pytest.raises(ValueError, match="--quant needs the CPU engine"):
+        local.load(d, device="cpu", quant="q8_0", engine=False)
+
+
+def test_cli_run_quantizes_an_hf_directory(wide, capsys):
+    from local.cli import main
+
+    assert main(["run", str(wide["qwen3_nonorm"]), "-p", "Hi", "-n", "4", "--temp", "0", "--quant", "q8_0",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hi") and "decode 4 tok" in captured.err

@@ -73,9 +73,11 @@ class ChatApp(App):
 
     def __init__(self, model=None, *, system: str | None = None, device: str = "auto", threads: int | None = None,
                  ctx: int | None = None, runner=None, settings: ChatSettings | None = None, sysinfo=None,
-                 export_dir=None, cuda_graph: bool = False, kv_cache_dtype: str | None = None) -> None:
+                 export_dir=None, cuda_graph: bool = False, kv_cache_dtype: str | None = None,
+                 quant: str | None = None) -> None:
         super().__init__()
         self.model_path, self.device, self.threads, self.ctx = model, device, threads, ctx
+        self.quant = quant  # an HF directory quantized as it loads (local.load's)
         self.kv_cache_dtype = kv_cache_dtype
         self.cuda_graph = cuda_graph
         self.runner = runner
@@ -134,7 +136,7 @@ class ChatApp(App):
 
         try:
             runner = load(self.model_path, device=self.device, threads=self.threads, ctx=self.ctx,
-                          cuda_graph=self.cuda_graph, kv_cache_dtype=self.kv_cache_dtype,
+                          cuda_graph=self.cuda_graph, kv_cache_dtype=self.kv_cache_dtype, quant=self.quant,
                           progress=lambda done, total: setattr(self, "_load_progress", (done, total)))
         except Exception as e:  # noqa: BLE001 - shown in the UI, not as a traceback
             self.call_from_thread(self._load_failed, f"{type(e).__name__}: {e}")
