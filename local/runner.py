@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -99,7 +100,14 @@ class Runner:
         if not hasattr(self, "_summary"):
             self._summary = summarize(self.path)
         s, engine = self._summary, self.uses_engine
-        stored = [t for t, *_ in s.type_table()]
+        loaded = getattr(self.model, "checkpoint", None)
+        if hasattr(loaded, "tensors"):  # the types it runs: a GGUF's, an HF directory's as it loaded (--quant)
+            size = Counter()
+            for t in loaded.tensors.values():
+                size[t.qtype.name] += t.nbytes
+            stored = [t for t, _ in size.most_common()]
+        else:
+            stored = [t for t, *_ in s.type_table()]
         types = [t for t in stored if t != "F32"] or stored  # F32 norms say nothing, unless all is F32
         plan = getattr(self.model, "placement", None)
         if plan is not None and plan.device != "cpu":

@@ -295,3 +295,11 @@ def test_cli_run_quantizes_an_hf_directory(wide, capsys):
                  "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("Hi") and "decode 4 tok" in captured.err
+
+
+def test_the_header_names_the_types_it_runs(wide):
+    """describe() (the chat's header, the bench) gives the types the engine computes with: an HF directory's
+    stored ones, or those it was quantized to as it loaded."""
+    d = wide["qwen3_nonorm"]
+    assert local.load(d, device="cpu").describe()["types"][0] == "BF16"
+    assert local.load(d, device="cpu", quant="q8_0").describe()["types"][0] == "Q8_0"
