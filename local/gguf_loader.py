@@ -121,7 +121,7 @@ def load_hf_blocks(model_dir: str | Path, dtype: torch.dtype | None = None, devi
                    routing=None, context: int = 4096, quant: str | None = None):
     """(config, model, HFAsGGUF) for an HF directory, run as load_gguf runs a GGUF file: its tensors as GGUF
     float tensors in their stored precision (quant.hf_gguf; FP8 as BF16), or quantized as they are read with
-    the `tandem convert` recipe `quant`; the config from config.json."""
+    the `tandem convert` recipe `quant` (hybrid: the routed experts only); the config from config.json."""
     from quant.hf_gguf import HFAsGGUF
     from quant.safetensors_file import Checkpoint
 
@@ -140,8 +140,10 @@ def load_hf_blocks(model_dir: str | Path, dtype: torch.dtype | None = None, devi
         import offload
 
         quantizer = getattr(offload, "quantize", None)  # the C++ engine's, bit-exact with quant's numpy ones
+    # split across a GPU, only the routed experts (on the engine) are quantized: the GPU side keeps its precision
+    split = torch.device(device).type == "cuda" if hybrid is None else hybrid
     view = HFAsGGUF(model_dir, ckpt, fp8_type=QT.F32 if dtype == torch.float32 else QT.BF16, recipe=quant,
-                    quantizer=quantizer)
+                    quantizer=quantizer, experts_only=split)
     if getattr(cfg, "num_nextn_predict_layers", 0):
         log.info("config.json announces %d MTP layer(s); they are not run", cfg.num_nextn_predict_layers)
     return load_blocks(view, arch, cfg, dtype, device, engine, threads, progress, hybrid, gpu_experts, routing,

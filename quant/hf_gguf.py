@@ -29,6 +29,7 @@ from .read_ahead import ReadAhead
 from .safetensors_file import CheckpointError
 
 _BLOCK = "blk."
+_EXPS = "_exps."  # the routed experts' stacks (blk.N.ffn_{gate,up,down}_exps.weight)
 
 
 class HFAsGGUF:
@@ -36,10 +37,11 @@ class HFAsGGUF:
     an HF directory."""
 
     def __init__(self, directory: str | Path, ckpt=None, fp8_type: QT = QT.BF16, recipe: str | None = None,
-                 quantizer: Callable | None = None):
+                 quantizer: Callable | None = None, experts_only: bool = False):
         """`ckpt`: the directory's safetensors_file.Checkpoint, when already open; `fp8_type`: BF16 or F32, what
         FP8 block-scaled weights are dequantized to; `recipe`: quantize the tensors as `tandem convert` does
-        with it (`quantizer`: convert's, the C++ engine's)."""
+        with it (`quantizer`: convert's, the C++ engine's); `experts_only`: only the routed experts' stacks
+        (the hybrid split's CPU side; what runs on the GPU keeps its precision)."""
         try:
             self.source = HFSource(Path(directory), ckpt, fp8_stored=fp8_type)
             jobs = self.source.tensors(stored=True)
@@ -47,8 +49,9 @@ class HFAsGGUF:
             if recipe is not None:
                 from .recipes import plan_types
 
-                self.types = plan_types([(t.name, t.ne) for t in jobs], recipe, self.source.arch,
-                                        self.source.hparams())
+                planned = plan_types([(t.name, t.ne) for t in jobs], recipe, self.source.arch, self.source.hparams())
+                self.types = {name: qtype if not experts_only or _EXPS in name else self.types[name]
+                              for name, qtype in planned.items()}
         except (ConvertError, ValueError) as e:
             raise CheckpointError(str(e)) from e
         self.quantizer = quantizer

@@ -303,3 +303,19 @@ def test_the_header_names_the_types_it_runs(wide):
     d = wide["qwen3_nonorm"]
     assert local.load(d, device="cpu").describe()["types"][0] == "BF16"
     assert local.load(d, device="cpu", quant="q8_0").describe()["types"][0] == "Q8_0"
+
+
+def test_quant_on_the_hybrid_split_takes_the_experts_only(wide):
+    """Split across a GPU ("GPU" side on the CPU here), --quant quantizes the routed experts, which the engine
+    runs; what the GPU runs keeps the checkpoint's precision."""
+    d = wide["v2_lite"]
+    runner = local.load(d, device="cpu", quant="q4_k_m", hybrid=True)
+    types = {n: t.qtype.name for n, t in runner.model.checkpoint.tensors.items()}
+    experts = {n: t for n, t in types.items() if "_exps." in n}
+    assert experts and all(t in ("Q4_K", "Q6_K", "Q5_0", "Q8_0") for t in experts.values())
+    assert {t for n, t in types.items() if n not in experts} == {"BF16"}
+    ids = prompt(6)
+    got, plain = runner.logits(ids), local.load(d, device="cpu", hybrid=True).logits(ids)
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), plain.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    assert 0 < kl < 0.05, kl  # the experts' rounding, nothing else
