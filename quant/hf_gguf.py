@@ -81,7 +81,7 @@ class HFAsGGUF:
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as GGUFModel.raw gives them: typed [*shape] for F32 / F16, uint8 [*shape[:-1],
-        2 * cols] for BF16."""
+        row bytes] for BF16 and the block types (a recipe's)."""
         t, job = self.tensors[name], self._jobs[name]
         if self._ahead is not None:  # a layer's tensors are taken out of order: the read-ahead follows the furthest
             self._furthest = max(self._furthest, self._group[name])
