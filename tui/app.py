@@ -141,10 +141,13 @@ class ChatApp(App):
         except Exception as e:  # noqa: BLE001 - shown in the UI, not as a traceback
             self.call_from_thread(self._load_failed, f"{type(e).__name__}: {e}")
             return
-        self.runner = runner
-        self.call_from_thread(self._loaded)
+        self.call_from_thread(self._loaded, runner)
 
-    def _loaded(self) -> None:
+    def _loaded(self, runner=None) -> None:
+        # set here, on the UI thread, with the header below: a runner set by the loading thread was visible
+        # before the header showed it (a test that waited for it read "loading…" in a clean-clone run)
+        if runner is not None:
+            self.runner = runner
         self.query_one("#load-progress").display = False
         try:
             info = self.runner.describe()
