@@ -126,8 +126,15 @@ def cmd_inspect(args) -> int:
     from quant.hf_gguf import HFAsGGUF
 
     stats = routing.read(args.routing) if args.routing else None
-    # an HF directory is placed as the GGUF of its float tensors it loads as (quant.hf_gguf)
-    model = summary.gguf if summary.format == "gguf" else HFAsGGUF(args.model)
+    # an HF directory is placed as the GGUF it loads as (quant.hf_gguf): its float tensors, or --quant's
+    if args.quant is not None and summary.format == "gguf":
+        raise ValueError(f"--quant applies to an HF directory; {Path(args.model).name} is a GGUF file")
+    if summary.format == "gguf":
+        model = summary.gguf
+    else:  # split across a GPU, --quant takes the routed experts only (as load does)
+        from .runner import resolve_device
+
+        model = HFAsGGUF(args.model, recipe=args.quant, experts_only=resolve_device(args.device).type == "cuda")
     plan = make_plan(model, args.device, args.gpu_experts, stats, context=args.ctx_size,
                      kv_bytes_per_token=summary.kv_bytes_per_token)
     print("\n" + plan.render())
@@ -135,7 +142,7 @@ def cmd_inspect(args) -> int:
         from . import load
 
         text = Path(args.routing_stats).read_text(encoding="utf-8")
-        runner = load(args.model, device=args.device, threads=args.threads, progress=load_bar())
+        runner = load(args.model, device=args.device, threads=args.threads, quant=args.quant, progress=load_bar())
         bar = _progress_printer("routing")
         stats = routing.gather(runner, text, ctx=args.ctx, progress=bar)
         print("\n" + stats.render())
@@ -254,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing counts from --routing-out: --gpu-experts picks the busiest experts")
     i.add_argument("--ctx-size", type=int, default=4096, help="context the placement reserves KV cache for")
     i.add_argument("-t", "--threads", type=int, default=None, help="for --routing-stats: " + THREADS_HELP)
+    i.add_argument("--quant", default=None, help="the placement (and RAM) of an HF directory loaded with --quant: "
+                   + QUANT_HELP)
     i.set_defaults(func=cmd_inspect)
 
     q = sub.add_parser("perplexity", help="perplexity over a text, and KL divergence against a base model")

@@ -319,3 +319,17 @@ def test_quant_on_the_hybrid_split_takes_the_experts_only(wide):
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), plain.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
     assert 0 < kl < 0.05, kl  # the experts' rounding, nothing else
+
+
+def test_inspect_shows_the_quantized_placement(wide, capsys):
+    """`tandem inspect DIR --quant R` places the load's quantized tensors: the RAM of convert's file."""
+    from local.cli import main
+    from offload.placement import make_plan
+
+    d = wide["v2_lite"]
+    assert main(["inspect", str(d), "--device", "cpu", "--quant", "q4_k_m"]) == 0
+    assert "placement    CPU only" in capsys.readouterr().out
+    full, quantized = (make_plan(HFAsGGUF(d, recipe=r), "cpu").ram_bytes for r in (None, "q4_k_m"))
+    assert 0 < quantized < full / 2
+    assert main(["inspect", str(local.demo.demo_model_path()), "--quant", "q8_0"]) == 1
+    assert "--quant applies to an HF directory; demo.gguf is a GGUF file" in capsys.readouterr().err
