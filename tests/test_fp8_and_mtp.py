@@ -196,3 +196,15 @@ def test_convert_leaves_mtp_out(tiny_v3_dir, tmp_path):
     save_file(state, d / "model.safetensors")
     g = GGUFModel(convert(d, tmp_path / "m.gguf", "q8_0", progress=False))
     assert not any(t.startswith(f"blk.{n}.") for t in g.tensors) and g.kv["deepseek2.block_count"] == n
+
+
+def test_fp8_checkpoint_quantized_as_it_loads(fp8_pair, tmp_path):
+    """--quant on an FP8 checkpoint: the FP8 blocks dequantized and quantized again as convert does (the way
+    to run DeepSeek-V3's official weights quantized without a BF16 copy on disk)."""
+    import offload
+    from quant.convert import convert
+
+    out = convert(fp8_pair[0], tmp_path / "fp8-q8_0.gguf", "q8_0", progress=False, quantizer=offload.quantize)
+    ids = torch.randint(2, VOCAB, (24,), generator=torch.Generator().manual_seed(2))
+    got = local.load(fp8_pair[0], device="cpu", quant="q8_0").logits(ids)
+    assert torch.equal(got, local.load(out, device="cpu").logits(ids))
