@@ -165,7 +165,8 @@ def cmd_perplexity(args) -> int:
     from .perplexity import perplexity
 
     text = Path(args.file).read_text(encoding="utf-8")
-    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype, progress=load_bar())
+    runner = load(args.model, device=args.device, threads=args.threads, dtype=args.dtype, quant=args.quant,
+                  progress=load_bar())
     base = load(args.kld_base, device=args.device, threads=args.threads, dtype=args.dtype,
                 progress=load_bar()) if args.kld_base else None
 
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     q.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     q.add_argument("-t", "--threads", type=int, default=None, help=THREADS_HELP)
+    q.add_argument("--quant", default=None, help="MODEL (not the base): " + QUANT_HELP + "; with --kld-base DIR, what "
+                   "the recipe costs that model")
     q.set_defaults(func=cmd_perplexity)
     return p
 

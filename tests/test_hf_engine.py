@@ -333,3 +333,19 @@ def test_inspect_shows_the_quantized_placement(wide, capsys):
     assert 0 < quantized < full / 2
     assert main(["inspect", str(local.demo.demo_model_path()), "--quant", "q8_0"]) == 1
     assert "--quant applies to an HF directory; demo.gguf is a GGUF file" in capsys.readouterr().err
+
+
+def test_perplexity_measures_what_a_recipe_costs(wide, tmp_path, capsys):
+    """`tandem perplexity DIR --quant R --kld-base DIR`: the quantized load against the same directory unquantized."""
+    from pydoc_data.topics import topics
+
+    from local.cli import main
+
+    d = wide["qwen3_nonorm"]
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(list(topics.values())[:2]))
+    assert main(["perplexity", str(d), "-f", str(text), "-c", "64", "--quant", "q4_k_m", "--kld-base", str(d),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    kld = float(out.split("mean KLD = ")[1].split()[0])
+    assert 0 < kld < 0.5, out
