@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--numpy-repeats", type=int, default=1, help="numpy runs per type (no warm-up; it is slow)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     a = p.parse_args(argv)
+    if a.repeats < 1 or a.numpy_repeats < 1:
+        p.error("--repeats and --numpy-repeats must be at least 1 (numpy's bytes are what the engine's are checked "
+                "against)")
     types = [t.strip().upper() for t in a.types.split(",") if t.strip()]
     threads = [int(t) for t in a.threads.split(",")]
     x = weights(a.rows, a.cols)
