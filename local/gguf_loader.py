@@ -182,7 +182,9 @@ def load_blocks(gmodel, arch, cfg, dtype: torch.dtype | None = None, device="cpu
         where = "cuda" if dev.type == "cuda" else "hybrid"
     placement = make_plan(gmodel, where, gpu_experts, routing, machine,
                           context=min(context, cfg.max_position_embeddings), kv_bytes_per_token=kv_bytes)
-    check_fits(placement, machine, gmodel.path.name)
+    # an HF directory is quantized by loading it with --quant (or by converting it)
+    check_fits(placement, machine, gmodel.path.name, smaller="--quant q4_k_m, or tandem convert --quant q4_k_m"
+               if gmodel.path.is_dir() else "tandem convert --quant q4_k_m")
     # the file comes off the disk in order while tensors are repacked
     gmodel.read_ahead(default_window(machine.ram_available))
     try:

@@ -140,8 +140,10 @@ def make_plan(gguf, device: str = "auto", gpu_experts: int = 0, routing=None, ma
     return plan
 
 
-def check_fits(plan: Placement, machine: Machine, what: str = "the model") -> None:
-    """MemoryError, before any allocation, when the plan needs more RAM or VRAM than is free."""
+def check_fits(plan: Placement, machine: Machine, what: str = "the model",
+               smaller: str = "tandem convert --quant q4_k_m") -> None:
+    """MemoryError, before any allocation, when the plan needs more RAM or VRAM than is free; `smaller`: how to
+    get a smaller quantization of the model."""
     if plan.device == "cuda":
         need = plan.gpu_bytes + plan.kv_bytes
         if need > 0.95 * machine.vram_free:
@@ -154,5 +156,5 @@ def check_fits(plan: Placement, machine: Machine, what: str = "the model") -> No
         need = plan.ram_bytes + plan.kv_bytes + (plan.gpu_bytes if plan.device == "hybrid" else 0)
     if need > 0.95 * machine.ram_available:
         raise MemoryError(f"{what} needs {need / GIB:.1f} GiB of RAM but {machine.ram_available / GIB:.1f} GiB is "
-                          "available; use a smaller quantization (tandem convert --quant q4_k_m), a shorter --ctx"
+                          f"available; use a smaller quantization ({smaller}), a shorter --ctx"
                           + (", or more --gpu-experts" if plan.device == "cuda" else ", or a GPU (--device cuda)"))

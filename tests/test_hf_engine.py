@@ -216,7 +216,8 @@ def test_an_hf_directory_too_large_is_refused_before_loading(saved, monkeypatch)
     monkeypatch.setattr(placement.Machine, "detect", classmethod(lambda cls: placement.Machine(2**20, 2)))
     monkeypatch.setattr(HFAsGGUF, "raw", lambda self, name: pytest.fail("a tensor was read"))
     d = saved("v3", "bf16")
-    with pytest.raises(MemoryError, match=rf"{d.name} needs .* GiB of RAM .*use a smaller quantization \(tandem convert"):
+    with pytest.raises(MemoryError, match=rf"{d.name} needs .* GiB of RAM .*use a smaller quantization \(--quant "
+                                          r"q4_k_m, or tandem convert --quant q4_k_m\)"):
         local.load(d, device="cpu")
 
 
