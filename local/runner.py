@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import logging
 import os
 import time
 from collections import Counter
@@ -19,8 +18,6 @@ from .kv_cache import KVCache
 from .loader import load_hf
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
-
-log = logging.getLogger("tandem")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

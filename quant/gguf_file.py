@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .read_ahead import advice_limit
+from .read_ahead import advice_limit, release_pages
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -240,10 +240,7 @@ class GGUFFile:
     def release(self, t: GGUFTensor) -> None:
         """Let go of the resident pages of a tensor whose bytes were copied elsewhere (a repacked layout), so
         the process does not hold them twice; a later raw() reads them back from the file."""
-        page = mmap.PAGESIZE
-        start, end = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page  # whole pages inside
-        if end > start and hasattr(self._map, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
-            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        release_pages(self._map, t.offset, t.offset + t.nbytes)
 
 
 class GGUFModel:

@@ -13,6 +13,7 @@ and without it in alternation: the disk throttled to 500 MB/s (a SATA SSD), 22.2
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -42,6 +43,16 @@ def advice_limit(path: str | os.PathLike) -> int:
     except (OSError, ValueError):
         return FALLBACK_ADVICE
     return max(kb << 10, 4096)
+
+
+def release_pages(mapped, begin: int, end: int) -> None:
+    """Let go of the resident pages of bytes [begin, end) of a memory-mapped file (np.memmap; whole pages
+    inside the range, MADV_DONTNEED), once they were copied elsewhere: the process does not hold them twice,
+    and a later read takes them back from the page cache or the file."""
+    page = mmap.PAGESIZE
+    start, stop = -(-begin // page) * page, end // page * page
+    if stop > start and hasattr(mapped, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
+        mapped._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def default_window(available: int | None = None) -> int:

@@ -9,13 +9,14 @@ Tensors come out as numpy views; dtypes numpy lacks (BF16, FP8) come out as thei
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .read_ahead import release_pages
 
 # safetensors dtype -> numpy dtype that holds its bits
 DTYPES = {
@@ -105,10 +106,8 @@ class SafetensorsFile:
     def release_range(self, begin: int, end: int) -> None:
         """Let go of the resident pages of bytes [begin, end) once copied elsewhere (the CPU engine's copy), so
         the process does not hold them twice; a later get() reads them back from the file."""
-        page = mmap.PAGESIZE
-        start, stop = -(-begin // page) * page, end // page * page  # whole pages inside
-        if self._map is not None and stop > start and hasattr(mmap, "MADV_DONTNEED"):
-            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        if self._map is not None:
+            release_pages(self._map, begin, end)
 
 
 class Checkpoint:
