@@ -203,11 +203,8 @@ class HFSource:
         """Tensors of one shape (a layer's experts) stacked unconverted, as read_stored gives them; copied on
         several threads (numpy lets go of the GIL while it copies): 384 MB stacks of BF16 experts out of the
         page cache, 6.5 GB/s on one thread, 11.6 on two."""
+        self._check_stack(names, shape)
         out = np.empty((len(names),) + shape, STORED_NUMPY[self.stored_type(names)])
-        for name in names:
-            if self.ckpt.info(name).shape != shape:
-                raise ConvertError(f"{name} has shape {list(self.ckpt.info(name).shape)}, but {names[0]} has "
-                                   f"{list(shape)}: the tensors stacked into one must agree")
         threads = min(_cpus(), len(names), max(1, out.nbytes // STACK_BYTES_PER_THREAD))
         if threads == 1:
             for i, name in enumerate(names):
@@ -224,13 +221,17 @@ class HFSource:
     def read_stacked(self, names: list[str], shape: tuple[int, ...]) -> Iterator[np.ndarray]:
         """Tensors of one shape (a layer's experts) stacked, in pieces of [1, *shape]: each read in turn into
         the same buffer."""
+        self._check_stack(names, shape)
         buf = np.empty((1,) + shape, np.float32)
+        for name in names:
+            self.read(name, buf[0])
+            yield buf
+
+    def _check_stack(self, names: list[str], shape: tuple[int, ...]) -> None:
         for name in names:
             if self.ckpt.info(name).shape != shape:
                 raise ConvertError(f"{name} has shape {list(self.ckpt.info(name).shape)}, but {names[0]} has "
                                    f"{list(shape)}: the tensors stacked into one must agree")
-            self.read(name, buf[0])
-            yield buf
 
     def read_rows(self, name: str) -> Iterator[np.ndarray]:
         """A BF16 / F16 / F32 tensor in pieces of rows (axis 0), each converted into the same buffer."""
@@ -493,16 +494,23 @@ class _Pieces:
         self.t, self.qtype, self.quantizer, self.nbytes = t, qtype, quantizer, nbytes
 
     def tofile(self, f) -> None:
-        written, rows = 0, 0
-        for piece in self.t.pieces():
-            if piece.shape[1:] != self.t.shape[1:]:
-                raise ConvertError(f"{self.t.name}: produced a piece of shape {piece.shape}, planned {self.t.shape}")
-            data = encode(piece, self.qtype, self.quantizer)
+        for data in encoded_pieces(self.t, self.qtype, self.quantizer, self.nbytes):
             data.tofile(f)
-            written, rows = written + data.nbytes, rows + piece.shape[0]
-        if rows != self.t.shape[0] or written != self.nbytes:
-            raise ConvertError(f"{self.t.name}: produced {rows} of {self.t.shape[0]} rows on axis 0 ({written} of "
-                               f"{self.nbytes} bytes)")
+
+
+def encoded_pieces(t: OutTensor, qtype: QT, quantizer: Callable | None, nbytes: int) -> Iterator[np.ndarray]:
+    """t.pieces() encoded to `qtype` one after the other (what the whole tensor encodes to, in turn: every type
+    encodes row by row); ConvertError for a piece of the wrong shape, or pieces that do not add up to the
+    tensor's rows and `nbytes`."""
+    written, rows = 0, 0
+    for piece in t.pieces():
+        if piece.shape[1:] != t.shape[1:]:
+            raise ConvertError(f"{t.name}: produced a piece of shape {piece.shape}, planned {t.shape}")
+        data = encode(piece, qtype, quantizer)
+        yield data
+        written, rows = written + data.nbytes, rows + piece.shape[0]
+    if rows != t.shape[0] or written != nbytes:
+        raise ConvertError(f"{t.name}: produced {rows} of {t.shape[0]} rows on axis 0 ({written} of {nbytes} bytes)")
 
 
 def _progress(jobs, enabled: bool) -> Iterator:

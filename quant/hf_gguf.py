@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .convert import ConvertError, HFSource, OutTensor, encode
+from .convert import ConvertError, HFSource, OutTensor, encode, encoded_pieces
 from .formats import row_bytes
 from .gguf_file import TensorDesc, maps_file
 from .read_ahead import ReadAhead
@@ -111,11 +111,9 @@ class HFAsGGUF:
             out[...] = encode(job.produce(), qtype, self.quantizer)
         else:
             r = 0
-            for piece in job.pieces():
-                out[r:r + len(piece)] = encode(piece, qtype, self.quantizer)
-                r += len(piece)
-            if r != job.shape[0]:
-                raise CheckpointError(f"{self.path}: {job.name} came out with {r} of {job.shape[0]} rows")
+            for data in encoded_pieces(job, qtype, self.quantizer, out.nbytes):
+                out[r:r + len(data)] = data
+                r += len(data)
         self.release(job.name)
         return out
 
