@@ -132,9 +132,10 @@ def cmd_inspect(args) -> int:
     if summary.format == "gguf":
         model = summary.gguf
     else:  # split across a GPU, --quant takes the routed experts only (as load does)
+        from .gguf_loader import is_hybrid
         from .runner import resolve_device
 
-        model = HFAsGGUF(args.model, recipe=args.quant, experts_only=resolve_device(args.device).type == "cuda")
+        model = HFAsGGUF(args.model, recipe=args.quant, experts_only=is_hybrid(resolve_device(args.device), None))
     plan = make_plan(model, args.device, args.gpu_experts, stats, context=args.ctx_size,
                      kv_bytes_per_token=summary.kv_bytes_per_token)
     print("\n" + plan.render())

@@ -141,13 +141,18 @@ def load_hf_blocks(model_dir: str | Path, dtype: torch.dtype | None = None, devi
 
         quantizer = getattr(offload, "quantize", None)  # the C++ engine's, bit-exact with quant's numpy ones
     # split across a GPU, only the routed experts (on the engine) are quantized: the GPU side keeps its precision
-    split = torch.device(device).type == "cuda" if hybrid is None else hybrid
     view = HFAsGGUF(model_dir, ckpt, fp8_type=QT.F32 if dtype == torch.float32 else QT.BF16, recipe=quant,
-                    quantizer=quantizer, experts_only=split)
+                    quantizer=quantizer, experts_only=is_hybrid(torch.device(device), hybrid))
     if getattr(cfg, "num_nextn_predict_layers", 0):
         log.info("config.json announces %d MTP layer(s); they are not run", cfg.num_nextn_predict_layers)
     return load_blocks(view, arch, cfg, dtype, device, engine, threads, progress, hybrid, gpu_experts, routing,
                        context)
+
+
+def is_hybrid(device: torch.device, hybrid: bool | None) -> bool:
+    """Whether a load splits the model (routed experts on the engine, the rest on `device`): the default on a
+    CUDA device."""
+    return device.type == "cuda" if hybrid is None else hybrid
 
 
 def load_blocks(gmodel, arch, cfg, dtype: torch.dtype | None = None, device="cpu", engine: bool = True,
@@ -172,7 +177,7 @@ def load_blocks(gmodel, arch, cfg, dtype: torch.dtype | None = None, device="cpu
     from offload.placement import Machine, check_fits, make_plan
 
     dev = torch.device(device)
-    hybrid = dev.type == "cuda" if hybrid is None else hybrid
+    hybrid = is_hybrid(dev, hybrid)
     dtype = dtype or torch.float32
     machine = Machine.detect()
     kv_bytes = kv_cache_values_per_token(cfg) * torch.empty((), dtype=dtype).element_size()
