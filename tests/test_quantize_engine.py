@@ -254,3 +254,14 @@ def test_get_rows_checks_its_inputs():
         get(int(QT.Q2_K), q8, np.array([1], np.int64), 64)
     with pytest.raises(ValueError, match="row-interleaved"):
         get(offload._C.r16_type(int(QT.Q8_0)), q8, np.array([1], np.int64), 64)
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--numpy-repeats"])
+def test_bench_quantize_refuses_zero_repeats(flag, capsys):
+    """No runs to average is a usage error that names the flags, not a statistics traceback."""
+    from offload import bench_quantize
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_quantize.main([flag, "0", "--types", "Q8_0", "--rows", "16", "--cols", "256"])
+    assert exit_.value.code == 2
+    assert "--repeats and --numpy-repeats must be at least 1" in capsys.readouterr().err
