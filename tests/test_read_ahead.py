@@ -154,7 +154,9 @@ def resident(path: Path) -> int:
 def test_the_kernel_reads_every_byte_advised(tmp_path):
     """On this machine's disk: a file dropped from the page cache is in it again once ReadAhead has advised
     its bytes. With advice twice advice_limit in size, the kernel read half the file (and at the 32 MiB advice
-    of the first GGUF read-ahead, a quarter here)."""
+    of the first GGUF read-ahead, a quarter here). WILLNEED is advice the kernel may drop in part (its
+    read-ahead gives up on a page it cannot get at once): a run once stopped short of the whole file, so
+    the bound is 7/8 of it, well above the half and the quarter of advice that is too large."""
     limit = advice_limit(tmp_path)
     f = tmp_path / "weights.bin"
     size = max(4 * limit, 16 * MB)
@@ -169,4 +171,4 @@ def test_the_kernel_reads_every_byte_advised(tmp_path):
     if resident(f) > size // 8:
         pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing to read ahead")
     with ReadAhead([[(f, 0, size)]], window=size):
-        wait_until(lambda: resident(f) == size, timeout=30)
+        wait_until(lambda: resident(f) >= size * 7 // 8, timeout=30)
