@@ -151,7 +151,7 @@ def resident(path: Path) -> int:
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux)")
-def test_the_kernel_reads_every_byte_advised(tmp_path):
+def test_the_kernel_reads_what_was_advised(tmp_path):
     """On this machine's disk: a file dropped from the page cache is in it again once ReadAhead has advised
     its bytes. With advice twice advice_limit in size, the kernel read half the file (and at the 32 MiB advice
     of the first GGUF read-ahead, a quarter here). WILLNEED is advice the kernel may drop in part (its
