@@ -157,6 +157,11 @@ void gemm_rows(int64_t nb, const uint8_t* group, int ng, const void* act, size_t
 //   acc += d_a * (d * sum_j sc_j * isum_j - dmin * sum_j m_j * S_j)
 // with isum_j the exact dpbusd sum of sub-block j and S_j its activation sum (from the bsums).
 // Q5_K (Q5): the same, each nibble given its fifth bit (+16 under the qh masks) before the products.
+// Not kept: the scales as integers (bytes picked by vpshufb, sum_j sc_j * isum_j by vpmulld, the mins by
+// vpdpwssd against the sub-block sums paired as int16: ~60 of ~350 vector ops a super-block fewer at 1 row,
+// the same results): 1.03-1.18x from L3, but from memory, in alternation (2 threads, 256 MiB, read at
+// 50-53 GB/s, ~400 rounds) Q4_K 0.97x, MoE layers at T=1 1.0-1.03x the time; with the far prefetch at 8
+// or 10 KiB, worse. As with the prefetch loop (r16_prefetch.h), less work did not stream faster.
 template <bool Q5, int NA, int G>
 void gemm_q4k(int64_t nb, const uint8_t* group, const void* act, size_t as, const float* ad, const float* sub_sums,
               float* Y, size_t y_stride) {
