@@ -67,10 +67,13 @@ def timed(fn, repeats: int, warmup: int = 2, settle_s: float = 0.0) -> tuple[flo
     return statistics.median(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
 
 
-def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int, cols: int = 8192) -> tuple[dict, dict]:
-    """GB/s per type (median of 10 calls) on rows of `cols` values, and its fraction of a plain streaming
-    read of as many bytes timed in alternation with it on the same threads (the shared machine's bandwidth
-    swings from second to second)."""
+def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int, cols: int = 8192,
+               pairs: int = 24) -> tuple[dict, dict]:
+    """GB/s per type (median of `pairs` calls) on rows of `cols` values, and its fraction of a plain
+    streaming read of as many bytes on the same threads: the median, over the pairs, of the read's time
+    over the GEMV's, each GEMV timed right after its read. The shared machine's bandwidth swings from
+    second to second, so only a read of the same moment is a fair roofline: the ratio of two medians
+    (10 calls each, in alternating blocks) put a Q5_0 GEMV at 142% of the read in one run."""
     out, fraction = {}, {}
     for typ in types:
         probe = random_weight(rng, typ, (1, cols))
@@ -79,15 +82,31 @@ def bench_gemv(engine: CpuEngine, rng, types, target_bytes: int, cols: int = 819
         x = rng.standard_normal((1, cols), dtype=np.float32)
         y = np.empty((1, w.rows), np.float32)
         buf = np.ones(w.data.nbytes, dtype=np.uint8)
-        med = interleaved({"read": lambda: engine.read_pass(buf), "gemv": lambda: engine.linear(w, x, y)},
-                          repeats=10)
-        read = buf.nbytes / med["read"] / 1e9
-        out[typ] = w.data.nbytes / med["gemv"] / 1e9
-        fraction[typ] = out[typ] / read
-        del buf
+        reads, gemvs = paired(lambda: engine.read_pass(buf), lambda: engine.linear(w, x, y), pairs)
+        read = buf.nbytes / statistics.median(reads) / 1e9
+        out[typ] = w.data.nbytes / statistics.median(gemvs) / 1e9
+        fraction[typ] = statistics.median(r / g for r, g in zip(reads, gemvs))
         print(f"  gemv {w.type:<8} K={cols:<5} {w.data.nbytes / 2**20:5.0f} MiB  {out[typ]:6.1f} GB/s  "
-              f"({100 * fraction[typ]:.0f}% of the {read:.1f} GB/s read in alternation with it)", file=sys.stderr)
+              f"({100 * fraction[typ]:.0f}% of a read of as many bytes just before each call, "
+              f"which ran at {read:.1f} GB/s)", file=sys.stderr)
+        del buf
     return out, fraction
+
+
+def paired(first, second, pairs: int) -> tuple[list, list]:
+    """Seconds of `pairs` calls of `first` and of `second`, each `second` right after a `first` (the same
+    moment), after one untimed pair."""
+    first()
+    second()
+    a, b = [], []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        b.append(time.perf_counter() - t1)
+        a.append(t1 - t0)
+    return a, b
 
 
 LAYERS = {
@@ -238,19 +257,6 @@ def bench_moe_engine(engine, rng, spec, layers, T: int, repeats: int, buf, with_
                                       lambda: engine.read_pass(buf), repeats, warmup=len(layers) + 1, twin=twin)
     return (statistics.median(calls), statistics.stdev(calls), buf.nbytes / statistics.median(reads) / 1e9,
             statistics.median(twins) if twins else None)
-
-
-def interleaved(calls: dict, repeats: int, block: int = 2) -> dict:
-    """Median seconds per call of each function, timed in alternating blocks (A A, B B, A A, ...) so
-    that both see the same moments of a machine whose memory bandwidth swings from second to second."""
-    times = {name: [] for name in calls}
-    for _ in range(max(1, repeats // block)):
-        for name, f in calls.items():
-            for _ in range(block):
-                t0 = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_moe_torch(rng, spec, T: int, repeats: int, threads: int, read) -> float:
