@@ -44,7 +44,8 @@ constexpr uintptr_t kAhead = 3072, kAheadAmx = 2048;
 // near level as prefetchnta 0.86; near 512 or 1536 bytes 0.82-0.83; far as prefetcht2 0.84; prefetchnta alone
 // 0.64; units padded to 576 bytes so every load is aligned 0.79 against 0.84; without the unsigned flip (8
 // xors a block) 0.83 against 0.85. As with the leaner forms below, less work per byte did not stream faster.
-// A decode call's first kFarL2 bytes a stream, which no step prefetches: repack.cpp's prefetch_call_start.
+// A decode call's first kFarL2 bytes a stream (the AVX2 kernels' first kAhead), which no step prefetches:
+// repack.cpp's prefetch_call_start.
 constexpr uintptr_t kFarL2 = 6144, kFarL2Q8_0 = 4096, kNearL2 = 1024, kNearL2K = 2048;
 
 // Lines at or past `at` are taken `by` further on (the first of two groups read side by side: GroupStep).

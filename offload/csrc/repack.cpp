@@ -241,16 +241,17 @@ constexpr TileKernels kVnniTiles = {
     128};
 
 // The first lines of a decode call's two streams (its first pair of whole groups, `groups` <= 2 of them),
-// into the L2 before the kernel starts: the AVX-512 kernels on AMD prefetch kFarL2 (Q8_0: kFarL2Q8_0)
-// ahead of their loads (r16_prefetch.h), so each call otherwise read its first that many bytes a stream
-// with no prefetch, and a MoE layer at T=1 makes a call per expert matrix and slab. Zen 4, 2 threads,
-// in alternation with no burst in one process (three runs, 80-250 rounds a regime), read at 42-55 GB/s:
-// MoE layers at T=1 (routed experts, cold) 0.98-1.0x the time on V2-Lite, 0.96-0.975x on Qwen3-30B-A3B;
-// 256 MiB Q4_K GEMVs (1 MiB tasks, a call each) 1-3% faster; at 31-34 GB/s 0.98-1.0x. Twice the bytes,
-// the burst's first 2 KiB into the L1, or the MoE tasks prefetching the start of their next call
-// instead gained less (0.97-1.0x).
-void prefetch_call_start(GgmlType base, const uint8_t* first_group, int64_t groups, size_t group_bytes) {
-    const size_t bytes = std::min<size_t>(base == GgmlType::Q8_0 ? detail::kFarL2Q8_0 : detail::kFarL2, group_bytes);
+// into the L2 before the kernel starts. On AMD the kernels prefetch into the L2 `ahead` bytes ahead of
+// their loads (the AVX-512 ones kFarL2, Q8_0's kFarL2Q8_0; the AVX2 ones kAhead: r16_prefetch.h), so each
+// call otherwise read its first that many bytes a stream with no prefetch, and a MoE layer at T=1 makes a
+// call per expert matrix and slab. Zen 4, 2 threads, in alternation with no burst in one process (three
+// runs, 80-250 rounds a regime), read at 42-55 GB/s: MoE layers at T=1 (routed experts, cold) 0.98-1.0x
+// the time on V2-Lite, 0.96-0.975x on Qwen3-30B-A3B; 256 MiB Q4_K GEMVs (1 MiB tasks, a call each) 1-3%
+// faster; at 31-34 GB/s 0.98-1.0x. Twice the bytes, the burst's first 2 KiB into the L1, or the MoE tasks
+// prefetching the start of their next call instead gained less (0.97-1.0x). The AVX2 kernels (TANDEM_ISA
+// avx2, the same machine, 31-49 GB/s): MoE layers at T=1 0.986-0.993x, GEMVs 1-1.6% faster (6 KiB: the same).
+void prefetch_call_start(const uint8_t* first_group, int64_t groups, size_t group_bytes, size_t ahead) {
+    const size_t bytes = std::min(ahead, group_bytes);
     for (int64_t g = 0; g < groups; ++g)
         for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(first_group + g * group_bytes + o, 0, 2);
 }
@@ -323,9 +324,12 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     const int64_t g_begin = row_begin / kR16, g_end = (row_end + kR16 - 1) / kR16;
     thread_local std::vector<uint8_t> plain;
     const auto* a = static_cast<const char*>(A);
-    if (tiles && isa >= Isa::Avx512Vnni && n_tokens <= 2 && detail::g_stream_prefetch_l2) {
+    if (tiles && n_tokens <= 2 && detail::g_stream_prefetch_l2) {
         const int64_t f0 = (row_begin + kR16 - 1) / kR16, f1 = row_end / kR16;
-        prefetch_call_start(base, w + f0 * group_bytes, std::min<int64_t>(f1 - f0, 2), group_bytes);
+        const uintptr_t ahead = isa < Isa::Avx512Vnni ? detail::kAhead
+                                : base == GgmlType::Q8_0 ? detail::kFarL2Q8_0
+                                                         : detail::kFarL2;
+        prefetch_call_start(w + f0 * group_bytes, std::min<int64_t>(f1 - f0, 2), group_bytes, ahead);
     }
     for (int64_t c0 = g_begin; c0 < g_end; c0 += chunk) {
         const int64_t c1 = std::min(g_end, c0 + chunk);
