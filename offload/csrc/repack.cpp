@@ -322,14 +322,15 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
     // and the token-tile kernels take the groups in pairs
     const int64_t chunk = std::max<int64_t>(2, static_cast<int64_t>((size_t{256} << 10) / group_bytes) / 2 * 2);
     const int64_t g_begin = row_begin / kR16, g_end = (row_end + kR16 - 1) / kR16;
+    const int64_t whole_begin = (row_begin + kR16 - 1) / kR16, whole_end = row_end / kR16;  // the whole groups in range
     thread_local std::vector<uint8_t> plain;
     const auto* a = static_cast<const char*>(A);
     if (tiles && n_tokens <= 2 && detail::g_stream_prefetch_l2) {
-        const int64_t f0 = (row_begin + kR16 - 1) / kR16, f1 = row_end / kR16;
         const uintptr_t ahead = isa < Isa::Avx512Vnni ? detail::kAhead
                                 : base == GgmlType::Q8_0 ? detail::kFarL2Q8_0
                                                          : detail::kFarL2;
-        prefetch_call_start(w + f0 * group_bytes, std::min<int64_t>(f1 - f0, 2), group_bytes, ahead);
+        prefetch_call_start(w + whole_begin * group_bytes, std::min<int64_t>(whole_end - whole_begin, 2), group_bytes,
+                            ahead);
     }
     for (int64_t c0 = g_begin; c0 < g_end; c0 += chunk) {
         const int64_t c1 = std::min(g_end, c0 + chunk);
@@ -362,7 +363,7 @@ void matmul_rows_r16(GgmlType type, int64_t n, const void* W, int64_t row_begin,
         if (!tiles) continue;
         for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxActRows) {
             const int nt = static_cast<int>(std::min<int64_t>(kMaxActRows, n_tokens - t0));
-            const int64_t f0 = std::max(c0, (row_begin + kR16 - 1) / kR16), f1 = std::min(c1, row_end / kR16);
+            const int64_t f0 = std::max(c0, whole_begin), f1 = std::min(c1, whole_end);
             for (int64_t g = f0; g < f1; g += 2) {  // the whole groups, two at a time while two are left
                 const int ng = g + 1 < f1 ? 2 : 1;
                 const int64_t r0 = g * kR16;
