@@ -404,9 +404,147 @@ def check_mla_attention(isa, dtype, T, S, H, R, scale, Dr=16):
 def test_mla_attention_checks_shapes():
     e = CpuEngine(threads=1)._engine
     q = np.zeros((2, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="at least one head"):
+        e.mla_attention(q[:0], np.zeros((0, 1, 4), np.float32), np.zeros((3, 8), np.float32),
+                        np.zeros((3, 4), np.float32), 1.0, q[:0])
     with pytest.raises(ValueError, match="c_kv must be"):
         e.mla_attention(q, np.zeros((2, 1, 4), np.float32), np.zeros((3, 9), np.float32), np.zeros((3, 4), np.float32),
                         1.0, np.zeros_like(q))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         e.mla_attention(q, np.zeros((2, 1, 4), np.float32), np.zeros((3, 8), np.float64), np.zeros((3, 4), np.float64),
                         1.0, np.zeros_like(q))
+
+
+# ---------------------------------------------------------------- inputs that crashed, hung or answered wrong
+
+Q8_0 = 8
+
+
+def q8_0(*shape) -> np.ndarray:
+    """Q8_0 bytes of random values [..., rows, cols]."""
+    return offload._C.quantize(np.random.default_rng(0).random(shape, dtype=np.float32), Q8_0, 1)
+
+
+def test_empty_stacks_and_rows_are_refused():
+    """No experts, a batch of no matrices, rows of no values: these read past an empty array or divided by
+    zero (SIGSEGV, SIGFPE) before the boundary refused them."""
+    e = CpuEngine(threads=1)._engine
+    x, ids, w = np.ones((1, 64), np.float32), np.full((1, 1), -1, np.int64), np.ones((1, 1), np.float32)
+    none, none_down = np.zeros((0, 32, 68), np.uint8), np.zeros((0, 64, 34), np.uint8)
+    with pytest.raises(ValueError, match="gate must hold at least one matrix"):
+        e.moe(x, ids, w, none, Q8_0, none, Q8_0, none_down, Q8_0, [], None, np.zeros_like(x))
+    with pytest.raises(ValueError, match="weight must hold at least one matrix"):
+        e.linear_batched(Q8_0, np.zeros((0, 16, 68), np.uint8), np.zeros((0, 2, 64), np.float32),
+                         np.zeros((0, 2, 16), np.float32))
+    flat = np.zeros((1, 0), np.float32)  # hidden size 0
+    with pytest.raises(ValueError, match="at least one value"):
+        e.moe(flat, np.zeros((1, 1), np.int64), w, np.zeros((1, 32, 0), np.uint8), Q8_0, np.zeros((1, 32, 0), np.uint8),
+              Q8_0, np.zeros((1, 0, 34), np.uint8), Q8_0, [], None, np.zeros_like(flat))
+
+
+def test_moe_refuses_out_over_x_and_float_ids():
+    """out = x gave a wrong answer without a word (the op reads x while it writes out); float ids were
+    truncated to experts (0.9 -> expert 0), at the binding and in CpuEngine.moe."""
+    e = CpuEngine(threads=1)
+    g, d = QuantWeight("Q8_0", q8_0(2, 32, 64), 64), QuantWeight("Q8_0", q8_0(2, 64, 32), 32)
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
+    ids, w = np.zeros((2, 1), np.int64), np.ones((2, 1), np.float32)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        e.moe(x, ids, w, g, g, d, out=x)
+    with pytest.raises(ValueError, match="ids must be integer expert ids, got float64"):
+        e.moe(x, np.full((2, 1), 0.9), w, g, g, d)
+    with pytest.raises(ValueError, match="ids is float64; expert ids must be int64"):
+        e._engine.moe(x, np.full((2, 1), 0.9), w, g.data, Q8_0, g.data, Q8_0, d.data, Q8_0, [], None, np.zeros_like(x))
+
+
+def test_weight_bytes_of_another_dtype_are_refused():
+    """float64 data called F32 has the byte count of twice the values and was read as float32 garbage."""
+    e = CpuEngine(threads=1)._engine
+    with pytest.raises(ValueError, match="weight is float64; a F32 weight comes as uint8 bytes or float32"):
+        e.linear(0, np.zeros((4, 32), np.float64), np.ones((1, 64), np.float32), np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("typ", TYPES)
+def test_a_nan_in_the_activations_gives_nan(typ, isa):
+    """A NaN in a token's activations makes every output of that token NaN, as in float math, and leaves the
+    other tokens alone: the Q8 activation blocks took their scale from the largest magnitude, which passed over
+    the NaN, and one NaN came out as a finite number (the scalar and SIMD quantizers each their own)."""
+    rng = np.random.default_rng(7)
+    K = cols_for(typ)
+    w, _ = make_weight(rng, typ, (32, K))
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    x[1, 5] = np.nan
+    y = CpuEngine(threads=2, isa=isa).linear(w, x)
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+
+
+def test_a_nan_in_the_activations_gives_nan_through_the_moe():
+    rng = np.random.default_rng(8)
+    g, _ = make_weight(rng, "Q4_K", (4, 256, 256))
+    d, _ = make_weight(rng, "Q6_K", (4, 256, 256))
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x[2, 100] = np.nan
+    out = CpuEngine(threads=2).moe(x, np.array([[0, 1], [2, 3], [1, 2]]), np.full((3, 2), 0.5, np.float32), g, g, d)
+    assert np.isnan(out[2]).all() and np.isfinite(out[:2]).all()
+
+
+def test_async_moe_keeps_its_shared_experts_alive():
+    """An asynchronous call holds every array it reads until wait(): the shared experts, given as temporaries,
+    were freed while it ran (a use after free)."""
+    import gc
+
+    e = CpuEngine(threads=2)
+    g, d = QuantWeight("Q8_0", q8_0(2, 64, 1024), 1024), QuantWeight("Q8_0", q8_0(2, 1024, 64), 64)
+    x = np.random.default_rng(2).random((1, 1024), dtype=np.float32)
+    ids, w = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32)
+
+    def shared():  # a new copy each time (q8_0 draws from seed 0: the same values)
+        return [tuple(QuantWeight("Q8_0", q8_0(*shape), shape[1]) for shape in ((2048, 1024), (2048, 1024), (1024, 2048)))]
+
+    want = e.moe(x, ids, w, g, g, d, shared=shared())
+    out = np.zeros_like(x)
+    e.moe(x, ids, w, g, g, d, shared=shared(), out=out, async_=True)
+    gc.collect()
+    e.wait()
+    assert np.array_equal(out, want)
+
+
+def test_read_bandwidth_takes_a_sane_size():
+    e = CpuEngine(threads=1)._engine
+    for size in (0, 2**64 - 1):  # a misleading MemoryError, and a size overflow and a crash
+        with pytest.raises(ValueError, match="read_bandwidth reads 1 MiB .. 1 TiB"):
+            e.read_bandwidth(size, 1)
+
+
+def test_staged_moe_buffers_are_the_arrays_themselves():
+    """A float64 or strided x was handed over as a converted copy, which the later writes to the array never
+    reached: the calls read zeros without a word."""
+    e = CpuEngine(threads=1)._engine
+    experts = (q8_0(2, 32, 64), Q8_0, q8_0(2, 32, 64), Q8_0, q8_0(2, 64, 32), Q8_0)
+    x, ids, w, out = (np.zeros((2, 64), np.float32), np.full((2, 1), -1, np.int64), np.ones((2, 1), np.float32),
+                      np.zeros((2, 64), np.float32))
+    offload._C.StagedMoe(e, x, ids, w, out, *experts)
+    with pytest.raises(ValueError, match="x is float64; a staging buffer"):
+        offload._C.StagedMoe(e, x.astype(np.float64), ids, w, out, *experts)
+    with pytest.raises(ValueError, match="weights is float32 and not C-contiguous"):
+        offload._C.StagedMoe(e, x, ids, np.ones((2, 2), np.float32)[:, :1], out, *experts)
+    with pytest.raises(ValueError, match="ids is int32; expert ids must be int64"):
+        offload._C.StagedMoe(e, x, ids.astype(np.int32), w, out, *experts)
+    with pytest.raises(ValueError, match="engine must be an offload._C.Engine"):
+        offload._C.StagedMoe(object(), x, ids, w, out, *experts)
+
+
+def test_a_pool_that_cannot_start_its_threads_says_so():
+    """Thread creation failing part way (here: an address-space limit) left the started workers waiting on a
+    pool being destroyed, and Engine() hung for good."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    code = "from offload import _C; _C.Engine(2000)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert r.returncode == 1 and "use fewer threads" in r.stderr, r.stderr[-500:]

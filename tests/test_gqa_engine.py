@@ -98,6 +98,9 @@ def test_gqa_attention_long_context(isa):
 
 def test_gqa_attention_checks_shapes():
     e = CpuEngine(threads=1)._engine
+    k = np.zeros((5, 1, 32), np.float32)
+    with pytest.raises(ValueError, match="at least one head"):  # crashed
+        e.gqa_attention(np.zeros((0, 2, 32), np.float32), k, k, 0.1, np.zeros((0, 2, 32), np.float32))
     q = np.zeros((4, 1, 8), np.float32)
     kv = np.zeros((3, 2, 8), np.float32)
     with pytest.raises(ValueError, match="k and v must be \\[positions, kv_heads, head_dim\\]"):
@@ -205,6 +208,10 @@ def test_fused_block_checks_its_inputs(gqa_files):
         offload._C.GqaLayer(**{**args, "kv_heads": 3})
     with pytest.raises(ValueError, match="head dim even"):
         offload._C.GqaLayer(**{**args, "head_dim": 63})
+    with pytest.raises(ValueError, match="scale must be a finite number"):  # gave all-zero outputs
+        offload._C.GqaLayer(**{**args, "scale": float("nan")})
+    with pytest.raises(ValueError, match="dimensions must be at most 1048576"):  # heads x head_dim wrapped to 0
+        offload._C.GqaLayer(**{**args, "heads": 2**62, "kv_heads": 1, "head_dim": 4})
 
 
 def test_fused_block_is_a_custom_op(gqa_files):

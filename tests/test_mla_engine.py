@@ -226,6 +226,13 @@ def test_fused_block_checks_its_inputs(mla_files):
         offload._C.MlaLayer(**{**args, "rope_dim": 32})
     with pytest.raises(ValueError, match="kv_a must be one matrix of 112 rows"):  # 96 + 16 rows asked
         offload._C.MlaLayer(**{**args, "kv_lora_rank": 96, "kv_a_norm": np.ones(96, np.float32)})
+    for eps in (-1.0, float("nan")):  # both gave all-zero outputs
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            offload._C.MlaLayer(**{**args, "eps": eps})
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        offload._C.MlaLayer(**{**args, "scale": float("nan")})
+    with pytest.raises(ValueError, match="q_a must hold at least one matrix of at least one row"):  # crashed
+        offload._C.MlaLayer(**{**args, "q_a": (args["q_a"][0][:0], args["q_a"][1]), "q_a_norm": np.ones(0, np.float32)})
 
 
 def check_block_inputs(runner, attn, forward, rope_half: int):
@@ -239,6 +246,9 @@ def check_block_inputs(runner, attn, forward, rope_half: int):
     layer = attn.engine_layer
     with pytest.raises(ValueError, match="reserve the cache"):
         forward(layer, x, cos, cos, a, b, 8, out)
+    for start in (2**63 - 1, 2**63 - 2):  # start + T wrapped around, and the range check passed
+        with pytest.raises(ValueError, match="reserve the cache"):
+            forward(layer, x, cos, cos, a, b, start, out)
     with pytest.raises(ValueError, match=f"x must be float32 \\[tokens, {D}\\]"):
         forward(layer, np.zeros((1, D + 1), np.float32), cos, cos, a, b, 0, out)
     with pytest.raises(ValueError, match="cos must have shape"):

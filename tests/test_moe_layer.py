@@ -105,6 +105,12 @@ def test_layer_checks_its_configuration(stacks):
         build(a13=1, a9=5)
     with pytest.raises(ValueError, match="router has 8 rows for 16 experts"):
         build(a7=(r.weight.detach().numpy()[:8], 0))
+    with pytest.raises(ValueError, match="correction bias holds nan"):  # it would route every token to experts 0, 1
+        build(a8=np.full(16, np.nan, np.float32))
+    with pytest.raises(ValueError, match="routed_scaling_factor must be finite"):
+        build(a15=float("inf"))
+    with pytest.raises(ValueError, match="router is float64"):  # its bytes would be read as float32 garbage
+        build(a7=(r.weight.detach().double().numpy(), 0))
     layer = build()
     eng = CpuEngine(2)._engine
     x = np.zeros((2, H), np.float32)

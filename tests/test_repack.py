@@ -251,3 +251,13 @@ def test_repack_on_threads_gives_the_same_bytes(wtype):
     for threads in (2, 3, 64):
         assert np.array_equal(_C.repack_r16(int(wtype), w, k, threads=threads), one)
     assert np.array_equal(_C.repack_r16(int(wtype), w[:32], k, threads=8), one[:32])  # fewer groups than threads
+
+
+def test_empty_arrays_are_empty_results():
+    """Arrays with no element: numpy gives them any strides, which read as 'not C-contiguous'; an empty stack then
+    divided by zero in the repack (SIGFPE)."""
+    assert _C.resident_copy(np.zeros((0, 5))).shape == (0, 5)
+    assert _C.repack_r16(8, np.zeros((0, 16, 68), np.uint8), 64).shape == (0, 16, 68)
+    assert _C.matmul(8, np.zeros((0, 68), np.uint8), np.ones((2, 64), np.float32)).shape == (2, 0)
+    with pytest.raises(ValueError, match="outside the table's 0 rows"):
+        _C.get_rows(8, np.zeros((0, 68), np.uint8), np.zeros(1, np.int64), 64)

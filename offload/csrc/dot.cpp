@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -219,7 +220,69 @@ void swiglu(const float* g, const float* u, float* h, int64_t n, Isa isa) {
     for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+namespace {
+
+// Whether x[0, n) holds a NaN (x != x, which -O3 keeps without -ffast-math), 16 or 8 lanes at a time where the
+// ISA has them: a scalar scan took 3.7x the time of the Q8 quantizer it follows.
+__attribute__((target("avx512f"))) bool has_nan_avx512(const float* x, int64_t n) {
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    bool tail = false;
+    for (; i < n; ++i) tail |= x[i] != x[i];
+    return nan != 0 || tail;
+}
+
+__attribute__((target("avx2"))) bool has_nan_avx2(const float* x, int64_t n) {
+    __m256 nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    bool tail = false;
+    for (; i < n; ++i) tail |= x[i] != x[i];
+    return _mm256_movemask_ps(nan) != 0 || tail;
+}
+
+bool has_nan(const float* x, int64_t n, Isa isa) {
+    if (isa >= Isa::Avx512) return has_nan_avx512(x, n);
+    if (isa >= Isa::Avx2) return has_nan_avx2(x, n);
+    int nan = 0;
+    for (int64_t i = 0; i < n; ++i) nan |= x[i] != x[i];
+    return nan != 0;
+}
+
+// Every block's scale of a Q8 activation row set to NaN, so that each product with the row is NaN as in float
+// math (NaN * w): the quantizers take a block's scale from its largest magnitude, which passes over a NaN (and
+// the scalar, AVX2 and AVX-512 maxima pass over it differently), and a NaN in x came out as a finite number.
+void poison(GgmlType fmt, void* dst, int64_t n) {
+    constexpr uint16_t kHalfNan = 0x7E00;
+    if (fmt == GgmlType::Q8_K) {
+        for (int64_t i = 0; i < n / QK_K; ++i) static_cast<block_q8_K*>(dst)[i].d = std::numeric_limits<float>::quiet_NaN();
+    } else if (fmt == GgmlType::Q8_1) {
+        for (int64_t i = 0; i < n / QK8_0; ++i) static_cast<block_q8_1*>(dst)[i].d = static_cast<block_q8_1*>(dst)[i].s = kHalfNan;
+    } else {
+        for (int64_t i = 0; i < n / QK8_0; ++i) static_cast<block_q8_0*>(dst)[i].d = kHalfNan;
+    }
+}
+
+void quantize_activation_row_as(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa);
+
+}  // namespace
+
 void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa) {
+    quantize_activation_row_as(fmt, x, dst, n, isa);
+    if ((fmt == GgmlType::Q8_0 || fmt == GgmlType::Q8_1 || fmt == GgmlType::Q8_K) && has_nan(x, n, isa))
+        poison(fmt, dst, n);
+}
+
+namespace {
+
+void quantize_activation_row_as(GgmlType fmt, const float* x, void* dst, int64_t n, Isa isa) {
     if (isa >= Isa::Avx2 && (fmt == GgmlType::Q8_0 || fmt == GgmlType::Q8_1 || fmt == GgmlType::Q8_K)) {
         require_isa(isa);
         if (isa >= Isa::Avx512) {
@@ -267,6 +330,8 @@ void quantize_activation_row(GgmlType fmt, const float* x, void* dst, int64_t n,
         default: throw std::invalid_argument("quantize_activation_row: not an activation format");
     }
 }
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------- scalar reference
 

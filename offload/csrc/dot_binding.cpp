@@ -37,8 +37,9 @@ bool is_dtype(const Array& a, nb::dlpack::dtype_code code, int bits) {
 // A 2-D, row-major (C-contiguous) array on the CPU.
 void check_matrix(const Array& a, const char* what) {
     if (a.ndim() != 2) fail(std::string(what) + " must be 2-D, got " + std::to_string(a.ndim()) + " dimensions");
-    const bool contiguous = (a.shape(1) <= 1 || a.stride(1) == 1) &&
-                            (a.shape(0) <= 1 || a.stride(0) == static_cast<int64_t>(a.shape(1)));
+    const bool contiguous = a.shape(0) == 0 || a.shape(1) == 0 ||  // no element to place (any strides)
+                            ((a.shape(1) <= 1 || a.stride(1) == 1) &&
+                             (a.shape(0) <= 1 || a.stride(0) == static_cast<int64_t>(a.shape(1))));
     if (!contiguous)
         fail(std::string(what) + " is not C-contiguous: pass np.ascontiguousarray(" + what + ")");
 }
@@ -104,17 +105,12 @@ void check_row_bytes(const tandem::TypeInfo& t, GgmlType wt, const Array& weight
     size_t row_bytes;
     if (is_dtype(weight, nb::dlpack::dtype_code::UInt, 8)) {
         row_bytes = weight.shape(1);
-    } else if ((wt == GgmlType::F32 && is_dtype(weight, nb::dlpack::dtype_code::Float, 32)) ||
-               (wt == GgmlType::F16 && is_dtype(weight, nb::dlpack::dtype_code::Float, 16)) ||
-               (wt == GgmlType::BF16 && (is_dtype(weight, nb::dlpack::dtype_code::UInt, 16) ||
-                                         is_dtype(weight, nb::dlpack::dtype_code::Int, 16) ||
-                                         is_dtype(weight, nb::dlpack::dtype_code::Bfloat, 16)))) {
+    } else if (tandem::binding::value_dtype(weight.dtype(), wt)) {
         row_bytes = weight.shape(1) * t.type_size;
     } else {
-        const char* natural = wt == GgmlType::F32 ? " or float32 [N, K]"
-                              : wt == GgmlType::F16 ? " or float16 [N, K]"
-                              : wt == GgmlType::BF16 ? " or uint16 bfloat16 bits [N, K]" : "";
-        fail(std::string(what) + " of type " + t.name + " must be uint8 raw blocks [N, row_bytes]" + natural +
+        const std::string values = *tandem::binding::or_value_dtype(wt)
+                                       ? tandem::binding::or_value_dtype(wt) + std::string(" values [N, K]") : "";
+        fail(std::string(what) + " of type " + t.name + " must be uint8 raw blocks [N, row_bytes]" + values +
              ", got " + dtype_name(weight.dtype()));
     }
     if (row_bytes != rb)
@@ -198,6 +194,8 @@ nb::capsule page_owner(const tandem::PageBuffer& b) {
 }
 
 void check_contiguous(const Array& a, const char* what) {
+    for (size_t i = 0; i < a.ndim(); ++i)
+        if (a.shape(i) == 0) return;  // no element to place (any strides)
     int64_t expect = 1;
     for (int i = static_cast<int>(a.ndim()) - 1; i >= 0; --i) {
         if (a.shape(i) > 1 && a.stride(i) != expect)
@@ -269,7 +267,7 @@ OutU8N repack(int wtype, const Array& weight, int64_t cols, int threads) {
              " rows per matrix; the row-interleaved layout needs a multiple of 16 (use the weight as it is)");
     const int64_t rows = static_cast<int64_t>(weight.size() / rb);
     tandem::PageBuffer out = tandem::allocate_pages(std::max<size_t>(1, weight.size()));
-    {
+    if (rows > 0) {  // an empty stack ([0, rows, row bytes]) has nothing to interleave
         nb::gil_scoped_release release;
         tandem::repack_r16(wt, static_cast<const uint8_t*>(weight.data()), rows, cols, out.data, threads);
     }

@@ -23,6 +23,11 @@ constexpr size_t kInlineBytes = 64 << 10;
 // kTaskBytes' worth; a multiple of 16. For more than 2 tokens (prefill) two tasks a thread: each task
 // prepares all T activation rows for its kernels (packs them for AMX), and 1 MiB tasks did that 32 times
 // for a 4096 x 4096 BF16 matrix (2 threads, 128 tokens: BF16 4.0 -> 3.1 ms, Q8_0 5.9 -> 5.0, Q4_K 2.9 -> 2.6).
+// Tried for decode and not kept (in-process alternation, Qwen3-30B-A3B and V2-Lite geometry at 8 layers, reads
+// at 27-50 GB/s): shorter tasks at the end of each call and MoE phase (guided self-scheduling) brought the two
+// threads' finishes from 11-60 us apart on average to 2-20, but the decode step ran 0.98-1.003x its time (0.999x
+// over 80 rounds); a V2-Lite router (64 F32 rows, one 512 KiB task) in 16-row tasks ran 1.003x. One thread
+// alone nearly saturates memory here, so the thread left reading at a call's end reads faster.
 int64_t task_rows(size_t row_stride, int64_t total, int threads, int64_t T) {
     const int64_t by_bytes = static_cast<int64_t>((kTaskBytes + row_stride - 1) / row_stride + 15) / 16 * 16;
     const int64_t least = std::max<int64_t>(kRowsPerTask, by_bytes);

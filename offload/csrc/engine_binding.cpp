@@ -68,11 +68,25 @@ const TypeInfo& weight_type(int id, const char* what) {
     return *t;
 }
 
+// The dtype a weight's bytes come in: uint8 (the raw blocks of any type), or the values' own dtype for F32, F16
+// and BF16 (float32, float16; bfloat16 or its uint16 / int16 bits). Another dtype of the right size (float64
+// bytes called F32) would be read as garbage.
+void check_weight_dtype(const Any& a, GgmlType type, const TypeInfo& t, const char* what) {
+    if (a.dtype() == nb::dtype<uint8_t>() || tandem::binding::value_dtype(a.dtype(), type)) return;
+    fail(std::string(what) + " is " + dtype_name(a.dtype()) + "; a " + t.name + " weight comes as uint8 bytes" +
+         tandem::binding::or_value_dtype(type));
+}
+
 // A stack of `count` matrices [count, rows, row bytes] (count = 1: a 2-D matrix) in `type`, cols values per row.
 std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char* what) {
     const TypeInfo& t = weight_type(type_id, what);
     if (!c_contiguous(a)) fail(std::string(what) + " is not C-contiguous");
     if (a.ndim() != 2 && a.ndim() != 3) fail(std::string(what) + " must be 2-D or 3-D");
+    check_weight_dtype(a, static_cast<GgmlType>(type_id), t, what);
+    if (cols < 1 || a.shape(a.ndim() - 2) < 1 || (a.ndim() == 3 && a.shape(0) < 1))
+        fail(std::string(what) + " must hold at least one matrix of at least one row of at least one value, got " +
+             (a.ndim() == 3 ? std::to_string(a.shape(0)) + " x " : std::string()) +
+             std::to_string(a.shape(a.ndim() - 2)) + " rows of " + std::to_string(cols) + " values");
     if (cols % t.block_size) fail(std::string(what) + ": rows of " + std::to_string(cols) + " values do not split into " +
                                   t.name + " blocks of " + std::to_string(t.block_size));
     const int64_t count = a.ndim() == 3 ? a.shape(0) : 1, rows = a.shape(a.ndim() - 2);
@@ -122,6 +136,32 @@ T* written(const Mut& a, std::initializer_list<int64_t> shape, const char* what)
     return static_cast<T*>(a.data());
 }
 
+// An RMSNorm epsilon from Python: finite and >= 0 (`where` prefixes the error).
+void check_eps(float eps, const std::string& where = "") {
+    if (!(eps >= 0 && std::isfinite(eps))) fail(where + "eps must be a finite number >= 0, not " + std::to_string(eps));
+}
+
+// A layer's dimensions, each at most 2^20 (so that their products, the matrices' rows, fit an int64).
+void check_dims(std::initializer_list<int64_t> dims, const char* what) {
+    for (int64_t d : dims)
+        if (d > (int64_t{1} << 20))
+            fail(std::string(what) + " dimensions must be at most 1048576, got " + std::to_string(d));
+}
+
+// An attention scale from Python: finite.
+void check_scale(float scale) {
+    if (!std::isfinite(scale)) fail("scale must be a finite number, not " + std::to_string(scale));
+}
+
+// A fused layer reads x [T, D] while it writes out: the two must not share memory.
+void check_no_overlap(const float* x, int64_t T, int64_t D, const void* out) {
+    const auto* o = static_cast<const char*>(out);
+    const auto* xb = reinterpret_cast<const char*>(x);
+    const size_t bytes = static_cast<size_t>(T * D) * sizeof(float);
+    if (o < xb + bytes && xb < o + bytes)
+        fail("out overlaps x: the layer reads x while it writes out (pass a separate output array)");
+}
+
 struct EngineHandle {
     explicit EngineHandle(int threads) : pool(threads) {}
     ThreadPool pool;
@@ -162,20 +202,32 @@ void expert_stacks(const Any& gate, int gate_type, const Any& up, int up_type, c
     }
 }
 
-MoeCall prepare_moe(const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type, const Any& up,
+// Expert ids [T, A] as int64 C-contiguous: taken untyped and checked, since nanobind would convert float ids
+// to int64 by truncating them (1.9 -> expert 1) without a word.
+const int64_t* expert_ids(const Any& ids, int64_t T, const char* what) {
+    if (ids.ndim() != 2 || static_cast<int64_t>(ids.shape(0)) != T)
+        fail(std::string(what) + " must be [tokens, top_k] int64 with x's " + std::to_string(T) + " tokens");
+    if (ids.dtype() != nb::dtype<int64_t>())
+        fail(std::string(what) + " is " + dtype_name(ids.dtype()) + "; expert ids must be int64 (pass ids.astype(np.int64)" +
+             " where they are integers)");
+    if (!c_contiguous(ids)) fail(std::string(what) + " is not C-contiguous");
+    return static_cast<const int64_t*>(ids.data());
+}
+
+MoeCall prepare_moe(const CF32& x, const Any& ids, const CF32& weights, const Any& gate, int gate_type, const Any& up,
                     int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
                     const std::optional<U8>& skip, const Mut& out, const std::string& isa) {
     MoeCall c{};
     if (x.ndim() != 2) fail("x must be [tokens, hidden] float32");
     c.T = x.shape(0);
     c.H = x.shape(1);
-    if (ids.ndim() != 2 || static_cast<int64_t>(ids.shape(0)) != c.T) fail("ids must be [tokens, top_k] int64");
+    const int64_t* id = expert_ids(ids, c.T, "ids");
     c.A = static_cast<int>(ids.shape(1));
     check_2d(Any(weights), c.T, c.A, "weights");
     c.out = written<float>(out, {c.T, c.H}, "out");
+    check_no_overlap(x.data(), c.T, c.H, c.out);
     expert_stacks(gate, gate_type, up, up_type, down, down_type, shared, c.H, c.experts, c.shared);
     c.E = static_cast<int64_t>(c.experts.size());
-    const int64_t* id = ids.data();
     for (int64_t i = 0; i < c.T * c.A; ++i)
         if (id[i] < -1 || id[i] >= c.E)
             fail("ids holds " + std::to_string(id[i]) + ", outside -1 (skip) .. " + std::to_string(c.E - 1));
@@ -322,6 +374,9 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
                    const WeightArg& o, float eps, float scale, bool rope_interleaved) {
     if (D <= 0 || H <= 0 || Dn <= 0 || Dr <= 0 || Dr % 2 || R <= 0 || Dv <= 0)
         fail("MLA dimensions must be positive (and the rope dim even)");
+    check_dims({D, H, Dn, Dr, R, Dv}, "MLA");
+    check_eps(eps);
+    check_scale(scale);
     MlaHandle m;
     MlaLayer& L = m.layer;
     L.H = H, L.Dn = Dn, L.Dr = Dr, L.R = R, L.Dv = Dv, L.eps = eps, L.scale = scale;
@@ -350,20 +405,6 @@ MlaHandle make_mla(int64_t D, int64_t H, int64_t Dn, int64_t Dr, int64_t R, int6
     return m;
 }
 
-// An RMSNorm epsilon from Python: finite and >= 0 (`where` prefixes the error).
-void check_eps(float eps, const std::string& where = "") {
-    if (!(eps >= 0 && std::isfinite(eps))) fail(where + "eps must be a finite number >= 0, not " + std::to_string(eps));
-}
-
-// A fused layer reads x [T, D] while it writes out: the two must not share memory.
-void check_no_overlap(const float* x, int64_t T, int64_t D, const void* out) {
-    const auto* o = static_cast<const char*>(out);
-    const auto* xb = reinterpret_cast<const char*>(x);
-    const size_t bytes = static_cast<size_t>(T * D) * sizeof(float);
-    if (o < xb + bytes && xb < o + bytes)
-        fail("out overlaps x: the layer reads x while it writes out (pass a separate output array)");
-}
-
 // One layer's grouped-query attention weights (Qwen3-MoE), checked once at load.
 struct GqaHandle {
     GqaLayer layer;
@@ -376,6 +417,8 @@ GqaHandle make_gqa(int64_t D, int64_t H, int64_t G, int64_t Dh, const WeightArg&
                    const std::optional<CF32>& k_norm, float eps, float scale, bool rope_interleaved) {
     if (D <= 0 || H <= 0 || G <= 0 || Dh <= 0 || Dh % 2)
         fail("GQA dimensions must be positive (and the head dim even: rope rotates pairs)");
+    check_dims({D, H, G, Dh}, "GQA");
+    check_scale(scale);
     if (H % G) fail("heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" + std::to_string(G) + ")");
     if (q_norm.has_value() != k_norm.has_value())
         fail("q_norm and k_norm come together (per-head norms) or not at all");
@@ -467,11 +510,14 @@ MoeHandle make_moe(const Any& gate, int gate_type, const Any& up, int up_type, c
     if (r.method != Router::Method::Greedy &&
         static_cast<int64_t>(topk_group) * (E / n_group) < top_k)
         fail("the kept groups hold fewer experts than top_k");
+    if (!std::isfinite(scaling)) fail("routed_scaling_factor must be finite, not " + std::to_string(scaling));
     r.n_group = n_group, r.topk_group = topk_group, r.norm_topk = norm_topk, r.scaling = scaling;
     if (r.method == Router::Method::NoAuxTc) {
         if (!bias || bias->ndim() != 1 || static_cast<int64_t>(bias->shape(0)) != E)
             fail("noaux_tc needs the correction bias, float32 [" + std::to_string(E) + "]");
         r.bias.assign(bias->data(), bias->data() + E);
+        for (float b : r.bias)
+            if (!std::isfinite(b)) fail("the correction bias holds " + std::to_string(b) + "; it must be finite");
     }
     m.keep_alive = {nb::cast(gate), nb::cast(up), nb::cast(down), nb::cast(rw)};
     for (const auto& sp : shared)
@@ -529,10 +575,21 @@ void staged_wait(void* arg) noexcept {
     }
 }
 
-void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& ids, const CF32& weights, const Mut& out,
+// A staging buffer, float32 C-contiguous as it comes: the call reads it when it starts, so a converted copy
+// (nanobind's, of a float64 or strided array) would never see what the stream writes into the array later.
+CF32 staging_buffer(const Any& a, const char* what) {
+    if (a.dtype() != nb::dtype<float>() || !c_contiguous(a))
+        fail(std::string(what) + " is " + dtype_name(a.dtype()) + (c_contiguous(a) ? "" : " and not C-contiguous") +
+             "; a staging buffer is read when each call starts, so it must be a C-contiguous float32 array itself");
+    return nb::cast<CF32>(nb::cast(a));
+}
+
+void make_staged(StagedMoe* self, nb::object engine, const Any& x, const Any& ids, const Any& weights, const Mut& out,
                  const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
                  const std::optional<U8>& skip, const std::string& isa) {
-    MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, {}, skip, out, isa);
+    if (!nb::isinstance<EngineHandle>(engine)) fail("engine must be an offload._C.Engine");
+    MoeCall c = prepare_moe(staging_buffer(x, "x"), ids, staging_buffer(weights, "weights"), gate, gate_type, up,
+                            up_type, down, down_type, {}, skip, out, isa);
     EngineHandle* handle = &nb::cast<EngineHandle&>(engine);
     auto* s = new (self) StagedMoe();
     s->engine = handle;
@@ -543,7 +600,7 @@ void make_staged(StagedMoe* self, nb::object engine, const CF32& x, const I64& i
 
 // Room in a layer's cache arrays (`held` positions) for positions start..start+T.
 void check_room(int64_t held, int64_t start, int64_t T) {
-    if (start < 0 || start + T > held)
+    if (start < 0 || T > held || start > held - T)
         fail("the cache holds " + std::to_string(held) + " positions; positions " + std::to_string(start) + ".." +
              std::to_string(start + T) + " do not fit (reserve the cache first)");
 }
@@ -857,6 +914,7 @@ void register_engine(nb::module_& m) {
                const std::string& isa) {
                 if (q.ndim() != 3) fail("q must be float32 [heads, tokens, head_dim]");
                 const int64_t H = q.shape(0), T = q.shape(1), Dh = q.shape(2);
+                if (H < 1 || Dh < 1) fail("q must hold at least one head of at least one value");
                 if (k.ndim() != 3 || v.ndim() != 3 || k.shape(0) != v.shape(0) || k.shape(1) != v.shape(1) ||
                     static_cast<int64_t>(k.shape(2)) != Dh || static_cast<int64_t>(v.shape(2)) != Dh)
                     fail("k and v must be [positions, kv_heads, head_dim] with q's head_dim and as many positions");
@@ -884,6 +942,7 @@ void register_engine(nb::module_& m) {
                     q_pe.shape(1) != q_lat.shape(1))
                     fail("q_lat must be float32 [heads, tokens, kv_lora_rank] and q_pe [heads, tokens, rope dim]");
                 const int64_t H = q_lat.shape(0), T = q_lat.shape(1), R = q_lat.shape(2), Dr = q_pe.shape(2);
+                if (H < 1 || R < 1) fail("q_lat must hold at least one head of at least one value");
                 if (c_kv.ndim() != 2 || k_pe.ndim() != 2 || static_cast<int64_t>(c_kv.shape(1)) != R ||
                     static_cast<int64_t>(k_pe.shape(1)) != Dr || c_kv.shape(0) != k_pe.shape(0))
                     fail("c_kv must be [positions, kv_lora_rank] and k_pe [positions, rope dim], with as many positions");
@@ -923,7 +982,7 @@ void register_engine(nb::module_& m) {
             "out[b] = x[b] @ weight[b]^T for a stack of matrices in one GGUF type (MLA's per-head W_UK / W_UV).")
         .def(
             "moe",
-            [](EngineHandle& h, const CF32& x, const I64& ids, const CF32& weights, const Any& gate, int gate_type,
+            [](EngineHandle& h, const CF32& x, const Any& ids, const CF32& weights, const Any& gate, int gate_type,
                const Any& up, int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
                const std::optional<U8>& skip, const Mut& out, const std::string& isa, bool async) {
                 MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip, out, isa);
@@ -931,6 +990,9 @@ void register_engine(nb::module_& m) {
                 if (async) {
                     h.keep_alive = {nb::cast(x), nb::cast(ids), nb::cast(weights), nb::cast(gate), nb::cast(up),
                                     nb::cast(down), nb::cast(out)};
+                    for (const auto& sp : shared)  // the call reads the shared experts as well
+                        for (const Any* a : {&std::get<0>(sp), &std::get<2>(sp), &std::get<4>(sp)})
+                            h.keep_alive.push_back(nb::cast(*a));
                     auto call = std::make_shared<MoeCall>(std::move(c));
                     h.pool.submit([&pool = h.pool, call] { run_moe(pool, *call); });
                     return;
@@ -946,6 +1008,9 @@ void register_engine(nb::module_& m) {
         .def(
             "read_bandwidth",
             [](EngineHandle& h, size_t bytes, int repeats) {
+                if (bytes < (size_t(1) << 20) || bytes > (size_t(1) << 40) || repeats < 1)
+                    fail("read_bandwidth reads 1 MiB .. 1 TiB (bytes=" + std::to_string(bytes) +
+                         ") at least once (repeats=" + std::to_string(repeats) + ")");
                 nb::gil_scoped_release release;
                 return read_bandwidth(h.pool, bytes, repeats);
             },

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -41,8 +42,17 @@ inline void spin_pause(int spin) {
 
 ThreadPool::ThreadPool(int threads) {
     if (threads < 1) throw std::invalid_argument("thread pool needs at least 1 thread");
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
-    driver_ = std::thread([this] { driver_loop(); });
+    try {
+        for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+        driver_ = std::thread([this] { driver_loop(); });
+    } catch (const std::exception& e) {
+        // the threads started so far wait on this object's members: stop and join them before they go
+        const size_t started = workers_.size() + (driver_.joinable() ? 1 : 0);
+        stop_threads();
+        throw std::runtime_error("could not start the " + std::to_string(threads) + " threads of a " +
+                                 std::to_string(threads) + "-thread pool (" + std::to_string(started) +
+                                 " started: " + e.what() + "); use fewer threads");
+    }
 }
 
 ThreadPool::~ThreadPool() {
@@ -50,6 +60,10 @@ ThreadPool::~ThreadPool() {
         wait();
     } catch (...) {
     }
+    stop_threads();
+}
+
+void ThreadPool::stop_threads() {
     {
         std::lock_guard<std::mutex> lock(sleep_mutex_);
         stop_.store(true, std::memory_order_release);
@@ -62,7 +76,7 @@ ThreadPool::~ThreadPool() {
     }
     job_cv_.notify_all();
     for (auto& t : workers_) t.join();
-    driver_.join();
+    if (driver_.joinable()) driver_.join();
 }
 
 // Claim and run tasks of the current call until none is left (or the call is over).

@@ -35,6 +35,7 @@ public:
     bool busy() const { return job_running_.load(std::memory_order_acquire); }
 
 private:
+    void stop_threads();  // stop and join the workers and the driver (the destructor, a failed constructor)
     void worker_loop(int index);
     void driver_loop();
     void run_tasks(int thread_index);
