@@ -123,8 +123,9 @@ class CpuEngine:
         """Fused routed experts (+ shared experts with weight 1): x [T, H], ids [T, A] (-1 = skip),
         weights [T, A] -> out [T, H]. With async_ the call returns at once; `wait()` joins it."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.issubdtype(np.asarray(ids).dtype, np.integer):  # astype would truncate 1.9 to expert 1
-            raise ValueError(f"ids must be integer expert ids, got {np.asarray(ids).dtype}")
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":  # astype would truncate 1.9 to expert 1
+            raise ValueError(f"ids must be integer expert ids, got {ids.dtype}")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         weights = np.ascontiguousarray(weights, dtype=np.float32)
         _check_writable(out)
