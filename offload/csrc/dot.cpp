@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -262,11 +262,14 @@ bool has_nan(const float* x, int64_t n, Isa isa) {
 void poison(GgmlType fmt, void* dst, int64_t n) {
     constexpr uint16_t kHalfNan = 0x7E00;
     if (fmt == GgmlType::Q8_K) {
-        for (int64_t i = 0; i < n / QK_K; ++i) static_cast<block_q8_K*>(dst)[i].d = std::numeric_limits<float>::quiet_NaN();
+        auto* y = static_cast<block_q8_K*>(dst);
+        for (int64_t i = 0; i < n / QK_K; ++i) y[i].d = std::numeric_limits<float>::quiet_NaN();
     } else if (fmt == GgmlType::Q8_1) {
-        for (int64_t i = 0; i < n / QK8_0; ++i) static_cast<block_q8_1*>(dst)[i].d = static_cast<block_q8_1*>(dst)[i].s = kHalfNan;
+        auto* y = static_cast<block_q8_1*>(dst);
+        for (int64_t i = 0; i < n / QK8_0; ++i) y[i].d = y[i].s = kHalfNan;
     } else {
-        for (int64_t i = 0; i < n / QK8_0; ++i) static_cast<block_q8_0*>(dst)[i].d = kHalfNan;
+        auto* y = static_cast<block_q8_0*>(dst);
+        for (int64_t i = 0; i < n / QK8_0; ++i) y[i].d = kHalfNan;
     }
 }
 

@@ -208,8 +208,8 @@ const int64_t* expert_ids(const Any& ids, int64_t T, const char* what) {
     if (ids.ndim() != 2 || static_cast<int64_t>(ids.shape(0)) != T)
         fail(std::string(what) + " must be [tokens, top_k] int64 with x's " + std::to_string(T) + " tokens");
     if (ids.dtype() != nb::dtype<int64_t>())
-        fail(std::string(what) + " is " + dtype_name(ids.dtype()) + "; expert ids must be int64 (pass ids.astype(np.int64)" +
-             " where they are integers)");
+        fail(std::string(what) + " is " + dtype_name(ids.dtype()) +
+             "; expert ids must be int64 (pass ids.astype(np.int64) where they are integers)");
     if (!c_contiguous(ids)) fail(std::string(what) + " is not C-contiguous");
     return static_cast<const int64_t*>(ids.data());
 }

@@ -49,9 +49,8 @@ ThreadPool::ThreadPool(int threads) {
         // the threads started so far wait on this object's members: stop and join them before they go
         const size_t started = workers_.size() + (driver_.joinable() ? 1 : 0);
         stop_threads();
-        throw std::runtime_error("could not start the " + std::to_string(threads) + " threads of a " +
-                                 std::to_string(threads) + "-thread pool (" + std::to_string(started) +
-                                 " started: " + e.what() + "); use fewer threads");
+        throw std::runtime_error("could not start the threads of a " + std::to_string(threads) + "-thread pool (" +
+                                 std::to_string(started) + " started: " + e.what() + "); use fewer threads");
     }
 }
 
