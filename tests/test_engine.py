@@ -500,7 +500,8 @@ def test_async_moe_keeps_its_shared_experts_alive():
     ids, w = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32)
 
     def shared():  # a new copy each time (q8_0 draws from seed 0: the same values)
-        return [tuple(QuantWeight("Q8_0", q8_0(*shape), shape[1]) for shape in ((2048, 1024), (2048, 1024), (1024, 2048)))]
+        shapes = ((2048, 1024), (2048, 1024), (1024, 2048))
+        return [tuple(QuantWeight("Q8_0", q8_0(*shape), shape[1]) for shape in shapes)]
 
     want = e.moe(x, ids, w, g, g, d, shared=shared())
     out = np.zeros_like(x)
