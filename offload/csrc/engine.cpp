@@ -25,7 +25,7 @@ constexpr size_t kInlineBytes = 64 << 10;
 // for a 4096 x 4096 BF16 matrix (2 threads, 128 tokens: BF16 4.0 -> 3.1 ms, Q8_0 5.9 -> 5.0, Q4_K 2.9 -> 2.6).
 // Tried for decode and not kept (in-process alternation, Qwen3-30B-A3B and V2-Lite geometry at 8 layers, reads
 // at 27-50 GB/s): shorter tasks at the end of each call and MoE phase (guided self-scheduling) brought the two
-// threads' finishes from 11-60 us apart on average to 2-20, but the decode step ran 0.98-1.003x its time (0.999x
+// threads' finishes from 11-62 us apart on average to 2-34, but the decode step ran 0.98-1.003x its time (0.999x
 // over 80 rounds); a V2-Lite router (64 F32 rows, one 512 KiB task) in 16-row tasks ran 1.003x. One thread
 // alone nearly saturates memory here, so the thread left reading at a call's end reads faster.
 int64_t task_rows(size_t row_stride, int64_t total, int threads, int64_t T) {
