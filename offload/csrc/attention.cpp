@@ -109,7 +109,7 @@ void prefetch_rows(const uint8_t* rows, size_t stride, int64_t p0, int64_t p1, s
 // Positions a score or mix task computes at a time, prefetching the next span's rows while it does: a span
 // of scores is 16 positions x 8 query rows x 128 values (~0.6 us of FMAs per thread here), a span of the
 // mix a block of its kernel's (kMixBlock, kMixBlockBf16). Spans of 8, 32, 64 and 128 positions were no faster
-// (Qwen3-30B-A3B's heads, f32 and f16, 4096 positions: 0.99-1.16x the time). Also tried, not kept: a kernel for a
+// (Qwen3-30B-A3B's heads, f32 and f16, 4096 positions: 0.97-1.16x the time). Also tried, not kept: a kernel for a
 // whole span holding each query row in registers against its 16 cache rows, its 16 sums stored as one vector
 // (the same floats): 0.94x the time from the L3 but 1.03-1.07x cold, with an f32 cache; 1.01-1.03x with f16.
 constexpr int64_t kScoreSpan = 16;
