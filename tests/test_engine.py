@@ -265,6 +265,24 @@ def test_linear_bad_shapes(call, match):
         call(CpuEngine(threads=1), w, x)
 
 
+def test_linear_with_a_pre_norm():
+    """Engine.linear's norm=: the matrix takes rmsnorm(x) * norm (a model's final norm before its output head),
+    the same floats as x normed first by the engine's RMSNorm; the norm's shape and eps are checked."""
+    rng = np.random.default_rng(9)
+    w, _ = make_weight(rng, "Q4_K", (16, 256))
+    x = (3 * rng.standard_normal((3, 256))).astype(np.float32)
+    norm = (1 + 0.5 * rng.standard_normal(256)).astype(np.float32)
+    e = CpuEngine(threads=2)
+    want = e.linear(w, rms_norm_ref(x, norm, 1e-5))
+    out = np.full((3, 16), np.nan, np.float32)
+    e._engine.linear(w.type_id, w.data, x, out, "auto", norm, 1e-5)
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="norm must be float32 \\[256\\]"):
+        e._engine.linear(w.type_id, w.data, x, out, "auto", norm[:-1], 1e-5)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        e._engine.linear(w.type_id, w.data, x, out, "auto", norm, -1.0)
+
+
 def test_moe_bad_ids():
     rng = np.random.default_rng(4)
     g, _ = make_weight(rng, "Q8_0", (4, 64, 64))

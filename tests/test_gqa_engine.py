@@ -172,14 +172,31 @@ def test_a_block_without_per_head_norms(gqa_files):
 
 def test_decoder_layers_are_two_engine_calls(gqa_files, monkeypatch):
     """On the engine a Qwen3-MoE decoder layer is `h = x + attn(norm(x))` and `h + moe(norm(h))`, each block
-    with its norm and residual inside one engine call (every layer in one, layers.EngineStack): no torch
-    norm runs but the final one, and the logits are those of the layer written out op by op."""
+    with its norm and residual inside one engine call (every layer in one, layers.EngineStack), and the final
+    norm runs inside the output head's call: no torch norm runs, and the logits are those of the layer written
+    out op by op."""
     runner = local.load(gqa_files["qwen3"], device="cpu")
     layers = runner.model.model.layers
     assert all(isinstance(layer.mlp, MoE) and layer.mlp.engine_layer is not None for layer in layers)
     counts = norms_fused_and_op_by_op(runner, qwen3_moe.DecoderLayer, plain, monkeypatch)
-    # op by op: the two layer norms and the q and k norms of every layer, and the final norm
-    assert counts == (1, 1 + 4 * len(layers))
+    # op by op: the two layer norms and the q and k norms of every layer (the final norm in the head's call)
+    assert counts == (0, 4 * len(layers))
+
+
+def test_output_head_runs_the_final_norm(gqa_files):
+    """lm_head(x, pre_norm=norm) on the engine: the final RMSNorm inside the head's engine call, as lm_head(norm(x))
+    in torch (the two norms sum in other orders: a last-bit change can move a Q8 rounding), and through torch
+    where the engine cannot take it (a float64 x)."""
+    runner = local.load(gqa_files["qwen3"], device="cpu")
+    head, norm = runner.model.lm_head, runner.model.model.norm
+    assert head.engine_weight is not None
+    x = 3 * torch.randn(3, runner.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fused, plain = head(x, pre_norm=norm), head(norm(x))
+        through_torch = head(x.double(), pre_norm=norm)
+    assert ((fused - plain).norm() / plain.norm()).item() <= 1e-3
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    assert through_torch.dtype == torch.float64 and torch.allclose(through_torch.float(), plain, rtol=1e-3, atol=1e-3)
 
 
 def test_fused_block_checks_its_inputs(gqa_files):

@@ -178,8 +178,7 @@ class CausalLM(nn.Module):
             i += 1
         if position is None:
             cache.length = start + T
-        x = self.model.norm(x[-1:] if last_only else x)
-        return self.lm_head(x)
+        return self.lm_head(x[-1:] if last_only else x, pre_norm=self.model.norm)
 
 
 class DeepseekV2ForCausalLM(CausalLM):

@@ -80,13 +80,21 @@ class Linear(nn.Linear):
         the init took near half the build: Qwen3-30B-A3B's 18k expert projections 2.2 -> 1.3 s, DeepSeek-V3's
         4.4 -> 2.6 s."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pre_norm: RMSNorm | None = None) -> torch.Tensor:
+        """pre_norm: the matrix takes pre_norm(x) (a model's final norm before its output head); on the engine
+        the norm runs inside its call where it can (engine_pre_norm)."""
         w = self.engine_weight
         if w is not None:
             from offload.torch_ops import run_linear
 
-            y = run_linear(x.float().contiguous(), w.data, w.type_id, w.rows)
+            fused = engine_pre_norm(pre_norm, x) if pre_norm is not None else None
+            if pre_norm is not None and fused is None:
+                x = pre_norm(x)
+            norm = {"norm": fused["norm"], "eps": fused["eps"]} if fused else {}
+            y = run_linear(x.float().contiguous(), w.data, w.type_id, w.rows, **norm)
             return y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
+        if pre_norm is not None:
+            x = pre_norm(x)
         return super().forward(quantize_activation(x, self.act_format))
 
 

@@ -801,18 +801,34 @@ void register_engine(nb::module_& m) {
         .def_prop_ro("threads", [](EngineHandle& h) { return h.pool.threads(); })
         .def(
             "linear",
-            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, const Mut& out, const std::string& isa) {
+            [](EngineHandle& h, int wtype, const Any& weight, const CF32& x, const Mut& out, const std::string& isa,
+               const std::optional<CF32>& norm, float eps) {
                 if (x.ndim() != 2) fail("x must be [tokens, in_features] float32");
-                auto w = matrices(weight, wtype, x.shape(1), "weight");
+                const int64_t T = x.shape(0), K = x.shape(1);
+                auto w = matrices(weight, wtype, K, "weight");
                 if (w.size() != 1) fail("weight must be a 2-D matrix");
-                float* y = written<float>(out, {static_cast<int64_t>(x.shape(0)), w[0].rows}, "out");
+                float* y = written<float>(out, {T, w[0].rows}, "out");
                 const Isa level = isa_arg(isa);
+                if (norm) {
+                    if (norm->ndim() != 1 || static_cast<int64_t>(norm->shape(0)) != K)
+                        fail("norm must be float32 [" + std::to_string(K) + "] (the RMSNorm weight before the matrix)");
+                    check_eps(eps);
+                }
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                linear(h.pool, w[0], x.data(), x.shape(0), y, level);
+                const float* in = x.data();
+                if (norm) {
+                    thread_local std::vector<float> normed;
+                    normed.resize(static_cast<size_t>(T * K));
+                    rms_norm_rows(in, T, K, norm->data(), eps, normed.data());
+                    in = normed.data();
+                }
+                linear(h.pool, w[0], in, T, y, level);
             },
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
-            "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id).")
+            nb::arg("norm") = nb::none(), nb::arg("eps") = 1e-6f,
+            "out[T, N] = x[T, K] @ weight[N, K]^T with weight in a GGUF block type (its ggml id). norm [K] (float32): "
+            "the matrix takes rmsnorm(x) * norm instead of x (a model's final norm before its output head).")
         .def(
             "moe_layer",
             [](EngineHandle& h, const MoeHandle& m, const CF32& x, const Mut& out, const Mut& ids, const Mut& weights,
