@@ -87,11 +87,10 @@ class Linear(nn.Linear):
         if w is not None:
             from offload.torch_ops import run_linear
 
-            fused = engine_pre_norm(pre_norm, x) if pre_norm is not None else None
-            if pre_norm is not None and fused is None:
-                x = pre_norm(x)
-            norm = {"norm": fused["norm"], "eps": fused["eps"]} if fused else {}
-            y = run_linear(x.float().contiguous(), w.data, w.type_id, w.rows, **norm)
+            fused = engine_pre_norm(pre_norm, x)  # {} without pre_norm, None where the engine cannot take it
+            if fused is None:
+                x, fused = pre_norm(x), {}
+            y = run_linear(x.float().contiguous(), w.data, w.type_id, w.rows, fused.get("norm"), fused.get("eps", 1e-6))
             return y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
         if pre_norm is not None:
             x = pre_norm(x)
