@@ -182,6 +182,12 @@ struct MoeCall {
     Isa isa;
 };
 
+// The arrays of the shared experts, held in `keep` as long as something reads them.
+void keep_shared(const std::vector<SharedSpec>& shared, std::vector<nb::object>& keep) {
+    for (const auto& sp : shared)
+        for (const Any* a : {&std::get<0>(sp), &std::get<2>(sp), &std::get<4>(sp)}) keep.push_back(nb::cast(*a));
+}
+
 // The routed experts (gate/up [E, I, bytes], down [E, H, bytes]) and the shared ones, for hidden size H.
 void expert_stacks(const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
                    const std::vector<SharedSpec>& shared, int64_t H, std::vector<Expert>& experts,
@@ -443,30 +449,40 @@ GqaHandle make_gqa(int64_t D, int64_t H, int64_t G, int64_t Dh, const WeightArg&
 // decoder layer's `h = x + op(norm(x))` is one call (in a decode step each torch op between two
 // engine calls cost ~40 us, with the caches just swept by the weights). Checked when made, with the
 // GIL held; input() norms x once the GIL is released (a 512-token chunk is ~1 ms of it).
+// The RMSNorm a call applies to its input rows of D values, if any: the weight [D] and eps checked when made
+// (`whose` names the weight in the error), with the GIL held; apply() once it is released.
+struct InputNorm {
+    const float* w = nullptr;
+    float eps = 0;
+    InputNorm(const std::optional<CF32>& norm, int64_t D, float eps_, const char* whose) : eps(eps_) {
+        if (!norm) return;
+        if (norm->ndim() != 1 || static_cast<int64_t>(norm->shape(0)) != D)
+            fail("norm must be float32 [" + std::to_string(D) + "] (" + whose + ")");
+        check_eps(eps);
+        w = norm->data();
+    }
+    // x [T, D], or x normed into a buffer of the calling thread.
+    const float* apply(const float* x, int64_t T, int64_t D) const {
+        if (!w) return x;
+        thread_local std::vector<float> buf;
+        buf.resize(static_cast<size_t>(T * D));
+        rms_norm_rows(x, T, D, w, eps, buf.data());
+        return buf.data();
+    }
+};
+
 struct PreNorm {
     const float* x;
-    const float* norm = nullptr;
-    float eps;
+    InputNorm norm;
     bool residual;
     int64_t T, D;
     PreNorm(const CF32& x_, int64_t D_, const std::optional<CF32>& norm_, float eps_, bool residual_, const void* out)
-        : x(x_.data()), eps(eps_), residual(residual_), T(static_cast<int64_t>(x_.shape(0))), D(D_) {
-        if (norm_) {
-            if (norm_->ndim() != 1 || static_cast<int64_t>(norm_->shape(0)) != D)
-                fail("norm must be float32 [" + std::to_string(D) + "] (the block's RMSNorm weight)");
-            check_eps(eps);
-            norm = norm_->data();
-        }
+        : x(x_.data()), norm(norm_, D_, eps_, "the block's RMSNorm weight"), residual(residual_),
+          T(static_cast<int64_t>(x_.shape(0))), D(D_) {
         check_no_overlap(x, T, D, out);
     }
     // What the layer reads: x, or x normed into a buffer of the calling thread.
-    const float* input() const {
-        if (!norm) return x;
-        thread_local std::vector<float> buf;
-        buf.resize(static_cast<size_t>(T * D));
-        rms_norm_rows(x, T, D, norm, eps, buf.data());
-        return buf.data();
-    }
+    const float* input() const { return norm.apply(x, T, D); }
     void finish(float* y) const {
         if (residual)
             for (int64_t i = 0; i < T * D; ++i) y[i] += x[i];
@@ -520,8 +536,7 @@ MoeHandle make_moe(const Any& gate, int gate_type, const Any& up, int up_type, c
             if (!std::isfinite(b)) fail("the correction bias holds " + std::to_string(b) + "; it must be finite");
     }
     m.keep_alive = {nb::cast(gate), nb::cast(up), nb::cast(down), nb::cast(rw)};
-    for (const auto& sp : shared)
-        for (const Any* a : {&std::get<0>(sp), &std::get<2>(sp), &std::get<4>(sp)}) m.keep_alive.push_back(nb::cast(*a));
+    keep_shared(shared, m.keep_alive);
     return m;
 }
 
@@ -809,21 +824,10 @@ void register_engine(nb::module_& m) {
                 if (w.size() != 1) fail("weight must be a 2-D matrix");
                 float* y = written<float>(out, {T, w[0].rows}, "out");
                 const Isa level = isa_arg(isa);
-                if (norm) {
-                    if (norm->ndim() != 1 || static_cast<int64_t>(norm->shape(0)) != K)
-                        fail("norm must be float32 [" + std::to_string(K) + "] (the RMSNorm weight before the matrix)");
-                    check_eps(eps);
-                }
+                const InputNorm pre(norm, K, eps, "the RMSNorm weight before the matrix");
                 h.pool.wait();
                 nb::gil_scoped_release release;
-                const float* in = x.data();
-                if (norm) {
-                    thread_local std::vector<float> normed;
-                    normed.resize(static_cast<size_t>(T * K));
-                    rms_norm_rows(in, T, K, norm->data(), eps, normed.data());
-                    in = normed.data();
-                }
-                linear(h.pool, w[0], in, T, y, level);
+                linear(h.pool, w[0], pre.apply(x.data(), T, K), T, y, level);
             },
             nb::arg("wtype"), nb::arg("weight"), nb::arg("x"), nb::arg("out"), nb::arg("isa") = "auto",
             nb::arg("norm") = nb::none(), nb::arg("eps") = 1e-6f,
@@ -1006,9 +1010,7 @@ void register_engine(nb::module_& m) {
                 if (async) {
                     h.keep_alive = {nb::cast(x), nb::cast(ids), nb::cast(weights), nb::cast(gate), nb::cast(up),
                                     nb::cast(down), nb::cast(out)};
-                    for (const auto& sp : shared)  // the call reads the shared experts as well
-                        for (const Any* a : {&std::get<0>(sp), &std::get<2>(sp), &std::get<4>(sp)})
-                            h.keep_alive.push_back(nb::cast(*a));
+                    keep_shared(shared, h.keep_alive);  // the call reads the shared experts as well
                     auto call = std::make_shared<MoeCall>(std::move(c));
                     h.pool.submit([&pool = h.pool, call] { run_moe(pool, *call); });
                     return;
