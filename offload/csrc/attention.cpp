@@ -107,12 +107,32 @@ void prefetch_rows(const uint8_t* rows, size_t stride, int64_t p0, int64_t p1, s
 }
 
 // Positions a score or mix task computes at a time, prefetching the next span's rows while it does: a span
-// of scores is 16 positions x 8 query rows x 128 values (~0.6 us of FMAs per thread here), a span of the
-// mix a block of its kernel's (kMixBlock, kMixBlockBf16). Spans of 8, 32, 64 and 128 positions were no faster
-// (Qwen3-30B-A3B's heads, f32 and f16, 4096 positions: 0.97-1.16x the time). Also tried, not kept: a kernel for a
-// whole span holding each query row in registers against its 16 cache rows, its 16 sums stored as one vector
-// (the same floats): 0.94x the time from the L3 but 1.03-1.07x cold, with an f32 cache; 1.01-1.03x with f16.
+// of scores is 16 positions x 8 query rows x 128 values (~0.6 us of FMAs per thread with matmul_rows' kernel),
+// a span of the mix kMixBlock positions (kMixBlockBf16 for the bf16 mix). With matmul_rows' kernel, spans of
+// 8, 32, 64 and 128 positions were no faster (Qwen3-30B-A3B's heads, f32 and f16, 4096 positions: 0.97-1.16x
+// the time); so was a kernel for a whole span holding each query row in registers against its 16 cache rows,
+// its 16 sums stored as one vector (the same floats): 0.94x the time from the L3 but 1.03-1.07x cold, with an
+// f32 cache; 1.01-1.03x with f16. Prefetching 2-6 spans ahead was no faster either; with the span kernels,
+// prefetching into the L1 rather than the L2 took 1.09-1.80x the time (GQA and MLA, f32 and f16).
 constexpr int64_t kScoreSpan = 16;
+
+// Scores of na query rows (in the cache's type, `as` bytes apart) against cache rows [p0, p1): y[r * ys + p].
+// From 3 rows on, AVX-512's span kernel (dot_simd.h score_span): four cache rows against four query rows at a
+// time, each loaded vector feeding four products. matmul_rows took two cache rows against up to 8 query rows
+// with each query vector loaded once per product (perf: ~2.2 cycles a product, against ~1.4 now). With the
+// mix in tiles too (mix_cols_t), the attention call found cold (4096 positions, 2 threads, medians of 4
+// alternated processes): Qwen3-30B-A3B's (32 heads, 4 KV heads of 128) 0.85x the time with an f32 cache and
+// 0.81x with f16; DeepSeek-V2-Lite's MLA (16 heads) 0.77x with either; a tile of 8 tokens 0.70x (Qwen3, f32)
+// and 0.76x (V2-Lite, f16, 2048 positions). Each sum runs in matmul_rows' order (the same floats, but for a
+// last tile of 1 or 2 query rows past 8, which it splits over 2 or 4 accumulators). A BF16 cache with
+// AVX512-BF16 keeps its dpbf16 kernel; below 3 rows, matmul_rows' decode path.
+void span_scores(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const uint8_t* a,
+                 size_t as, int64_t na, float* y, size_t ys, Isa isa) {
+    const bool dpbf16 = type == GgmlType::BF16 && isa >= Isa::Avx512Vnni && cpu_features().avx512_bf16;
+    if (isa >= Isa::Avx512 && na >= 3 && !dpbf16)
+        return detail::avx512::score_span(type, n, w, ws, p0, p1, a, as, na, y, ys);
+    matmul_rows(type, n, w, ws, p0, p1, a, as, na, y, ys, isa);
+}
 
 // One attention call over a cache shared by groups of query heads: G groups (MLA: one, every head against
 // the latent; GQA: the KV heads) of Hg heads each. Group g's key rows (R values, and Dr more from a second
@@ -188,10 +208,10 @@ void attend(ThreadPool& pool, const Attend& a, Isa isa) {
                 const int64_t q1 = std::min(p1, q0 + kScoreSpan), next = std::min(p1, q1 + kScoreSpan);
                 prefetch_rows(key, a.key_stride, q1, next, 0, key_bytes);
                 if (Dr) prefetch_rows(pe, a.pe_stride, q1, next, 0, pe_bytes);
-                matmul_rows(a.type, R, key, a.key_stride, q0, q1, qa.data() + r0 * qa_stride, qa_stride, rows_g,
+                span_scores(a.type, R, key, a.key_stride, q0, q1, qa.data() + r0 * qa_stride, qa_stride, rows_g,
                             s1.data() + r0 * S, S, isa);
                 if (Dr)
-                    matmul_rows(a.type, Dr, pe, a.pe_stride, q0, q1, pa.data() + r0 * pa_stride, pa_stride, rows_g,
+                    span_scores(a.type, Dr, pe, a.pe_stride, q0, q1, pa.data() + r0 * pa_stride, pa_stride, rows_g,
                                 s2.data() + r0 * S, S, isa);
             }
         });

@@ -51,11 +51,12 @@ struct MixRows {
     size_t p_stride;
     float* const* out;
 };
-// Positions a SIMD mix converts to float at a time (dot_simd.h), kept in L1 while every row takes its share
-// (48 x 128 floats = 24 KiB); the bf16 mix's (dot_avx512_vnni.cpp), kept as bf16 pairs (64 x 128 x 2 bytes).
-// Each row loads and stores its accumulators once a block: from 16 positions to 48 (bf16: 64), the whole
-// attention call of V2-Lite's 16 heads took 0.83-0.90x the time with an f32 cache (1 and 64 tokens, 1088-4160
-// positions; the same floats), 0.70-0.84x with bf16. 64 for f32 (the whole of a 32 KiB L1) was no faster.
+// Positions a mix task takes at a time (attention.cpp), prefetching the next span's rows while it works; each
+// row loads and stores its accumulators once a span. From 16 positions to 48, when the SIMD mix converted each
+// span to float first, the whole attention call of V2-Lite's 16 heads took 0.83-0.90x the time with an f32
+// cache (1 and 64 tokens, 1088-4160 positions; the same floats), 0.70-0.84x with bf16. Since the mix reads
+// the rows themselves, 16 to 192 were within the noise of 48 (Qwen3's and V2-Lite's heads, f32 and f16). The
+// bf16 mix (dot_avx512_vnni.cpp) keeps a span as bf16 pairs (64 x 128 x 2 bytes).
 constexpr int64_t kMixBlock = 48, kMixBlockBf16 = 64;
 // mix_rows does column slice `slice` of mix_slices(R, isa): slices are independent (tasks of a pool), each
 // reads every position's share of the cache once for all the rows.

@@ -1296,44 +1296,144 @@ TANDEM_INLINE void each_vector(float* x, int64_t n, F f) {
     }
 }
 
-// Positions [b0, b1) of columns [r0, r0 + NV kLanes) of the cache rows, as float
-template <int NV, class C>
-TANDEM_INLINE void cache_block(const MixRows& m, int64_t r0, int64_t b0, int64_t b1, float (*x)[NV * kLanes]) {
+// Rows [i0, i0 + RR) x vectors [k0, k0 + CC) of the mix of columns from r0: positions [s0, s1), the tile's
+// RR x CC accumulators in registers, each cache vector loaded (converted) once for the tile's rows and each
+// probability broadcast once for its vectors
+template <int RR, int CC, class C>
+TANDEM_INLINE void mix_tile(const MixRows& m, int64_t r0, int64_t i0, int k0, int64_t s0, int64_t s1) {
     using T = typename C::T;
-    for (int64_t s = b0; s < b1; ++s) {
-        const T* row = reinterpret_cast<const T*>(m.rows + s * m.stride) + r0;
-        for (int k = 0; k < NV; ++k) fstoreu(x[s - b0] + k * kLanes, C::load(row + k * kLanes));
+    VecF acc[RR][CC];
+    const float* p[RR];
+    float* out[RR];
+    for (int r = 0; r < RR; ++r) {
+        p[r] = m.p + (i0 + r) * m.p_stride;
+        out[r] = m.out[i0 + r] + r0 + k0 * kLanes;
+        for (int c = 0; c < CC; ++c) acc[r][c] = Lanes::load(out[r] + c * kLanes);
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+        const T* row = reinterpret_cast<const T*>(m.rows + s * m.stride) + r0 + k0 * kLanes;
+        VecF v[CC];
+        for (int c = 0; c < CC; ++c) v[c] = C::load(row + c * kLanes);
+        for (int r = 0; r < RR; ++r) {
+            const VecF w = fset1(p[r][s]);
+            for (int c = 0; c < CC; ++c) acc[r][c] = fmadd(w, v[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < RR; ++r)
+        for (int c = 0; c < CC; ++c) fstoreu(out[r] + c * kLanes, acc[r][c]);
+}
+
+// mix_tile over every vector of the row group, kMixCols at a time (then the NV % kMixCols left); a row on its
+// own keeps all of its accumulators, as many as the vectors
+constexpr int kMixRows = TANDEM_DOT_LEVEL >= 3 ? 4 : 2, kMixCols = 4;
+template <int RR, int NV, class C>
+TANDEM_INLINE void mix_row_group(const MixRows& m, int64_t r0, int64_t i0, int64_t s0, int64_t s1) {
+    constexpr int CC = RR == 1 ? NV : kMixCols;
+    int k0 = 0;
+    for (; k0 + CC <= NV; k0 += CC) mix_tile<RR, CC, C>(m, r0, i0, k0, s0, s1);
+    constexpr int rest = NV % CC;
+    if constexpr (rest > 0) mix_tile<RR, rest, C>(m, r0, i0, k0, s0, s1);
+}
+
+#if TANDEM_DOT_LEVEL >= 3
+// Scores of NW cache rows w[k] against NA query rows (rows `as` bytes apart from a), n values each:
+// y[r * ys + k] = w[k] . a_r, summed as Floats::rows sums them (one accumulator a pair, the same floats)
+template <int NW, int NA, class C>
+TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const void* a, size_t as, float* y,
+                              size_t ys) {
+    using T = typename C::T;
+    VecF acc[NW][NA];
+    const T* ar[NA];
+    for (int r = 0; r < NA; ++r) {
+        ar[r] = act_row<T>(a, as, r);
+        for (int k = 0; k < NW; ++k) acc[k][r] = fzero();
+    }
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        VecF wv[NW];
+        for (int k = 0; k < NW; ++k) wv[k] = C::load(w[k] + i);
+        for (int r = 0; r < NA; ++r) {
+            const VecF av = C::load(ar[r] + i);
+            for (int k = 0; k < NW; ++k) acc[k][r] = fmadd(wv[k], av, acc[k][r]);
+        }
+    }
+    if (i < n) {
+        const auto m = static_cast<__mmask16>((1u << (n - i)) - 1);
+        VecF wv[NW];
+        for (int k = 0; k < NW; ++k) wv[k] = C::load(w[k] + i, m);
+        for (int r = 0; r < NA; ++r) {
+            const VecF av = C::load(ar[r] + i, m);
+            for (int k = 0; k < NW; ++k) acc[k][r] = fmadd(wv[k], av, acc[k][r]);
+        }
+    }
+    if constexpr (NW * NA == 16) {
+        VecF v[16];
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) v[k * NA + r] = acc[k][r];
+        alignas(64) float t[16];
+        _mm512_store_ps(t, fsum16(v));
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) y[r * ys + k] = t[k * NA + r];
+    } else {
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) y[r * ys + k] = fsum(acc[k][r]);
     }
 }
 
-// The mix of columns [r0, r0 + NV kLanes): per block of kMixBlock positions, their columns converted to
-// float once, then each row's NV accumulators run over the block in registers. Every output value sums
-// its products in position order, one fused multiply-add each, as a row-at-a-time loop would.
-// (Two rows at a time, each loaded vector feeding both, ran at the same speed: DeepSeek-V2-Lite's 16 heads,
-// f32 cache, 1-64 tokens at 1088-4160 positions, 0.98-1.00x in-process, as was a prefetch of each row's
-// next block of p. Three rows were 3-5% slower.)
-template <int NV, class C>
-void mix_cols_t(const MixRows& m, int64_t r0) {
-    alignas(64) float x[kMixBlock][NV * kLanes];
-    int64_t seen = 0;
-    for (int64_t i = 0; i < m.n_rows; ++i) seen = std::max(seen, m.n[i]);
-    for (int64_t b0 = 0; b0 < seen; b0 += kMixBlock) {
-        const int64_t b1 = std::min(seen, b0 + kMixBlock);
-        cache_block<NV, C>(m, r0, b0, b1, x);
-        for (int64_t i = 0; i < m.n_rows; ++i) {
-            const int64_t e = std::min(b1, m.n[i]);
-            if (e <= b0) continue;
-            const float* p = m.p + i * m.p_stride;
-            float* out = m.out[i] + r0;
-            VecF acc[NV];
-            for (int k = 0; k < NV; ++k) acc[k] = Lanes::load(out + k * kLanes);
-            for (int64_t s = b0; s < e; ++s) {
-                const VecF w = fset1(p[s]);
-                for (int k = 0; k < NV; ++k) acc[k] = fmadd(w, Lanes::load(x[s - b0] + k * kLanes), acc[k]);
-            }
-            for (int k = 0; k < NV; ++k) fstoreu(out + k * kLanes, acc[k]);
+// score_tile over every query row, four at a time (then the one to three left)
+template <int NW, class C>
+TANDEM_INLINE void score_rows(int64_t n, const typename C::T* const* w, const void* a, size_t as, int64_t na,
+                              float* y, size_t ys) {
+    const auto* act = static_cast<const char*>(a);
+    int64_t r = 0;
+    for (; r + 4 <= na; r += 4) score_tile<NW, 4, C>(n, w, act + r * as, as, y + r * ys, ys);
+    switch (na - r) {
+        case 1: return score_tile<NW, 1, C>(n, w, act + r * as, as, y + r * ys, ys);
+        case 2: return score_tile<NW, 2, C>(n, w, act + r * as, as, y + r * ys, ys);
+        case 3: return score_tile<NW, 3, C>(n, w, act + r * as, as, y + r * ys, ys);
+        default: return;
+    }
+}
+
+template <class C>
+void score_span_t(int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const void* a, size_t as,
+                  int64_t na, float* y, size_t ys) {
+    using T = typename C::T;
+    for (int64_t p = p0; p < p1; p += 4) {
+        const T* rows[4];
+        const int nw = static_cast<int>(std::min<int64_t>(4, p1 - p));
+        for (int k = 0; k < nw; ++k) rows[k] = reinterpret_cast<const T*>(w + (p + k) * ws);
+        float* yp = y + p;
+        switch (nw) {
+            case 4: score_rows<4, C>(n, rows, a, as, na, yp, ys); break;
+            case 3: score_rows<3, C>(n, rows, a, as, na, yp, ys); break;
+            case 2: score_rows<2, C>(n, rows, a, as, na, yp, ys); break;
+            default: score_rows<1, C>(n, rows, a, as, na, yp, ys); break;
         }
     }
+}
+#endif
+
+// The mix of columns [r0, r0 + NV kLanes), read from the cache rows: the rows kMixRows at a time, their
+// positions up to the least of their counts (each row's rest on its own). Every output value sums its
+// products in position order, one fused multiply-add each, as a row-at-a-time loop would (the same floats).
+// It took a row at a time, each over a block of positions converted to float first: four rows at a time
+// made the attention call 0.86-0.96x the time (Qwen3-30B-A3B's and V2-Lite's heads, f32, 4096 positions,
+// in-process alternation), and reading the rows themselves rather than the converted block 0.88-0.95x more
+// (f32 and f16; a tile of 8 tokens 0.97-1.01x). Perf puts it at about a cycle a product now. With AVX2's 16
+// registers, two rows at a time: 0.89-0.98x against one (V2-Lite's and Qwen3's heads, f16 and f32).
+template <int NV, class C>
+void mix_cols_t(const MixRows& m, int64_t r0) {
+    int64_t i = 0;
+    for (; i + kMixRows <= m.n_rows; i += kMixRows) {
+        int64_t e = m.n[i];
+        for (int r = 1; r < kMixRows; ++r) e = std::min(e, m.n[i + r]);
+        if (e > 0) mix_row_group<kMixRows, NV, C>(m, r0, i, 0, e);
+        for (int r = 0; r < kMixRows; ++r)  // the rows that see further than the group
+            if (m.n[i + r] > e) mix_row_group<1, NV, C>(m, r0, i + r, e, m.n[i + r]);
+    }
+    for (; i < m.n_rows; ++i)
+        if (m.n[i] > 0) mix_row_group<1, NV, C>(m, r0, i, 0, m.n[i]);
 }
 
 template <class C>
@@ -1351,6 +1451,15 @@ void mix_cols_c(const MixRows& m, int64_t r0, int nv) {
 }
 
 }  // namespace
+
+#if TANDEM_DOT_LEVEL >= 3
+void score_span(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const void* a,
+                size_t as, int64_t na, float* y, size_t ys) {
+    if (type == GgmlType::F32) return score_span_t<CvtF32>(n, w, ws, p0, p1, a, as, na, y, ys);
+    if (type == GgmlType::F16) return score_span_t<CvtF16>(n, w, ws, p0, p1, a, as, na, y, ys);
+    score_span_t<CvtBF16>(n, w, ws, p0, p1, a, as, na, y, ys);
+}
+#endif
 
 void mix_cols(const MixRows& m, int64_t r0, int nv) {
     if (m.type == GgmlType::F32) return mix_cols_c<CvtF32>(m, r0, nv);
