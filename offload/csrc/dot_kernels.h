@@ -48,10 +48,12 @@ void quantize_act_q8_0(const float* x, void* dst, int64_t n, bool q8_1);
 void quantize_act_q8_k(const float* x, void* dst, int64_t n);
 void mix_cols(const MixRows& m, int64_t r0, int nv);  // columns [r0, r0 + 16 nv)
 void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType type);
-// attention scores of cache rows [p0, p1) (`ws` bytes apart, F32 / F16 / BF16) against na query rows (in the
-// cache's type, `as` bytes apart), n values each: y[r * ys + p] = w_p . a_r, as matmul_rows sums them
-void score_span(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const void* a,
+// attention scores of cache rows [p0, p1) (`ws` bytes apart, F32 / F16 / BF16) against na query rows (float,
+// rounded to the cache's type: round_to_cache_row; `as` bytes apart), n values each: y[r * ys + p] = w_p . a_r,
+// as matmul_rows sums them
+void score_span(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const float* a,
                 size_t as, int64_t na, float* y, size_t ys);
+void round_to_cache_row(GgmlType type, const float* x, float* y, int64_t n);  // y = x rounded to F16 / BF16
 }
 namespace avx512_vnni {
 DotKernel kernel(GgmlType wtype);

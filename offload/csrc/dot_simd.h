@@ -1339,13 +1339,12 @@ TANDEM_INLINE void mix_row_group(const MixRows& m, int64_t r0, int64_t i0, int64
 // Scores of NW cache rows w[k] against NA query rows (rows `as` bytes apart from a), n values each:
 // y[r * ys + k] = w[k] . a_r, summed as Floats::rows sums them (one accumulator a pair, the same floats)
 template <int NW, int NA, class C>
-TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const void* a, size_t as, float* y,
+TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const float* a, size_t as, float* y,
                               size_t ys) {
-    using T = typename C::T;
     VecF acc[NW][NA];
-    const T* ar[NA];
+    const float* ar[NA];
     for (int r = 0; r < NA; ++r) {
-        ar[r] = act_row<T>(a, as, r);
+        ar[r] = act_row<float>(a, as, r);
         for (int k = 0; k < NW; ++k) acc[k][r] = fzero();
     }
     int64_t i = 0;
@@ -1353,7 +1352,7 @@ TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const vo
         VecF wv[NW];
         for (int k = 0; k < NW; ++k) wv[k] = C::load(w[k] + i);
         for (int r = 0; r < NA; ++r) {
-            const VecF av = C::load(ar[r] + i);
+            const VecF av = Lanes::load(ar[r] + i);
             for (int k = 0; k < NW; ++k) acc[k][r] = fmadd(wv[k], av, acc[k][r]);
         }
     }
@@ -1362,7 +1361,7 @@ TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const vo
         VecF wv[NW];
         for (int k = 0; k < NW; ++k) wv[k] = C::load(w[k] + i, m);
         for (int r = 0; r < NA; ++r) {
-            const VecF av = C::load(ar[r] + i, m);
+            const VecF av = _mm512_maskz_loadu_ps(m, ar[r] + i);
             for (int k = 0; k < NW; ++k) acc[k][r] = fmadd(wv[k], av, acc[k][r]);
         }
     }
@@ -1382,21 +1381,20 @@ TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const vo
 
 // score_tile over every query row, four at a time (then the one to three left)
 template <int NW, class C>
-TANDEM_INLINE void score_rows(int64_t n, const typename C::T* const* w, const void* a, size_t as, int64_t na,
+TANDEM_INLINE void score_rows(int64_t n, const typename C::T* const* w, const float* a, size_t as, int64_t na,
                               float* y, size_t ys) {
-    const auto* act = static_cast<const char*>(a);
     int64_t r = 0;
-    for (; r + 4 <= na; r += 4) score_tile<NW, 4, C>(n, w, act + r * as, as, y + r * ys, ys);
+    for (; r + 4 <= na; r += 4) score_tile<NW, 4, C>(n, w, act_row<float>(a, as, r), as, y + r * ys, ys);
     switch (na - r) {
-        case 1: return score_tile<NW, 1, C>(n, w, act + r * as, as, y + r * ys, ys);
-        case 2: return score_tile<NW, 2, C>(n, w, act + r * as, as, y + r * ys, ys);
-        case 3: return score_tile<NW, 3, C>(n, w, act + r * as, as, y + r * ys, ys);
+        case 1: return score_tile<NW, 1, C>(n, w, act_row<float>(a, as, r), as, y + r * ys, ys);
+        case 2: return score_tile<NW, 2, C>(n, w, act_row<float>(a, as, r), as, y + r * ys, ys);
+        case 3: return score_tile<NW, 3, C>(n, w, act_row<float>(a, as, r), as, y + r * ys, ys);
         default: return;
     }
 }
 
 template <class C>
-void score_span_t(int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const void* a, size_t as,
+void score_span_t(int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const float* a, size_t as,
                   int64_t na, float* y, size_t ys) {
     using T = typename C::T;
     for (int64_t p = p0; p < p1; p += 4) {
@@ -1453,7 +1451,16 @@ void mix_cols_c(const MixRows& m, int64_t r0, int nv) {
 }  // namespace
 
 #if TANDEM_DOT_LEVEL >= 3
-void score_span(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const void* a,
+void round_to_cache_row(GgmlType type, const float* x, float* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) fstoreu(y + i, round_to_cache(Lanes::load(x + i), type));
+    if (i < n) {
+        const auto m = static_cast<__mmask16>((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, round_to_cache(_mm512_maskz_loadu_ps(m, x + i), type));
+    }
+}
+
+void score_span(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const float* a,
                 size_t as, int64_t na, float* y, size_t ys) {
     if (type == GgmlType::F32) return score_span_t<CvtF32>(n, w, ws, p0, p1, a, as, na, y, ys);
     if (type == GgmlType::F16) return score_span_t<CvtF16>(n, w, ws, p0, p1, a, as, na, y, ys);
