@@ -124,26 +124,35 @@ constexpr int64_t kScoreSpan = 16;
 // with an f32 cache and 0.81x with f16; DeepSeek-V2-Lite's MLA (16 heads) 0.77x with either; a tile of 8
 // tokens 0.70x (Qwen3, f32) and 0.76x (V2-Lite, f16, 2048 positions). Each sum runs in matmul_rows' order
 // (the same floats, but for a last tile of 1 or 2 query rows past 8, which it splits over 2 or 4
-// accumulators). A BF16 cache with AVX512-BF16 keeps its dpbf16 kernel; below 3 rows, matmul_rows' decode path.
-bool span_kernel(GgmlType type, int64_t na, Isa isa) {
+// accumulators). A BF16 cache with AVX512-BF16 takes the same tiles in _mm512_dpbf16_ps (score_span_bf16; with
+// its mix in tiles too, the call 0.91x the time, GQA and MLA, in-process alternation). Below 3 rows,
+// matmul_rows' decode path.
+enum class Scores { Rows, Span, SpanBf16 };  // matmul_rows, score_span, score_span_bf16
+Scores score_kernel(GgmlType type, int64_t na, Isa isa) {
+    if (isa < Isa::Avx512 || na < 3) return Scores::Rows;
     const bool dpbf16 = type == GgmlType::BF16 && isa >= Isa::Avx512Vnni && cpu_features().avx512_bf16;
-    return isa >= Isa::Avx512 && na >= 3 && !dpbf16;
+    return dpbf16 ? Scores::SpanBf16 : Scores::Span;
 }
 
 // A query row as the scores take it: for the span kernel, float rounded to the cache's precision (the same
 // values as the act type's, without a conversion at every load: an f16 cache's call 0.94-0.97x the time, a
-// tile of 8 tokens 0.92x, in-process alternation; bf16 at AVX-512 0.92x cold); for matmul_rows, the act type
-size_t query_row_size(GgmlType act, int64_t n, bool span) { return span ? sizeof(float) * n : row_size(act, n); }
-void query_row(GgmlType type, GgmlType act, const float* x, uint8_t* dst, int64_t n, bool span) {
-    if (span) return detail::avx512::round_to_cache_row(type, x, reinterpret_cast<float*>(dst), n);
+// tile of 8 tokens 0.92x, in-process alternation; bf16 at AVX-512 0.92x cold); else the act type
+size_t query_row_size(GgmlType act, int64_t n, Scores k) {
+    return k == Scores::Span ? sizeof(float) * n : row_size(act, n);
+}
+void query_row(GgmlType type, GgmlType act, const float* x, uint8_t* dst, int64_t n, Scores k) {
+    if (k == Scores::Span) return detail::avx512::round_to_cache_row(type, x, reinterpret_cast<float*>(dst), n);
     quantize_activation_row(act, x, dst, n);
 }
 
 // Scores of na query rows (query_row's, `as` bytes apart) against cache rows [p0, p1): y[r * ys + p]
 void span_scores(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const uint8_t* a,
-                 size_t as, int64_t na, float* y, size_t ys, bool span, Isa isa) {
-    if (span)
+                 size_t as, int64_t na, float* y, size_t ys, Scores k, Isa isa) {
+    if (k == Scores::Span)
         return detail::avx512::score_span(type, n, w, ws, p0, p1, reinterpret_cast<const float*>(a), as, na, y, ys);
+    if (k == Scores::SpanBf16)
+        return detail::avx512_vnni::score_span_bf16(n, w, ws, p0, p1, reinterpret_cast<const uint16_t*>(a), as, na,
+                                                    y, ys);
     matmul_rows(type, n, w, ws, p0, p1, a, as, na, y, ys, isa);
 }
 
@@ -184,8 +193,8 @@ void attend(ThreadPool& pool, const Attend& a, Isa isa) {
     auto &s1 = scratch.s1, &s2 = scratch.s2;
     auto &n_seen = scratch.n;
     auto &outs = scratch.out;
-    qa.resize(static_cast<size_t>(max_rows) * std::max(query_row_size(act, R, true), query_row_size(act, R, false)));
-    pa.resize(static_cast<size_t>(max_rows) * std::max(query_row_size(act, Dr, true), query_row_size(act, Dr, false)));
+    qa.resize(static_cast<size_t>(max_rows) * std::max(query_row_size(act, R, Scores::Span), row_size(act, R)));
+    pa.resize(static_cast<size_t>(max_rows) * std::max(query_row_size(act, Dr, Scores::Span), row_size(act, Dr)));
     s1.resize(static_cast<size_t>(max_rows * S));
     s2.resize(static_cast<size_t>(Dr ? max_rows * S : 0));
     n_seen.resize(static_cast<size_t>(max_rows));
@@ -201,12 +210,12 @@ void attend(ThreadPool& pool, const Attend& a, Isa isa) {
     };
     for (int64_t t0 = 0; t0 < T; t0 += kTile) {
         const int64_t nt = std::min(kTile, T - t0), rows_g = a.Hg * nt, rows = a.G * rows_g, seen = S - T + t0 + nt;
-        const bool tiled = span_kernel(a.type, rows_g, isa);
-        const size_t qa_stride = query_row_size(act, R, tiled), pa_stride = Dr ? query_row_size(act, Dr, tiled) : 0;
+        const Scores kernel = score_kernel(a.type, rows_g, isa);
+        const size_t qa_stride = query_row_size(act, R, kernel), pa_stride = Dr ? query_row_size(act, Dr, kernel) : 0;
         run(rows, [&](int64_t i, int) {
             const int64_t h = i / nt, t = t0 + i % nt;  // h = g * Hg + j: the groups' rows follow each other
-            query_row(a.type, act, a.q + (h * T + t) * R, qa.data() + i * qa_stride, R, tiled);
-            if (Dr) query_row(a.type, act, a.q_pe + (h * T + t) * Dr, pa.data() + i * pa_stride, Dr, tiled);
+            query_row(a.type, act, a.q + (h * T + t) * R, qa.data() + i * qa_stride, R, kernel);
+            if (Dr) query_row(a.type, act, a.q_pe + (h * T + t) * Dr, pa.data() + i * pa_stride, Dr, kernel);
             n_seen[i] = S - T + t + 1;  // causal: token t sees the cache and the new tokens up to itself
             outs[i] = a.out + (h * T + t) * R;
         });
@@ -223,10 +232,10 @@ void attend(ThreadPool& pool, const Attend& a, Isa isa) {
                 prefetch_rows(key, a.key_stride, q1, next, 0, key_bytes);
                 if (Dr) prefetch_rows(pe, a.pe_stride, q1, next, 0, pe_bytes);
                 span_scores(a.type, R, key, a.key_stride, q0, q1, qa.data() + r0 * qa_stride, qa_stride, rows_g,
-                            s1.data() + r0 * S, S, tiled, isa);
+                            s1.data() + r0 * S, S, kernel, isa);
                 if (Dr)
                     span_scores(a.type, Dr, pe, a.pe_stride, q0, q1, pa.data() + r0 * pa_stride, pa_stride, rows_g,
-                                s2.data() + r0 * S, S, tiled, isa);
+                                s2.data() + r0 * S, S, kernel, isa);
             }
         });
         run(rows, [&](int64_t i, int) {  // softmax, p rounded to the cache's precision; the outputs zeroed

@@ -63,6 +63,9 @@ DotKernel bf16_dpbf16_kernel();  // BF16 x BF16 with _mm512_dpbf16_ps: only wher
 DotKernel2 bf16_dpbf16_kernel2();
 // columns [r0, r0 + 16 nv) of a mix over a BF16 cache, with _mm512_dpbf16_ps: only where the CPU has AVX512_BF16
 void mix_cols_bf16(const MixRows& m, int64_t r0, int nv);
+// avx512::score_span over a BF16 cache with _mm512_dpbf16_ps, the query rows in bf16 (same condition)
+void score_span_bf16(int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const uint16_t* a, size_t as,
+                     int64_t na, float* y, size_t ys);
 }
 
 }  // namespace tandem::detail
