@@ -93,6 +93,38 @@ def test_gqa_attention(isa, dtype, T, S, H, G, Dh):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_attention_tile_rows_match_one_token_calls(isa, dtype, kind):
+    """Each new token of a tile gives the same floats as a one-token call at its position: the span kernels
+    take a KV head's rows four at a time however far each sees (the rows of a group that see further finish
+    on their own, the bf16 mix's from the last whole pair of positions the group saw), summing every output
+    in the order a row on its own would. 4 heads a KV head (12 for MLA: 12 and 84 rows, no tile of 1 or 2
+    rows, which matmul_rows sums over more accumulators), 7 tokens ending at positions 69..75 (odd and even
+    counts, in one block of the mix and across two), 7 vectors a row at AVX-512."""
+    H, T, S, D = 12, 7, 75, 112
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(H, T, D, generator=g).numpy()
+    e = CpuEngine(threads=2)._engine
+    q_pe = torch.randn(H, T, 16, generator=g).numpy()
+    if kind == "gqa":
+        k, v = (torch.randn(S, 3, D, generator=g).to(dtype) for _ in range(2))
+        call = lambda t0, t1, out: e.gqa_attention(np.ascontiguousarray(q[:, t0:t1]), k[:S - T + t1],
+                                                   v[:S - T + t1], 0.09, out, isa)
+    else:
+        c, pe = torch.randn(S, D, generator=g).to(dtype), torch.randn(S, 16, generator=g).to(dtype)
+        call = lambda t0, t1, out: e.mla_attention(np.ascontiguousarray(q[:, t0:t1]),
+                                                   np.ascontiguousarray(q_pe[:, t0:t1]), c[:S - T + t1],
+                                                   pe[:S - T + t1], 0.09, out, isa)
+    out = np.empty((H, T, D), np.float32)
+    call(0, T, out)
+    for t in range(T):
+        one = np.empty((H, 1, D), np.float32)
+        call(t, t + 1, one)
+        assert np.array_equal(one[:, 0], out[:, t]), f"token {t}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_gqa_attention_long_context(isa):
     """Qwen3-30B-A3B's heads (32 over 4 KV heads of 128) at 1500 positions: many slabs and mix blocks a head."""
     check_gqa_attention(isa, torch.bfloat16, 2, 1500, 32, 4, 128, scale=128 ** -0.5)
