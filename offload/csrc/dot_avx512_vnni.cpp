@@ -103,18 +103,7 @@ TANDEM_BF16_TARGET inline void score_tile_bf16(int64_t n, const uint16_t* const*
             for (int k = 0; k < NW; ++k) acc[k][r] = _mm512_dpbf16_ps(acc[k][r], wv[k], av);
         }
     }
-    if constexpr (NW * NA == 16) {
-        __m512 v[16];
-        for (int k = 0; k < NW; ++k)
-            for (int r = 0; r < NA; ++r) v[k * NA + r] = acc[k][r];
-        alignas(64) float t[16];
-        _mm512_store_ps(t, fsum16(v));
-        for (int k = 0; k < NW; ++k)
-            for (int r = 0; r < NA; ++r) y[r * ys + k] = t[k * NA + r];
-    } else {
-        for (int k = 0; k < NW; ++k)
-            for (int r = 0; r < NA; ++r) y[r * ys + k] = _mm512_reduce_add_ps(acc[k][r]);
-    }
+    store_sums<NW, NA>(acc, y, ys);
 }
 
 template <int NW>

@@ -53,7 +53,7 @@ void softmax_row(float* sc, const float* pe, int64_t n, float scale, GgmlType ty
 // as matmul_rows sums them
 void score_span(GgmlType type, int64_t n, const uint8_t* w, size_t ws, int64_t p0, int64_t p1, const float* a,
                 size_t as, int64_t na, float* y, size_t ys);
-void round_to_cache_row(GgmlType type, const float* x, float* y, int64_t n);  // y = x rounded to F16 / BF16
+void round_to_cache_row(GgmlType type, const float* x, float* y, int64_t n);  // y = x rounded to the type
 }
 namespace avx512_vnni {
 DotKernel kernel(GgmlType wtype);

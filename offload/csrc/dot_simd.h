@@ -1066,6 +1066,22 @@ TANDEM_INLINE void out_sums16(Acc acc, float* const* out) {
     for (int k = 0; k < NW; ++k)
         for (int r = 0; r < NA; ++r) out[k][r] = t[k * NA + r];
 }
+// y[r * ys + k] = fsum(acc[k][r]) for NW x NA accumulators (attention's score tiles), 16 at once through fsum16
+template <int NW, int NA>
+TANDEM_INLINE void store_sums(const VecF (&acc)[NW][NA], float* y, size_t ys) {
+    if constexpr (NW * NA == 16) {
+        VecF v[16];
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) v[k * NA + r] = acc[k][r];
+        alignas(64) float t[16];
+        _mm512_store_ps(t, fsum16(v));
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) y[r * ys + k] = t[k * NA + r];
+    } else {
+        for (int k = 0; k < NW; ++k)
+            for (int r = 0; r < NA; ++r) y[r * ys + k] = fsum(acc[k][r]);
+    }
+}
 using Lanes = Lanes16;
 TANDEM_INLINE VecF fset1(float v) { return _mm512_set1_ps(v); }
 TANDEM_INLINE VecF fmul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
@@ -1365,18 +1381,7 @@ TANDEM_INLINE void score_tile(int64_t n, const typename C::T* const* w, const fl
             for (int k = 0; k < NW; ++k) acc[k][r] = fmadd(wv[k], av, acc[k][r]);
         }
     }
-    if constexpr (NW * NA == 16) {
-        VecF v[16];
-        for (int k = 0; k < NW; ++k)
-            for (int r = 0; r < NA; ++r) v[k * NA + r] = acc[k][r];
-        alignas(64) float t[16];
-        _mm512_store_ps(t, fsum16(v));
-        for (int k = 0; k < NW; ++k)
-            for (int r = 0; r < NA; ++r) y[r * ys + k] = t[k * NA + r];
-    } else {
-        for (int k = 0; k < NW; ++k)
-            for (int r = 0; r < NA; ++r) y[r * ys + k] = fsum(acc[k][r]);
-    }
+    store_sums<NW, NA>(acc, y, ys);
 }
 
 // score_tile over every query row, four at a time (then the one to three left)
