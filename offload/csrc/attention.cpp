@@ -125,7 +125,7 @@ constexpr int64_t kScoreSpan = 16;
 // tokens 0.70x (Qwen3, f32) and 0.76x (V2-Lite, f16, 2048 positions). Each sum runs in matmul_rows' order
 // (the same floats, but for a last tile of 1 or 2 query rows past 8, which it splits over 2 or 4
 // accumulators). A BF16 cache with AVX512-BF16 takes the same tiles in _mm512_dpbf16_ps (score_span_bf16; with
-// its mix in tiles too, the call 0.91x the time, GQA and MLA, in-process alternation). Below 3 rows,
+// its mix in tiles too, the call 0.91-0.93x the time, GQA and MLA, in-process alternation). Below 3 rows,
 // matmul_rows' decode path.
 enum class Scores { Rows, Span, SpanBf16 };  // matmul_rows, score_span, score_span_bf16
 Scores score_kernel(GgmlType type, int64_t na, Isa isa) {
@@ -136,7 +136,8 @@ Scores score_kernel(GgmlType type, int64_t na, Isa isa) {
 
 // A query row as the scores take it: for the span kernel, float rounded to the cache's precision (the same
 // values as the act type's, without a conversion at every load: an f16 cache's call 0.94-0.97x the time, a
-// tile of 8 tokens 0.92x, in-process alternation; bf16 at AVX-512 0.92x cold); else the act type
+// tile of 8 tokens 0.92x (GQA) and 0.97x (MLA), in-process alternation; bf16 at AVX-512 0.92x cold); else the
+// act type
 size_t query_row_size(GgmlType act, int64_t n, Scores k) {
     return k == Scores::Span ? sizeof(float) * n : row_size(act, n);
 }

@@ -162,7 +162,7 @@ TANDEM_BF16_TARGET inline void mix_group_bf16(const MixRows& m, int64_t r0, int6
 // position the cache too. A group of rows runs to the last whole pair all of them see, each row's rest on
 // its own from there: every row adds the same pairs in the same order as on its own (the same floats).
 // Four rows at a time, with score_span_bf16, against one row and matmul_rows' scores: the attention call (4096
-// positions) 0.91x the time for Qwen3-30B-A3B's and V2-Lite's heads, a tile of 8 tokens 0.94-0.99x.
+// positions) 0.91-0.93x the time for Qwen3-30B-A3B's and V2-Lite's heads, a tile of 8 tokens 0.93-0.99x.
 template <int NV>
 TANDEM_BF16_TARGET void mix_bf16_t(const MixRows& m, int64_t r0) {
     constexpr int kPairs = kMixBlockBf16 / 2;
