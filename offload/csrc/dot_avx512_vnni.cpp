@@ -38,12 +38,10 @@ namespace {
 // exact in f32; the instruction treats denormal inputs as zero). Masked loads take the ragged tail.
 // NW weight rows (1, or 2 read side by side: DotKernel2) against NA activation rows.
 struct Bf16Dpbf16 {
+    // acc[k][r] = w[k] . activation row r (rows `as` bytes apart from va), one accumulator a pair
     template <int NA, int NW>
-    TANDEM_BF16_TARGET static void rows(int64_t n, const void* const* vw, const void* va, size_t as,
-                                        float* const* out) {
-        const uint16_t* w[NW];
-        for (int k = 0; k < NW; ++k) w[k] = static_cast<const uint16_t*>(vw[k]);
-        __m512 acc[NW][NA];
+    TANDEM_BF16_TARGET TANDEM_INLINE static void sums(int64_t n, const uint16_t* const* w, const void* va, size_t as,
+                                                      __m512 (&acc)[NW][NA]) {
         for (int k = 0; k < NW; ++k)
             for (int r = 0; r < NA; ++r) acc[k][r] = _mm512_setzero_ps();
         int64_t i = 0;
@@ -63,6 +61,14 @@ struct Bf16Dpbf16 {
                     acc[k][r] = _mm512_dpbf16_ps(acc[k][r], (__m512bh)_mm512_maskz_loadu_epi16(m, w[k] + i), av);
             }
         }
+    }
+    template <int NA, int NW>
+    TANDEM_BF16_TARGET static void rows(int64_t n, const void* const* vw, const void* va, size_t as,
+                                        float* const* out) {
+        const uint16_t* w[NW];
+        for (int k = 0; k < NW; ++k) w[k] = static_cast<const uint16_t*>(vw[k]);
+        __m512 acc[NW][NA];
+        sums<NA, NW>(n, w, va, as, acc);
         if constexpr (NA * NW == 16) return out_sums16<NA, NW>([&](int k, int r) { return acc[k][r]; }, out);
         for (int k = 0; k < NW; ++k)
             for (int r = 0; r < NA; ++r) out[k][r] = _mm512_reduce_add_ps(acc[k][r]);
@@ -74,35 +80,13 @@ struct Bf16Dpbf16 {
 };
 
 // Attention scores over a BF16 cache with _mm512_dpbf16_ps, as score_span (dot_simd.h) takes them over floats:
-// NW cache rows against NA query rows (bf16, `as` bytes apart), y[r * ys + k] = w[k] . a_r, each pair's sum as
-// Bf16Dpbf16::rows takes it (the same floats as matmul_rows)
+// NW cache rows against NA query rows (bf16, `as` bytes apart), y[r * ys + k] = w[k] . a_r, each pair's sum
+// Bf16Dpbf16's (the same floats as matmul_rows)
 template <int NW, int NA>
 TANDEM_BF16_TARGET inline void score_tile_bf16(int64_t n, const uint16_t* const* w, const uint16_t* a, size_t as,
                                                float* y, size_t ys) {
     __m512 acc[NW][NA];
-    const uint16_t* ar[NA];
-    for (int r = 0; r < NA; ++r) {
-        ar[r] = act_row<uint16_t>(a, as, r);
-        for (int k = 0; k < NW; ++k) acc[k][r] = _mm512_setzero_ps();
-    }
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m512bh wv[NW];
-        for (int k = 0; k < NW; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(w[k] + i);
-        for (int r = 0; r < NA; ++r) {
-            const __m512bh av = (__m512bh)_mm512_loadu_si512(ar[r] + i);
-            for (int k = 0; k < NW; ++k) acc[k][r] = _mm512_dpbf16_ps(acc[k][r], wv[k], av);
-        }
-    }
-    if (i < n) {
-        const auto m = static_cast<__mmask32>((1u << (n - i)) - 1);  // n - i < 32
-        __m512bh wv[NW];
-        for (int k = 0; k < NW; ++k) wv[k] = (__m512bh)_mm512_maskz_loadu_epi16(m, w[k] + i);
-        for (int r = 0; r < NA; ++r) {
-            const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, ar[r] + i);
-            for (int k = 0; k < NW; ++k) acc[k][r] = _mm512_dpbf16_ps(acc[k][r], wv[k], av);
-        }
-    }
+    Bf16Dpbf16::sums<NA, NW>(n, w, a, as, acc);
     store_sums<NW, NA>(acc, y, ys);
 }
 
