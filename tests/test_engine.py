@@ -252,6 +252,35 @@ def test_moe_skip_mask_and_async():
     assert np.abs(out - want).max() <= 2e-3 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_moe_takes_the_picked_experts_alone(T):
+    """Engine.moe builds a table of only the experts its ids pick (ascending ids) and renumbers the ids to it;
+    a StagedMoe holds every expert and takes the ids as they come. The two give the same bits, with an id
+    twice in a row, -1s, ids in descending order, the highest id and a skip mask."""
+    rng = np.random.default_rng(7)
+    E, H, I, A = 12, 256, 256, 4
+    g, _ = make_weight(rng, "Q4_K", (E, I, H))
+    u, _ = make_weight(rng, "Q4_K", (E, I, H))
+    d, _ = make_weight(rng, "Q6_K", (E, H, I))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(-1, E, (T, A))
+    ids[0] = [E - 1, 3, 3, -1]
+    ids[-1, -1] = 5
+    skip = np.zeros(E, np.uint8)
+    skip[5] = 1
+    weights = rng.random((T, A)).astype(np.float32)
+    engine = CpuEngine(threads=2)
+    got = engine.moe(x, ids, weights, g, u, d, skip=skip)
+    want = np.zeros_like(x)
+    call = offload._C.StagedMoe(engine._engine, x, ids, weights, want, g.data, g.type_id, u.data, u.type_id, d.data,
+                                d.type_id, skip=skip)
+    call.submit()
+    call.wait()
+    call.check()
+    assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda e, w, x: e.linear(w, x[:, :100]), "do not hold|split into"),
     (lambda e, w, x: e.linear(QuantWeight("Q4_K", np.ascontiguousarray(w.data[:, :-1]), 512), x), "bytes do not hold"),

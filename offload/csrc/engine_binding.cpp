@@ -77,8 +77,17 @@ void check_weight_dtype(const Any& a, GgmlType type, const TypeInfo& t, const ch
          tandem::binding::or_value_dtype(type));
 }
 
-// A stack of `count` matrices [count, rows, row bytes] (count = 1: a 2-D matrix) in `type`, cols values per row.
-std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char* what) {
+// A stack of `count` matrices [count, rows, row bytes] (count = 1: a 2-D matrix) in `type`, cols values per row,
+// checked; at(i) is matrix i.
+struct Stack {
+    GgmlType type;
+    const uint8_t* data;
+    int64_t count, rows, cols;
+    size_t row_bytes;
+    Weight at(int64_t i) const { return Weight{type, data + i * rows * row_bytes, rows, cols, row_bytes}; }
+};
+
+Stack stack(const Any& a, int type_id, int64_t cols, const char* what) {
     const TypeInfo& t = weight_type(type_id, what);
     if (!c_contiguous(a)) fail(std::string(what) + " is not C-contiguous");
     if (a.ndim() != 2 && a.ndim() != 3) fail(std::string(what) + " must be 2-D or 3-D");
@@ -97,10 +106,15 @@ std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char
     if (is_r16(static_cast<GgmlType>(type_id)) && rows % kR16)
         fail(std::string(what) + ": a row-interleaved " + t.name + " matrix needs a multiple of 16 rows, got " +
              std::to_string(rows));
+    return Stack{static_cast<GgmlType>(type_id), static_cast<const uint8_t*>(a.data()), count, rows, cols, rb};
+}
+
+// The matrices of `stack(a, ...)`, one Weight each.
+std::vector<Weight> matrices(const Any& a, int type_id, int64_t cols, const char* what) {
+    const Stack st = stack(a, type_id, cols, what);
     std::vector<Weight> out;
-    for (int64_t i = 0; i < count; ++i)
-        out.push_back(Weight{static_cast<GgmlType>(type_id), static_cast<const uint8_t*>(a.data()) + i * rows * rb,
-                             rows, cols, rb});
+    out.reserve(static_cast<size_t>(st.count));
+    for (int64_t i = 0; i < st.count; ++i) out.push_back(st.at(i));
     return out;
 }
 
@@ -173,6 +187,7 @@ using SharedSpec = std::tuple<Any, int, Any, int, Any, int>;  // gate, type, up,
 struct MoeCall {
     std::vector<Expert> experts, shared;
     std::vector<uint8_t> skip;
+    std::vector<int64_t> picked_ids;  // with picked_only: the ids renumbered to the experts they pick
     const float* x;
     const int64_t* ids;
     const float* w;
@@ -188,24 +203,40 @@ void keep_shared(const std::vector<SharedSpec>& shared, std::vector<nb::object>&
         for (const Any* a : {&std::get<0>(sp), &std::get<2>(sp), &std::get<4>(sp)}) keep.push_back(nb::cast(*a));
 }
 
-// The routed experts (gate/up [E, I, bytes], down [E, H, bytes]) and the shared ones, for hidden size H.
-void expert_stacks(const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
-                   const std::vector<SharedSpec>& shared, int64_t H, std::vector<Expert>& experts,
-                   std::vector<Expert>& shared_out) {
+// The routed expert stacks (gate/up [E, I, bytes], down [E, H, bytes]) for hidden size H, checked.
+struct ExpertStacks {
+    Stack gate, up, down;
+    Expert at(int64_t e) const { return Expert{gate.at(e), up.at(e), down.at(e)}; }
+    std::vector<Expert> all() const {
+        std::vector<Expert> table;
+        table.reserve(static_cast<size_t>(gate.count));
+        for (int64_t e = 0; e < gate.count; ++e) table.push_back(at(e));
+        return table;
+    }
+};
+
+ExpertStacks expert_stacks(const Any& gate, int gate_type, const Any& up, int up_type, const Any& down, int down_type,
+                           int64_t H) {
     if (gate.ndim() != 3) fail("gate must be the 3-D expert stack [experts, intermediate, row bytes]");
     const int64_t E = gate.shape(0), I = gate.shape(1);
-    auto g = matrices(gate, gate_type, H, "gate"), u = matrices(up, up_type, H, "up"), d = matrices(down, down_type, I, "down");
-    if (static_cast<int64_t>(u.size()) != E || static_cast<int64_t>(d.size()) != E || u[0].rows != I || d[0].rows != H)
+    ExpertStacks st{stack(gate, gate_type, H, "gate"), stack(up, up_type, H, "up"), stack(down, down_type, I, "down")};
+    if (st.up.count != E || st.down.count != E || st.up.rows != I || st.down.rows != H)
         fail("up must be [experts, intermediate, ...] and down [experts, hidden, ...] like gate");
-    for (int64_t e = 0; e < E; ++e) experts.push_back(Expert{g[e], u[e], d[e]});
+    return st;
+}
+
+// The shared experts (gate/up [I_s, bytes], down [H, bytes] each), for hidden size H.
+std::vector<Expert> shared_experts(const std::vector<SharedSpec>& shared, int64_t H) {
+    std::vector<Expert> out;
     for (size_t s = 0; s < shared.size(); ++s) {
         const auto& [sg, sgt, su, sut, sd, sdt] = shared[s];
         auto a = matrices(sg, sgt, H, "shared gate"), b = matrices(su, sut, H, "shared up");
         if (a.size() != 1 || b.size() != 1 || a[0].rows != b[0].rows) fail("shared gate/up must be 2-D [intermediate, ...]");
         auto dd = matrices(sd, sdt, a[0].rows, "shared down");
         if (dd.size() != 1 || dd[0].rows != H) fail("shared down must be 2-D [hidden, ...]");
-        shared_out.push_back(Expert{a[0], b[0], dd[0]});
+        out.push_back(Expert{a[0], b[0], dd[0]});
     }
+    return out;
 }
 
 // Expert ids [T, A] as int64 C-contiguous: taken untyped and checked, since nanobind would convert float ids
@@ -220,9 +251,13 @@ const int64_t* expert_ids(const Any& ids, int64_t T, const char* what) {
     return static_cast<const int64_t*>(ids.data());
 }
 
+// The call's arrays, checked. picked_only (the ids are final): the table holds only the experts the ids pick,
+// in ascending id order, and the call takes the ids renumbered to it (skipped ones -1), instead of a table of
+// all E experts (building that took a cold call with Qwen3's 128 experts ~8 us more). moe() sums the experts in
+// table order, so both give the same floats.
 MoeCall prepare_moe(const CF32& x, const Any& ids, const CF32& weights, const Any& gate, int gate_type, const Any& up,
                     int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
-                    const std::optional<U8>& skip, const Mut& out, const std::string& isa) {
+                    const std::optional<U8>& skip, const Mut& out, const std::string& isa, bool picked_only) {
     MoeCall c{};
     if (x.ndim() != 2) fail("x must be [tokens, hidden] float32");
     c.T = x.shape(0);
@@ -232,19 +267,40 @@ MoeCall prepare_moe(const CF32& x, const Any& ids, const CF32& weights, const An
     check_2d(Any(weights), c.T, c.A, "weights");
     c.out = written<float>(out, {c.T, c.H}, "out");
     check_no_overlap(x.data(), c.T, c.H, c.out);
-    expert_stacks(gate, gate_type, up, up_type, down, down_type, shared, c.H, c.experts, c.shared);
-    c.E = static_cast<int64_t>(c.experts.size());
-    for (int64_t i = 0; i < c.T * c.A; ++i)
-        if (id[i] < -1 || id[i] >= c.E)
-            fail("ids holds " + std::to_string(id[i]) + ", outside -1 (skip) .. " + std::to_string(c.E - 1));
+    const ExpertStacks st = expert_stacks(gate, gate_type, up, up_type, down, down_type, c.H);
+    c.shared = shared_experts(shared, c.H);
+    const int64_t E = st.gate.count, n = c.T * c.A;
+    for (int64_t i = 0; i < n; ++i)
+        if (id[i] < -1 || id[i] >= E)
+            fail("ids holds " + std::to_string(id[i]) + ", outside -1 (skip) .. " + std::to_string(E - 1));
+    const uint8_t* skipped = nullptr;
     if (skip) {
-        if (skip->ndim() != 1 || static_cast<int64_t>(skip->shape(0)) != c.E) fail("skip must be uint8 [experts]");
-        c.skip.assign(skip->data(), skip->data() + c.E);
+        if (skip->ndim() != 1 || static_cast<int64_t>(skip->shape(0)) != E) fail("skip must be uint8 [experts]");
+        skipped = skip->data();
     }
     c.x = x.data();
-    c.ids = id;
     c.w = weights.data();
     c.isa = isa_arg(isa);
+    if (!picked_only) {
+        c.experts = st.all();
+        if (skipped) c.skip.assign(skipped, skipped + E);
+        c.E = E;
+        c.ids = id;
+        return c;
+    }
+    std::vector<uint8_t> picked(static_cast<size_t>(E), 0);
+    for (int64_t i = 0; i < n; ++i)
+        if (id[i] >= 0 && !(skipped && skipped[id[i]])) picked[static_cast<size_t>(id[i])] = 1;
+    std::vector<int64_t> slot(static_cast<size_t>(E), -1);  // an expert's place in the table; -1: none
+    for (int64_t e = 0; e < E; ++e)
+        if (picked[static_cast<size_t>(e)]) {
+            slot[static_cast<size_t>(e)] = static_cast<int64_t>(c.experts.size());
+            c.experts.push_back(st.at(e));
+        }
+    c.picked_ids.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) c.picked_ids[static_cast<size_t>(i)] = id[i] < 0 ? -1 : slot[static_cast<size_t>(id[i])];
+    c.E = static_cast<int64_t>(c.experts.size());
+    c.ids = c.picked_ids.data();
     return c;
 }
 
@@ -505,7 +561,8 @@ MoeHandle make_moe(const Any& gate, int gate_type, const Any& up, int up_type, c
     const Any& rw = std::get<0>(router);
     if (rw.ndim() != 2) fail("router must be a 2-D matrix [experts, hidden]");
     m.H = rw.shape(1);
-    expert_stacks(gate, gate_type, up, up_type, down, down_type, shared, m.H, m.experts, m.shared);
+    m.experts = expert_stacks(gate, gate_type, up, up_type, down, down_type, m.H).all();
+    m.shared = shared_experts(shared, m.H);
     const int64_t E = static_cast<int64_t>(m.experts.size());
     Router& r = m.router;
     auto rws = matrices(rw, std::get<1>(router), m.H, "router");
@@ -604,7 +661,7 @@ void make_staged(StagedMoe* self, nb::object engine, const Any& x, const Any& id
                  const std::optional<U8>& skip, const std::string& isa) {
     if (!nb::isinstance<EngineHandle>(engine)) fail("engine must be an offload._C.Engine");
     MoeCall c = prepare_moe(staging_buffer(x, "x"), ids, staging_buffer(weights, "weights"), gate, gate_type, up,
-                            up_type, down, down_type, {}, skip, out, isa);
+                            up_type, down, down_type, {}, skip, out, isa, false);
     EngineHandle* handle = &nb::cast<EngineHandle&>(engine);
     auto* s = new (self) StagedMoe();
     s->engine = handle;
@@ -1005,7 +1062,8 @@ void register_engine(nb::module_& m) {
             [](EngineHandle& h, const CF32& x, const Any& ids, const CF32& weights, const Any& gate, int gate_type,
                const Any& up, int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
                const std::optional<U8>& skip, const Mut& out, const std::string& isa, bool async) {
-                MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip, out, isa);
+                MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip, out, isa,
+                                        true);
                 h.pool.wait();
                 if (async) {
                     h.keep_alive = {nb::cast(x), nb::cast(ids), nb::cast(weights), nb::cast(gate), nb::cast(up),
