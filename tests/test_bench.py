@@ -389,6 +389,29 @@ def test_offload_bench_measures_the_layers_asked(monkeypatch, capfd):
         bench.main(["--layer", "nonesuch"])
 
 
+def test_offload_bench_rates_kt_kernel_in_reads_of_the_calls_bytes(monkeypatch, capfd):
+    """With kt-kernel measured, decode's row gives its time in plain reads of the bytes a call reads (those
+    timed before and after it) and the inverse, the ratio a call as fast as one such read would reach, which
+    no engine beats against that run; prefill's row has neither. kt-kernel and torch stand in."""
+    from offload import bench, bench_kt
+
+    tiny = {"plain": dict(H=256, I=256, E=8, A=2, n_shared=0, gate="Q4_K", down="Q4_K")}
+    monkeypatch.setattr(bench, "LAYERS", tiny)
+    monkeypatch.setattr(bench, "roofline_read_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(bench, "copies_beyond_l3", lambda nbytes: 2)
+    monkeypatch.setattr(bench, "timed", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench, "bench_moe_torch", lambda *args: 1.0)
+    monkeypatch.setattr(bench_kt, "measure_kt", lambda spec, T, *args: (0.25, "STAND-IN", 1, "avx512"))
+    assert bench.main(["--json", "--no-gemv", "--repeats", "3"]) == 0
+    out = capfd.readouterr()
+    decode, prefill = json.loads(out.out)["moe"]
+    reads = 0.25e6 / ((decode["same_bytes_read_us"] + decode["same_bytes_read_us_after"]) / 2)
+    assert decode["kt_kernel_same_bytes_reads"] == pytest.approx(reads)
+    assert decode["kt_kernel_ratio_floor"] == pytest.approx(1 / reads)
+    assert f"{1 / reads:.2f}x kt-kernel" in out.err
+    assert "kt_kernel_ratio_floor" not in prefill and prefill["kt_kernel_us"] == pytest.approx(0.25e6)
+
+
 def test_offload_bench_peers_read_on_one_thread(monkeypatch):
     """The read before each call of a peer (torch, kt-kernel) runs on a one-thread engine: on the calling
     thread, with no worker left spinning beside the peer's threads."""
