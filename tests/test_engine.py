@@ -29,6 +29,12 @@ def make_weight(rng, typ: str, shape) -> tuple[QuantWeight, np.ndarray]:
     return QuantWeight(typ, data, shape[-1]), dequantize(data, QT[typ]).astype(np.float64)
 
 
+def expert_weights(rng, E: int, H: int, I: int) -> list[tuple[QuantWeight, np.ndarray]]:
+    """make_weight's gate and up [E, I, H] in Q4_K and down [E, H, I] in Q6_K (llama.cpp's Q4_K_M experts)."""
+    shapes = (("Q4_K", (E, I, H)), ("Q4_K", (E, I, H)), ("Q6_K", (E, H, I)))
+    return [make_weight(rng, typ, shape) for typ, shape in shapes]
+
+
 def rms_norm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """The engine's RMSNorm (engine.h rms_norm_rows): the mean square in float64, the rest in float32."""
     ms = np.float32((x.astype(np.float64) ** 2).mean(-1, keepdims=True))
@@ -193,9 +199,7 @@ def test_moe_does_not_depend_on_the_thread_count(T):
     (H = 512 splits into down slabs of 192, 192 and 128 rows on 3 threads)."""
     rng = np.random.default_rng(4)
     E, H, I, A = 8, 512, 768, 3
-    g, _ = make_weight(rng, "Q4_K", (E, I, H))
-    u, _ = make_weight(rng, "Q4_K", (E, I, H))
-    d, _ = make_weight(rng, "Q6_K", (E, H, I))
+    (g, _), (u, _), (d, _) = expert_weights(rng, E, H, I)
     x = rng.standard_normal((T, H)).astype(np.float32)
     ids = rng.integers(-1, E, (T, A))
     weights = rng.random((T, A)).astype(np.float32)
@@ -235,9 +239,7 @@ def test_moe_calls_of_changing_shapes():
 def test_moe_skip_mask_and_async():
     rng = np.random.default_rng(2)
     E, H, I, T, A = 8, 256, 256, 5, 4
-    g, gf = make_weight(rng, "Q4_K", (E, I, H))
-    u, uf = make_weight(rng, "Q4_K", (E, I, H))
-    d, df = make_weight(rng, "Q6_K", (E, H, I))
+    (g, gf), (u, uf), (d, df) = expert_weights(rng, E, H, I)
     x = rng.standard_normal((T, H)).astype(np.float32)
     ids = rng.integers(0, E, (T, A))
     weights = rng.random((T, A)).astype(np.float32)
@@ -259,9 +261,7 @@ def test_moe_takes_the_picked_experts_alone(T):
     twice in a row, -1s, ids in descending order, the highest id and a skip mask."""
     rng = np.random.default_rng(7)
     E, H, I, A = 12, 256, 256, 4
-    g, _ = make_weight(rng, "Q4_K", (E, I, H))
-    u, _ = make_weight(rng, "Q4_K", (E, I, H))
-    d, _ = make_weight(rng, "Q6_K", (E, H, I))
+    (g, _), (u, _), (d, _) = expert_weights(rng, E, H, I)
     x = rng.standard_normal((T, H)).astype(np.float32)
     ids = rng.integers(-1, E, (T, A))
     ids[0] = [E - 1, 3, 3, -1]

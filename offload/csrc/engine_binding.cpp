@@ -298,7 +298,8 @@ MoeCall prepare_moe(const CF32& x, const Any& ids, const CF32& weights, const An
             c.experts.push_back(st.at(e));
         }
     c.picked_ids.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) c.picked_ids[static_cast<size_t>(i)] = id[i] < 0 ? -1 : slot[static_cast<size_t>(id[i])];
+    for (int64_t i = 0; i < n; ++i)
+        c.picked_ids[static_cast<size_t>(i)] = id[i] < 0 ? -1 : slot[static_cast<size_t>(id[i])];
     c.E = static_cast<int64_t>(c.experts.size());
     c.ids = c.picked_ids.data();
     return c;
@@ -1062,8 +1063,8 @@ void register_engine(nb::module_& m) {
             [](EngineHandle& h, const CF32& x, const Any& ids, const CF32& weights, const Any& gate, int gate_type,
                const Any& up, int up_type, const Any& down, int down_type, const std::vector<SharedSpec>& shared,
                const std::optional<U8>& skip, const Mut& out, const std::string& isa, bool async) {
-                MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip, out, isa,
-                                        true);
+                MoeCall c = prepare_moe(x, ids, weights, gate, gate_type, up, up_type, down, down_type, shared, skip,
+                                        out, isa, true);
                 h.pool.wait();
                 if (async) {
                     h.keep_alive = {nb::cast(x), nb::cast(ids), nb::cast(weights), nb::cast(gate), nb::cast(up),
