@@ -313,12 +313,23 @@ def test_linear_with_a_pre_norm():
 
 
 def test_moe_bad_ids():
+    """Ids past either end, a skip mask of another length and expert stacks that disagree are refused before
+    the call picks its experts."""
     rng = np.random.default_rng(4)
     g, _ = make_weight(rng, "Q8_0", (4, 64, 64))
     d, _ = make_weight(rng, "Q8_0", (4, 64, 64))
+    three, _ = make_weight(rng, "Q8_0", (3, 64, 64))
     x = rng.standard_normal((2, 64)).astype(np.float32)
+    ids, w = np.array([[0, 1], [1, 2]]), np.ones((2, 2), np.float32)
+    e = CpuEngine(threads=1)
     with pytest.raises(ValueError, match="ids holds 9"):
-        CpuEngine(threads=1).moe(x, np.array([[0, 9], [1, 2]]), np.ones((2, 2), np.float32), g, g, d)
+        e.moe(x, np.array([[0, 9], [1, 2]]), w, g, g, d)
+    with pytest.raises(ValueError, match=r"ids holds -2, outside -1 \(skip\) .. 3"):
+        e.moe(x, np.array([[0, -2], [1, 2]]), w, g, g, d)
+    with pytest.raises(ValueError, match=r"skip must be uint8 \[experts\]"):
+        e.moe(x, ids, w, g, g, d, skip=np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="like gate"):
+        e.moe(x, ids, w, g, three, d)
 
 
 BAD_OUTS = {  # outputs the engine cannot write its results into in place, and what it says

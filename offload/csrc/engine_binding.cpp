@@ -501,11 +501,6 @@ GqaHandle make_gqa(int64_t D, int64_t H, int64_t G, int64_t Dh, const WeightArg&
     return m;
 }
 
-// The pre-norm block around a fused layer (Engine.moe_layer / mla_forward): the layer reads
-// rmsnorm(x) * norm where a norm is given, and with `residual` its output is x + layer(...), so a
-// decoder layer's `h = x + op(norm(x))` is one call (in a decode step each torch op between two
-// engine calls cost ~40 us, with the caches just swept by the weights). Checked when made, with the
-// GIL held; input() norms x once the GIL is released (a 512-token chunk is ~1 ms of it).
 // The RMSNorm a call applies to its input rows of D values, if any: the weight [D] and eps checked when made
 // (`whose` names the weight in the error), with the GIL held; apply() once it is released.
 struct InputNorm {
@@ -528,6 +523,11 @@ struct InputNorm {
     }
 };
 
+// The pre-norm block around a fused layer (Engine.moe_layer / mla_forward): the layer reads
+// rmsnorm(x) * norm where a norm is given, and with `residual` its output is x + layer(...), so a
+// decoder layer's `h = x + op(norm(x))` is one call (in a decode step each torch op between two
+// engine calls cost ~40 us, with the caches just swept by the weights). Checked when made, with the
+// GIL held; input() norms x once the GIL is released (a 512-token chunk is ~1 ms of it).
 struct PreNorm {
     const float* x;
     InputNorm norm;
